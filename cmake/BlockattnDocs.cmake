@@ -1,0 +1,12 @@
+# `cmake --build <dir> --target docs`: the API reference from the /// comments, warnings as errors.
+set(DOXYGEN_PROJECT_NAME blockattn)
+set(DOXYGEN_OUTPUT_DIRECTORY "${CMAKE_CURRENT_BINARY_DIR}/docs")
+set(DOXYGEN_EXTRACT_ALL NO)
+set(DOXYGEN_WARN_IF_UNDOCUMENTED NO)
+set(DOXYGEN_WARN_AS_ERROR YES)
+set(DOXYGEN_EXCLUDE_PATTERNS "*/detail/*")
+set(DOXYGEN_EXCLUDE_SYMBOLS "blockattn::detail" "blockattn::detail::*")
+set(DOXYGEN_GENERATE_LATEX NO)
+set(DOXYGEN_USE_MDFILE_AS_MAINPAGE "${CMAKE_CURRENT_SOURCE_DIR}/README.md")
+doxygen_add_docs(docs "${CMAKE_CURRENT_SOURCE_DIR}/include/blockattn" "${CMAKE_CURRENT_SOURCE_DIR}/README.md"
+  COMMENT "API reference into ${CMAKE_CURRENT_BINARY_DIR}/docs")

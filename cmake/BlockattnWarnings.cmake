@@ -1,0 +1,17 @@
+# Warnings and target flags for blockattn's own tests, benchmarks and examples only; the
+# INTERFACE target never forces flags on its users.
+add_library(blockattn_warnings INTERFACE)
+if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+  target_compile_options(blockattn_warnings INTERFACE
+    -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Wdouble-promotion -Wold-style-cast
+    -Wnon-virtual-dtor)
+  if(BLOCKATTN_WERROR)
+    target_compile_options(blockattn_warnings INTERFACE -Werror)
+  endif()
+endif()
+
+# -march=native for benchmarks and examples when asked (the release and bench presets).
+add_library(blockattn_native INTERFACE)
+if(BLOCKATTN_NATIVE AND CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+  target_compile_options(blockattn_native INTERFACE -march=native)
+endif()

@@ -1,0 +1,6 @@
+#pragma once
+// The umbrella header: every public blockattn header.
+
+#include <blockattn/detail/config.hpp>
+#include <blockattn/softmax.hpp>
+#include <blockattn/types.hpp>

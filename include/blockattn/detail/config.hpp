@@ -1,0 +1,33 @@
+#pragma once
+// Version, assertion and error-reporting configuration. CMake reads the version from here.
+
+#include <cstdio>
+#include <cstdlib>
+
+#include <Eigen/Core>
+
+#define BLOCKATTN_VERSION_MAJOR 0
+#define BLOCKATTN_VERSION_MINOR 1
+#define BLOCKATTN_VERSION_PATCH 0
+
+#if defined(__GNUC__) || defined(__clang__)
+#define BLOCKATTN_NOINLINE __attribute__((noinline))
+#define BLOCKATTN_RESTRICT __restrict__
+#elif defined(_MSC_VER)
+#define BLOCKATTN_NOINLINE __declspec(noinline)
+#define BLOCKATTN_RESTRICT __restrict
+#else
+#define BLOCKATTN_NOINLINE
+#define BLOCKATTN_RESTRICT
+#endif
+
+// Internal invariants only (debug builds); user input is validated by detail/check.hpp, always.
+#ifndef BLOCKATTN_ASSERT
+#define BLOCKATTN_ASSERT(cond) eigen_assert(cond)
+#endif
+
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
+#define BLOCKATTN_HAS_EXCEPTIONS 1
+#else
+#define BLOCKATTN_HAS_EXCEPTIONS 0
+#endif
