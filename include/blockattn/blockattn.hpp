@@ -2,5 +2,6 @@
 // The umbrella header: every public blockattn header.
 
 #include <blockattn/detail/config.hpp>
+#include <blockattn/reference.hpp>
 #include <blockattn/softmax.hpp>
 #include <blockattn/types.hpp>
