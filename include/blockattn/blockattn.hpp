@@ -1,7 +1,9 @@
 #pragma once
 // The umbrella header: every public blockattn header.
 
+#include <blockattn/attention.hpp>
 #include <blockattn/detail/config.hpp>
+#include <blockattn/mask.hpp>
 #include <blockattn/reference.hpp>
 #include <blockattn/softmax.hpp>
 #include <blockattn/types.hpp>

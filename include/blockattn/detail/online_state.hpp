@@ -8,6 +8,10 @@
 #include <cmath>
 #include <limits>
 
+#include <Eigen/Core>
+
+#include <blockattn/types.hpp>
+
 namespace blockattn::detail {
 
 template <class T>
@@ -44,5 +48,92 @@ T softmax_weight(T x, T m) {
   if (x == m) return T(1);
   return std::exp(x - exp_origin(m));
 }
+
+/// The online-softmax state of a block of query rows (Rabe & Staats 2021, section 3; the deferred
+/// normalisation of Milakov & Gimelshein's Algorithm 3 applied to the output). Non-owning: m, l
+/// and acc live in the caller's workspace. After folding in the key tiles seen so far, for each
+/// row r:  m_r = max_j s_rj,  l_r = Σ_j exp(s_rj − m_r),  acc_r = Σ_j exp(s_rj − m_r)·v_j.
+/// A masked score is −inf and contributes exactly 0; a row that has seen only −inf keeps
+/// m = −inf, l = 0, acc = 0 and finishes as output 0, lse −inf.
+template <class T>
+class RowBlockState {
+ public:
+  using Block = Eigen::Map<Matrix<T>>;
+
+  RowBlockState(T* m, T* l, T* acc, Index rows, Index d_v)
+      : m_(m), l_(l), acc_(acc, rows, d_v), rows_(rows) {}
+
+  /// Forgets every key: m = −inf, l = 0, acc = 0.
+  void reset() {
+    for (Index r = 0; r < rows_; ++r) {
+      m_[r] = kNegativeInfinity<T>;
+      l_[r] = T(0);
+    }
+    acc_.setZero();
+  }
+
+  /// Folds in one tile: p = exp(s − m_new) overwrites the scores s [rows, cols] (masked entries
+  /// −inf), then acc = acc·exp(m_old − m_new) + p·v_blk with v_blk [cols, d_v]. `exact_masking`
+  /// must be true when s may hold −inf: such entries then get weight exactly 0 (the vectorised
+  /// exp would give a tiny positive number). O(rows·cols·d_v); no allocation for chunk sizes whose
+  /// GEMM packing fits Eigen's stack buffers.
+  template <class VBlock>
+  void update(Block& s, const VBlock& v_blk, bool exact_masking) {
+    weigh(s, exact_masking);
+    acc_.noalias() += s * v_blk;
+  }
+
+  /// The first half of update(): rescales l and acc to the new row maxima and replaces the scores
+  /// by their weights p, adding Σ p to l. The caller then adds p·v_blk to acc() itself (the
+  /// micro-kernel boundary: a packed kernel can fuse this with its own product).
+  void weigh(Block& s, bool exact_masking) {
+    const Index cols = s.cols();
+    for (Index r = 0; r < rows_; ++r) {
+      T* row = s.data() + r * cols;
+      const T tile_max = cols > 0 ? s.row(r).maxCoeff() : kNegativeInfinity<T>;
+      const T m_new = running_max(m_[r], tile_max);
+      const T alpha = rescale_factor(m_[r], m_new);
+      m_[r] = m_new;
+      if (alpha != T(1)) {
+        l_[r] *= alpha;
+        acc_.row(r) *= alpha;
+      }
+      if (m_new == kNegativeInfinity<T>) {  // every key so far masked: weights are exactly 0
+        s.row(r).setZero();
+        continue;
+      }
+      if (!exact_masking && std::isfinite(m_new)) {
+        s.row(r) = (s.row(r).array() - m_new).exp().matrix();
+      } else {
+        for (Index c = 0; c < cols; ++c) row[c] = softmax_weight(row[c], m_new);
+      }
+      l_[r] += s.row(r).sum();
+    }
+  }
+
+  /// The running output of rows [0, rows) (for kernels that add p·v themselves).
+  Block& acc() { return acc_; }
+
+  /// Writes out = acc / l and lse = m + log(l) (lse may be null). A row with l = 0 (no visible
+  /// key) gets out = 0 and lse = −inf, never NaN.
+  template <class Out>
+  void finalize(Out&& out, T* lse) const {
+    for (Index r = 0; r < rows_; ++r) {
+      if (l_[r] == T(0)) {
+        out.row(r).setZero();
+        if (lse != nullptr) lse[r] = kNegativeInfinity<T>;
+        continue;
+      }
+      out.row(r) = acc_.row(r) / l_[r];
+      if (lse != nullptr) lse[r] = m_[r] + std::log(l_[r]);
+    }
+  }
+
+ private:
+  T* m_;
+  T* l_;
+  Block acc_;
+  Index rows_;
+};
 
 }  // namespace blockattn::detail

@@ -1,0 +1,787 @@
+// attention(), reference::attention() and merge_attention_states(): against the naive reference
+// in long double on the same rounded inputs, over awkward shapes, every mask, GQA/MQA, and the
+// properties the design promises (chunk and thread invariance, permutation invariance, merge).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <blockattn/attention.hpp>
+#include <blockattn/reference.hpp>
+
+#include "support/random.hpp"
+#include "support/scalar_types.hpp"
+#include "support/tolerance.hpp"
+
+namespace {
+
+using blockattn::AttentionOptions;
+using blockattn::BlockSparseLayout;
+using blockattn::BlockVisibility;
+using blockattn::Index;
+using blockattn::Matrix;
+using blockattn::TensorView;
+using blockattn::test::make_rng;
+using blockattn::test::random_matrix;
+using blockattn::test::seed_trace;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+using ::testing::ThrowsMessage;
+
+using Long = long double;
+
+template <class T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+struct Shape {
+  Index n_q, n_k, d, d_v, query_chunk, key_chunk;
+};
+
+std::string describe(const Shape& s, const std::string& what = "") {
+  return what + " n_q=" + std::to_string(s.n_q) + " n_k=" + std::to_string(s.n_k) +
+         " d=" + std::to_string(s.d) + " d_v=" + std::to_string(s.d_v) +
+         " query_chunk=" + std::to_string(s.query_chunk) +
+         " key_chunk=" + std::to_string(s.key_chunk) + " " + seed_trace();
+}
+
+double effective_scale(const AttentionOptions& options, Index d) {
+  return options.scale != 0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(d));
+}
+
+// The magnitude modifiers can add to a logit (the E of attention_tolerance).
+double modifier_magnitude(const AttentionOptions& options, Index n_q, Index n_k) {
+  double extra = options.softcap;
+  if (options.alibi_slopes != nullptr) {
+    extra += std::abs(options.alibi_slopes[0]) * static_cast<double>(n_q + n_k);
+  }
+  return extra;
+}
+
+// Runs attention<T> and reference::attention<long double> on the same inputs and checks every
+// output row against attention_tolerance, and lse against lse_tolerance (exactly −inf when the
+// reference's is).
+template <class T, class MaskMod = blockattn::NoMaskMod, class ScoreMod = blockattn::NoScoreMod>
+void expect_matches_reference(const Matrix<T>& q, const Matrix<T>& k, const Matrix<T>& v,
+                              const AttentionOptions& options, const MaskMod& mask_mod = {},
+                              const ScoreMod& score_mod = {}, double extra = 0) {
+  Matrix<T> out(q.rows(), v.cols());
+  std::vector<T> lse(static_cast<std::size_t>(q.rows()));
+  blockattn::attention<T>(q, k, v, out, options, lse.data(), mask_mod, score_mod);
+
+  const Matrix<Long> q_l = q.template cast<Long>();
+  const Matrix<Long> k_l = k.template cast<Long>();
+  const Matrix<Long> v_l = v.template cast<Long>();
+  Matrix<Long> expected(q.rows(), v.cols());
+  std::vector<Long> expected_lse(static_cast<std::size_t>(q.rows()));
+  blockattn::reference::attention<Long>(q_l, k_l, v_l, expected, options, expected_lse.data(),
+                                        mask_mod, score_mod);
+
+  const double scale = effective_scale(options, q.cols());
+  extra += modifier_magnitude(options, q.rows(), k.rows());
+  const auto tol = blockattn::test::attention_tolerance<T>(q, k, v, scale, extra);
+  const auto lse_tol = blockattn::test::lse_tolerance<T>(q, k, scale, extra);
+  for (Index i = 0; i < q.rows(); ++i) {
+    const auto row = static_cast<std::size_t>(i);
+    for (Index c = 0; c < v.cols(); ++c) {
+      ASSERT_NEAR(static_cast<double>(out(i, c)), static_cast<double>(expected(i, c)), tol[row])
+          << "row " << i << " column " << c;
+    }
+    if (std::isinf(expected_lse[row]) && expected_lse[row] < 0) {
+      ASSERT_EQ(lse[row], -kInf<T>) << "row " << i << " has no visible key";
+    } else {
+      ASSERT_NEAR(static_cast<double>(lse[row]), static_cast<double>(expected_lse[row]),
+                  lse_tol[row])
+          << "lse of row " << i;
+    }
+  }
+}
+
+template <class T>
+class AttentionTest : public ::testing::Test {};
+TYPED_TEST_SUITE(AttentionTest, blockattn::test::Scalars, );
+
+// n = 1, d = 1, primes, n_q ≠ n_k both ways, d_v ≠ d, chunk = 1, chunk ± 1 around n, chunk > n.
+const std::vector<Shape> kAwkwardShapes = {
+    {1, 1, 1, 1, 0, 0},       {1, 7, 3, 5, 0, 0},       {7, 1, 4, 4, 0, 0},
+    {13, 13, 1, 1, 1, 1},     {13, 17, 8, 3, 3, 5},     {17, 13, 8, 3, 4, 4},
+    {64, 64, 16, 16, 63, 65}, {65, 63, 16, 16, 64, 64}, {127, 131, 32, 24, 16, 16},
+    {31, 97, 5, 11, 200, 7},  {100, 100, 64, 64, 0, 0}, {129, 257, 64, 32, 32, 0},
+    {3, 300, 12, 12, 1, 299}, {257, 3, 7, 9, 300, 1},
+};
+
+TYPED_TEST(AttentionTest, MatchesReferenceOnAwkwardShapes) {
+  using T = TypeParam;
+  auto rng = make_rng(1);
+  for (const Shape& s : kAwkwardShapes) {
+    for (const bool causal : {false, true}) {
+      SCOPED_TRACE(describe(s, causal ? "causal" : "full"));
+      const Matrix<T> q = random_matrix<T>(rng, s.n_q, s.d);
+      const Matrix<T> k = random_matrix<T>(rng, s.n_k, s.d);
+      const Matrix<T> v = random_matrix<T>(rng, s.n_k, s.d_v);
+      AttentionOptions options;
+      options.causal = causal;
+      options.query_chunk = s.query_chunk;
+      options.key_chunk = s.key_chunk;
+      expect_matches_reference(q, k, v, options);
+    }
+  }
+}
+
+// One named mask configuration; `setup` may point options at storage owned by the case.
+struct MaskCase {
+  std::string name;
+  AttentionOptions options;
+};
+
+// Every built-in mask alone and a few combinations, on shapes that cut tiles in all ways.
+TYPED_TEST(AttentionTest, EveryBuiltInMaskAloneAndCombined) {
+  using T = TypeParam;
+  auto rng = make_rng(2);
+  const Index n_q = 45;
+  const Index n_k = 61;
+  BlockSparseLayout layout(/*heads=*/1, /*query_blocks=*/6, /*key_blocks=*/8, 8, 8);
+  for (Index qb = 0; qb < 6; ++qb) {
+    layout.set(0, qb, qb);
+    layout.set(0, qb, (qb * 3 + 1) % 8);
+  }
+  const Index key_length = 37;
+  const double slope = 0.25;
+  std::vector<MaskCase> cases;
+  const auto add = [&](std::string name, auto&& edit) {
+    MaskCase c{std::move(name), AttentionOptions{}};
+    edit(c.options);
+    cases.push_back(c);
+  };
+  add("none", [](AttentionOptions&) {});
+  add("causal", [](AttentionOptions& o) { o.causal = true; });
+  add("window_left", [](AttentionOptions& o) { o.window_left = 5; });
+  add("window_right", [](AttentionOptions& o) { o.window_right = 3; });
+  add("window_both", [](AttentionOptions& o) { o.window_left = 4, o.window_right = 2; });
+  add("window_zero", [](AttentionOptions& o) { o.window_left = 0, o.window_right = 0; });
+  add("key_lengths", [&](AttentionOptions& o) { o.key_lengths = &key_length; });
+  add("block_sparse", [&](AttentionOptions& o) { o.block_sparse = &layout; });
+  add("alibi", [&](AttentionOptions& o) { o.alibi_slopes = &slope; });
+  add("softcap", [](AttentionOptions& o) { o.softcap = 0.75, o.scale = 4.0; });
+  add("scale", [](AttentionOptions& o) { o.scale = -0.5; });
+  add("causal+window", [](AttentionOptions& o) { o.causal = true, o.window_left = 6; });
+  add("causal+key_lengths",
+      [&](AttentionOptions& o) { o.causal = true, o.key_lengths = &key_length; });
+  add("causal+block_sparse+alibi", [&](AttentionOptions& o) {
+    o.causal = true, o.block_sparse = &layout, o.alibi_slopes = &slope;
+  });
+  add("all", [&](AttentionOptions& o) {
+    o.causal = true, o.window_left = 20, o.key_lengths = &key_length, o.block_sparse = &layout,
+    o.alibi_slopes = &slope, o.softcap = 2.0;
+  });
+  const Matrix<T> q = random_matrix<T>(rng, n_q, 16);
+  const Matrix<T> k = random_matrix<T>(rng, n_k, 16);
+  const Matrix<T> v = random_matrix<T>(rng, n_k, 12);
+  for (const MaskCase& c : cases) {
+    for (const auto& [qc, kc] :
+         std::vector<std::pair<Index, Index>>{{0, 0}, {8, 8}, {5, 7}, {1, 64}}) {
+      AttentionOptions options = c.options;
+      options.query_chunk = qc;
+      options.key_chunk = kc;
+      SCOPED_TRACE(describe({n_q, n_k, 16, 12, qc, kc}, c.name));
+      expect_matches_reference(q, k, v, options);
+    }
+  }
+}
+
+// mask_mod and score_mod functors, with and without a block classifier, alone and composed with
+// the built-in masks.
+TYPED_TEST(AttentionTest, UserFunctorsMatchReference) {
+  using T = TypeParam;
+  auto rng = make_rng(3);
+  const Index n_q = 50;
+  const Index n_k = 70;
+  const Matrix<T> q = random_matrix<T>(rng, n_q, 8);
+  const Matrix<T> k = random_matrix<T>(rng, n_k, 8);
+  const Matrix<T> v = random_matrix<T>(rng, n_k, 6);
+  // A "prefix-LM" mask: the first 20 keys are visible to everyone, the rest causally.
+  const auto prefix = [](Index, Index, Index i, Index j) { return j < 20 || j <= i + 20; };
+  const auto prefix_blocks = [](Index, Index, Index q0, Index q_end, Index k0, Index k_end) {
+    static_cast<void>(q_end);
+    if (k_end <= 20 || k_end - 1 <= q0 + 20) return BlockVisibility::Full;
+    if (k0 >= 20 && k0 > q_end - 1 + 20) return BlockVisibility::Empty;
+    return BlockVisibility::Partial;
+  };
+  const auto classified = blockattn::classified_mask_mod(prefix, prefix_blocks);
+  // Generic, so that the long double reference runs the same modifier in long double.
+  const auto bias = [](auto s, Index, Index, Index i, Index j) {
+    using S = decltype(s);
+    return s + static_cast<S>((i + j) % 5) / S(8);
+  };
+  for (const bool causal : {false, true}) {
+    for (const Index chunk : {Index{0}, Index{7}, Index{16}}) {
+      AttentionOptions options;
+      options.causal = causal;
+      options.query_chunk = chunk;
+      options.key_chunk = chunk;
+      SCOPED_TRACE(describe({n_q, n_k, 8, 6, chunk, chunk}, causal ? "causal" : "full"));
+      expect_matches_reference(q, k, v, options, prefix);
+      expect_matches_reference(q, k, v, options, classified);
+      expect_matches_reference(q, k, v, options, blockattn::NoMaskMod{}, bias, /*extra=*/1.0);
+      expect_matches_reference(q, k, v, options, classified, bias, /*extra=*/1.0);
+    }
+  }
+}
+
+// GQA (4 query heads on 2 kv heads), MQA (on 1), plain multi-head, batch 2 with padding, in both
+// the BSHD and the BHSD layout, against the TensorView reference.
+TYPED_TEST(AttentionTest, MultiHeadGqaAndMqaMatchReference) {
+  using T = TypeParam;
+  auto rng = make_rng(4);
+  const Index batch = 2;
+  const Index n_q = 23;
+  const Index n_k = 29;
+  const Index d = 8;
+  const Index d_v = 5;
+  const Index key_lengths[batch] = {29, 11};
+  const double slopes[4] = {0.5, 0.25, 0.125, 0.0625};
+  for (const auto& [heads, kv_heads] :
+       std::vector<std::pair<Index, Index>>{{3, 3}, {4, 2}, {4, 1}}) {
+    for (const bool bhsd : {false, true}) {
+      for (const bool masked : {false, true}) {
+        SCOPED_TRACE("heads=" + std::to_string(heads) + " kv_heads=" + std::to_string(kv_heads) +
+                     (bhsd ? " BHSD" : " BSHD") + (masked ? " causal+padding+alibi" : "") + " " +
+                     seed_trace());
+        const auto make = [&](Index seq, Index h, Index dim) {
+          return random_matrix<T>(rng, batch * seq * h, dim);  // rows reinterpreted below
+        };
+        const Matrix<T> q = make(n_q, heads, d);
+        const Matrix<T> k = make(n_k, kv_heads, d);
+        const Matrix<T> v = make(n_k, kv_heads, d_v);
+        const auto view = [&](auto* data, Index seq, Index h, Index dim) {
+          return bhsd ? blockattn::make_tensor_view_bhsd(data, batch, seq, h, dim)
+                      : blockattn::make_tensor_view(data, batch, seq, h, dim);
+        };
+        AttentionOptions options;
+        options.query_chunk = 5;
+        options.key_chunk = 6;
+        if (masked) {
+          options.causal = true;
+          options.key_lengths = key_lengths;
+          options.alibi_slopes = slopes;
+        }
+        std::vector<T> out(static_cast<std::size_t>(batch * n_q * heads * d_v));
+        std::vector<T> lse(static_cast<std::size_t>(batch * heads * n_q));
+        blockattn::attention<T>(view(q.data(), n_q, heads, d), view(k.data(), n_k, kv_heads, d),
+                                view(v.data(), n_k, kv_heads, d_v),
+                                view(out.data(), n_q, heads, d_v), options, lse.data());
+
+        const Matrix<Long> q_l = q.template cast<Long>();
+        const Matrix<Long> k_l = k.template cast<Long>();
+        const Matrix<Long> v_l = v.template cast<Long>();
+        std::vector<Long> expected(out.size());
+        std::vector<Long> expected_lse(lse.size());
+        blockattn::reference::attention<Long>(
+            view(q_l.data(), n_q, heads, d), view(k_l.data(), n_k, kv_heads, d),
+            view(v_l.data(), n_k, kv_heads, d_v), view(expected.data(), n_q, heads, d_v), options,
+            expected_lse.data());
+
+        const auto out_view = view(out.data(), n_q, heads, d_v);
+        const auto expected_view = view(expected.data(), n_q, heads, d_v);
+        for (Index b = 0; b < batch; ++b) {
+          for (Index h = 0; h < heads; ++h) {
+            const auto q_head = blockattn::detail::head_slice(
+                TensorView<const T>(view(q.data(), n_q, heads, d)), b, h);
+            const auto k_head = blockattn::detail::head_slice(
+                TensorView<const T>(view(k.data(), n_k, kv_heads, d)), b, h / (heads / kv_heads));
+            const auto v_head = blockattn::detail::head_slice(
+                TensorView<const T>(view(v.data(), n_k, kv_heads, d_v)), b, h / (heads / kv_heads));
+            const double extra = masked ? slopes[h] * static_cast<double>(n_q + n_k) : 0.0;
+            const auto tol = blockattn::test::attention_tolerance<T>(
+                q_head, k_head, v_head, effective_scale(options, d), extra);
+            for (Index i = 0; i < n_q; ++i) {
+              for (Index c = 0; c < d_v; ++c) {
+                ASSERT_NEAR(static_cast<double>(out_view.at(b, i, h)[c]),
+                            static_cast<double>(expected_view.at(b, i, h)[c]),
+                            tol[static_cast<std::size_t>(i)])
+                    << "b=" << b << " h=" << h << " i=" << i << " c=" << c;
+              }
+              const auto at = static_cast<std::size_t>((b * heads + h) * n_q + i);
+              ASSERT_NEAR(static_cast<double>(lse[at]), static_cast<double>(expected_lse[at]),
+                          1e3 * tol[static_cast<std::size_t>(i)] + 0.0)
+                  << "lse b=" << b << " h=" << h << " i=" << i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// A query with no visible key: output exactly 0 and lse exactly −inf, never NaN — from causal
+// alignment with n_q > n_k, a zero key length, a window outside the keys, an empty layout row and
+// a mask_mod that hides everything.
+TYPED_TEST(AttentionTest, FullyMaskedRowsAreZeroWithLseMinusInfinity) {
+  using T = TypeParam;
+  auto rng = make_rng(5);
+  const Matrix<T> q = random_matrix<T>(rng, 20, 4);
+  const Matrix<T> k = random_matrix<T>(rng, 6, 4);
+  const Matrix<T> v = random_matrix<T>(rng, 6, 3, 5.0, 9.0);  // no output can be 0 by chance
+  const auto count_empty_rows = [&](const AttentionOptions& options, auto mask_mod) {
+    Matrix<T> out = Matrix<T>::Constant(20, 3, std::numeric_limits<T>::quiet_NaN());
+    std::vector<T> lse(20, std::numeric_limits<T>::quiet_NaN());
+    blockattn::attention<T>(q, k, v, out, options, lse.data(), mask_mod);
+    Index empty = 0;
+    for (Index i = 0; i < 20; ++i) {
+      EXPECT_FALSE(out.row(i).hasNaN()) << "row " << i;
+      EXPECT_FALSE(std::isnan(lse[static_cast<std::size_t>(i)])) << "row " << i;
+      if (lse[static_cast<std::size_t>(i)] == -kInf<T>) {
+        EXPECT_TRUE(out.row(i).isZero(0)) << "row " << i;
+        ++empty;
+      } else {
+        EXPECT_GE(out.row(i).minCoeff(), T(5)) << "row " << i;
+      }
+    }
+    return empty;
+  };
+  const auto nothing = [](Index, Index, Index, Index) { return false; };
+  const auto everything = [](Index, Index, Index, Index) { return true; };
+  AttentionOptions causal;
+  causal.causal = true;
+  causal.query_chunk = 3;
+  causal.key_chunk = 2;
+  EXPECT_EQ(count_empty_rows(causal, everything), 14);  // query i sees keys j <= i − 14
+  const Index zero = 0;
+  AttentionOptions padded;
+  padded.key_lengths = &zero;
+  EXPECT_EQ(count_empty_rows(padded, everything), 20);
+  AttentionOptions window;
+  window.window_left = 0;
+  window.window_right = 0;
+  EXPECT_EQ(count_empty_rows(window, everything), 14);  // only the aligned key, if it exists
+  BlockSparseLayout layout(1, 4, 2, 5, 3);
+  layout.set(0, 0, 0);
+  layout.set(0, 2, 1);
+  AttentionOptions sparse;
+  sparse.block_sparse = &layout;
+  EXPECT_EQ(count_empty_rows(sparse, everything), 10);
+  EXPECT_EQ(count_empty_rows(AttentionOptions{}, nothing), 20);
+  // n_k = 0: every row is empty.
+  Matrix<T> out(20, 3);
+  std::vector<T> lse(20);
+  blockattn::attention<T>(q, Matrix<T>(0, 4), Matrix<T>(0, 3), out, {}, lse.data());
+  EXPECT_TRUE(out.isZero(0));
+  EXPECT_TRUE(std::all_of(lse.begin(), lse.end(), [](T x) { return x == -kInf<T>; }));
+}
+
+// Logits of size ~1e3 (far past exp's range) stay finite and match the reference.
+TYPED_TEST(AttentionTest, HugeLogitsStayFiniteAndMatch) {
+  using T = TypeParam;
+  auto rng = make_rng(6);
+  const Matrix<T> q = random_matrix<T>(rng, 33, 16, -8.0, 8.0);
+  const Matrix<T> k = random_matrix<T>(rng, 41, 16, -8.0, 8.0);
+  const Matrix<T> v = random_matrix<T>(rng, 41, 7);
+  AttentionOptions options;
+  options.scale = 2.0;  // |s| up to 2·16·64 ≈ 2e3
+  options.query_chunk = 8;
+  options.key_chunk = 8;
+  for (const bool causal : {false, true}) {
+    options.causal = causal;
+    SCOPED_TRACE(std::string(causal ? "causal " : "full ") + seed_trace());
+    Matrix<T> out(33, 7);
+    blockattn::attention<T>(q, k, v, out, options);
+    EXPECT_TRUE(out.allFinite());
+    expect_matches_reference(q, k, v, options);
+  }
+}
+
+// Chunk sizes change rounding only: every pair of chunkings agrees within twice the tolerance.
+TYPED_TEST(AttentionTest, ChunkSizesChangeRoundingOnly) {
+  using T = TypeParam;
+  auto rng = make_rng(7);
+  const Index n = 97;
+  const Matrix<T> q = random_matrix<T>(rng, n, 24);
+  const Matrix<T> k = random_matrix<T>(rng, n, 24);
+  const Matrix<T> v = random_matrix<T>(rng, n, 16);
+  const auto tol = blockattn::test::attention_tolerance<T>(q, k, v, 1.0 / std::sqrt(24.0));
+  for (const bool causal : {false, true}) {
+    AttentionOptions options;
+    options.causal = causal;
+    Matrix<T> first(n, 16);
+    blockattn::attention<T>(q, k, v, first, options);
+    for (const Index qc : {1, 3, 16, 96, 97, 98, 500}) {
+      for (const Index kc : {1, 16, 97, 500}) {
+        SCOPED_TRACE(describe({n, n, 24, 16, qc, kc}, causal ? "causal" : "full"));
+        options.query_chunk = qc;
+        options.key_chunk = kc;
+        Matrix<T> out(n, 16);
+        blockattn::attention<T>(q, k, v, out, options);
+        for (Index i = 0; i < n; ++i) {
+          for (Index c = 0; c < 16; ++c) {
+            ASSERT_NEAR(out(i, c), first(i, c), 2 * tol[static_cast<std::size_t>(i)]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Any thread count gives bit-identical output and lse (each row is reduced in a fixed order).
+TYPED_TEST(AttentionTest, ThreadCountDoesNotChangeOneBit) {
+  using T = TypeParam;
+  auto rng = make_rng(8);
+  const Index batch = 2;
+  const Index n = 150;
+  const Index heads = 3;
+  const Index d = 32;
+  const Matrix<T> q = random_matrix<T>(rng, batch * n * heads, d);
+  const Matrix<T> k = random_matrix<T>(rng, batch * n * heads, d);
+  const Matrix<T> v = random_matrix<T>(rng, batch * n * heads, d);
+  const auto run = [&](int threads) {
+    AttentionOptions options;
+    options.causal = true;
+    options.threads = threads;
+    options.query_chunk = 16;
+    std::vector<T> out(static_cast<std::size_t>(batch * n * heads * d));
+    std::vector<T> lse(static_cast<std::size_t>(batch * heads * n));
+    blockattn::attention<T>(blockattn::make_tensor_view(q.data(), batch, n, heads, d),
+                            blockattn::make_tensor_view(k.data(), batch, n, heads, d),
+                            blockattn::make_tensor_view(v.data(), batch, n, heads, d),
+                            blockattn::make_tensor_view(out.data(), batch, n, heads, d), options,
+                            lse.data());
+    out.insert(out.end(), lse.begin(), lse.end());
+    return out;
+  };
+  const std::vector<T> one = run(1);
+  for (const int threads : {2, 3, 7, 0}) {
+    SCOPED_TRACE("threads=" + std::to_string(threads));
+    const std::vector<T> many = run(threads);
+    ASSERT_EQ(many.size(), one.size());
+    for (std::size_t at = 0; at < one.size(); ++at) ASSERT_EQ(many[at], one[at]) << "at " << at;
+  }
+}
+
+// Several user threads calling attention() at once get the same answers as one at a time.
+TYPED_TEST(AttentionTest, ConcurrentCallsAreIndependent) {
+  using T = TypeParam;
+  auto rng = make_rng(9);
+  const Matrix<T> q = random_matrix<T>(rng, 70, 16);
+  const Matrix<T> k = random_matrix<T>(rng, 90, 16);
+  const Matrix<T> v = random_matrix<T>(rng, 90, 16);
+  AttentionOptions options;
+  options.causal = true;
+  options.threads = 2;
+  Matrix<T> expected(70, 16);
+  blockattn::attention<T>(q, k, v, expected, options);
+  std::vector<Matrix<T>> outs(4, Matrix<T>(70, 16));
+  std::vector<std::thread> callers;
+  for (auto& out : outs) {
+    callers.emplace_back([&] { blockattn::attention<T>(q, k, v, out, options); });
+  }
+  for (auto& caller : callers) caller.join();
+  for (const auto& out : outs) EXPECT_EQ(out, expected);
+}
+
+// Permuting the keys (and the values alike) permutes nothing in the output.
+TYPED_TEST(AttentionTest, KeyPermutationDoesNotChangeTheResult) {
+  using T = TypeParam;
+  auto rng = make_rng(10);
+  const Index n_k = 83;
+  const Matrix<T> q = random_matrix<T>(rng, 40, 12);
+  const Matrix<T> k = random_matrix<T>(rng, n_k, 12);
+  const Matrix<T> v = random_matrix<T>(rng, n_k, 9);
+  std::vector<Index> order(static_cast<std::size_t>(n_k));
+  std::iota(order.begin(), order.end(), Index{0});
+  std::shuffle(order.begin(), order.end(), rng);
+  Matrix<T> k_perm(n_k, 12);
+  Matrix<T> v_perm(n_k, 9);
+  for (Index j = 0; j < n_k; ++j) {
+    k_perm.row(j) = k.row(order[static_cast<std::size_t>(j)]);
+    v_perm.row(j) = v.row(order[static_cast<std::size_t>(j)]);
+  }
+  AttentionOptions options;
+  options.query_chunk = 7;
+  options.key_chunk = 10;
+  Matrix<T> out(40, 9);
+  Matrix<T> out_perm(40, 9);
+  blockattn::attention<T>(q, k, v, out, options);
+  blockattn::attention<T>(q, k_perm, v_perm, out_perm, options);
+  const auto tol = blockattn::test::attention_tolerance<T>(q, k, v, 1.0 / std::sqrt(12.0));
+  for (Index i = 0; i < 40; ++i) {
+    for (Index c = 0; c < 9; ++c) {
+      ASSERT_NEAR(out(i, c), out_perm(i, c), 2 * tol[static_cast<std::size_t>(i)]);
+    }
+  }
+}
+
+// Each output entry is a convex combination of its column of v: inside [min v, max v].
+TYPED_TEST(AttentionTest, OutputsLieInsideEachColumnsRange) {
+  using T = TypeParam;
+  auto rng = make_rng(11);
+  const Matrix<T> q = random_matrix<T>(rng, 60, 8, -3.0, 3.0);
+  const Matrix<T> k = random_matrix<T>(rng, 75, 8, -3.0, 3.0);
+  const Matrix<T> v = random_matrix<T>(rng, 75, 10, -4.0, 2.0);
+  for (const bool causal : {false, true}) {
+    AttentionOptions options;
+    options.causal = causal;
+    Matrix<T> out(60, 10);
+    blockattn::attention<T>(q, k, v, out, options);
+    // Rounding can step outside by the tolerance at most; with u-scale errors and values that are
+    // multiples of 1/64, an extra 2·n_k·u·max|v| is ample.
+    const T slack = T(2 * 75) * blockattn::test::unit_roundoff<T>() * T(4);
+    for (Index c = 0; c < 10; ++c) {
+      EXPECT_GE(out.col(c).minCoeff(), v.col(c).minCoeff() - slack) << "column " << c;
+      EXPECT_LE(out.col(c).maxCoeff(), v.col(c).maxCoeff() + slack) << "column " << c;
+    }
+  }
+}
+
+// Split the keys at random points, attend to each part, merge: the whole, within tolerance. Also:
+// merging with an empty part (lse −inf) is the identity, and merge works in place.
+TYPED_TEST(AttentionTest, MergeOfRandomKeySplitsEqualsTheWhole) {
+  using T = TypeParam;
+  auto rng = make_rng(12);
+  const Index n_q = 31;
+  const Index n_k = 77;
+  const Matrix<T> q = random_matrix<T>(rng, n_q, 16);
+  const Matrix<T> k = random_matrix<T>(rng, n_k, 16);
+  const Matrix<T> v = random_matrix<T>(rng, n_k, 8);
+  const auto tol = blockattn::test::attention_tolerance<T>(q, k, v, 0.25);
+  AttentionOptions options;
+  Matrix<T> whole(n_q, 8);
+  std::vector<T> whole_lse(n_q);
+  blockattn::attention<T>(q, k, v, whole, options, whole_lse.data());
+  std::uniform_int_distribution<Index> split_at(0, n_k);
+  for (int trial = 0; trial < 8; ++trial) {
+    const Index split = trial == 0 ? 0 : split_at(rng);
+    SCOPED_TRACE("split=" + std::to_string(split) + " " + seed_trace());
+    Matrix<T> a(n_q, 8);
+    Matrix<T> b(n_q, 8);
+    std::vector<T> lse_a(n_q);
+    std::vector<T> lse_b(n_q);
+    blockattn::attention<T>(q, k.topRows(split), v.topRows(split), a, options, lse_a.data());
+    blockattn::attention<T>(q, k.bottomRows(n_k - split), v.bottomRows(n_k - split), b, options,
+                            lse_b.data());
+    Matrix<T> merged(n_q, 8);
+    std::vector<T> merged_lse(n_q);
+    blockattn::merge_attention_states<T>(a, lse_a.data(), b, lse_b.data(), merged,
+                                         merged_lse.data());
+    for (Index i = 0; i < n_q; ++i) {
+      const auto row = static_cast<std::size_t>(i);
+      for (Index c = 0; c < 8; ++c) ASSERT_NEAR(merged(i, c), whole(i, c), 3 * tol[row]);
+      ASSERT_NEAR(merged_lse[row], whole_lse[row], 3 * tol[row] / (1.0 / 64));
+    }
+    // In place: out is out_a, lse is lse_a.
+    blockattn::merge_attention_states<T>(a, lse_a.data(), b, lse_b.data(), a, lse_a.data());
+    EXPECT_EQ(a, merged);
+    EXPECT_EQ(lse_a, merged_lse);
+  }
+  // The empty state (lse −inf, out arbitrary) is the identity, on either side.
+  Matrix<T> junk = Matrix<T>::Constant(n_q, 8, std::numeric_limits<T>::quiet_NaN());
+  std::vector<T> empty_lse(n_q, -kInf<T>);
+  Matrix<T> merged(n_q, 8);
+  std::vector<T> merged_lse(n_q);
+  blockattn::merge_attention_states<T>(whole, whole_lse.data(), junk, empty_lse.data(), merged,
+                                       merged_lse.data());
+  EXPECT_EQ(merged, whole);
+  EXPECT_EQ(merged_lse, whole_lse);
+  blockattn::merge_attention_states<T>(junk, empty_lse.data(), whole, whole_lse.data(), merged,
+                                       merged_lse.data());
+  EXPECT_EQ(merged, whole);
+  blockattn::merge_attention_states<T>(junk, empty_lse.data(), junk, empty_lse.data(), merged,
+                                       merged_lse.data());
+  EXPECT_TRUE(merged.isZero(0));
+  EXPECT_EQ(merged_lse, empty_lse);
+}
+
+// Plain Matrix arguments compile without spelling T, as do head slices (middleCols of a packed
+// [n, H·d] buffer); both forms give the same bits.
+TYPED_TEST(AttentionTest, BothCallFormsAndHeadSlicesAgree) {
+  using T = TypeParam;
+  auto rng = make_rng(13);
+  const Matrix<T> qkv = random_matrix<T>(rng, 40, 3 * 16);
+  Matrix<T> out(40, 16);
+  Matrix<T> out_explicit(40, 16);
+  std::vector<T> lse(40);
+  blockattn::attention(qkv.middleCols(0, 16), qkv.middleCols(16, 16), qkv.middleCols(32, 16), out);
+  blockattn::attention<T>(qkv.middleCols(0, 16), qkv.middleCols(16, 16), qkv.middleCols(32, 16),
+                          out_explicit, {}, lse.data());
+  EXPECT_EQ(out, out_explicit);
+  // The same heads as strided TensorViews into the packed buffer: same kernel, same bits.
+  const T* base = qkv.data();
+  Matrix<T> tensor_out(40, 16);
+  blockattn::attention(TensorView<const T>(base, 1, 40, 1, 16, 0, 48, 0),
+                       TensorView<const T>(base + 16, 1, 40, 1, 16, 0, 48, 0),
+                       TensorView<const T>(base + 32, 1, 40, 1, 16, 0, 48, 0),
+                       blockattn::make_tensor_view(tensor_out.data(), 1, 40, 1, 16));
+  EXPECT_EQ(tensor_out, out);
+  // The reference and the functor overload in the plain form compile and agree.
+  Matrix<T> ref(40, 16);
+  blockattn::reference::attention(qkv.middleCols(0, 16), qkv.middleCols(16, 16),
+                                  qkv.middleCols(32, 16), ref);
+  const auto tol = blockattn::test::attention_tolerance<T>(
+      qkv.middleCols(0, 16), qkv.middleCols(16, 16), qkv.middleCols(32, 16), 0.25);
+  for (Index i = 0; i < 40; ++i) {
+    for (Index c = 0; c < 16; ++c)
+      ASSERT_NEAR(ref(i, c), out(i, c), tol[static_cast<std::size_t>(i)]);
+  }
+  // A mask_mod that shows everything: per pair it costs rounding only (the exact-masking path);
+  // classified as Full it takes the very same path as no mask, bit for bit.
+  const auto everything = [](Index, Index, Index, Index) { return true; };
+  const auto full = [](Index, Index, Index, Index, Index, Index) { return BlockVisibility::Full; };
+  Matrix<T> masked(40, 16);
+  blockattn::attention(qkv.middleCols(0, 16), qkv.middleCols(16, 16), qkv.middleCols(32, 16),
+                       masked, {}, nullptr, everything);
+  for (Index i = 0; i < 40; ++i) {
+    for (Index c = 0; c < 16; ++c) {
+      ASSERT_NEAR(masked(i, c), out(i, c), 2 * tol[static_cast<std::size_t>(i)]);
+    }
+  }
+  blockattn::attention(qkv.middleCols(0, 16), qkv.middleCols(16, 16), qkv.middleCols(32, 16),
+                       masked, {}, nullptr, blockattn::classified_mask_mod(everything, full));
+  EXPECT_EQ(masked, out);
+}
+
+// ---- errors: every bad argument is named with its sizes, and nothing is written -------------
+
+template <class T>
+class AttentionErrorTest : public ::testing::Test {};
+TYPED_TEST_SUITE(AttentionErrorTest, blockattn::test::Scalars, );
+
+TYPED_TEST(AttentionErrorTest, BadArgumentsThrowNamingSizesAndWriteNothing) {
+  using T = TypeParam;
+  auto rng = make_rng(14);
+  const Matrix<T> q = random_matrix<T>(rng, 10, 64);
+  const Matrix<T> k = random_matrix<T>(rng, 12, 64);
+  const Matrix<T> v = random_matrix<T>(rng, 12, 8);
+  const Matrix<T> k_bad = random_matrix<T>(rng, 12, 63);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  Matrix<T> out = Matrix<T>::Constant(10, 8, nan);
+  std::vector<T> lse(10, nan);
+  const auto untouched = [&] {
+    EXPECT_TRUE(out.array().isNaN().all());
+    EXPECT_TRUE(std::all_of(lse.begin(), lse.end(), [](T x) { return std::isnan(x); }));
+  };
+  const auto throws = [&](auto&& call, std::vector<std::string> parts) {
+    try {
+      call();
+      ADD_FAILURE() << "no exception; expected one mentioning " << parts.front();
+    } catch (const std::invalid_argument& e) {
+      const std::string message = e.what();
+      EXPECT_THAT(message, HasSubstr("blockattn::attention: "));
+      for (const auto& part : parts) EXPECT_THAT(message, HasSubstr(part)) << message;
+    }
+    untouched();
+  };
+  throws([&] { blockattn::attention<T>(q, k_bad, v, out, {}, lse.data()); },
+         {"k.cols() is 63 but q.cols() is 64 (head dimensions must match)"});
+  throws([&] { blockattn::attention<T>(q, k, v.topRows(11), out, {}, lse.data()); },
+         {"v.rows() is 11 but k.rows() is 12"});
+  Matrix<T> out_short = Matrix<T>::Constant(9, 8, nan);
+  throws([&] { blockattn::attention<T>(q, k, v, out_short, {}, lse.data()); },
+         {"out.rows() is 9 but q.rows() is 10"});
+  Matrix<T> out_narrow = Matrix<T>::Constant(10, 7, nan);
+  throws([&] { blockattn::attention<T>(q, k, v, out_narrow, {}, lse.data()); },
+         {"out.cols() is 7 but v.cols() is 8"});
+  AttentionOptions bad;
+  bad.query_chunk = -1;
+  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
+         {"options.query_chunk is -1"});
+  bad = {};
+  bad.key_chunk = -3;
+  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
+         {"options.key_chunk is -3"});
+  bad = {};
+  bad.window_left = -2;
+  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
+         {"options.window_left is -2"});
+  bad = {};
+  bad.window_right = -5;
+  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
+         {"options.window_right is -5"});
+  bad = {};
+  bad.threads = -1;
+  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
+         {"options.threads is -1"});
+  bad = {};
+  bad.softcap = -1;
+  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
+         {"options.softcap is -1"});
+  const Index too_long = 13;
+  bad = {};
+  bad.key_lengths = &too_long;
+  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
+         {"options.key_lengths[0] is 13", "[0, 12]"});
+  const BlockSparseLayout small(1, 1, 2, 8, 8);
+  bad = {};
+  bad.block_sparse = &small;
+  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
+         {"covers 8 queries but n_q is 10"});
+  // out aliasing an input; lse aliasing out.
+  Matrix<T> qv = random_matrix<T>(rng, 10, 64 + 8);
+  throws([&] { blockattn::attention<T>(qv.leftCols(64), k, v, qv.rightCols(8), {}, lse.data()); },
+         {"out overlaps the memory of q"});
+  Matrix<T> kv = random_matrix<T>(rng, 12, 64);
+  throws([&] { blockattn::attention<T>(q, kv, v, out, {}, kv.data()); },
+         {"lse overlaps the memory of k"});
+
+  // TensorView: heads that do not divide, shape mismatches.
+  std::vector<T> q4(static_cast<std::size_t>(2 * 10 * 3 * 64));
+  std::vector<T> k4(static_cast<std::size_t>(2 * 12 * 2 * 64));
+  std::vector<T> v4(static_cast<std::size_t>(2 * 12 * 2 * 8));
+  std::vector<T> out4(static_cast<std::size_t>(2 * 10 * 3 * 8), nan);
+  const auto tensor_throws = [&](auto&& call, const std::string& part) {
+    EXPECT_THAT(call, ThrowsMessage<std::invalid_argument>(
+                          AllOf(HasSubstr("blockattn::attention: "), HasSubstr(part))));
+    EXPECT_TRUE(std::all_of(out4.begin(), out4.end(), [](T x) { return std::isnan(x); }));
+  };
+  tensor_throws(
+      [&] {
+        blockattn::attention<T>(blockattn::make_tensor_view(q4.data(), 2, 10, 3, 64),
+                                blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
+                                blockattn::make_tensor_view(v4.data(), 2, 12, 2, 8),
+                                blockattn::make_tensor_view(out4.data(), 2, 10, 3, 8));
+      },
+      "q.heads is 3 but k.heads is 2");
+  tensor_throws(
+      [&] {
+        blockattn::attention<T>(blockattn::make_tensor_view(q4.data(), 2, 10, 2, 64),
+                                blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
+                                blockattn::make_tensor_view(v4.data(), 1, 12, 2, 8),
+                                blockattn::make_tensor_view(out4.data(), 2, 10, 2, 8));
+      },
+      "v.batch is 1 but q.batch is 2");
+  tensor_throws(
+      [&] {
+        blockattn::attention<T>(blockattn::make_tensor_view(q4.data(), 2, 10, 2, 64),
+                                blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
+                                blockattn::make_tensor_view(v4.data(), 2, 11, 2, 8),
+                                blockattn::make_tensor_view(out4.data(), 2, 10, 2, 8));
+      },
+      "v.seq is 11 but k.seq is 12");
+  const Index lengths[2] = {12, -1};
+  AttentionOptions padded;
+  padded.key_lengths = lengths;
+  tensor_throws(
+      [&] {
+        blockattn::attention<T>(blockattn::make_tensor_view(q4.data(), 2, 10, 2, 64),
+                                blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
+                                blockattn::make_tensor_view(v4.data(), 2, 12, 2, 8),
+                                blockattn::make_tensor_view(out4.data(), 2, 10, 2, 8), padded);
+      },
+      "options.key_lengths[1] is -1");
+
+  // merge_attention_states: sizes and missing lse.
+  Matrix<T> a(10, 8);
+  Matrix<T> b(9, 8);
+  EXPECT_THAT([&] { blockattn::merge_attention_states<T>(a, lse.data(), b, lse.data(), out); },
+              ThrowsMessage<std::invalid_argument>(AllOf(HasSubstr(
+                  "blockattn::merge_attention_states: out_b.rows() is 9 but out_a.rows() is 10"))));
+  EXPECT_THAT([&] { blockattn::merge_attention_states<T>(a, nullptr, a, lse.data(), out); },
+              ThrowsMessage<std::invalid_argument>(HasSubstr("lse_a and lse_b are required")));
+  untouched();
+}
+
+}  // namespace
