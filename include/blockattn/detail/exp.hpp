@@ -7,13 +7,13 @@
 // rounding error of the ln2_lo step. exp(r) is the Taylor polynomial of degree 7 (float) / 13
 // (double), evaluated by Horner; its truncation error is |r|^8/8! / e^-|r| <= 7.4e-9 = 0.06 ulp
 // (float) and |r|^14/14! / e^-|r| <= 6e-18 = 0.03 ulp (double) at |r| = ln2/2. The result is
-// exp(r)·2^n1·2^n2 with n1 = round(n/2), n2 = n − n1: both factors are normal, so the only
-// rounding in the scaling is the last product, which makes gradual underflow (denormal results)
-// come out correctly rounded from the polynomial value, and overflow come out as +inf.
+// Simd::ldexp(exp(r), n): rounded once (vscalef on AVX-512; exp(r)·2^n1·2^n2 with n1 = round(n/2)
+// elsewhere, both factors normal), so gradual underflow (denormal results) comes out correctly
+// rounded from the polynomial value and overflow comes out as +inf.
 //
 // Special values, exact: exp(−inf) = 0, exp(+inf) = +inf, exp(NaN) = NaN, x below
 // ln(denorm_min/2) gives +0, x above ln(max) gives +inf. Arguments are clamped to
-// [kExpLow, kExpHigh] first (the clamp passes NaN through: see Simd::max's NaN rule).
+// [kLow, kHigh] first (the clamp passes NaN through: see the NaN rule of Simd::max and min).
 //
 // Error bound, measured (tests/simd_test.cpp, ExpTest.*): the largest error against long double
 // std::exp, in ulps of the correctly rounded result (denormal ulps below the normal range), over
@@ -67,7 +67,7 @@ inline typename simd::Simd<T>::V simd_exp(typename simd::Simd<T>::V x) {
   using V = typename S::V;
   // max(a, b) returns b when either is NaN, so x goes second to carry a NaN through both clamps.
   x = S::max(S::set1(C::kLow), x);
-  x = S::sub(S::zero(), S::max(S::set1(-C::kHigh), S::sub(S::zero(), x)));
+  x = S::min(S::set1(C::kHigh), x);
   const V n = S::round_to_int(S::mul(x, S::set1(C::kLog2e)));
   V r = S::fma(n, S::set1(-C::kLn2Hi), x);
   r = S::fma(n, S::set1(-C::kLn2Lo), r);
@@ -77,9 +77,7 @@ inline typename simd::Simd<T>::V simd_exp(typename simd::Simd<T>::V x) {
   for (int k = C::kDegree - 1; k >= 0; --k) {
     p = S::fma(p, r, S::set1(T(1) / static_cast<T>(factorial(k))));
   }
-  const V n1 = S::round_to_int(S::mul(n, S::set1(T(0.5))));
-  const V n2 = S::sub(n, n1);
-  return S::mul(S::mul(p, S::pow2i(n1)), S::pow2i(n2));
+  return S::ldexp(p, n);
 }
 
 /// y[i] = exp(x[i]) for i < count, through simd_exp (the tail with a partial vector). x and y may

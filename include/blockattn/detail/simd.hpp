@@ -16,18 +16,25 @@
 //                                         NEON), mul then add (two roundings) on SSE2 and scalar
 //   max(a, b)                             a > b ? a : b lane-wise: a NaN in either argument
 //                                         gives b (the x86 maxps rule, made the rule everywhere)
+//   min(a, b)                             a < b ? a : b lane-wise, the same NaN rule
 //   reduce_add(v), reduce_max(v)          horizontal sum / maximum (max ignores nothing: callers
 //                                         keep NaN out of max accumulators via max's rule)
 //   round_to_int(v)                       nearest integer, ties to even, valid for |v| < 2^22
 //                                         (float) / 2^51 (double); used by exp
 //   pow2i(n)                              2^n for integral n with a normal result: n in
 //                                         [-126, 127] (float), [-1022, 1023] (double)
+//   ldexp(p, n)                           p·2^n for integral n with |n| <= 2·(max_exponent − 1),
+//                                         rounded once (so overflow gives ±inf and results below
+//                                         the normal range are correctly rounded denormals):
+//                                         one vscalefps on AVX-512, two exact pow2i factors and
+//                                         two products elsewhere
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #if defined(__AVX512F__)
 #define BLOCKATTN_SIMD_AVX512 1
@@ -58,8 +65,27 @@ template <class T>
 struct Simd;
 
 /// Operations shared by every ISA, written once on top of the per-ISA primitives (Isa).
+/// Whether the ISA has a native p·2^n instruction (AVX-512's vscalef): it says so with
+/// `static constexpr bool kHasScalef = true` and provides scalef(p, n).
+template <class Isa, class = void>
+struct HasScalef : std::false_type {};
+template <class Isa>
+struct HasScalef<Isa, std::enable_if_t<Isa::kHasScalef>> : std::true_type {};
+
 template <class T, class Isa>
 struct SimdCommon : Isa {
+  /// p·2^n for integral n, |n| <= 2·(max_exponent − 1), with one rounding: n = n1 + n2 with
+  /// n1 = round(n/2) makes both 2^n1 and 2^n2 normal and p·2^n1 exact (p is normal and not near
+  /// the ends of the range), so only the last product rounds.
+  static typename Isa::V ldexp(typename Isa::V p, typename Isa::V n) {
+    if constexpr (HasScalef<Isa>::value) {
+      return Isa::scalef(p, n);
+    } else {
+      const typename Isa::V n1 = round_to_int(Isa::mul(n, Isa::set1(T(0.5))));
+      const typename Isa::V n2 = Isa::sub(n, n1);
+      return Isa::mul(Isa::mul(p, Isa::pow2i(n1)), Isa::pow2i(n2));
+    }
+  }
   /// Nearest integer (ties to even) of |x| < 2^(digits−2), as a T, by the magic-constant trick:
   /// no rounding instruction is needed on SSE2.
   static typename Isa::V round_to_int(typename Isa::V x) {
@@ -85,6 +111,7 @@ struct ScalarIsa {
   static V mul(V a, V b) { return a * b; }
   static V fma(V a, V b, V c) { return a * b + c; }
   static V max(V a, V b) { return a > b ? a : b; }
+  static V min(V a, V b) { return a < b ? a : b; }
   static T reduce_add(V v) { return v; }
   static T reduce_max(V v) { return v; }
   static V pow2i(V n) {
@@ -106,6 +133,7 @@ struct ScalarIsa {
 // reductions avoid _mm512_reduce_* (built on the unmasked extract) for the same reason.
 struct Avx512Float {
   static constexpr __mmask16 kAll = 0xFFFF;
+  static constexpr bool kHasScalef = true;
   using V = __m512;
   static constexpr int kLanes = 16;
   static constexpr const char* kName = "avx512";
@@ -123,6 +151,8 @@ struct Avx512Float {
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V max(V a, V b) { return _mm512_mask_max_ps(a, kAll, a, b); }
+  static V min(V a, V b) { return _mm512_mask_min_ps(a, kAll, a, b); }
+  static V scalef(V p, V n) { return _mm512_mask_scalef_ps(p, kAll, p, n); }
   static __m128 fold_to_128(V v, __m256 (*op)(__m256, __m256)) {
     const __m512d d = _mm512_castps_pd(v);
     const __m256 lo = _mm256_castpd_ps(_mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, d, 0));
@@ -152,6 +182,7 @@ struct Simd<float> : SimdCommon<float, Avx512Float> {};
 
 struct Avx512Double {
   static constexpr __mmask8 kAll = 0xFF;
+  static constexpr bool kHasScalef = true;
   using V = __m512d;
   static constexpr int kLanes = 8;
   static constexpr const char* kName = "avx512";
@@ -169,6 +200,8 @@ struct Avx512Double {
   static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V max(V a, V b) { return _mm512_mask_max_pd(a, kAll, a, b); }
+  static V min(V a, V b) { return _mm512_mask_min_pd(a, kAll, a, b); }
+  static V scalef(V p, V n) { return _mm512_mask_scalef_pd(p, kAll, p, n); }
   static __m128d fold_to_128(V v, __m256d (*op)(__m256d, __m256d)) {
     const __m256d lo = _mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, v, 0);
     const __m256d hi = _mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, v, 1);
@@ -243,13 +276,14 @@ struct Avx2Float {
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
   static V pow2i(V n) {
     const __m256i i = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(i, 23));
   }
 };
 template <>
-struct Simd<float> : SimdCommon<float, BufferedTail<float, Avx2Float> > {};
+struct Simd<float> : SimdCommon<float, BufferedTail<float, Avx2Float>> {};
 
 struct Avx2Double {
   using V = __m256d;
@@ -264,6 +298,7 @@ struct Avx2Double {
   static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
   static V max(V a, V b) { return _mm256_max_pd(a, b); }
+  static V min(V a, V b) { return _mm256_min_pd(a, b); }
   static V pow2i(V n) {
     const V magic = set1(kRoundMagic<double>);
     const __m256i i =
@@ -273,7 +308,7 @@ struct Avx2Double {
   }
 };
 template <>
-struct Simd<double> : SimdCommon<double, BufferedTail<double, Avx2Double> > {};
+struct Simd<double> : SimdCommon<double, BufferedTail<double, Avx2Double>> {};
 
 #elif defined(BLOCKATTN_SIMD_NEON)
 
@@ -290,13 +325,14 @@ struct NeonFloat {
   static V mul(V a, V b) { return vmulq_f32(a, b); }
   static V fma(V a, V b, V c) { return vfmaq_f32(c, a, b); }
   static V max(V a, V b) { return vbslq_f32(vcgtq_f32(a, b), a, b); }
+  static V min(V a, V b) { return vbslq_f32(vcltq_f32(a, b), a, b); }
   static V pow2i(V n) {
     const int32x4_t i = vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127));
     return vreinterpretq_f32_s32(vshlq_n_s32(i, 23));
   }
 };
 template <>
-struct Simd<float> : SimdCommon<float, BufferedTail<float, NeonFloat> > {};
+struct Simd<float> : SimdCommon<float, BufferedTail<float, NeonFloat>> {};
 
 struct NeonDouble {
   using V = float64x2_t;
@@ -311,13 +347,14 @@ struct NeonDouble {
   static V mul(V a, V b) { return vmulq_f64(a, b); }
   static V fma(V a, V b, V c) { return vfmaq_f64(c, a, b); }
   static V max(V a, V b) { return vbslq_f64(vcgtq_f64(a, b), a, b); }
+  static V min(V a, V b) { return vbslq_f64(vcltq_f64(a, b), a, b); }
   static V pow2i(V n) {
     const int64x2_t i = vaddq_s64(vcvtq_s64_f64(n), vdupq_n_s64(1023));
     return vreinterpretq_f64_s64(vshlq_n_s64(i, 52));
   }
 };
 template <>
-struct Simd<double> : SimdCommon<double, BufferedTail<double, NeonDouble> > {};
+struct Simd<double> : SimdCommon<double, BufferedTail<double, NeonDouble>> {};
 
 #else  // SSE2
 
@@ -334,13 +371,14 @@ struct Sse2Float {
   static V mul(V a, V b) { return _mm_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
   static V max(V a, V b) { return _mm_max_ps(a, b); }
+  static V min(V a, V b) { return _mm_min_ps(a, b); }
   static V pow2i(V n) {
     const __m128i i = _mm_add_epi32(_mm_cvtps_epi32(n), _mm_set1_epi32(127));
     return _mm_castsi128_ps(_mm_slli_epi32(i, 23));
   }
 };
 template <>
-struct Simd<float> : SimdCommon<float, BufferedTail<float, Sse2Float> > {};
+struct Simd<float> : SimdCommon<float, BufferedTail<float, Sse2Float>> {};
 
 struct Sse2Double {
   using V = __m128d;
@@ -355,6 +393,7 @@ struct Sse2Double {
   static V mul(V a, V b) { return _mm_mul_pd(a, b); }
   static V fma(V a, V b, V c) { return _mm_add_pd(_mm_mul_pd(a, b), c); }
   static V max(V a, V b) { return _mm_max_pd(a, b); }
+  static V min(V a, V b) { return _mm_min_pd(a, b); }
   static V pow2i(V n) {
     const V magic = set1(kRoundMagic<double>);
     const __m128i i =
@@ -363,16 +402,16 @@ struct Sse2Double {
   }
 };
 template <>
-struct Simd<double> : SimdCommon<double, BufferedTail<double, Sse2Double> > {};
+struct Simd<double> : SimdCommon<double, BufferedTail<double, Sse2Double>> {};
 
 #endif
 
 #else  // BLOCKATTN_SIMD_SCALAR
 
 template <>
-struct Simd<float> : SimdCommon<float, ScalarIsa<float> > {};
+struct Simd<float> : SimdCommon<float, ScalarIsa<float>> {};
 template <>
-struct Simd<double> : SimdCommon<double, ScalarIsa<double> > {};
+struct Simd<double> : SimdCommon<double, ScalarIsa<double>> {};
 
 #endif
 
