@@ -273,7 +273,7 @@ void BM_TileAttention(benchmark::State& state) {
 }
 BENCHMARK_TEMPLATE(BM_TileAttention, float)
     ->ArgNames({"n", "d", "qb", "kb"})
-    ->ArgsProduct({{2048, 4096}, {64, 128}, {96}, {256}})
+    ->ArgsProduct({{2048, 4096}, {64, 128}, {96, 384, 768}, {128, 256}})
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_TileAttention, double)
     ->ArgNames({"n", "d", "qb", "kb"})
@@ -281,8 +281,9 @@ BENCHMARK_TEMPLATE(BM_TileAttention, double)
     ->Unit(benchmark::kMillisecond);
 
 /// The three steps of one tile separately (query_block = 96 rows, key_block = 256 keys, data in
-/// L1/L2): 0 = score_tile, 1 = softmax_tile_update, 2 = accumulate_pv. FLOP/s counts 2·96·256·d
-/// for the products and 0 for the sweep, whose time per score element is ns_per_score.
+/// L1/L2): 0 = score_tile, 1 = softmax_tile_update, 2 = accumulate_pv, 3 = pack_k, 4 = pack_v.
+/// FLOP/s counts 2·96·256·d for the products and 0 for the others; ns_per_score is the time per
+/// score element of the tile (for the packs: per element of the tile they serve).
 template <class T>
 void BM_TileStep(benchmark::State& state) {
   const Index step = state.range(0);
@@ -310,6 +311,10 @@ void BM_TileStep(benchmark::State& state) {
     } else if (step == 1) {
       blockattn::detail::softmax_tile_update(s.data(), ld_s, kRows, kKeys, T(0.125), m.data(),
                                              l.data(), acc.data(), d, d);
+    } else if (step == 3) {
+      blockattn::detail::pack_k(k.data(), d, kKeys, d, packed_k.data());
+    } else if (step == 4) {
+      blockattn::detail::pack_v(v.data(), d, kKeys, d, packed_v.data());
     } else {
       blockattn::detail::accumulate_pv(s.data(), ld_s, kRows, kKeys, packed_v.data(), d, acc.data(),
                                        d);
@@ -318,7 +323,7 @@ void BM_TileStep(benchmark::State& state) {
     benchmark::DoNotOptimize(acc.data());
     benchmark::ClobberMemory();
   }
-  const double flops = step == 1 ? 0.0 : 2.0 * kRows * kKeys * double(d);
+  const double flops = step == 0 || step == 2 ? 2.0 * kRows * kKeys * double(d) : 0.0;
   state.counters["FLOP/s"] =
       benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["peak_fraction"] = benchmark::Counter(
@@ -329,7 +334,7 @@ void BM_TileStep(benchmark::State& state) {
 }
 BENCHMARK_TEMPLATE(BM_TileStep, float)
     ->ArgNames({"step", "d"})
-    ->ArgsProduct({{0, 1, 2}, {64, 128}});
+    ->ArgsProduct({{0, 1, 2, 3, 4}, {64, 128}});
 BENCHMARK_TEMPLATE(BM_TileStep, double)->ArgNames({"step", "d"})->ArgsProduct({{0, 1, 2}, {64}});
 }  // namespace
 
