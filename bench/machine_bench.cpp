@@ -280,6 +280,50 @@ BENCHMARK_TEMPLATE(BM_TileAttention, double)
     ->ArgsProduct({{2048}, {64, 128}, {768}, {256}})
     ->Unit(benchmark::kMillisecond);
 
+/// Decode: one query row against n_k keys, d = d_v = 64, chunks of 256 keys, through the direct
+/// (unpacked) kernels and the fused sweep. bytes_per_second counts K and V (read once), to be read
+/// against BM_StreamRead.
+template <class T>
+void BM_TileDecode(benchmark::State& state) {
+  const Index n_k = state.range(0);
+  constexpr Index kD = 64;
+  constexpr Index kChunk = 256;
+  const Matrix<T> q = Matrix<T>::Random(1, kD);
+  const Matrix<T> k = Matrix<T>::Random(n_k, kD);
+  const Matrix<T> v = Matrix<T>::Random(n_k, kD);
+  std::vector<T> s(kChunk);
+  std::vector<T> acc(kD);
+  T m = 0;
+  T l = 0;
+  const T scale = T(0.125);
+  for (auto _ : state) {
+    m = blockattn::detail::kNegativeInfinity<T>;
+    l = T(0);
+    std::fill(acc.begin(), acc.end(), T(0));
+    for (Index k0 = 0; k0 < n_k; k0 += kChunk) {
+      const Index keys = std::min(kChunk, n_k - k0);
+      blockattn::detail::score_rows_direct(q.data(), kD, 1, kD, k.data() + k0 * kD, kD, keys,
+                                           s.data(), kChunk);
+      blockattn::detail::softmax_tile_update(s.data(), kChunk, 1, keys, scale, &m, &l, acc.data(),
+                                             kD, kD);
+      blockattn::detail::accumulate_pv_direct(s.data(), kChunk, 1, keys, v.data() + k0 * kD, kD, kD,
+                                              acc.data(), kD);
+    }
+    benchmark::DoNotOptimize(acc.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["FLOP/s"] =
+      benchmark::Counter(4.0 * double(n_k) * kD, benchmark::Counter::kIsIterationInvariantRate);
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * 2 * n_k * kD *
+                          static_cast<std::int64_t>(sizeof(T)));
+}
+BENCHMARK_TEMPLATE(BM_TileDecode, float)
+    ->ArgName("n_k")
+    ->Arg(262144)
+    ->Arg(2097152)  // K + V = 1 GiB: beyond any cache, like BM_StreamRead
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
 /// The three steps of one tile separately (query_block = 96 rows, key_block = 256 keys, data in
 /// L1/L2): 0 = score_tile, 1 = softmax_tile_update, 2 = accumulate_pv, 3 = pack_k, 4 = pack_v.
 /// FLOP/s counts 2·96·256·d for the products and 0 for the others; ns_per_score is the time per

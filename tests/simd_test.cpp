@@ -518,6 +518,73 @@ TYPED_TEST(MicroKernelTest, SoftmaxTileUpdateMatchesTheScalarRecurrence) {
   }
 }
 
+TYPED_TEST(MicroKernelTest, DirectKernelsAreExactOnDyadicInputsAndWriteOnlyTheirColumns) {
+  using T = TypeParam;
+  constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+  auto rng = blockattn::test::make_rng(/*salt=*/25);
+  for (Index rows : {1, 2, 5}) {
+    for (Index n_keys : {1, 3, 4, 5, 67}) {
+      for (Index d : {Index(1), Index(3), Index(kLanes<T> + 1), Index(64), Index(257)}) {
+        SCOPED_TRACE("rows=" + std::to_string(rows) + " n_keys=" + std::to_string(n_keys) + " d=" +
+                     std::to_string(d) + " " + isa_trace() + " " + blockattn::test::seed_trace());
+        // Dyadic inputs as in the packed tests: every sum is exact, in any order; tolerance 0.
+        const Matrix<T> q = blockattn::test::random_matrix<T>(rng, rows, d + 1);
+        const Matrix<T> k = blockattn::test::random_matrix<T>(rng, n_keys, d + 2);
+        const Matrix<T> v = blockattn::test::random_matrix<T>(rng, n_keys, d + 3);
+        const Index ld_s = n_keys + 2;
+        std::vector<T> s(static_cast<std::size_t>(rows * ld_s), kNaN);
+        blockattn::detail::score_rows_direct(q.data(), d + 1, rows, d, k.data(), d + 2, n_keys,
+                                             s.data(), ld_s);
+        const Index ld_acc = d + 1;  // here d_v = d
+        std::vector<T> acc(static_cast<std::size_t>(rows * ld_acc), kNaN);
+        for (Index i = 0; i < rows; ++i) {
+          for (Index c = 0; c < d; ++c) {
+            acc[static_cast<std::size_t>(i * ld_acc + c)] = blockattn::test::random_value<T>(rng);
+          }
+        }
+        const std::vector<T> acc0 = acc;
+        // p = the scores, which are dyadic too (multiples of 2^-12 below 257 in magnitude).
+        blockattn::detail::accumulate_pv_direct(s.data(), ld_s, rows, n_keys, v.data(), d + 3, d,
+                                                acc.data(), ld_acc);
+        for (Index i = 0; i < rows; ++i) {
+          for (Index j = 0; j < ld_s; ++j) {
+            const T got = s[static_cast<std::size_t>(i * ld_s + j)];
+            if (j >= n_keys) {
+              ASSERT_TRUE(std::isnan(got)) << "wrote past n_keys at " << i << "," << j;
+              continue;
+            }
+            LongDouble ref = 0;
+            for (Index c = 0; c < d; ++c) ref += static_cast<LongDouble>(q(i, c)) * k(j, c);
+            ASSERT_EQ(static_cast<LongDouble>(got), ref) << "s at " << i << "," << j;
+          }
+          for (Index c = 0; c < ld_acc; ++c) {
+            const auto at = static_cast<std::size_t>(i * ld_acc + c);
+            if (c >= d) {
+              ASSERT_TRUE(std::isnan(acc[at])) << "wrote past d_v at " << i << "," << c;
+              continue;
+            }
+            LongDouble ref = acc0[at];
+            for (Index j = 0; j < n_keys; ++j) {
+              ref += static_cast<LongDouble>(s[static_cast<std::size_t>(i * ld_s + j)]) * v(j, c);
+            }
+            // Terms are multiples of 2^-18 (s: 2^-12, v: 2^-6) below 2^15 in magnitude: 33 bits,
+            // exact in double, not in float; the bound is the summation's (n_keys + 1)·u·Σ|terms|.
+            LongDouble magnitude = std::fabs(static_cast<LongDouble>(acc0[at]));
+            for (Index j = 0; j < n_keys; ++j) {
+              magnitude += std::fabs(
+                  static_cast<LongDouble>(s[static_cast<std::size_t>(i * ld_s + j)]) * v(j, c));
+            }
+            const LongDouble tol = (static_cast<LongDouble>(n_keys) + 1) *
+                                   blockattn::test::unit_roundoff<T>() * magnitude;
+            ASSERT_LE(std::fabs(static_cast<LongDouble>(acc[at]) - ref), tol)
+                << "acc at " << i << "," << c;
+          }
+        }
+      }
+    }
+  }
+}
+
 TYPED_TEST(MicroKernelTest, TileAttentionForwardMatchesNaiveAttention) {
   using T = TypeParam;
   constexpr LongDouble u = blockattn::test::unit_roundoff<T>();

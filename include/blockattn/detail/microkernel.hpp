@@ -8,6 +8,8 @@
 //   (one row
 //                            sweep; the online-softmax rules of detail/online_state.hpp)
 //   accumulate_pv            acc += P · V_chunk
+//   score_rows_direct,       the same two products on unpacked K / V, for one to a few query rows
+//   accumulate_pv_direct     (decode), where packing would cost as much as the products
 //
 // One tile step of the forward pass is therefore
 //   score_tile(q, …, packed_k, kc, s, ld_s);       // then write −inf into masked s entries
@@ -325,6 +327,86 @@ inline void softmax_tile_update(T* s, Index ld_s, Index rows, Index n_keys, T sc
     if (alpha != T(1)) {
       T* acc_row = acc + i * ld_acc;
       for (Index c = 0; c < d_v; ++c) acc_row[c] *= alpha;
+    }
+  }
+}
+
+/// Unpacked variants for a few query rows (decode: n_q = 1..4), where packing K would cost as much
+/// as the products themselves (pack_k is ~0.3 ns per element, the dot products of one query row
+/// ~0.02 ns): both read K and V in place, row-major, any row stride, no padding required.
+///
+/// s[i, j] = Σ_c q[i, c]·k[j, c] for i < rows, j < n_keys: vectorised along d, four keys at a
+/// time (four independent FMA chains), then one horizontal sum per score. Writes only j < n_keys.
+template <class T>
+inline void score_rows_direct(const T* q, Index ld_q, Index rows, Index d, const T* k, Index ld_k,
+                              Index n_keys, T* s, Index ld_s) {
+  using S = simd::Simd<T>;
+  using V = typename S::V;
+  constexpr Index kLanes = S::kLanes;
+  constexpr int kKeys = 4;
+  const Index full = d / kLanes * kLanes;
+  const int rest = static_cast<int>(d - full);
+  for (Index i = 0; i < rows; ++i) {
+    const T* qi = q + i * ld_q;
+    Index j = 0;
+    const auto keys_at_once = [&](auto count) {
+      constexpr int kCount = decltype(count)::value;
+      V acc[kCount];
+      for (int t = 0; t < kCount; ++t) acc[t] = S::zero();
+      for (Index c = 0; c < full; c += kLanes) {
+        const V qv = S::load(qi + c);
+        for (int t = 0; t < kCount; ++t)
+          acc[t] = S::fma(qv, S::load(k + (j + t) * ld_k + c), acc[t]);
+      }
+      if (rest > 0) {
+        const V qv = S::load_partial(qi + full, rest, T(0));
+        for (int t = 0; t < kCount; ++t) {
+          acc[t] = S::fma(qv, S::load_partial(k + (j + t) * ld_k + full, rest, T(0)), acc[t]);
+        }
+      }
+      for (int t = 0; t < kCount; ++t) s[i * ld_s + j + t] = S::reduce_add(acc[t]);
+    };
+    for (; j + kKeys <= n_keys; j += kKeys) keys_at_once(std::integral_constant<int, kKeys>{});
+    for (; j < n_keys; ++j) keys_at_once(std::integral_constant<int, 1>{});
+  }
+}
+
+/// acc[i, c] += Σ_{j < n_keys} p[i, j]·v[j, c] for i < rows, c < d_v, reading v in place (row
+/// stride ld_v): vectorised along d_v, up to four vectors of acc held in registers over all keys.
+/// Writes only c < d_v (no padding needed).
+template <class T>
+inline void accumulate_pv_direct(const T* p, Index ld_p, Index rows, Index n_keys, const T* v,
+                                 Index ld_v, Index d_v, T* acc, Index ld_acc) {
+  using S = simd::Simd<T>;
+  using V = typename S::V;
+  constexpr Index kLanes = S::kLanes;
+  constexpr int kVectors = 4;
+  const Index full = d_v / kLanes * kLanes;
+  const int rest = static_cast<int>(d_v - full);
+  for (Index i = 0; i < rows; ++i) {
+    const T* pi = p + i * ld_p;
+    T* ai = acc + i * ld_acc;
+    for (Index c0 = 0; c0 < full; c0 += kVectors * kLanes) {
+      const int vectors = static_cast<int>(std::min<Index>(kVectors, (full - c0) / kLanes));
+      with_count<kVectors>(vectors, [&](auto count) {
+        constexpr int kCount = decltype(count)::value;
+        V a[kCount];
+        for (int t = 0; t < kCount; ++t) a[t] = S::load(ai + c0 + t * kLanes);
+        for (Index j = 0; j < n_keys; ++j) {
+          const V pb = S::set1(pi[j]);
+          for (int t = 0; t < kCount; ++t) {
+            a[t] = S::fma(pb, S::load(v + j * ld_v + c0 + t * kLanes), a[t]);
+          }
+        }
+        for (int t = 0; t < kCount; ++t) S::store(ai + c0 + t * kLanes, a[t]);
+      });
+    }
+    if (rest > 0) {
+      V a = S::load_partial(ai + full, rest, T(0));
+      for (Index j = 0; j < n_keys; ++j) {
+        a = S::fma(S::set1(pi[j]), S::load_partial(v + j * ld_v + full, rest, T(0)), a);
+      }
+      S::store_partial(ai + full, rest, a);
     }
   }
 }
