@@ -4,8 +4,11 @@
 //   BM_EigenGemm_QK<T>/n          Eigen GEMM S = Q·Kᵀ, [n, 64]·[64, n]   (2·n²·64 FLOP)
 //   BM_EigenGemm_PV<T>/n          Eigen GEMM O = P·V,  [n, n]·[n, 64]    (2·n²·64 FLOP)
 //   BM_StreamRead / BM_StreamCopy  bandwidth over a buffer far beyond the last-level cache
-//   BM_TileAttention<T>/n/d       tile_attention_forward: 4·n²·d FLOP per call (FlashAttention's
+//   BM_TileAttention<T>/n/d/qb/kb tile_attention_forward: 4·n²·d FLOP per call (FlashAttention's
 //                                  convention), plus peak_fraction = FLOP/s ÷ single-core peak
+//                                  (the best of 10 calibration runs, so a loaded machine reads low)
+//   BM_TileDecode<T>/n_k          one query row through the unpacked (decode) kernels, K + V
+//   bytes/s BM_TileStep<T>/step/d         the tile step's parts one by one (96×256 tile)
 // Built with -march=native (blockattn_native). Single-thread unless the name says threads.
 
 // Eigen's AVX-512 GEMM kernel goes through GCC 12's unmasked _mm512_unpack*_ps, which read an
