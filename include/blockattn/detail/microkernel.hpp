@@ -1,0 +1,476 @@
+#pragma once
+// Register-blocked micro-kernels for one attention tile (a block of query rows against a chunk of
+// keys), written once over the SIMD layer (detail/simd.hpp):
+//
+//   pack_k / pack_v          copy a K chunk / V chunk into the panel layouts below (caller's
+//   buffer) score_tile               S = Q_blk · K_chunkᵀ                      (unscaled dot
+//   products) softmax_tile_update      S ← P = exp(scale·S − m_new), m, l updated, acc rescaled
+//   (one row
+//                            sweep; the online-softmax rules of detail/online_state.hpp)
+//   accumulate_pv            acc += P · V_chunk
+//   score_rows_direct,       the same two products on unpacked K / V, for one to a few query rows
+//   accumulate_pv_direct     (decode), where packing would cost as much as the products
+//
+// One tile step of the forward pass is therefore
+//   score_tile(q, …, packed_k, kc, s, ld_s);       // then write −inf into masked s entries
+//   softmax_tile_update(s, ld_s, rows, kc, scale, m, l, acc, ld_acc, d_v);
+//   accumulate_pv(s, ld_s, rows, kc, packed_v, d_v, acc, ld_acc);
+// with the invariant, per row i, over the keys seen so far:
+//   acc_i = Σ_j exp(x_ij − exp_origin(m_i))·v_j,  l_i = Σ_j exp(x_ij − exp_origin(m_i)),
+//   m_i = max_j x_ij  (x = scale·s; NaN ignored by the max).
+//
+// Packing layouts (L = Simd<T>::kLanes; every buffer comes from the caller, nothing allocates):
+//   K chunk [n_keys, d] → panels of KeyPanel = KeyVectors·L keys. Panel p (keys j0 = p·KeyPanel …)
+//     starts at packed_k + j0·d; its width w is KeyPanel, or round_up(rest, L) for the last one;
+//     element (key j0 + jj, feature c) is at [c·w + jj]; keys past n_keys are 0.
+//     Size: packed_k_size(n_keys, d) = round_up(n_keys, L)·d.
+//   V chunk [n_keys, d_v] → panels of ValuePanel = ValueVectors·L columns. Panel starting at
+//     column c0 starts at packed_v + c0·n_keys; its width w is ValuePanel or round_up(rest, L);
+//     element (key j, column c0 + cc) is at [j·w + cc]; columns past d_v are 0.
+//     Size: packed_v_size(n_keys, d_v) = round_up(d_v, L)·n_keys.
+// Scores and accumulators are row-major with a caller-chosen stride:
+//   s:   ld_s   >= round_up(n_keys, L)   (score_tile writes the padded columns: 0)
+//   acc: ld_acc >= round_up(d_v, L)      (accumulate_pv adds 0 into the padded columns)
+//
+// Register blocks: Rows query rows × KeyVectors (resp. ValueVectors) vectors of accumulators;
+// tails in rows and in panels are handled by smaller compile-time instantiations (no masking in
+// the inner loop). The defaults per ISA are in TileShape, each with the measurement behind it.
+
+#include <algorithm>
+#include <cstddef>
+#include <limits>
+#include <type_traits>
+
+#include <blockattn/detail/config.hpp>
+#include <blockattn/detail/exp.hpp>
+#include <blockattn/detail/online_state.hpp>
+#include <blockattn/detail/simd.hpp>
+#include <blockattn/types.hpp>
+
+namespace blockattn::detail {
+
+/// Compile-time register blocking for the current ISA.
+template <class T>
+struct TileShape {
+  static constexpr int kLanes = simd::Simd<T>::kLanes;
+#if defined(BLOCKATTN_SIMD_AVX512)
+  // 32 zmm registers. 8 rows × 2 vectors (16 accumulators, 2 panel loads and 8 broadcasts per 16
+  // FMAs) measured fastest on Zen 5: a 96×256 score tile at d = 64 in 14.9 µs (91% of the FMA
+  // peak), 12×2 15.4 µs, 6×4 17.6 µs, 8×3 18.9 µs, 4×4 41 µs; acc += P·V (d_v = 64) 8×2 15.2 µs,
+  // 12×2 14.6, 6×4 16.4, 8×3 17.3 (median CPU time of 3, loaded machine; g++ 12 -O3
+  // -march=native; a throwaway Google Benchmark over score_tile/accumulate_pv<float, R, V>).
+  static constexpr int kRows = 8;
+  static constexpr int kKeyVectors = 2;
+  static constexpr int kValueVectors = 2;
+#elif defined(BLOCKATTN_SIMD_NEON)
+  // 32 q registers; not measured (no ARM machine here): the AVX-512 choice scaled to 4 lanes.
+  static constexpr int kRows = 8;
+  static constexpr int kKeyVectors = 2;
+  static constexpr int kValueVectors = 2;
+#elif defined(BLOCKATTN_SIMD_AVX2) || defined(BLOCKATTN_SIMD_SSE2)
+  // 16 registers: 6 × 2 = 12 accumulators + 2 panel vectors + 1 broadcast (+1 for SSE2's
+  // separate multiply). With -mavx2 -mfma on the same Zen 5, 96×256×64 score tile: 6×2 28.5 µs
+  // (95% of the 256-bit peak), 5×2 30.6, 8×1 35.6, 4×3 54, 4×2 59 (same method as above).
+  static constexpr int kRows = 6;
+  static constexpr int kKeyVectors = 2;
+  static constexpr int kValueVectors = 2;
+#else
+  static constexpr int kRows = 4;
+  static constexpr int kKeyVectors = 4;
+  static constexpr int kValueVectors = 4;
+#endif
+  static constexpr int kKeyPanel = kKeyVectors * kLanes;
+  static constexpr int kValuePanel = kValueVectors * kLanes;
+};
+
+/// x rounded up to a multiple of m > 0.
+constexpr Index round_up(Index x, Index m) { return (x + m - 1) / m * m; }
+
+/// Calls f(std::integral_constant<int, count>{}) for 1 <= count <= Max: a runtime count turned
+/// into a compile-time one, so tails run a smaller fully unrolled block.
+template <int Max, class F>
+inline void with_count(int count, F&& f) {
+  if constexpr (Max > 1) {
+    if (count < Max) {
+      with_count<Max - 1>(count, f);
+      return;
+    }
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
+/// Elements of the packed K chunk buffer: round_up(n_keys, L)·d.
+template <class T>
+constexpr Index packed_k_size(Index n_keys, Index d) {
+  return round_up(n_keys, simd::Simd<T>::kLanes) * d;
+}
+
+/// Elements of the packed V chunk buffer: round_up(d_v, L)·n_keys.
+template <class T>
+constexpr Index packed_v_size(Index n_keys, Index d_v) {
+  return round_up(d_v, simd::Simd<T>::kLanes) * n_keys;
+}
+
+/// The smallest row stride of the score tile (and of acc for d_v): round_up(cols, L).
+template <class T>
+constexpr Index padded_stride(Index cols) {
+  return round_up(cols, simd::Simd<T>::kLanes);
+}
+
+/// Packs rows [0, n_keys) of k (row stride ld_k, d features) into `packed` (packed_k_size
+/// elements, any alignment) in the K panel layout described at the top of this header.
+template <class T, int KeyVectors = TileShape<T>::kKeyVectors>
+inline void pack_k(const T* k, Index ld_k, Index n_keys, Index d, T* packed) {
+  constexpr Index kLanes = simd::Simd<T>::kLanes;
+  constexpr Index kPanel = KeyVectors * kLanes;
+  for (Index j0 = 0; j0 < n_keys; j0 += kPanel) {
+    const Index keys = std::min(kPanel, n_keys - j0);
+    const Index width = round_up(keys, kLanes);
+    T* dst = packed + j0 * d;
+    for (Index jj = 0; jj < keys; ++jj) {
+      const T* src = k + (j0 + jj) * ld_k;
+      for (Index c = 0; c < d; ++c) dst[c * width + jj] = src[c];
+    }
+    for (Index c = 0; c < d; ++c) {
+      for (Index jj = keys; jj < width; ++jj) dst[c * width + jj] = T(0);
+    }
+  }
+}
+
+/// Packs rows [0, n_keys) of v (row stride ld_v, d_v columns) into `packed` (packed_v_size
+/// elements) in the V panel layout described at the top of this header.
+template <class T, int ValueVectors = TileShape<T>::kValueVectors>
+inline void pack_v(const T* v, Index ld_v, Index n_keys, Index d_v, T* packed) {
+  constexpr Index kLanes = simd::Simd<T>::kLanes;
+  constexpr Index kPanel = ValueVectors * kLanes;
+  for (Index c0 = 0; c0 < d_v; c0 += kPanel) {
+    const Index cols = std::min(kPanel, d_v - c0);
+    const Index width = round_up(cols, kLanes);
+    T* dst = packed + c0 * n_keys;
+    for (Index j = 0; j < n_keys; ++j) {
+      const T* src = v + j * ld_v + c0;
+      T* row = dst + j * width;
+      for (Index cc = 0; cc < cols; ++cc) row[cc] = src[cc];
+      for (Index cc = cols; cc < width; ++cc) row[cc] = T(0);
+    }
+  }
+}
+
+/// One Rows × (Vectors·L) block of S = Q·Kᵀ over d features, from one packed K panel of width
+/// Vectors·L. Accumulators stay in registers for the whole d loop.
+template <class T, int Rows, int Vectors>
+inline void score_block(const T* BLOCKATTN_RESTRICT q, Index ld_q, Index d,
+                        const T* BLOCKATTN_RESTRICT panel, T* BLOCKATTN_RESTRICT s, Index ld_s) {
+  using S = simd::Simd<T>;
+  using V = typename S::V;
+  constexpr int kLanes = S::kLanes;
+  V acc[Rows][Vectors];
+  for (int r = 0; r < Rows; ++r) {
+    for (int t = 0; t < Vectors; ++t) acc[r][t] = S::zero();
+  }
+  for (Index c = 0; c < d; ++c) {
+    V kv[Vectors];
+    for (int t = 0; t < Vectors; ++t) kv[t] = S::load(panel + c * (Vectors * kLanes) + t * kLanes);
+    for (int r = 0; r < Rows; ++r) {
+      const V qb = S::set1(q[r * ld_q + c]);
+      for (int t = 0; t < Vectors; ++t) acc[r][t] = S::fma(qb, kv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    for (int t = 0; t < Vectors; ++t) S::store(s + r * ld_s + t * kLanes, acc[r][t]);
+  }
+}
+
+/// S[i, j] = Σ_c q[i, c]·k[j, c] for i < rows, j < round_up(n_keys, L) (the padded columns get 0).
+/// q: rows × d, row stride ld_q; packed_k: pack_k of the same n_keys, d and KeyVectors;
+/// s: row stride ld_s >= padded_stride<T>(n_keys). rows, n_keys, d >= 0.
+template <class T, int Rows = TileShape<T>::kRows, int KeyVectors = TileShape<T>::kKeyVectors>
+inline void score_tile(const T* q, Index ld_q, Index rows, Index d, const T* packed_k, Index n_keys,
+                       T* s, Index ld_s) {
+  constexpr Index kLanes = simd::Simd<T>::kLanes;
+  constexpr Index kPanel = KeyVectors * kLanes;
+  for (Index j0 = 0; j0 < n_keys; j0 += kPanel) {
+    const int vectors = static_cast<int>((std::min(kPanel, n_keys - j0) + kLanes - 1) / kLanes);
+    const T* panel = packed_k + j0 * d;
+    with_count<KeyVectors>(vectors, [&](auto nv) {
+      for (Index i0 = 0; i0 < rows; i0 += Rows) {
+        const int r = static_cast<int>(std::min<Index>(Rows, rows - i0));
+        with_count<Rows>(r, [&](auto nr) {
+          score_block<T, decltype(nr)::value, decltype(nv)::value>(q + i0 * ld_q, ld_q, d, panel,
+                                                                   s + i0 * ld_s + j0, ld_s);
+        });
+      }
+    });
+  }
+}
+
+/// One Rows × (Vectors·L) block of acc += P·V over n_keys keys, from one packed V panel.
+template <class T, int Rows, int Vectors>
+inline void pv_block(const T* BLOCKATTN_RESTRICT p, Index ld_p, Index n_keys,
+                     const T* BLOCKATTN_RESTRICT panel, T* BLOCKATTN_RESTRICT acc, Index ld_acc) {
+  using S = simd::Simd<T>;
+  using V = typename S::V;
+  constexpr int kLanes = S::kLanes;
+  V a[Rows][Vectors];
+  for (int r = 0; r < Rows; ++r) {
+    for (int t = 0; t < Vectors; ++t) a[r][t] = S::load(acc + r * ld_acc + t * kLanes);
+  }
+  for (Index j = 0; j < n_keys; ++j) {
+    V vv[Vectors];
+    for (int t = 0; t < Vectors; ++t) vv[t] = S::load(panel + j * (Vectors * kLanes) + t * kLanes);
+    for (int r = 0; r < Rows; ++r) {
+      const V pb = S::set1(p[r * ld_p + j]);
+      for (int t = 0; t < Vectors; ++t) a[r][t] = S::fma(pb, vv[t], a[r][t]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    for (int t = 0; t < Vectors; ++t) S::store(acc + r * ld_acc + t * kLanes, a[r][t]);
+  }
+}
+
+/// acc[i, c] += Σ_{j < n_keys} p[i, j]·v[j, c] for i < rows, c < round_up(d_v, L) (the padded
+/// columns get + 0). p: rows × n_keys, row stride ld_p (the score tile after
+/// softmax_tile_update); packed_v: pack_v of the same n_keys, d_v and ValueVectors;
+/// acc: row stride ld_acc >= padded_stride<T>(d_v).
+template <class T, int Rows = TileShape<T>::kRows, int ValueVectors = TileShape<T>::kValueVectors>
+inline void accumulate_pv(const T* p, Index ld_p, Index rows, Index n_keys, const T* packed_v,
+                          Index d_v, T* acc, Index ld_acc) {
+  constexpr Index kLanes = simd::Simd<T>::kLanes;
+  constexpr Index kPanel = ValueVectors * kLanes;
+  for (Index c0 = 0; c0 < d_v; c0 += kPanel) {
+    const int vectors = static_cast<int>((std::min(kPanel, d_v - c0) + kLanes - 1) / kLanes);
+    const T* panel = packed_v + c0 * n_keys;
+    with_count<ValueVectors>(vectors, [&](auto nv) {
+      for (Index i0 = 0; i0 < rows; i0 += Rows) {
+        const int r = static_cast<int>(std::min<Index>(Rows, rows - i0));
+        with_count<Rows>(r, [&](auto nr) {
+          pv_block<T, decltype(nr)::value, decltype(nv)::value>(p + i0 * ld_p, ld_p, n_keys, panel,
+                                                                acc + i0 * ld_acc + c0, ld_acc);
+        });
+      }
+    });
+  }
+}
+
+/// The fused sweep over one score tile, row by row (i < rows), in two passes over the row:
+///   1. m_new = running_max(m[i], scale·max_j s[i, j])        (NaN scores ignored, −inf allowed)
+///   2. s[i, j] ← p = exp(scale·s[i, j] − exp_origin(m_new)) for j < n_keys  (one fma, then
+///      simd_exp), l_new = Σ_j p;
+/// then α = rescale_factor(m[i], m_new), l[i] = α·l[i] + l_new, m[i] = m_new, and acc[i, c] *= α
+/// for c < d_v when α != 1. A masked score is −inf and gives p = 0; a fully masked row keeps
+/// m = −inf, l = 0 and acc unchanged. A row whose max is +inf goes through the scalar
+/// softmax_weight (the +inf keys share the weight). max(scale·s) = scale·max(s) because rounding
+/// is monotonic, so pass 1 does not multiply.
+/// Preconditions: scale > 0 and finite; m, l: `rows` entries (start at −inf and 0); acc: rows ×
+/// d_v with row stride ld_acc (start at 0); s: row stride ld_s >= n_keys.
+template <class T>
+inline void softmax_tile_update(T* s, Index ld_s, Index rows, Index n_keys, T scale, T* m, T* l,
+                                T* acc, Index ld_acc, Index d_v) {
+  using S = simd::Simd<T>;
+  using V = typename S::V;
+  constexpr Index kLanes = S::kLanes;
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  const Index full = n_keys / kLanes * kLanes;
+  const int rest = static_cast<int>(n_keys - full);
+  const V vscale = S::set1(scale);
+  for (Index i = 0; i < rows; ++i) {
+    T* row = s + i * ld_s;
+    // Pass 1: the row max. Two accumulators hide the max latency.
+    V vmax0 = S::set1(-kInf);
+    V vmax1 = S::set1(-kInf);
+    Index j = 0;
+    for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
+      vmax0 = S::max(S::load(row + j), vmax0);
+      vmax1 = S::max(S::load(row + j + kLanes), vmax1);
+    }
+    if (j < full) vmax0 = S::max(S::load(row + j), vmax0);
+    if (rest > 0) vmax1 = S::max(S::load_partial(row + full, rest, -kInf), vmax1);
+    const T row_max = S::reduce_max(S::max(vmax0, vmax1));
+    const T m_old = m[i];
+    const T m_new = running_max(m_old, row_max * scale);
+    T row_sum = T(0);
+    if (m_new == kInf) {
+      for (Index jj = 0; jj < n_keys; ++jj) {
+        row[jj] = softmax_weight(row[jj] * scale, m_new);
+        row_sum += row[jj];
+      }
+    } else {
+      // Pass 2: p = exp(scale·s − origin), in place, summed.
+      const V neg_origin = S::set1(-exp_origin(m_new));
+      V sum0 = S::zero();
+      V sum1 = S::zero();
+      j = 0;
+      for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
+        const V p0 = simd_exp<T>(S::fma(S::load(row + j), vscale, neg_origin));
+        const V p1 = simd_exp<T>(S::fma(S::load(row + j + kLanes), vscale, neg_origin));
+        S::store(row + j, p0);
+        S::store(row + j + kLanes, p1);
+        sum0 = S::add(sum0, p0);
+        sum1 = S::add(sum1, p1);
+      }
+      if (j < full) {
+        const V p0 = simd_exp<T>(S::fma(S::load(row + j), vscale, neg_origin));
+        S::store(row + j, p0);
+        sum0 = S::add(sum0, p0);
+      }
+      if (rest > 0) {
+        const V p1 =
+            simd_exp<T>(S::fma(S::load_partial(row + full, rest, -kInf), vscale, neg_origin));
+        S::store_partial(row + full, rest, p1);
+        sum1 = S::add(sum1, p1);
+      }
+      row_sum = S::reduce_add(S::add(sum0, sum1));
+    }
+    const T alpha = rescale_factor(m_old, m_new);
+    l[i] = alpha * l[i] + row_sum;
+    m[i] = m_new;
+    if (alpha != T(1)) {
+      T* acc_row = acc + i * ld_acc;
+      for (Index c = 0; c < d_v; ++c) acc_row[c] *= alpha;
+    }
+  }
+}
+
+/// Unpacked variants for a few query rows (decode: n_q = 1..4), where packing K would cost as much
+/// as the products themselves (pack_k is ~0.3 ns per element, the dot products of one query row
+/// ~0.02 ns): both read K and V in place, row-major, any row stride, no padding required.
+///
+/// s[i, j] = Σ_c q[i, c]·k[j, c] for i < rows, j < n_keys: vectorised along d, four keys at a
+/// time (four independent FMA chains), then one horizontal sum per score. Writes only j < n_keys.
+template <class T>
+inline void score_rows_direct(const T* q, Index ld_q, Index rows, Index d, const T* k, Index ld_k,
+                              Index n_keys, T* s, Index ld_s) {
+  using S = simd::Simd<T>;
+  using V = typename S::V;
+  constexpr Index kLanes = S::kLanes;
+  constexpr int kKeys = 4;
+  const Index full = d / kLanes * kLanes;
+  const int rest = static_cast<int>(d - full);
+  for (Index i = 0; i < rows; ++i) {
+    const T* qi = q + i * ld_q;
+    Index j = 0;
+    const auto keys_at_once = [&](auto count) {
+      constexpr int kCount = decltype(count)::value;
+      V acc[kCount];
+      for (int t = 0; t < kCount; ++t) acc[t] = S::zero();
+      for (Index c = 0; c < full; c += kLanes) {
+        const V qv = S::load(qi + c);
+        for (int t = 0; t < kCount; ++t)
+          acc[t] = S::fma(qv, S::load(k + (j + t) * ld_k + c), acc[t]);
+      }
+      if (rest > 0) {
+        const V qv = S::load_partial(qi + full, rest, T(0));
+        for (int t = 0; t < kCount; ++t) {
+          acc[t] = S::fma(qv, S::load_partial(k + (j + t) * ld_k + full, rest, T(0)), acc[t]);
+        }
+      }
+      for (int t = 0; t < kCount; ++t) s[i * ld_s + j + t] = S::reduce_add(acc[t]);
+    };
+    for (; j + kKeys <= n_keys; j += kKeys) keys_at_once(std::integral_constant<int, kKeys>{});
+    for (; j < n_keys; ++j) keys_at_once(std::integral_constant<int, 1>{});
+  }
+}
+
+/// acc[i, c] += Σ_{j < n_keys} p[i, j]·v[j, c] for i < rows, c < d_v, reading v in place (row
+/// stride ld_v): vectorised along d_v, up to four vectors of acc held in registers over all keys.
+/// Writes only c < d_v (no padding needed).
+template <class T>
+inline void accumulate_pv_direct(const T* p, Index ld_p, Index rows, Index n_keys, const T* v,
+                                 Index ld_v, Index d_v, T* acc, Index ld_acc) {
+  using S = simd::Simd<T>;
+  using V = typename S::V;
+  constexpr Index kLanes = S::kLanes;
+  constexpr int kVectors = 4;
+  const Index full = d_v / kLanes * kLanes;
+  const int rest = static_cast<int>(d_v - full);
+  for (Index i = 0; i < rows; ++i) {
+    const T* pi = p + i * ld_p;
+    T* ai = acc + i * ld_acc;
+    for (Index c0 = 0; c0 < full; c0 += kVectors * kLanes) {
+      const int vectors = static_cast<int>(std::min<Index>(kVectors, (full - c0) / kLanes));
+      with_count<kVectors>(vectors, [&](auto count) {
+        constexpr int kCount = decltype(count)::value;
+        V a[kCount];
+        for (int t = 0; t < kCount; ++t) a[t] = S::load(ai + c0 + t * kLanes);
+        for (Index j = 0; j < n_keys; ++j) {
+          const V pb = S::set1(pi[j]);
+          for (int t = 0; t < kCount; ++t) {
+            a[t] = S::fma(pb, S::load(v + j * ld_v + c0 + t * kLanes), a[t]);
+          }
+        }
+        for (int t = 0; t < kCount; ++t) S::store(ai + c0 + t * kLanes, a[t]);
+      });
+    }
+    if (rest > 0) {
+      V a = S::load_partial(ai + full, rest, T(0));
+      for (Index j = 0; j < n_keys; ++j) {
+        a = S::fma(S::set1(pi[j]), S::load_partial(v + j * ld_v + full, rest, T(0)), a);
+      }
+      S::store_partial(ai + full, rest, a);
+    }
+  }
+}
+
+/// Rows of the score tile that tile_attention_forward computes at a time: a query block shares
+/// one packed K/V chunk (packing K costs about 40% of one 96×256×64 score tile, so it has to be
+/// amortised over several hundred query rows), but each S tile stays small enough for L1/L2.
+/// 96 = 16 register blocks of 6 rows.
+inline constexpr Index kTileRows = 96;
+
+/// Elements of the workspace that tile_attention_forward needs: the packed K and V chunks, one
+/// score tile, and acc, m and l for one query block. Independent of n_q and n_k.
+template <class T>
+constexpr Index tile_attention_workspace_size(Index query_block, Index key_block, Index d,
+                                              Index d_v) {
+  return packed_k_size<T>(key_block, d) + packed_v_size<T>(key_block, d_v) +
+         std::min(query_block, kTileRows) * padded_stride<T>(key_block) +
+         query_block * padded_stride<T>(d_v) + 2 * query_block;
+}
+
+/// Prototype single-head forward pass built only from the kernels above (no masks, one thread),
+/// for the benchmark of the building blocks and as the worked example of how they compose; the
+/// public attention() has its own loop. out = softmax(scale·q·kᵀ)·v with q [n_q, d], k [n_k, d],
+/// v [n_k, d_v], out [n_q, d_v], all row-major with the given row strides. Query blocks of
+/// query_block rows, key chunks of key_block keys (both >= 1); each (query block, key chunk)
+/// packs K and V once and runs the tile step on kTileRows rows at a time.
+/// workspace: tile_attention_workspace_size elements. A row with l = 0 (possible only with
+/// n_k = 0) gets 0; NaN propagates.
+template <class T>
+inline void tile_attention_forward(const T* q, Index ld_q, const T* k, Index ld_k, const T* v,
+                                   Index ld_v, Index n_q, Index n_k, Index d, Index d_v, T scale,
+                                   T* out, Index ld_out, Index query_block, Index key_block,
+                                   T* workspace) {
+  const Index ld_s = padded_stride<T>(key_block);
+  const Index ld_acc = padded_stride<T>(d_v);
+  T* packed_k = workspace;
+  T* packed_v = packed_k + packed_k_size<T>(key_block, d);
+  T* s = packed_v + packed_v_size<T>(key_block, d_v);
+  T* acc = s + std::min(query_block, kTileRows) * ld_s;
+  T* m = acc + query_block * ld_acc;
+  T* l = m + query_block;
+  for (Index q0 = 0; q0 < n_q; q0 += query_block) {
+    const Index rows = std::min(query_block, n_q - q0);
+    std::fill(m, m + rows, kNegativeInfinity<T>);
+    std::fill(l, l + rows, T(0));
+    std::fill(acc, acc + rows * ld_acc, T(0));
+    for (Index k0 = 0; k0 < n_k; k0 += key_block) {
+      const Index keys = std::min(key_block, n_k - k0);
+      pack_k(k + k0 * ld_k, ld_k, keys, d, packed_k);
+      pack_v(v + k0 * ld_v, ld_v, keys, d_v, packed_v);
+      for (Index t0 = 0; t0 < rows; t0 += kTileRows) {
+        const Index tile = std::min(kTileRows, rows - t0);
+        T* acc_tile = acc + t0 * ld_acc;
+        score_tile(q + (q0 + t0) * ld_q, ld_q, tile, d, packed_k, keys, s, ld_s);
+        softmax_tile_update(s, ld_s, tile, keys, scale, m + t0, l + t0, acc_tile, ld_acc, d_v);
+        accumulate_pv(s, ld_s, tile, keys, packed_v, d_v, acc_tile, ld_acc);
+      }
+    }
+    // Deferred normalisation: one division per row.
+    for (Index i = 0; i < rows; ++i) {
+      const T inv = l[i] == T(0) ? T(0) : T(1) / l[i];
+      for (Index c = 0; c < d_v; ++c) out[(q0 + i) * ld_out + c] = acc[i * ld_acc + c] * inv;
+    }
+  }
+}
+
+}  // namespace blockattn::detail
