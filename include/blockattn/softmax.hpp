@@ -305,11 +305,14 @@ OnlineSoftmax<T> online_reduce(const T* x, Index n, Hook&& hook) {
       hook(x + j, n - j);
       j = n;
     }
-    T lane_max[w];
-    T lane_sum[w];
-    ei::pstoreu(lane_max, m);
-    ei::pstoreu(lane_sum, l);
-    for (Index t = 0; t < w; ++t) state.merge(OnlineSoftmax<T>{lane_max[t], lane_sum[t]});
+    // Merge the lanes in one step: every lane's sum rescaled to the row max with one packet
+    // exp (32 scalar exps per call for 16 lanes cost a third of the time of a 1K row).
+    const T row_max_value = ei::predux_max(m);
+    const Packet all_max = ei::pset1<Packet>(row_max_value);
+    const Packet factor =
+        ei::pselect(ei::pcmp_eq(m, all_max), one, exp_or_zero(ei::psub(m, all_max), underflow));
+    state.max = row_max_value;
+    state.sum = ei::predux(ei::pmul(l, factor));
   }
   if (j < n) {
     hook(x + j, n - j);
