@@ -60,6 +60,21 @@ const char* name_of(SoftmaxAlgorithm algorithm) {
 const std::vector<Index> kLengths = {1,  2,  3,  4,  5,  7,  8,   9,   13,  15,  16,  17,  31,
                                      32, 33, 63, 64, 65, 97, 127, 128, 129, 255, 257, 511, 512};
 
+// Lengths around the online kernel's tile (16 KiB): one tile ± 1, several tiles and a partial
+// one. Larger than the n ≤ 512 of the other tests because the tile boundary is the code path.
+template <class T>
+std::vector<Index> tile_lengths() {
+  const Index tile = blockattn::detail::softmax_kernel::kTile<T>;
+  return {tile - 1, tile, tile + 1, 2 * tile, 3 * tile + 37};
+}
+
+template <class T>
+std::vector<Index> all_lengths() {
+  std::vector<Index> lengths = kLengths;
+  for (const Index n : tile_lengths<T>()) lengths.push_back(n);
+  return lengths;
+}
+
 // --- tolerances ---------------------------------------------------------------------------------
 //
 // Test inputs are multiples of 1/64 with magnitude < 2^14, so every difference x − m is exact in
@@ -84,15 +99,21 @@ Real two_pass_tolerance(Index n) {
   return (2 * kExpError + static_cast<Real>(n) + 2) * u<T>();
 }
 
-// Online: as two-pass, plus the rescales. A term is multiplied by at most n rescale factors
-// (one per increase of its lane's max), each with kExpError·u from exp and u from the product,
-// and by at most 16 lane merges, each adding (kExpError + 2)·u. Worst case, not typical (random
-// inputs see about ln n rescales); still 1e3 times smaller than the O(1) relative error of any
-// indexing bug at n ≤ 512.
+// Online: each L1 tile's sum is a two-pass sum; merging the tiles with ⊕ multiplies a tile's sum
+// by at most one rescale factor per later tile whose max is larger, each with kExpError·u from
+// exp, u from the product and u from the addition: + tiles·(kExpError + 2)·u.
 template <class T>
 Real online_tolerance(Index n) {
-  return two_pass_tolerance<T>(n) + static_cast<Real>(n) * (kExpError + 1) * u<T>() +
-         16 * (kExpError + 2) * u<T>();
+  const Index tile = blockattn::detail::softmax_kernel::kTile<T>;
+  const Index tiles = (n + tile - 1) / tile;
+  return two_pass_tolerance<T>(n) + static_cast<Real>(tiles) * (kExpError + 2) * u<T>();
+}
+
+// OnlineSoftmax::update(x), one value at a time: every term can be rescaled once per later
+// increase of the max, at most n times, each with (kExpError + 1)·u. Worst case, not typical.
+template <class T>
+Real scalar_update_tolerance(Index n) {
+  return two_pass_tolerance<T>(n) + static_cast<Real>(n) * (kExpError + 1) * u<T>();
 }
 
 template <class T>
@@ -173,7 +194,7 @@ TYPED_TEST(SoftmaxTest, ExpKernelIsWithinItsStatedBound) {
 TYPED_TEST(SoftmaxTest, MatchesLongDoubleReferenceForEveryAlgorithmAndLength) {
   using T = TypeParam;
   auto rng = make_rng(1);
-  for (const Index n : kLengths) {
+  for (const Index n : all_lengths<T>()) {
     const Matrix<T> x = random_matrix<T>(rng, 3, n, -8.0, 8.0);
     for (const SoftmaxAlgorithm algorithm : kAlgorithms) {
       SCOPED_TRACE(std::string(name_of(algorithm)) + " n=" + std::to_string(n) + " " +
@@ -253,7 +274,7 @@ TYPED_TEST(SoftmaxTest, InPlaceEqualsOutOfPlace) {
 TYPED_TEST(SoftmaxTest, VectorFormEqualsMatrixForm) {
   using T = TypeParam;
   auto rng = make_rng(5);
-  for (const Index n : kLengths) {
+  for (const Index n : all_lengths<T>()) {
     const Matrix<T> x = random_matrix<T>(rng, 1, n, -6.0, 6.0);
     for (const SoftmaxAlgorithm algorithm : kAlgorithms) {
       Matrix<T> from_matrix(1, n);
@@ -461,7 +482,7 @@ TYPED_TEST(SoftmaxTest, BadVectorArgumentsThrow) {
 TYPED_TEST(SoftmaxTest, OnlineStateMatchesReferenceScalarAndVectorised) {
   using T = TypeParam;
   auto rng = make_rng(10);
-  for (const Index n : kLengths) {
+  for (const Index n : all_lengths<T>()) {
     SCOPED_TRACE("n=" + std::to_string(n) + " " + seed_trace());
     const Matrix<T> x = random_matrix<T>(rng, 1, n, -8.0, 8.0);
     OnlineSoftmax<T> scalar;
@@ -479,7 +500,8 @@ TYPED_TEST(SoftmaxTest, OnlineStateMatchesReferenceScalarAndVectorised) {
     EXPECT_EQ(from_row.sum, vectorised.sum);
     const Real exact = exact_sum(x.data(), n, m);
     // The sum is the normaliser: its relative error is bounded like the outputs'.
-    EXPECT_LE(std::fabs(static_cast<Real>(scalar.sum) - exact), online_tolerance<T>(n) * exact);
+    EXPECT_LE(std::fabs(static_cast<Real>(scalar.sum) - exact),
+              scalar_update_tolerance<T>(n) * exact);
     EXPECT_LE(std::fabs(static_cast<Real>(vectorised.sum) - exact), online_tolerance<T>(n) * exact);
     // lse = m + log(l): the absolute error of log(l) is l's relative error, plus the rounding of
     // log and of the sum, u each relative to |lse| (and to |log l| ≤ |lse| + |m|).
@@ -489,10 +511,28 @@ TYPED_TEST(SoftmaxTest, OnlineStateMatchesReferenceScalarAndVectorised) {
   }
 }
 
+TYPED_TEST(SoftmaxTest, OnlineStateFindsTheMaxWhereverItIs) {
+  using T = TypeParam;
+  // A unique maximum at every position of three tiles (step 3 reaches every residue modulo any
+  // power-of-two packet or unroll width): no lane, unrolled slot or tile boundary is skipped.
+  const Index n = 2 * blockattn::detail::softmax_kernel::kTile<T> + 37;
+  auto rng = make_rng(16);
+  Matrix<T> x = random_matrix<T>(rng, 1, n, -1.0, 1.0);
+  for (Index p = 0; p < n; p += 3) {
+    const T saved = x(0, p);
+    x(0, p) = T(5);
+    OnlineSoftmax<T> state;
+    state.update(x.data(), n);
+    ASSERT_EQ(state.max, T(5)) << "max at " << p;
+    x(0, p) = saved;
+  }
+}
+
 TYPED_TEST(SoftmaxTest, RandomSplitsMergedInRandomOrderEqualOnePass) {
   using T = TypeParam;
   auto rng = make_rng(11);
-  for (const Index n : {Index(1), Index(7), Index(64), Index(301), Index(512)}) {
+  const Index tile = blockattn::detail::softmax_kernel::kTile<T>;
+  for (const Index n : {Index(1), Index(7), Index(64), Index(301), Index(512), 3 * tile + 37}) {
     const Matrix<T> x = random_matrix<T>(rng, 1, n, -8.0, 8.0);
     OnlineSoftmax<T> one_pass;
     one_pass.update(x.data(), n);
@@ -661,6 +701,18 @@ TYPED_TEST(SoftmaxTest, TopKMatchesReferenceWithTiesByLowerIndex) {
     const RowVector<T> x = random_matrix<T>(rng, 1, n, -1.0, 1.0);
     for (const Index k : {Index(1), Index(3), Index(5), Index(16), n - 1, n, n + 3}) {
       if (k <= 0) continue;
+      SCOPED_TRACE("n=" + std::to_string(n) + " k=" + std::to_string(k) + " " + seed_trace());
+      expect_topk_matches_reference(x, k);
+    }
+  }
+}
+
+TYPED_TEST(SoftmaxTest, TopKAcrossTiles) {
+  using T = TypeParam;
+  auto rng = make_rng(15);
+  for (const Index n : tile_lengths<T>()) {
+    const RowVector<T> x = random_matrix<T>(rng, 1, n, -4.0, 4.0);
+    for (const Index k : {Index(1), Index(5), Index(16), Index(100)}) {
       SCOPED_TRACE("n=" + std::to_string(n) + " k=" + std::to_string(k) + " " + seed_trace());
       expect_topk_matches_reference(x, k);
     }

@@ -63,10 +63,10 @@ struct OnlineSoftmax {
     max = new_max;
   }
 
-  /// Adds `n` values in one pass (Algorithm 3 of the paper), vectorised: each SIMD lane keeps
-  /// its own (max, sum) and the lanes are merged at the end, so the result equals n calls of
-  /// update(x) up to rounding. O(n) time, no allocation. Throws std::invalid_argument if n < 0
-  /// or x is null with n > 0.
+  /// Adds `n` values with one read from memory (Algorithm 3 of the paper), vectorised: the
+  /// values are taken in L1-sized tiles, each tile's (max, sum) computed while it is in L1 and
+  /// merged in, so the result equals n calls of update(x) up to rounding. O(n) time, no
+  /// allocation. Throws std::invalid_argument if n < 0 or x is null with n > 0.
   void update(const T* x, Index n) {
     detail::require(n >= 0, "OnlineSoftmax::update", "n is ", n, " but must be >= 0");
     detail::require(n == 0 || x != nullptr, "OnlineSoftmax::update", "x is null but n is ", n);
@@ -245,82 +245,82 @@ void write_weights_scalar(const T* x, Index n, T m, T* y) {
   for (Index j = 0; j < n; ++j) y[j] = softmax_weight(x[j], m) * scale;
 }
 
-/// A block hook that does nothing (plain online softmax).
-struct NoBlockHook {
-  template <class T>
-  void operator()(const T* /*block*/, Index /*count*/) const {}
-};
-
-/// Algorithm 3 over one row: the state (max, sum) of x[0..n), in one read. `hook(block, count)`
-/// sees the row in consecutive blocks, in order (the fused top-k rides on it). Per lane the
-/// invariant is: M = max of the lane's values so far (NaN ignored) and L = Σ exp(x − origin(M))
-/// over them; lanes are merged with OnlineSoftmax::merge at the end. A lane only rescales when
-/// its max grows, so most blocks cost one exp per element.
-template <class T, class Hook>
-OnlineSoftmax<T> online_reduce(const T* x, Index n, Hook&& hook) {
-  OnlineSoftmax<T> state;
+/// Σ_j exp(a_j − origin) over a[0..na) and max_j b_j over b[0..nb), nb <= na, in one loop: the
+/// exps of one tile (already in L1) run between the loads of the next tile (on their way from
+/// memory), so the two overlap.
+template <class T>
+void sum_exp_and_max(const T* a, Index na, T origin, const T* b, Index nb, T& sum, T& max) {
+  T l = T(0);
+  T m = kNegativeInfinity<T>;
   Index j = 0;
   if constexpr (Simd<T>::kEnabled) {
     using Packet = typename Simd<T>::Packet;
     constexpr Index w = Simd<T>::kWidth;
-    const Packet lowest = ei::pset1<Packet>(kNegativeInfinity<T>);
-    const Packet zero = ei::pzero(lowest);
-    const Packet one = ei::pset1<Packet>(T(1));
+    const Packet o = ei::pset1<Packet>(origin);
     const Packet underflow = ei::pset1<Packet>(exp_underflow<T>());
-    Packet m = lowest;
-    Packet l = zero;
-    Packet origin = zero;  // exp_origin(m), lane-wise
-    const auto raise_max = [&](const Packet& new_max) {
-      if (!ei::predux_any(ei::pcmp_lt(m, new_max))) return;
-      // rescale_factor(), lane-wise: equal maxima (also −inf, −inf) give 1, not exp(NaN).
-      const Packet factor =
-          ei::pselect(ei::pcmp_eq(m, new_max), one, exp_or_zero(ei::psub(m, new_max), underflow));
-      l = ei::pmul(l, factor);
-      m = new_max;
-      origin = ei::pselect(ei::pcmp_eq(m, lowest), zero, m);
-    };
-    const auto weight = [&](const Packet& v) {
-      return exp_or_zero(ei::psub(v, origin), underflow);
-    };
-    for (; j + 4 * w <= n; j += 4 * w) {
-      const Packet x0 = ei::ploadu<Packet>(x + j);
-      const Packet x1 = ei::ploadu<Packet>(x + j + w);
-      const Packet x2 = ei::ploadu<Packet>(x + j + 2 * w);
-      const Packet x3 = ei::ploadu<Packet>(x + j + 3 * w);
-      raise_max(max_ignoring_nan(max_ignoring_nan(max_ignoring_nan(m, x0), x1),
-                                 max_ignoring_nan(max_ignoring_nan(m, x2), x3)));
-      l = ei::padd(l, ei::padd(ei::padd(weight(x0), weight(x1)), ei::padd(weight(x2), weight(x3))));
-      hook(x + j, 4 * w);
+    const auto weight = [&](const Packet& v) { return exp_or_zero(ei::psub(v, o), underflow); };
+    Packet l0 = ei::pzero(o), l1 = l0, l2 = l0, l3 = l0;
+    const Packet lowest = ei::pset1<Packet>(kNegativeInfinity<T>);
+    Packet m0 = lowest, m1 = lowest;
+    for (; j + 4 * w <= nb; j += 4 * w) {
+      l0 = ei::padd(l0, weight(ei::ploadu<Packet>(a + j)));
+      m0 = max_ignoring_nan(m0, ei::ploadu<Packet>(b + j));
+      l1 = ei::padd(l1, weight(ei::ploadu<Packet>(a + j + w)));
+      m1 = max_ignoring_nan(m1, ei::ploadu<Packet>(b + j + w));
+      l2 = ei::padd(l2, weight(ei::ploadu<Packet>(a + j + 2 * w)));
+      m0 = max_ignoring_nan(m0, ei::ploadu<Packet>(b + j + 2 * w));
+      l3 = ei::padd(l3, weight(ei::ploadu<Packet>(a + j + 3 * w)));
+      m1 = max_ignoring_nan(m1, ei::ploadu<Packet>(b + j + 3 * w));
     }
-    for (; j + w <= n; j += w) {
-      const Packet x0 = ei::ploadu<Packet>(x + j);
-      raise_max(max_ignoring_nan(m, x0));
-      l = ei::padd(l, weight(x0));
-      hook(x + j, w);
-    }
-    if (j < n) {
-      const Packet x0 = load_partial(x + j, n - j, kNegativeInfinity<T>);
-      raise_max(max_ignoring_nan(m, x0));
-      l = ei::padd(l, weight(x0));
-      hook(x + j, n - j);
-      j = n;
-    }
-    // Merge the lanes in one step: every lane's sum rescaled to the row max with one packet
-    // exp (32 scalar exps per call for 16 lanes cost a third of the time of a 1K row).
-    const T row_max_value = ei::predux_max(m);
-    const Packet all_max = ei::pset1<Packet>(row_max_value);
-    const Packet factor =
-        ei::pselect(ei::pcmp_eq(m, all_max), one, exp_or_zero(ei::psub(m, all_max), underflow));
-    state.max = row_max_value;
-    state.sum = ei::predux(ei::pmul(l, factor));
+    l = ei::predux(ei::padd(ei::padd(l0, l1), ei::padd(l2, l3)));
+    m = ei::predux_max(max_ignoring_nan(m0, m1));
   }
-  if (j < n) {
-    hook(x + j, n - j);
-    for (; j < n; ++j) state.update(x[j]);
+  sum = l + sum_exp(a + j, na - j, origin);
+  max = running_max(m, row_max(b + j, nb - j));
+}
+
+/// Elements per tile: 16 KiB, so that a tile and the next one stay in L1 (48 KiB here) between
+/// their two reads.
+template <class T>
+inline constexpr Index kTile = Index(16384 / sizeof(T));
+
+/// A tile hook that does nothing (plain online softmax).
+struct NoTileHook {
+  template <class T>
+  void operator()(const T* /*tile*/, Index /*count*/, T /*tile_max*/) const {}
+};
+
+/// Algorithm 3 over one row, by tiles: the state (max, sum) of x[0..n) with one read of x from
+/// memory. Each tile's max is taken as it arrives from memory, its Σ exp(x − max) from L1 (in the
+/// same loop as the next tile's max), and the tile's state is merged into the row's with ⊕.
+/// Invariant after each merge: state = (max, Σ exp(x − max)) over the tiles seen. Compared with
+/// rescaling per element, no exp is spent on rescales except one per tile, and a row of one tile
+/// costs what Safe's first two passes cost. `hook(tile, count, tile_max)` sees every tile once,
+/// in order, while it is in L1 (the fused top-k rides on it).
+template <class T, class Hook>
+OnlineSoftmax<T> online_reduce(const T* x, Index n, Hook&& hook) {
+  OnlineSoftmax<T> state;
+  if (n == 0) return state;
+  Index start = 0;
+  Index count = std::min(kTile<T>, n);
+  T tile_max = row_max(x, count);
+  for (;;) {
+    hook(x + start, count, tile_max);
+    const Index next = start + count;
+    const Index next_count = std::min(kTile<T>, n - next);
+    T tile_sum;
+    T next_max;
+    sum_exp_and_max(x + start, count, exp_origin(tile_max), x + next, next_count, tile_sum,
+                    next_max);
+    state.merge(OnlineSoftmax<T>{tile_max, tile_sum});
+    if (next_count == 0) break;
+    start = next;
+    count = next_count;
+    tile_max = next_max;
   }
   if (state.max == std::numeric_limits<T>::infinity()) {
-    // The lanes computed exp(inf − inf) = NaN; redo the row with the scalar update, which gives
-    // each +inf entry weight 1 (rare: only rows that contain +inf pay for a second read).
+    // A tile with max +inf computed exp(inf − inf) = NaN; redo the row with the scalar update,
+    // which gives each +inf entry weight 1 (only rows that contain +inf pay for a second read).
     state = OnlineSoftmax<T>{};
     for (Index t = 0; t < n; ++t) state.update(x[t]);
   }
@@ -329,7 +329,7 @@ OnlineSoftmax<T> online_reduce(const T* x, Index n, Hook&& hook) {
 
 template <class T>
 OnlineSoftmax<T> online_state_of(const T* x, Index n) {
-  return online_reduce(x, n, NoBlockHook{});
+  return online_reduce(x, n, NoTileHook{});
 }
 
 /// Softmax of one row, y may be x itself.
@@ -405,24 +405,22 @@ struct RunningTopK {
     indices[position] = j;
   }
 
-  /// True when some element of the block beats the current k-th value (or the list is short).
-  bool may_change(const T* block, Index count) const {
-    if (kept < k) return true;
-    const T threshold = values[k - 1];
+  /// Offers every element of block[0..count), whose first index is j0, skipping whole packets
+  /// that cannot beat the current k-th value.
+  void scan(const T* block, Index count, Index j0) {
     Index t = 0;
     if constexpr (Simd<T>::kEnabled) {
       using Packet = typename Simd<T>::Packet;
       constexpr Index w = Simd<T>::kWidth;
-      const Packet thr = ei::pset1<Packet>(threshold);
-      Packet any = ei::pzero(thr);
-      for (; t + w <= count; t += w)
-        any = ei::por(any, ei::pcmp_lt(thr, ei::ploadu<Packet>(block + t)));
-      if (ei::predux_any(any)) return true;
+      for (; t + w <= count; t += w) {
+        if (kept == k && !ei::predux_any(ei::pcmp_lt(ei::pset1<Packet>(values[k - 1]),
+                                                     ei::ploadu<Packet>(block + t)))) {
+          continue;
+        }
+        for (Index s = t; s < t + w; ++s) offer(block[s], j0 + s);
+      }
     }
-    for (; t < count; ++t) {
-      if (block[t] > threshold) return true;
-    }
-    return false;
+    for (; t < count; ++t) offer(block[t], j0 + t);
   }
 };
 
@@ -431,10 +429,9 @@ struct RunningTopK {
 template <class T>
 Index topk_fused(const T* x, Index n, Index k, T* values, Index* indices) {
   RunningTopK<T> top{values, indices, std::min(k, n)};
-  const OnlineSoftmax<T> state = online_reduce(x, n, [&](const T* block, Index count) {
-    if (!top.may_change(block, count)) return;
-    const Index j0 = block - x;
-    for (Index t = 0; t < count; ++t) top.offer(block[t], j0 + t);
+  const OnlineSoftmax<T> state = online_reduce(x, n, [&](const T* tile, Index count, T tile_max) {
+    if (top.kept == top.k && !(tile_max > top.values[top.k - 1])) return;
+    top.scan(tile, count, tile - x);
   });
   const T scale = inverse_or_zero(state.sum);
   for (Index i = 0; i < top.kept; ++i) values[i] = softmax_weight(values[i], state.max) * scale;
