@@ -853,3 +853,27 @@ TYPED_TEST(SoftmaxTest, TopKBadArgumentsThrowBeforeWriting) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(SoftmaxLongDoubleTest, ScalarPathMatchesReference) {
+  // long double has no SIMD packets: every kernel takes its scalar loop.
+  auto rng = make_rng(17);
+  for (const Index n : {Index(1), Index(13), Index(1500)}) {
+    const Matrix<Real> x = random_matrix<Real>(rng, 2, n, -8.0, 8.0);
+    for (const SoftmaxAlgorithm algorithm : kAlgorithms) {
+      Matrix<Real> y(2, n);
+      blockattn::softmax<Real>(x, y, algorithm);
+      expect_matches_reference(x, y, tolerance_for<Real>(algorithm, n));
+    }
+    OnlineSoftmax<Real> state;
+    state.update(x.data(), n);
+    const Real exact = exact_sum(x.data(), n, x.row(0).maxCoeff());
+    EXPECT_LE(std::fabs(state.sum - exact), online_tolerance<Real>(n) * exact);
+    RowVector<Real> values(3);
+    RowVector<Index> indices(3);
+    EXPECT_EQ(blockattn::softmax_topk<Real>(x.row(0), 3, values, indices), std::min(n, Index(3)));
+  }
+}
+
+}  // namespace
