@@ -1,20 +1,58 @@
 #pragma once
-// Softmax three ways (naive, safe, online) and the online-softmax state that every blockattn
-// kernel merges through. Milakov & Gimelshein 2018, "Online normalizer calculation for softmax".
+// Softmax three ways (naive, safe, online), the online-softmax state that every blockattn kernel
+// merges through, and the fused softmax + top-k. Milakov & Gimelshein 2018, "Online normalizer
+// calculation for softmax": Algorithm 1 (naive), 2 (safe), 3 (online normaliser), 4 (online
+// softmax + top-k); the state merge is the ⊕ of its section 3.1.
+//
+// Special values, the same for every entry point (decided once, in detail/online_state.hpp):
+//   −inf entries get probability 0; a row of only −inf gets all zeros (never NaN);
+//   +inf entries share the probability equally and every other entry gets 0;
+//   a NaN anywhere in a row makes the whole row NaN.
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
 
 #include <Eigen/Core>
 
+#include <blockattn/detail/check.hpp>
 #include <blockattn/detail/online_state.hpp>
 #include <blockattn/types.hpp>
 
 namespace blockattn {
 
+/// The three softmax algorithms of Milakov & Gimelshein, by memory accesses per element.
+enum class SoftmaxAlgorithm {
+  /// Σ exp(x), then exp(x)/Σ (Algorithm 1): 2 reads + 1 write. Overflows once exp(x) does (x >
+  /// ≈88.7 for float, ≈709.8 for double): that row comes out as zeros and NaNs. Kept for
+  /// comparison, not fixed; +inf entries likewise give NaN.
+  Naive,
+  /// max, then Σ exp(x − max), then exp(x − max)/Σ (Algorithm 2): 3 reads + 1 write. Never
+  /// overflows.
+  Safe,
+  /// max and Σ exp(x − max) together in one pass (Algorithm 3), then exp(x − max)/Σ: 2 reads +
+  /// 1 write. As safe as Safe, one read fewer. On the CPU the pass goes by 16 KiB tiles, each
+  /// tile's (max, sum) taken while it is in L1 and merged into the row's with the ⊕ of
+  /// OnlineSoftmax::merge, so memory is still read once.
+  Online,
+};
+
+template <class T>
+struct OnlineSoftmax;
+
+namespace detail::softmax_kernel {
+template <class T>
+OnlineSoftmax<T> online_state_of(const T* x, Index n);
+}  // namespace detail::softmax_kernel
+
 /// The running (max, sum) of an online softmax: after seeing x_1..x_n, max = max_j x_j and
 /// sum = Σ_j exp(x_j − max). A default-constructed state has seen nothing (max = −inf, sum = 0)
-/// and is the identity of merge(). merge() is the paper's ⊕: associative and commutative up to
-/// rounding (each merge adds at most a few ulp of relative error to sum). O(1) space.
+/// and is the identity of merge(); a state that has seen only −inf values is that same state.
+/// merge() is the paper's ⊕: associative and commutative up to rounding (each merge adds at most
+/// a few ulp of relative error to sum; the max is exact). NaN values are ignored by max and make
+/// sum NaN. O(1) space.
 template <class T>
 struct OnlineSoftmax {
   T max = detail::kNegativeInfinity<T>;  ///< largest value seen, −inf when none
@@ -27,10 +65,19 @@ struct OnlineSoftmax {
     max = new_max;
   }
 
-  /// Adds `n` values in one pass (Algorithm 3 of the paper). O(n), no allocation.
+  /// Adds `n` values with one read from memory (Algorithm 3 of the paper), vectorised: the
+  /// values are taken in L1-sized tiles, each tile's (max, sum) computed while it is in L1 and
+  /// merged in, so the result equals n calls of update(x) up to rounding. O(n) time, no
+  /// allocation. Throws std::invalid_argument if n < 0 or x is null with n > 0.
   void update(const T* x, Index n) {
-    for (Index j = 0; j < n; ++j) update(x[j]);
+    detail::require(n >= 0, "OnlineSoftmax::update", "n is ", n, " but must be >= 0");
+    detail::require(n == 0 || x != nullptr, "OnlineSoftmax::update", "x is null but n is ", n);
+    merge(detail::softmax_kernel::online_state_of(x, n));
   }
+
+  /// Adds the values of a row vector (a RowVector, a row of a row-major Matrix, a Map of a
+  /// buffer; anything else is copied into a temporary first). Same as update(x.data(), x.size()).
+  void update(const Eigen::Ref<const RowVector<T>>& x) { update(x.data(), x.size()); }
 
   /// Combines with the state of a disjoint set of values: the state of their union. O(1).
   OnlineSoftmax& merge(const OnlineSoftmax& other) {
@@ -44,5 +91,538 @@ struct OnlineSoftmax {
   /// log Σ exp(x) over the values seen: −inf when none (or all were −inf), NaN if any was NaN.
   T log_sum_exp() const { return max + std::log(sum); }
 };
+
+namespace detail::softmax_kernel {
+
+// The kernels work on one contiguous row. Float and double go through Eigen's packet functions
+// (SSE2 by default, AVX-512 under -march=native); the last partial packet is padded with −inf,
+// so every element of a row goes through the same exp and equal inputs give equal outputs.
+// Anything else (long double, a build without SIMD) takes the scalar loops.
+
+namespace ei = Eigen::internal;
+
+template <class T>
+struct Simd {
+  using Packet = typename ei::packet_traits<T>::type;
+  static constexpr Index kWidth = ei::packet_traits<T>::size;
+  static constexpr bool kEnabled =
+      ei::packet_traits<T>::Vectorizable && ei::packet_traits<T>::HasExp && kWidth > 1;
+};
+// The loops below take four packets per iteration: four independent chains hide the latency of
+// exp and of the reductions.
+
+/// log of the smallest normal number. Below it the kernels' exp returns exactly 0 (a change of
+/// less than the smallest normal to any probability), which also makes exp(−inf) exactly 0:
+/// Eigen's pexp clamps its argument and returns ≈ 3e-39 for −inf on SSE.
+template <class T>
+T exp_underflow() {
+  static const T value = std::log(std::numeric_limits<T>::min());  // once, not once per row
+  return value;
+}
+
+template <class Packet>
+Packet exp_or_zero(const Packet& a, const Packet& underflow) {
+  return ei::pselect(ei::pcmp_lt(a, underflow), ei::pzero(a), ei::pexp(a));
+}
+
+/// Lane-wise running_max(): x > m ? x : m, so a NaN x is ignored (m is never NaN).
+template <class Packet>
+Packet max_ignoring_nan(const Packet& m, const Packet& x) {
+  return ei::pselect(ei::pcmp_lt(m, x), x, m);
+}
+
+/// The first r < width elements of x, the rest of the packet filled with `fill`.
+template <class T>
+typename Simd<T>::Packet load_partial(const T* x, Index r, T fill) {
+  T buffer[Simd<T>::kWidth];
+  for (Index t = 0; t < Simd<T>::kWidth; ++t) buffer[t] = t < r ? x[t] : fill;
+  return ei::ploadu<typename Simd<T>::Packet>(buffer);
+}
+
+template <class T>
+void store_partial(T* y, Index r, const typename Simd<T>::Packet& p) {
+  T buffer[Simd<T>::kWidth];
+  ei::pstoreu(buffer, p);
+  for (Index t = 0; t < r; ++t) y[t] = buffer[t];
+}
+
+/// 1/l, or 0 for l = 0 (a row of only −inf comes out as zeros). NaN stays NaN.
+template <class T>
+T inverse_or_zero(T l) {
+  return l == T(0) ? T(0) : T(1) / l;
+}
+
+/// max_j x_j with NaN ignored; −inf for n = 0. One read.
+template <class T>
+T row_max(const T* x, Index n) {
+  T m = kNegativeInfinity<T>;
+  Index j = 0;
+  if constexpr (Simd<T>::kEnabled) {
+    using Packet = typename Simd<T>::Packet;
+    constexpr Index w = Simd<T>::kWidth;
+    const Packet lowest = ei::pset1<Packet>(kNegativeInfinity<T>);
+    Packet m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
+    for (; j + 4 * w <= n; j += 4 * w) {
+      m0 = max_ignoring_nan(m0, ei::ploadu<Packet>(x + j));
+      m1 = max_ignoring_nan(m1, ei::ploadu<Packet>(x + j + w));
+      m2 = max_ignoring_nan(m2, ei::ploadu<Packet>(x + j + 2 * w));
+      m3 = max_ignoring_nan(m3, ei::ploadu<Packet>(x + j + 3 * w));
+    }
+    for (; j + w <= n; j += w) m0 = max_ignoring_nan(m0, ei::ploadu<Packet>(x + j));
+    if (j < n) {
+      m1 = max_ignoring_nan(m1, load_partial(x + j, n - j, kNegativeInfinity<T>));
+      j = n;
+    }
+    m = ei::predux_max(max_ignoring_nan(max_ignoring_nan(m0, m1), max_ignoring_nan(m2, m3)));
+  }
+  for (; j < n; ++j) m = running_max(m, x[j]);
+  return m;
+}
+
+/// Σ_j exp(x_j − origin), origin finite. One read.
+template <class T>
+T sum_exp(const T* x, Index n, T origin) {
+  T l = T(0);
+  Index j = 0;
+  if constexpr (Simd<T>::kEnabled) {
+    using Packet = typename Simd<T>::Packet;
+    constexpr Index w = Simd<T>::kWidth;
+    const Packet o = ei::pset1<Packet>(origin);
+    const Packet underflow = ei::pset1<Packet>(exp_underflow<T>());
+    const auto weight = [&](const Packet& v) { return exp_or_zero(ei::psub(v, o), underflow); };
+    Packet l0 = ei::pzero(o), l1 = l0, l2 = l0, l3 = l0;
+    for (; j + 4 * w <= n; j += 4 * w) {
+      l0 = ei::padd(l0, weight(ei::ploadu<Packet>(x + j)));
+      l1 = ei::padd(l1, weight(ei::ploadu<Packet>(x + j + w)));
+      l2 = ei::padd(l2, weight(ei::ploadu<Packet>(x + j + 2 * w)));
+      l3 = ei::padd(l3, weight(ei::ploadu<Packet>(x + j + 3 * w)));
+    }
+    for (; j + w <= n; j += w) l0 = ei::padd(l0, weight(ei::ploadu<Packet>(x + j)));
+    if (j < n) {
+      l1 = ei::padd(l1, weight(load_partial(x + j, n - j, kNegativeInfinity<T>)));
+      j = n;
+    }
+    l = ei::predux(ei::padd(ei::padd(l0, l1), ei::padd(l2, l3)));
+  }
+  for (; j < n; ++j) l += std::exp(x[j] - origin);
+  return l;
+}
+
+/// y_j = exp(x_j − origin)·scale, origin finite. One read, one write; y may be x itself (each
+/// element is read before it is written, at the same index).
+template <class T>
+void write_scaled_exp(const T* x, Index n, T origin, T scale, T* y) {
+  Index j = 0;
+  if constexpr (Simd<T>::kEnabled) {
+    using Packet = typename Simd<T>::Packet;
+    constexpr Index w = Simd<T>::kWidth;
+    const Packet o = ei::pset1<Packet>(origin);
+    const Packet s = ei::pset1<Packet>(scale);
+    const Packet underflow = ei::pset1<Packet>(exp_underflow<T>());
+    const auto prob = [&](const Packet& v) {
+      return ei::pmul(exp_or_zero(ei::psub(v, o), underflow), s);
+    };
+    for (; j + 2 * w <= n; j += 2 * w) {
+      const Packet y0 = prob(ei::ploadu<Packet>(x + j));
+      const Packet y1 = prob(ei::ploadu<Packet>(x + j + w));
+      ei::pstoreu(y + j, y0);
+      ei::pstoreu(y + j + w, y1);
+    }
+    for (; j + w <= n; j += w) ei::pstoreu(y + j, prob(ei::ploadu<Packet>(x + j)));
+    if (j < n) {
+      store_partial(y + j, n - j, prob(load_partial(x + j, n - j, kNegativeInfinity<T>)));
+      j = n;
+    }
+  }
+  for (; j < n; ++j) y[j] = std::exp(x[j] - origin) * scale;
+}
+
+/// The row for a max of +inf (and any scalar fallback): y_j = softmax_weight(x_j, m)/Σ, which
+/// gives the +inf entries equal shares. Two reads, one write; y may be x itself.
+template <class T>
+void write_weights_scalar(const T* x, Index n, T m, T* y) {
+  T l = T(0);
+  for (Index j = 0; j < n; ++j) l += softmax_weight(x[j], m);
+  const T scale = inverse_or_zero(l);
+  for (Index j = 0; j < n; ++j) y[j] = softmax_weight(x[j], m) * scale;
+}
+
+/// Σ_j exp(a_j − origin) over a[0..na) and max_j b_j over b[0..nb), nb <= na, in one loop: the
+/// exps of one tile (already in L1) run between the loads of the next tile (on their way from
+/// memory), so the two overlap.
+template <class T>
+void sum_exp_and_max(const T* a, Index na, T origin, const T* b, Index nb, T& sum, T& max) {
+  T l = T(0);
+  T m = kNegativeInfinity<T>;
+  Index j = 0;
+  if constexpr (Simd<T>::kEnabled) {
+    using Packet = typename Simd<T>::Packet;
+    constexpr Index w = Simd<T>::kWidth;
+    const Packet o = ei::pset1<Packet>(origin);
+    const Packet underflow = ei::pset1<Packet>(exp_underflow<T>());
+    const auto weight = [&](const Packet& v) { return exp_or_zero(ei::psub(v, o), underflow); };
+    Packet l0 = ei::pzero(o), l1 = l0, l2 = l0, l3 = l0;
+    const Packet lowest = ei::pset1<Packet>(kNegativeInfinity<T>);
+    Packet m0 = lowest, m1 = lowest;
+    for (; j + 4 * w <= nb; j += 4 * w) {
+      l0 = ei::padd(l0, weight(ei::ploadu<Packet>(a + j)));
+      m0 = max_ignoring_nan(m0, ei::ploadu<Packet>(b + j));
+      l1 = ei::padd(l1, weight(ei::ploadu<Packet>(a + j + w)));
+      m1 = max_ignoring_nan(m1, ei::ploadu<Packet>(b + j + w));
+      l2 = ei::padd(l2, weight(ei::ploadu<Packet>(a + j + 2 * w)));
+      m0 = max_ignoring_nan(m0, ei::ploadu<Packet>(b + j + 2 * w));
+      l3 = ei::padd(l3, weight(ei::ploadu<Packet>(a + j + 3 * w)));
+      m1 = max_ignoring_nan(m1, ei::ploadu<Packet>(b + j + 3 * w));
+    }
+    l = ei::predux(ei::padd(ei::padd(l0, l1), ei::padd(l2, l3)));
+    m = ei::predux_max(max_ignoring_nan(m0, m1));
+  }
+  sum = l + sum_exp(a + j, na - j, origin);
+  max = running_max(m, row_max(b + j, nb - j));
+}
+
+/// Elements per tile: 16 KiB, so that a tile and the next one stay in L1 (48 KiB here) between
+/// their two reads.
+template <class T>
+inline constexpr Index kTile = Index(16384 / sizeof(T));
+
+/// A tile hook that does nothing (plain online softmax).
+struct NoTileHook {
+  template <class T>
+  void operator()(const T* /*tile*/, Index /*count*/, T /*tile_max*/) const {}
+};
+
+/// Algorithm 3 over one row, by tiles: the state (max, sum) of x[0..n) with one read of x from
+/// memory. Each tile's max is taken as it arrives from memory, its Σ exp(x − max) from L1 (in the
+/// same loop as the next tile's max), and the tile's state is merged into the row's with ⊕.
+/// Invariant after each merge: state = (max, Σ exp(x − max)) over the tiles seen. Compared with
+/// rescaling per element, no exp is spent on rescales except one per tile, and a row of one tile
+/// costs what Safe's first two passes cost. `hook(tile, count, tile_max)` sees every tile once,
+/// in order, while it is in L1 (the fused top-k rides on it).
+template <class T, class Hook>
+OnlineSoftmax<T> online_reduce(const T* x, Index n, Hook&& hook) {
+  OnlineSoftmax<T> state;
+  if (n == 0) return state;
+  Index start = 0;
+  Index count = std::min(kTile<T>, n);
+  T tile_max = row_max(x, count);
+  for (;;) {
+    hook(x + start, count, tile_max);
+    const Index next = start + count;
+    const Index next_count = std::min(kTile<T>, n - next);
+    T tile_sum;
+    T next_max;
+    sum_exp_and_max(x + start, count, exp_origin(tile_max), x + next, next_count, tile_sum,
+                    next_max);
+    state.merge(OnlineSoftmax<T>{tile_max, tile_sum});
+    if (next_count == 0) break;
+    start = next;
+    count = next_count;
+    tile_max = next_max;
+  }
+  if (state.max == std::numeric_limits<T>::infinity()) {
+    // A tile with max +inf computed exp(inf − inf) = NaN; redo the row with the scalar update,
+    // which gives each +inf entry weight 1 (only rows that contain +inf pay for a second read).
+    state = OnlineSoftmax<T>{};
+    for (Index t = 0; t < n; ++t) state.update(x[t]);
+  }
+  return state;
+}
+
+template <class T>
+OnlineSoftmax<T> online_state_of(const T* x, Index n) {
+  return online_reduce(x, n, NoTileHook{});
+}
+
+/// Softmax of one row, y may be x itself.
+template <class T>
+void softmax_row(const T* x, Index n, T* y, SoftmaxAlgorithm algorithm) {
+  if (n == 0) return;
+  constexpr T kInfinity = std::numeric_limits<T>::infinity();
+  switch (algorithm) {
+    case SoftmaxAlgorithm::Naive: {
+      const T l = sum_exp(x, n, T(0));
+      write_scaled_exp(x, n, T(0), inverse_or_zero(l), y);
+      return;
+    }
+    case SoftmaxAlgorithm::Safe: {
+      const T m = row_max(x, n);
+      if (m == kInfinity) return write_weights_scalar(x, n, m, y);
+      const T origin = exp_origin(m);
+      write_scaled_exp(x, n, origin, inverse_or_zero(sum_exp(x, n, origin)), y);
+      return;
+    }
+    case SoftmaxAlgorithm::Online: {
+      const OnlineSoftmax<T> state = online_state_of(x, n);
+      if (state.max == kInfinity) return write_weights_scalar(x, n, state.max, y);
+      write_scaled_exp(x, n, exp_origin(state.max), inverse_or_zero(state.sum), y);
+      return;
+    }
+  }
+}
+
+inline void require_algorithm(const char* function, SoftmaxAlgorithm algorithm) {
+  require(algorithm == SoftmaxAlgorithm::Naive || algorithm == SoftmaxAlgorithm::Safe ||
+              algorithm == SoftmaxAlgorithm::Online,
+          function, "algorithm is ", static_cast<int>(algorithm),
+          ", not a SoftmaxAlgorithm enumerator");
+}
+
+/// y must be x itself (in place) or disjoint from it.
+inline void require_same_or_disjoint(const char* function, const char* output_name,
+                                     AddressRange output, const char* input_name,
+                                     AddressRange input, bool same) {
+  if (same) return;
+  if (overlaps(output, input)) {
+    throw_invalid_argument(concat("blockattn::", function, ": ", output_name,
+                                  " overlaps the memory of ", input_name, " (", output_name,
+                                  " must be ", input_name, " itself or disjoint from it)"));
+  }
+}
+
+/// The running top-k of the raw values, kept in the caller's output arrays: values[0..kept) in
+/// descending order, equal values by ascending index. A later equal value never displaces an
+/// earlier one, which is the "ties by lower index" rule.
+template <class T>
+struct RunningTopK {
+  T* values;
+  Index* indices;
+  Index k;
+  Index kept = 0;
+
+  void offer(T v, Index j) {
+    Index position;
+    if (kept < k) {
+      position = kept++;
+    } else if (v > values[k - 1]) {
+      position = k - 1;
+    } else {
+      return;
+    }
+    for (; position > 0 && values[position - 1] < v; --position) {
+      values[position] = values[position - 1];
+      indices[position] = indices[position - 1];
+    }
+    values[position] = v;
+    indices[position] = j;
+  }
+
+  /// Offers every element of block[0..count), whose first index is j0, skipping whole packets
+  /// that cannot beat the current k-th value.
+  void scan(const T* block, Index count, Index j0) {
+    Index t = 0;
+    if constexpr (Simd<T>::kEnabled) {
+      using Packet = typename Simd<T>::Packet;
+      constexpr Index w = Simd<T>::kWidth;
+      for (; t + w <= count; t += w) {
+        if (kept == k && !ei::predux_any(ei::pcmp_lt(ei::pset1<Packet>(values[k - 1]),
+                                                     ei::ploadu<Packet>(block + t)))) {
+          continue;
+        }
+        for (Index s = t; s < t + w; ++s) offer(block[s], j0 + s);
+      }
+    }
+    for (; t < count; ++t) offer(block[t], j0 + t);
+  }
+};
+
+/// Algorithm 4: one read of x gives the state and the top-k raw values; the k probabilities are
+/// computed from those at the end. Writes min(k, n) entries; k >= 1, n >= 1.
+template <class T>
+Index topk_fused(const T* x, Index n, Index k, T* values, Index* indices) {
+  RunningTopK<T> top{values, indices, std::min(k, n)};
+  const OnlineSoftmax<T> state = online_reduce(x, n, [&](const T* tile, Index count, T tile_max) {
+    if (top.kept == top.k && !(tile_max > top.values[top.k - 1])) return;
+    top.scan(tile, count, tile - x);
+  });
+  const T scale = inverse_or_zero(state.sum);
+  for (Index i = 0; i < top.kept; ++i) values[i] = softmax_weight(values[i], state.max) * scale;
+  return top.kept;
+}
+
+/// The unfused baseline: Safe softmax into an n-element buffer, then std::partial_sort of an
+/// n-element index array by (probability descending, index ascending).
+template <class T>
+Index topk_unfused(const T* x, Index n, Index k, T* values, Index* indices) {
+  const Index kept = std::min(k, n);
+  std::vector<T> probabilities(static_cast<std::size_t>(n));
+  softmax_row(x, n, probabilities.data(), SoftmaxAlgorithm::Safe);
+  std::vector<Index> order(static_cast<std::size_t>(n));
+  std::iota(order.begin(), order.end(), Index(0));
+  const auto probability = [&](Index j) { return probabilities[static_cast<std::size_t>(j)]; };
+  std::partial_sort(order.begin(), order.begin() + kept, order.end(), [&](Index a, Index b) {
+    return probability(a) > probability(b) || (probability(a) == probability(b) && a < b);
+  });
+  for (Index i = 0; i < kept; ++i) {
+    indices[i] = order[static_cast<std::size_t>(i)];
+    values[i] = probability(indices[i]);
+  }
+  return kept;
+}
+
+template <class T>
+void require_topk_arguments(const char* function, const T* x, Index n, Index k, const T* values,
+                            const Index* indices) {
+  require(n >= 0, function, "n is ", n, " but must be >= 0");
+  require(k >= 0, function, "k is ", k, " but must be >= 0");
+  require(n == 0 || x != nullptr, function, "x is null but n is ", n);
+  const Index kept = std::min(k, n);
+  require(kept == 0 || (values != nullptr && indices != nullptr), function,
+          "values or indices is null but min(k, n) is ", kept);
+  const AddressRange x_range = address_range(x, 1, n, n);
+  const AddressRange values_range = address_range(values, 1, kept, kept);
+  const AddressRange indices_range = address_range(indices, 1, kept, kept);
+  require_disjoint(function, "values", values_range, "x", x_range);
+  require_disjoint(function, "indices", indices_range, "x", x_range);
+  require_disjoint(function, "indices", indices_range, "values", values_range);
+}
+
+}  // namespace detail::softmax_kernel
+
+/// Row-wise softmax: y(i, j) = exp(x(i, j) − m_i) / Σ_j' exp(x(i, j') − m_i), m_i = max_j x(i, j),
+/// computed by `algorithm` (see SoftmaxAlgorithm for accesses per element and Naive's overflow).
+/// Special values: −inf entries give 0, a row of only −inf gives all zeros, +inf entries share
+/// the row's probability equally (others 0), a NaN makes its whole row NaN.
+/// Shapes: x [rows, cols], y [rows, cols]; any row strides. Time O(rows·cols), vectorised, single
+/// thread; no allocation (a column-major or expression x is copied by Eigen::Ref first: pass
+/// row-major storage).
+/// Throws std::invalid_argument naming the argument and both sizes if y's shape differs from x's,
+/// if y partially overlaps x, or for an invalid algorithm; nothing is written then.
+/// In place is supported: y may be x itself (same data and row stride); any other overlap throws.
+template <class T>
+void softmax(ConstMatrixView<T> x, MatrixView<T> y,
+             SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
+  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  detail::require_size("softmax", "y.rows()", y.rows(), "x.rows()", x.rows(),
+                       "y must have x's shape");
+  detail::require_size("softmax", "y.cols()", y.cols(), "x.cols()", x.cols(),
+                       "y must have x's shape");
+  detail::softmax_kernel::require_algorithm("softmax", algorithm);
+  const bool same = x.data() == y.data() && (x.rows() <= 1 || x.outerStride() == y.outerStride());
+  detail::softmax_kernel::require_same_or_disjoint(
+      "softmax", "y", detail::address_range(y.data(), y.rows(), y.cols(), y.outerStride()), "x",
+      detail::address_range(x.data(), x.rows(), x.cols(), x.outerStride()), same);
+  for (Index i = 0; i < x.rows(); ++i) {
+    detail::softmax_kernel::softmax_row(x.data() + i * x.outerStride(), x.cols(),
+                                        y.data() + i * y.outerStride(), algorithm);
+  }
+}
+
+/// softmax() for float matrices, so that plain Matrix<float> arguments deduce.
+inline void softmax(ConstMatrixView<float> x, MatrixView<float> y,
+                    SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
+  softmax<float>(x, y, algorithm);
+}
+
+/// softmax() for double matrices, so that plain Matrix<double> arguments deduce.
+inline void softmax(ConstMatrixView<double> x, MatrixView<double> y,
+                    SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
+  softmax<double>(x, y, algorithm);
+}
+
+/// Softmax of one vector of n contiguous values, x[0..n) → y[0..n); the same contract as the
+/// matrix form (a single row). T deduces from the pointers, so no float/double overloads are
+/// needed. Throws std::invalid_argument if n < 0, a pointer is null with n > 0, or y partially
+/// overlaps x (y == x, in place, is fine).
+template <class T>
+void softmax(const T* x, Index n, T* y, SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
+  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  detail::require(n >= 0, "softmax", "n is ", n, " but must be >= 0");
+  detail::require(n == 0 || (x != nullptr && y != nullptr), "softmax", "x or y is null but n is ",
+                  n);
+  detail::softmax_kernel::require_algorithm("softmax", algorithm);
+  detail::softmax_kernel::require_same_or_disjoint("softmax", "y",
+                                                   detail::address_range(y, 1, n, n), "x",
+                                                   detail::address_range(x, 1, n, n), x == y);
+  detail::softmax_kernel::softmax_row(x, n, y, algorithm);
+}
+
+/// Fused softmax + top-k (Algorithm 4 of the paper): in one read of x, the online normaliser and
+/// the k largest raw values; then their probabilities. Writes min(k, n) entries: values[i] is
+/// the i-th largest probability and indices[i] its index in x, in descending order of x (so of
+/// the exact probability), equal values by lower index. k = 0 writes nothing; k > n writes all n
+/// (a full sort). Special values as softmax(); with a NaN in x every returned value is NaN and
+/// the indices are unspecified (but distinct and in range).
+/// Returns the number of entries written, min(k, n).
+/// Time O(n + r·k), r = the number of times the running top-k changes (expected O(k·log(n/k)) for
+/// values in random order, n in the worst case: ascending input); no allocation.
+/// Throws std::invalid_argument if k < 0, or values or indices is shorter than min(k, n), or
+/// values / indices overlap x or each other; nothing is written then.
+template <class T>
+Index softmax_topk(Eigen::Ref<const RowVector<T>> x, Index k, Eigen::Ref<RowVector<T>> values,
+                   Eigen::Ref<RowVector<Index>> indices) {
+  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  detail::require(k >= 0, "softmax_topk", "k is ", k, " but must be >= 0");
+  const Index kept = std::min(k, x.size());
+  detail::require(values.size() >= kept, "softmax_topk", "values.size() is ", values.size(),
+                  " but min(k, x.size()) is ", kept, " (one value per returned entry)");
+  detail::require(indices.size() >= kept, "softmax_topk", "indices.size() is ", indices.size(),
+                  " but min(k, x.size()) is ", kept, " (one index per returned entry)");
+  detail::softmax_kernel::require_topk_arguments("softmax_topk", x.data(), x.size(), k,
+                                                 values.data(), indices.data());
+  if (kept == 0) return 0;
+  return detail::softmax_kernel::topk_fused(x.data(), x.size(), k, values.data(), indices.data());
+}
+
+/// softmax_topk() for float, so that plain RowVector<float> arguments deduce.
+inline Index softmax_topk(Eigen::Ref<const RowVector<float>> x, Index k,
+                          Eigen::Ref<RowVector<float>> values,
+                          Eigen::Ref<RowVector<Index>> indices) {
+  return softmax_topk<float>(x, k, values, indices);
+}
+
+/// softmax_topk() for double, so that plain RowVector<double> arguments deduce.
+inline Index softmax_topk(Eigen::Ref<const RowVector<double>> x, Index k,
+                          Eigen::Ref<RowVector<double>> values,
+                          Eigen::Ref<RowVector<Index>> indices) {
+  return softmax_topk<double>(x, k, values, indices);
+}
+
+/// softmax_topk() on raw buffers: x[0..n), values and indices with room for min(k, n) entries
+/// (which cannot be checked here). Same contract otherwise; also throws for n < 0 or a null
+/// pointer that would be used.
+template <class T>
+Index softmax_topk(const T* x, Index n, Index k, T* values, Index* indices) {
+  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  detail::softmax_kernel::require_topk_arguments("softmax_topk", x, n, k, values, indices);
+  if (std::min(k, n) == 0) return 0;
+  return detail::softmax_kernel::topk_fused(x, n, k, values, indices);
+}
+
+/// The unfused baseline of softmax_topk(), for comparison: Safe softmax of the whole row into a
+/// buffer, then std::partial_sort of all n indices by probability (ties by lower index). Same
+/// outputs and validation as softmax_topk(), except that entries whose probabilities round to the
+/// same value are ordered by index rather than by x. Costs O(n log k) time and O(n) extra memory
+/// (two allocations per call).
+template <class T>
+Index softmax_topk_unfused(Eigen::Ref<const RowVector<T>> x, Index k,
+                           Eigen::Ref<RowVector<T>> values, Eigen::Ref<RowVector<Index>> indices) {
+  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  detail::require(k >= 0, "softmax_topk_unfused", "k is ", k, " but must be >= 0");
+  const Index kept = std::min(k, x.size());
+  detail::require(values.size() >= kept, "softmax_topk_unfused", "values.size() is ", values.size(),
+                  " but min(k, x.size()) is ", kept, " (one value per returned entry)");
+  detail::require(indices.size() >= kept, "softmax_topk_unfused", "indices.size() is ",
+                  indices.size(), " but min(k, x.size()) is ", kept,
+                  " (one index per returned entry)");
+  detail::softmax_kernel::require_topk_arguments("softmax_topk_unfused", x.data(), x.size(), k,
+                                                 values.data(), indices.data());
+  if (kept == 0) return 0;
+  return detail::softmax_kernel::topk_unfused(x.data(), x.size(), k, values.data(), indices.data());
+}
+
+/// softmax_topk_unfused() for float.
+inline Index softmax_topk_unfused(Eigen::Ref<const RowVector<float>> x, Index k,
+                                  Eigen::Ref<RowVector<float>> values,
+                                  Eigen::Ref<RowVector<Index>> indices) {
+  return softmax_topk_unfused<float>(x, k, values, indices);
+}
+
+/// softmax_topk_unfused() for double.
+inline Index softmax_topk_unfused(Eigen::Ref<const RowVector<double>> x, Index k,
+                                  Eigen::Ref<RowVector<double>> values,
+                                  Eigen::Ref<RowVector<Index>> indices) {
+  return softmax_topk_unfused<double>(x, k, values, indices);
+}
 
 }  // namespace blockattn

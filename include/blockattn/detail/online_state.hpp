@@ -40,12 +40,14 @@ constexpr T exp_origin(T m) {
   return m == kNegativeInfinity<T> ? T(0) : m;
 }
 
-/// The unnormalised weight exp(x − m) of one score `x` under running max `m` >= x. Equal values
-/// give 1, which makes +inf scores share the probability equally (the limit of the finite case).
+/// The unnormalised weight exp(x − m) of one score `x` under running max `m` >= x. Equal finite
+/// or +inf values give 1, which makes +inf scores share the probability equally (the limit of the
+/// finite case). A −inf score always gives 0, also when m is −inf (a row that has seen only −inf
+/// has sum 0, the same state as an empty one, so a fully masked row comes out as zeros).
 /// Vectorised kernels use exp(x − exp_origin(m)) and send rows whose max is +inf here.
 template <class T>
 T softmax_weight(T x, T m) {
-  if (x == m) return T(1);
+  if (x == m && x != kNegativeInfinity<T>) return T(1);
   return std::exp(x - exp_origin(m));
 }
 
