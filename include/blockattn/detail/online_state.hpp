@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include <Eigen/Core>
 
@@ -121,19 +122,27 @@ class RowBlockState {
   /// The running output of rows [0, rows) (for kernels that add p·v themselves).
   Block& acc() { return acc_; }
 
-  /// Writes out = acc / l and lse = m + log(l) (lse may be null). A row with l = 0 (no visible
-  /// key) gets out = 0 and lse = −inf, never NaN.
+  /// Writes out = acc / l and lse = m + log(l) (lse may be null) for the state's rows
+  /// [first, first + count) into out [count, d_v]. A row with l = 0 (no visible key) gets out = 0
+  /// and lse = −inf, never NaN.
   template <class Out>
-  void finalize(Out&& out, T* lse) const {
-    for (Index r = 0; r < rows_; ++r) {
-      if (l_[r] == T(0)) {
+  void finalize(Index first, Index count, Out&& out, T* lse) const {
+    for (Index r = 0; r < count; ++r) {
+      const Index row = first + r;
+      if (l_[row] == T(0)) {
         out.row(r).setZero();
         if (lse != nullptr) lse[r] = kNegativeInfinity<T>;
         continue;
       }
-      out.row(r) = acc_.row(r) / l_[r];
-      if (lse != nullptr) lse[r] = m_[r] + std::log(l_[r]);
+      out.row(r) = acc_.row(row) / l_[row];
+      if (lse != nullptr) lse[r] = m_[row] + std::log(l_[row]);
     }
+  }
+
+  /// finalize() for every row.
+  template <class Out>
+  void finalize(Out&& out, T* lse) const {
+    finalize(0, rows_, std::forward<Out>(out), lse);
   }
 
  private:
