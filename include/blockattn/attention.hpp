@@ -177,7 +177,9 @@ TensorView<T> as_tensor(const View& x) {
 /// ConstMatrixView without a copy — column-major, an expression — costs a copy; see types.hpp).
 /// Throws std::invalid_argument naming the argument and both sizes, before writing anything.
 /// out and lse must not alias q, k, v or each other. Bitwise identical for any thread count;
-/// chunk sizes change rounding only. Safe to call concurrently (no shared state).
+/// chunk sizes change rounding only. Safe to call concurrently (no shared state). mask_mod and
+/// score_mod are called from several threads at once and must not throw; a mask_mod that also
+/// has classify_block() (see classified_mask_mod) lets whole tiles be skipped or left unchecked.
 template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
 void attention(ConstMatrixView<T> q, ConstMatrixView<T> k, ConstMatrixView<T> v, MatrixView<T> out,
                const AttentionOptions& options = {}, T* lse = nullptr, const MaskMod& mask_mod = {},

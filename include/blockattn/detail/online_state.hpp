@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include <Eigen/Core>
 
@@ -75,20 +76,22 @@ class RowBlockState {
   }
 
   /// Folds in one tile: p = exp(s − m_new) overwrites the scores s [rows, cols] (masked entries
-  /// −inf), then acc = acc·exp(m_old − m_new) + p·v_blk with v_blk [cols, d_v]. `exact_masking`
-  /// must be true when s may hold −inf: such entries then get weight exactly 0 (the vectorised
-  /// exp would give a tiny positive number). O(rows·cols·d_v); no allocation for chunk sizes whose
-  /// GEMM packing fits Eigen's stack buffers.
+  /// −inf), then acc = acc·exp(m_old − m_new) + p·v_blk with v_blk [cols, d_v]. A −inf score gets
+  /// weight exactly 0. O(rows·cols·(d_v + 1)); no allocation for chunk sizes whose GEMM packing
+  /// fits Eigen's stack buffers.
   template <class VBlock>
-  void update(Block& s, const VBlock& v_blk, bool exact_masking) {
-    weigh(s, exact_masking);
-    acc_.noalias() += s * v_blk;
+  void update(Block& s, const VBlock& v_blk) {
+    exponentiate(s, /*exact=*/true);
+    accumulate(s, v_blk);
   }
 
-  /// The first half of update(): rescales l and acc to the new row maxima and replaces the scores
-  /// by their weights p, adding Σ p to l. The caller then adds p·v_blk to acc() itself (the
-  /// micro-kernel boundary: a packed kernel can fuse this with its own product).
-  void weigh(Block& s, bool exact_masking) {
+  /// Step 1 of update(): moves each row to its new running max m_new = max(m, max_c s) —
+  /// rescaling l and acc by exp(m_old − m_new) — and replaces the scores by exp(s − m_new).
+  /// exact = true: a −inf score gives exactly 0 (scalar exp where a −inf may occur). exact =
+  /// false: the vectorised exp, which gives a tiny positive value (≈ exp(−88) in float) for −inf,
+  /// so the caller must zero masked entries itself before accumulate() (TileMasker::apply with 0
+  /// does). Rows still at m = −inf (nothing visible yet) get weights exactly 0 either way.
+  void exponentiate(Block& s, bool exact) {
     const Index cols = s.cols();
     for (Index r = 0; r < rows_; ++r) {
       T* row = s.data() + r * cols;
@@ -102,33 +105,46 @@ class RowBlockState {
       }
       if (m_new == kNegativeInfinity<T>) {  // every key so far masked: weights are exactly 0
         s.row(r).setZero();
-        continue;
-      }
-      if (!exact_masking && std::isfinite(m_new)) {
+      } else if (!exact && std::isfinite(m_new)) {
         s.row(r) = (s.row(r).array() - m_new).exp().matrix();
       } else {
         for (Index c = 0; c < cols; ++c) row[c] = softmax_weight(row[c], m_new);
       }
-      l_[r] += s.row(r).sum();
     }
+  }
+
+  /// Step 2 of update(): l += Σ_c p_rc per row and acc += p·v_blk, for weights p [rows, cols]
+  /// from exponentiate() (masked entries exactly 0) and v_blk [cols, d_v].
+  template <class VBlock>
+  void accumulate(const Block& p, const VBlock& v_blk) {
+    for (Index r = 0; r < rows_; ++r) l_[r] += p.row(r).sum();
+    acc_.noalias() += p * v_blk;
   }
 
   /// The running output of rows [0, rows) (for kernels that add p·v themselves).
   Block& acc() { return acc_; }
 
-  /// Writes out = acc / l and lse = m + log(l) (lse may be null). A row with l = 0 (no visible
-  /// key) gets out = 0 and lse = −inf, never NaN.
+  /// Writes out = acc / l and lse = m + log(l) (lse may be null) for the state's rows
+  /// [first, first + count) into out [count, d_v]. A row with l = 0 (no visible key) gets out = 0
+  /// and lse = −inf, never NaN.
   template <class Out>
-  void finalize(Out&& out, T* lse) const {
-    for (Index r = 0; r < rows_; ++r) {
-      if (l_[r] == T(0)) {
+  void finalize(Index first, Index count, Out&& out, T* lse) const {
+    for (Index r = 0; r < count; ++r) {
+      const Index row = first + r;
+      if (l_[row] == T(0)) {
         out.row(r).setZero();
         if (lse != nullptr) lse[r] = kNegativeInfinity<T>;
         continue;
       }
-      out.row(r) = acc_.row(r) / l_[r];
-      if (lse != nullptr) lse[r] = m_[r] + std::log(l_[r]);
+      out.row(r) = acc_.row(row) / l_[row];
+      if (lse != nullptr) lse[r] = m_[row] + std::log(l_[row]);
     }
+  }
+
+  /// finalize() for every row.
+  template <class Out>
+  void finalize(Out&& out, T* lse) const {
+    finalize(0, rows_, std::forward<Out>(out), lse);
   }
 
  private:

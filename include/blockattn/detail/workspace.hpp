@@ -14,7 +14,8 @@ namespace blockattn::detail {
 
 /// The tile sizes of one attention call, after defaults and clamping.
 struct TileShape {
-  Index query_chunk = 1;  ///< rows of a tile (queries)
+  Index query_chunk = 1;  ///< queries per head in a tile
+  Index group = 1;        ///< query heads stacked in a tile (GQA): rows = group·query_chunk
   Index key_chunk = 1;    ///< columns of a tile (keys)
   Index d = 1;            ///< head dimension of q and k
   Index d_v = 0;          ///< head dimension of v
@@ -24,20 +25,21 @@ struct TileShape {
 /// same layout, so Eigen's reductions take the same path (the same rounding) on every thread.
 template <class T>
 struct WorkspaceSlice {
-  T* queries;  ///< [query_chunk, d]: the scaled queries of the current tile row
-  T* scores;   ///< [query_chunk, key_chunk]: scores, then weights p
-  T* acc;      ///< [query_chunk, d_v]: running output
-  T* m;        ///< [query_chunk]: running max
-  T* l;        ///< [query_chunk]: running sum
+  T* queries;  ///< [rows, d]: the scaled queries of the current tile row
+  T* scores;   ///< [rows, key_chunk]: scores, then weights p
+  T* acc;      ///< [rows, d_v]: running output
+  T* m;        ///< [rows]: running max
+  T* l;        ///< [rows]: running sum
 };
 
-/// Scratch for `slots` threads: slots·(query_chunk·(d + key_chunk + d_v + 2)) elements, padded
+/// Scratch for `slots` threads: slots·(rows·(d + key_chunk + d_v + 2)) elements with
+/// rows = group·query_chunk, padded
 /// to cache lines. O(threads·query_chunk·(key_chunk + d + d_v)), independent of n.
 template <class T>
 class Workspace {
  public:
   Workspace(int slots, const TileShape& shape) : shape_(shape) {
-    const Index rows = shape.query_chunk;
+    const Index rows = shape.group * shape.query_chunk;
     queries_ = 0;
     scores_ = queries_ + padded(rows * shape.d);
     acc_ = scores_ + padded(rows * shape.key_chunk);

@@ -1,0 +1,211 @@
+// Chunked attention (Rabe & Staats 2021) against a well-written naive path — two Eigen GEMMs
+// through a reused n×n score buffer — in one table: time, FLOP/s over the visible pairs only, and
+// the measured peak heap of one call. Plus single-token decode over long KV caches.
+//
+// The default run is short (n <= 4096, decode n_k <= 32K). The large sizes are registered under
+// names containing "Large" and run only when asked for, e.g.
+//   attention_bench --benchmark_filter='Large.*n:65536/d:64/causal:0'
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#include <blockattn/attention.hpp>
+
+#include "support/counters.hpp"
+#include "support/heap_tracker.hpp"
+
+namespace {
+
+using blockattn::AttentionOptions;
+using blockattn::Index;
+using blockattn::Matrix;
+using blockattn::bench::AttentionShape;
+
+// The naive path only runs while its n_q×n_k score buffer fits in this many bytes.
+constexpr double kNaiveScoreBytesCap = 1024.0 * 1024.0 * 1024.0;
+
+template <class T>
+Matrix<T> random_input(Index rows, Index cols, unsigned seed) {
+  std::srand(seed);
+  return Matrix<T>::Random(rows, cols);
+}
+
+// Naive attention, as a careful user would write it with Eigen: S = q·kᵀ into `scores` (reused
+// between calls, sized on first use), a safe softmax per row over the visible prefix, out = P·v.
+// Causal (bottom-right aligned) masks after the full product, as naive code does.
+template <class T>
+void naive_attention(const Matrix<T>& q, const Matrix<T>& k, const Matrix<T>& v, Matrix<T>& out,
+                     bool causal, Matrix<T>& scores) {
+  const Index n_q = q.rows();
+  const Index n_k = k.rows();
+  const T scale = T(1) / std::sqrt(static_cast<T>(q.cols()));
+  scores.resize(n_q, n_k);
+  scores.noalias() = q * k.transpose();
+  for (Index i = 0; i < n_q; ++i) {
+    const Index visible = causal ? std::clamp<Index>(i + n_k - n_q + 1, 0, n_k) : n_k;
+    if (visible == 0) {
+      scores.row(i).setZero();
+      continue;
+    }
+    auto row = scores.row(i).head(visible);
+    const T m = row.maxCoeff();
+    row = ((row.array() - m) * scale).exp().matrix();
+    row /= row.sum();
+    scores.row(i).tail(n_k - visible).setZero();
+  }
+  out.noalias() = scores * v;
+}
+
+void label_threads(benchmark::State& state, const AttentionOptions& options) {
+  state.SetLabel("threads=" + std::to_string(options.threads));
+}
+
+template <class T>
+void BM_Attention_Naive(benchmark::State& state) {
+  Eigen::setNbThreads(1);
+  const AttentionShape shape{
+      1, 1, 1, state.range(0), state.range(0), state.range(1), state.range(1), state.range(2) != 0};
+  const double score_bytes = static_cast<double>(shape.n_q * shape.n_k) * sizeof(T);
+  if (score_bytes > kNaiveScoreBytesCap) {
+    state.SkipWithError("naive: the n×n score buffer exceeds the 1 GiB cap");
+    return;
+  }
+  const Matrix<T> q = random_input<T>(shape.n_q, shape.d, 1);
+  const Matrix<T> k = random_input<T>(shape.n_k, shape.d, 2);
+  const Matrix<T> v = random_input<T>(shape.n_k, shape.d_v, 3);
+  Matrix<T> out(shape.n_q, shape.d_v);
+  Matrix<T> scores;
+  // Peak heap of a first call, which allocates the score buffer; later calls reuse it.
+  const std::size_t peak = blockattn::bench::measure_extra_heap(
+      [&] { naive_attention(q, k, v, out, shape.causal, scores); });
+  for (auto _ : state) {
+    naive_attention(q, k, v, out, shape.causal, scores);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  blockattn::bench::set_attention_counters<T>(state, shape, peak);
+}
+
+template <class T>
+void run_chunked(benchmark::State& state, const AttentionShape& shape, int threads) {
+  const Matrix<T> q = random_input<T>(shape.n_q, shape.d, 1);
+  const Matrix<T> k = random_input<T>(shape.n_k, shape.d, 2);
+  const Matrix<T> v = random_input<T>(shape.n_k, shape.d_v, 3);
+  Matrix<T> out(shape.n_q, shape.d_v);
+  AttentionOptions options;
+  options.causal = shape.causal;
+  options.threads = threads;
+  label_threads(state, options);
+  const std::size_t peak =
+      blockattn::bench::measure_extra_heap([&] { blockattn::attention<T>(q, k, v, out, options); });
+  for (auto _ : state) {
+    blockattn::attention<T>(q, k, v, out, options);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  blockattn::bench::set_attention_counters<T>(state, shape, peak);
+}
+
+template <class T>
+void BM_Attention_Chunked(benchmark::State& state) {
+  Eigen::setNbThreads(1);
+  const AttentionShape shape{
+      1, 1, 1, state.range(0), state.range(0), state.range(1), state.range(1), state.range(2) != 0};
+  run_chunked<T>(state, shape, /*threads=*/1);
+}
+
+// All threads (options.threads = 0); rates are per wall-clock second.
+template <class T>
+void BM_Attention_ChunkedAllThreads(benchmark::State& state) {
+  const AttentionShape shape{
+      1, 1, 1, state.range(0), state.range(0), state.range(1), state.range(1), state.range(2) != 0};
+  run_chunked<T>(state, shape, /*threads=*/0);
+}
+
+// One new token against a KV cache of n_k tokens: 8 query heads sharing one kv head (MQA, so a
+// 1M-token cache is 2·256 MiB), d = 128, all threads.
+template <class T>
+void BM_Attention_Decode(benchmark::State& state) {
+  const Index heads = 8;
+  const AttentionShape shape{1, heads, 1, 1, state.range(0), 128, 128, false};
+  const Matrix<T> q = random_input<T>(heads, shape.d, 1);
+  const Matrix<T> k = random_input<T>(shape.n_k, shape.d, 2);
+  const Matrix<T> v = random_input<T>(shape.n_k, shape.d_v, 3);
+  Matrix<T> out(heads, shape.d_v);
+  const auto q_view = blockattn::make_tensor_view(q.data(), 1, 1, heads, shape.d);
+  const auto k_view = blockattn::make_tensor_view(k.data(), 1, shape.n_k, 1, shape.d);
+  const auto v_view = blockattn::make_tensor_view(v.data(), 1, shape.n_k, 1, shape.d_v);
+  const auto out_view = blockattn::make_tensor_view(out.data(), 1, 1, heads, shape.d_v);
+  const AttentionOptions options;
+  const std::size_t peak = blockattn::bench::measure_extra_heap(
+      [&] { blockattn::attention<T>(q_view, k_view, v_view, out_view, options); });
+  for (auto _ : state) {
+    blockattn::attention<T>(q_view, k_view, v_view, out_view, options);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  blockattn::bench::set_attention_counters<T>(state, shape, peak);
+}
+
+void square_args(benchmark::internal::Benchmark* b, std::vector<std::int64_t> sizes) {
+  b->ArgNames({"n", "d", "causal"})
+      ->ArgsProduct({std::move(sizes), {64, 128}, {0, 1}})
+      ->Unit(benchmark::kMillisecond);
+}
+
+void small_sizes(benchmark::internal::Benchmark* b) {
+  square_args(b, {256, 512, 1024, 2048, 4096});
+}
+void large_sizes(benchmark::internal::Benchmark* b) { square_args(b, {8192, 16384, 32768, 65536}); }
+
+BENCHMARK_TEMPLATE(BM_Attention_Naive, float)->Apply(small_sizes);
+BENCHMARK_TEMPLATE(BM_Attention_Chunked, float)->Apply(small_sizes);
+BENCHMARK_TEMPLATE(BM_Attention_ChunkedAllThreads, float)
+    ->ArgNames({"n", "d", "causal"})
+    ->ArgsProduct({{1024, 4096}, {64}, {0, 1}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_Attention_Decode, float)
+    ->ArgName("n_k")
+    ->Arg(4096)
+    ->Arg(32768)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+BENCHMARK_TEMPLATE(BM_Attention_Naive, float)
+    ->Name("Large/BM_Attention_Naive<float>")
+    ->Apply(large_sizes);
+BENCHMARK_TEMPLATE(BM_Attention_Chunked, float)
+    ->Name("Large/BM_Attention_Chunked<float>")
+    ->Apply(large_sizes);
+BENCHMARK_TEMPLATE(BM_Attention_Decode, float)
+    ->Name("Large/BM_Attention_Decode<float>")
+    ->ArgName("n_k")
+    ->Arg(262144)
+    ->Arg(1048576)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+// BENCHMARK_MAIN, except that without a --benchmark_filter the "Large" sizes are left out.
+int main(int argc, char** argv) {
+  std::vector<char*> args(argv, argv + argc);
+  static char default_filter[] = "--benchmark_filter=-Large";
+  const bool filtered = std::any_of(args.begin(), args.end(), [](const char* a) {
+    return std::strncmp(a, "--benchmark_filter", 18) == 0;
+  });
+  if (!filtered) args.push_back(default_filter);
+  int count = static_cast<int>(args.size());
+  benchmark::Initialize(&count, args.data());
+  if (benchmark::ReportUnrecognizedArguments(count, args.data())) return 1;
+  benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+  benchmark::AddCustomContext("chunks", "library defaults (query 64, key <= 256)");
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
