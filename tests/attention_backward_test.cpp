@@ -2,6 +2,10 @@
 // double on the same rounded inputs (awkward shapes, every mask and modifier, GQA/MQA), against
 // central finite differences of the forward pass, fully masked rows, chunk-size invariance,
 // bitwise thread-count invariance, both call forms, and the errors.
+// Eigen's allocation guard is on in this file (STYLE §2.10): the tile loop must not allocate.
+#undef NDEBUG
+#define EIGEN_RUNTIME_NO_MALLOC
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -521,6 +525,28 @@ TYPED_TEST(AttentionBackwardTest, BothCallFormsAndHeadSlicesAgree) {
   blockattn::reference::attention_backward(qc, kc, vc, oc, lse.data(), dc, dq3, dk3, dv3);
   Inputs<T> in{qc, kc, vc, dc};
   expect_matches_reference<T>(in, options);
+}
+
+// The whole backward call makes no Eigen heap allocation at the default chunk sizes (d = 64): no
+// hidden Ref copy, no expression temporary, every GEMM's packing on the stack. (Its own workspace
+// and dQ tokens are std containers, allocated once per call, outside Eigen's guard.)
+TYPED_TEST(AttentionBackwardTest, TileLoopMakesNoEigenAllocation) {
+  using T = TypeParam;
+  auto rng = make_rng(1001);
+  const Shape s{150, 300, 64, 64, 0, 0};
+  SCOPED_TRACE(describe(s));
+  const Inputs<T> in = random_inputs<T>(rng, s);
+  AttentionOptions options;
+  options.causal = true;
+  options.softcap = 5;
+  Matrix<T> out(s.n_q, s.d_v);
+  std::vector<T> lse(static_cast<std::size_t>(s.n_q));
+  blockattn::attention<T>(in.q, in.k, in.v, out, options, lse.data());
+  Matrix<T> dq(s.n_q, s.d), dk(s.n_k, s.d), dv(s.n_k, s.d_v);
+  Eigen::internal::set_is_malloc_allowed(false);
+  blockattn::attention_backward<T>(in.q, in.k, in.v, out, lse.data(), in.dout, dq, dk, dv, options);
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_TRUE(dq.allFinite() && dk.allFinite() && dv.allFinite());
 }
 
 // Central finite differences of L = Σ out ∘ R (R random, so dout = R) through the chunked forward
