@@ -2,6 +2,7 @@
 // The umbrella header: every public blockattn header.
 
 #include <blockattn/attention.hpp>
+#include <blockattn/attention_backward.hpp>
 #include <blockattn/detail/config.hpp>
 #include <blockattn/mask.hpp>
 #include <blockattn/reference.hpp>

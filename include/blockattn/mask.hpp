@@ -346,6 +346,22 @@ class ScoreModifier {
   /// True when apply() changes anything.
   bool active() const { return softcap_ > T(0) || has_alibi_ || kHasScoreMod<ScoreMod>; }
 
+  /// True when ∂s/∂x of the built-in modifiers is not identically 1 (soft-capping): the backward
+  /// pass then keeps the unmodified scores x of the tile and calls chain_rule().
+  bool scales_gradient() const { return softcap_ > T(0); }
+
+  /// The chain rule through apply() for the built-in modifiers: multiplies g (∂L/∂s, s the
+  /// modified scores of a tile) in place by ∂s/∂x at the unmodified scores x = scale·q·k of the
+  /// same tile. Soft-capping gives 1 − tanh²(x / softcap); ALiBi adds a term that does not depend
+  /// on x (factor 1). A user score_mod has no derivative here: attention_backward() rejects it.
+  template <class Raw, class Grad>
+  void chain_rule(const Raw& x, Grad& g) const {
+    if (softcap_ > T(0)) {
+      const T inv = T(1) / softcap_;
+      g = (g.array() * (T(1) - (x.array() * inv).tanh().square())).matrix();
+    }
+  }
+
   /// Modifies the tile of scores s (rows q0.., columns k0..) in place.
   template <class Scores>
   void apply(Index q0, Index k0, Scores& s) const {

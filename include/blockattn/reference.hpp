@@ -12,6 +12,7 @@
 #include <Eigen/Core>
 
 #include <blockattn/attention.hpp>
+#include <blockattn/attention_backward.hpp>
 #include <blockattn/mask.hpp>
 #include <blockattn/types.hpp>
 
@@ -204,6 +205,157 @@ inline void attention(TensorView<const double> q, TensorView<const double> k,
                       TensorView<const double> v, TensorView<double> out,
                       const AttentionOptions& options = {}, double* lse = nullptr) {
   reference::attention<double>(q, k, v, out, options, lse);
+}
+
+}  // namespace blockattn::reference
+
+// --- attention backward ------------------------------------------------------------------------
+
+namespace blockattn::reference {
+
+namespace detail {
+
+/// Naive gradients of one (batch b, query head h): the softmax P [n_q, n_k] materialised from the
+/// scores (recomputed here, exactly as attention_head does; `out` and `lse` are not used), then
+/// dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(P ∘ dP)) ∘ ∂s/∂x, dQ = scale·dS·K,
+/// dK += scale·dSᵀ·Q. dK and dV are added to (GQA sums over the query heads); dQ is assigned.
+template <class T, class MaskMod, class Q, class K, class V, class DOut, class DQ, class DK,
+          class DV>
+void attention_backward_head(const Q& q, const K& k, const V& v, const DOut& dout, DQ&& dq, DK&& dk,
+                             DV&& dv, const AttentionOptions& o, const MaskMod& mask_mod, Index b,
+                             Index h) {
+  const Index n_q = q.rows();
+  const Index n_k = k.rows();
+  const T scale =
+      o.scale != 0 ? static_cast<T>(o.scale) : T(1) / std::sqrt(static_cast<T>(q.cols()));
+  const T inf = std::numeric_limits<T>::infinity();
+  Matrix<T> x = (q * k.transpose()) * scale;  // unmodified scores
+  Matrix<T> p(n_q, n_k);                      // modified, masked scores, then probabilities
+  Matrix<T> slope(n_q, n_k);                  // ∂s/∂x
+  for (Index i = 0; i < n_q; ++i) {
+    for (Index j = 0; j < n_k; ++j) {
+      T s = x(i, j);
+      slope(i, j) = 1;
+      if (o.softcap > 0) {
+        const T c = static_cast<T>(o.softcap);
+        const T t = std::tanh(s / c);
+        s = c * t;
+        slope(i, j) = 1 - t * t;
+      }
+      if (o.alibi_slopes != nullptr) {
+        s -= static_cast<T>(o.alibi_slopes[h]) * static_cast<T>(std::abs(i + (n_k - n_q) - j));
+      }
+      p(i, j) = attention_visible(o, n_q, n_k, b, h, i, j, mask_mod) ? s : -inf;
+    }
+  }
+  for (Index i = 0; i < n_q; ++i) {
+    const T m = n_k > 0 ? p.row(i).maxCoeff() : -inf;
+    if (m == -inf) {  // no visible key: P = 0
+      p.row(i).setZero();
+      continue;
+    }
+    T l = 0;
+    for (Index j = 0; j < n_k; ++j) {
+      p(i, j) = p(i, j) == -inf ? T(0) : std::exp(p(i, j) - m);
+      l += p(i, j);
+    }
+    p.row(i) /= l;
+  }
+  dv += p.transpose() * dout;
+  Matrix<T> ds = dout * v.transpose();  // dP
+  for (Index i = 0; i < n_q; ++i) {
+    const T delta = (p.row(i).array() * ds.row(i).array()).sum();  // = dO_i·O_i
+    ds.row(i) = (p.row(i).array() * (ds.row(i).array() - delta) * slope.row(i).array()).matrix();
+  }
+  dq = (ds * k) * scale;
+  dk += (ds.transpose() * q) * scale;
+}
+
+}  // namespace detail
+
+/// Naive gradients of the single-head attention() with the semantics of
+/// blockattn::attention_backward() (every option and mask; soft-capping and ALiBi; no user
+/// score_mod): the softmax P [n_q, n_k] is materialised and recomputed from q and k, so `out` and
+/// `lse` are validated but not read (D = rowsum(dO ∘ O) is taken as rowsum(P ∘ dP), the same
+/// quantity). Time O(n_q·n_k·(d + d_v)), extra memory O(n_q·n_k). Same shapes, errors and
+/// aliasing rules as attention_backward(). For tests (instantiate with long double) and users.
+template <class T, class MaskMod = NoMaskMod>
+void attention_backward(ConstMatrixView<T> q, ConstMatrixView<T> k, ConstMatrixView<T> v,
+                        ConstMatrixView<T> out, const T* lse, ConstMatrixView<T> dout,
+                        MatrixView<T> dq, MatrixView<T> dk, MatrixView<T> dv,
+                        const AttentionOptions& options = {}, const MaskMod& mask_mod = {}) {
+  blockattn::detail::check_mods<T, MaskMod, NoScoreMod>();
+  blockattn::detail::validate_attention_backward<T>("reference::attention_backward", q, k, v, out,
+                                                    lse, dout, dq, dk, dv, options);
+  dk.setZero();
+  dv.setZero();
+  detail::attention_backward_head<T>(q, k, v, dout, dq, dk, dv, options, mask_mod, 0, 0);
+}
+
+/// reference::attention_backward() on float arguments without spelling T.
+inline void attention_backward(ConstMatrixView<float> q, ConstMatrixView<float> k,
+                               ConstMatrixView<float> v, ConstMatrixView<float> out,
+                               const float* lse, ConstMatrixView<float> dout, MatrixView<float> dq,
+                               MatrixView<float> dk, MatrixView<float> dv,
+                               const AttentionOptions& options = {}) {
+  reference::attention_backward<float>(q, k, v, out, lse, dout, dq, dk, dv, options);
+}
+
+/// reference::attention_backward() on double arguments without spelling T.
+inline void attention_backward(ConstMatrixView<double> q, ConstMatrixView<double> k,
+                               ConstMatrixView<double> v, ConstMatrixView<double> out,
+                               const double* lse, ConstMatrixView<double> dout,
+                               MatrixView<double> dq, MatrixView<double> dk, MatrixView<double> dv,
+                               const AttentionOptions& options = {}) {
+  reference::attention_backward<double>(q, k, v, out, lse, dout, dq, dk, dv, options);
+}
+
+/// Naive batched multi-head gradients (GQA: dk, dv summed over the query heads of a kv head) with
+/// the semantics of the TensorView blockattn::attention_backward(); O(n_q·n_k) extra memory.
+template <class T, class MaskMod = NoMaskMod>
+void attention_backward(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v,
+                        TensorView<const T> out, const T* lse, TensorView<const T> dout,
+                        TensorView<T> dq, TensorView<T> dk, TensorView<T> dv,
+                        const AttentionOptions& options = {}, const MaskMod& mask_mod = {}) {
+  blockattn::detail::check_mods<T, MaskMod, NoScoreMod>();
+  blockattn::detail::validate_attention_backward<T>("reference::attention_backward", q, k, v, out,
+                                                    lse, dout, dq, dk, dv, options);
+  for (Index b = 0; b < k.batch; ++b) {
+    for (Index h = 0; h < k.heads; ++h) {
+      blockattn::detail::mutable_head_slice(dk, b, h).setZero();
+      blockattn::detail::mutable_head_slice(dv, b, h).setZero();
+    }
+  }
+  if (q.heads == 0) return;
+  const Index group = q.heads / k.heads;
+  for (Index b = 0; b < q.batch; ++b) {
+    for (Index h = 0; h < q.heads; ++h) {
+      detail::attention_backward_head<T>(
+          blockattn::detail::head_slice(q, b, h), blockattn::detail::head_slice(k, b, h / group),
+          blockattn::detail::head_slice(v, b, h / group), blockattn::detail::head_slice(dout, b, h),
+          blockattn::detail::mutable_head_slice(dq, b, h),
+          blockattn::detail::mutable_head_slice(dk, b, h / group),
+          blockattn::detail::mutable_head_slice(dv, b, h / group), options, mask_mod, b, h);
+    }
+  }
+}
+
+/// TensorView reference::attention_backward() on float arguments without spelling T.
+inline void attention_backward(TensorView<const float> q, TensorView<const float> k,
+                               TensorView<const float> v, TensorView<const float> out,
+                               const float* lse, TensorView<const float> dout, TensorView<float> dq,
+                               TensorView<float> dk, TensorView<float> dv,
+                               const AttentionOptions& options = {}) {
+  reference::attention_backward<float>(q, k, v, out, lse, dout, dq, dk, dv, options);
+}
+
+/// TensorView reference::attention_backward() on double arguments without spelling T.
+inline void attention_backward(TensorView<const double> q, TensorView<const double> k,
+                               TensorView<const double> v, TensorView<const double> out,
+                               const double* lse, TensorView<const double> dout,
+                               TensorView<double> dq, TensorView<double> dk, TensorView<double> dv,
+                               const AttentionOptions& options = {}) {
+  reference::attention_backward<double>(q, k, v, out, lse, dout, dq, dk, dv, options);
 }
 
 }  // namespace blockattn::reference

@@ -1,0 +1,193 @@
+#pragma once
+// The memory-efficient attention backward pass (FlashAttention-2's backward, Dao 2023, Algorithm
+// 2; the recomputation of Rabe & Staats 2021, section 4): nothing of size n_q×n_k is stored. Each
+// (query chunk, key chunk) tile recomputes its probabilities from the forward's log-sum-exp,
+//   P = exp(s − lse)                        (s: the same scores, modifiers and masks as forward)
+//   dV += Pᵀ·dO,   dP = dO·Vᵀ,   dS = P ∘ (dP − D) ∘ ∂s/∂x,   D = rowsum(dO ∘ O)
+//   dQ += scale·dS·K,   dK += scale·dSᵀ·Q   (scale·Q is what the tile holds)
+// No argument checking here: attention_backward.hpp validates first.
+//
+// Work split and determinism. One task per (batch, kv head, key chunk) owns the rows of dK and
+// dV of its key chunk, so they need no reduction: the task sums over its query heads and query
+// chunks in a fixed order. dQ is the sum over key chunks, which different tasks produce. Rather
+// than a second pass over every tile for dQ (7 matrix products per tile instead of 5: ≈3.5× the
+// forward's 2 instead of 2.5×) or per-thread dQ copies (O(threads·n·d) memory and a reduction
+// order that depends on the thread count), each dQ block carries a token: the number of key
+// chunks already added to it. The task of key chunk c waits until the token reads c, adds its
+// dS·K, and passes the token on. Every dQ block is therefore summed in key-chunk order 0, 1, 2, …
+// whatever the number of threads: one thread and eight give the same bits. The wait cannot
+// deadlock as long as each thread takes its tasks in increasing order (parallel_for's dynamic
+// and static schedules both do): the lowest unfinished task never waits. The tokens cost one
+// integer per (batch, head, query chunk) — n_q / query_chunk of them, 2 KiB at n = 16K.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <thread>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include <blockattn/detail/attention_kernel.hpp>
+#include <blockattn/detail/online_state.hpp>
+#include <blockattn/detail/parallel.hpp>
+#include <blockattn/detail/workspace.hpp>
+#include <blockattn/mask.hpp>
+#include <blockattn/types.hpp>
+
+namespace blockattn::detail {
+
+/// One thread's scratch for the backward pass, carved out of a forward Workspace built with
+/// d_v = 2·key_chunk (so that its `acc` part holds the two score-sized tiles below).
+template <class T>
+struct BackwardSlice {
+  T* queries;      ///< [query_chunk, d]: scale·q of the current tile row
+  T* probs;        ///< [query_chunk, key_chunk]: scores, then P = exp(s − lse)
+  T* grad_scores;  ///< [query_chunk, key_chunk]: dP, then dS
+  T* raw_scores;   ///< [query_chunk, key_chunk]: the scores before modifiers (soft-cap only)
+  T* delta;        ///< [query_chunk]: D = rowsum(dO ∘ O)
+};
+
+/// The backward workspace: O(threads·query_chunk·(d + 3·key_chunk)), independent of n.
+template <class T>
+class BackwardWorkspace {
+ public:
+  BackwardWorkspace(int slots, const TileShape& shape)
+      : key_chunk_area_(shape.query_chunk * shape.key_chunk),
+        workspace_(slots, TileShape{shape.query_chunk, shape.key_chunk, shape.d,
+                                    /*d_v=*/2 * shape.key_chunk}) {}
+
+  BackwardSlice<T> slice(int slot) {
+    const WorkspaceSlice<T> ws = workspace_.slice(slot);
+    return {ws.queries, ws.scores, ws.acc, ws.acc + key_chunk_area_, ws.m};
+  }
+
+ private:
+  Index key_chunk_area_;
+  Workspace<T> workspace_;
+};
+
+/// Rows [first, first + count) of the (batch b, head h) slice of a tensor; no copy.
+template <class T>
+Eigen::Map<const Matrix<std::remove_const_t<T>>, 0, Eigen::OuterStride<>> row_block(
+    const TensorView<T>& t, Index b, Index h, Index first, Index count) {
+  return {t.at(b, first, h), count, t.dim, Eigen::OuterStride<>(t.seq_stride)};
+}
+
+/// Writable rows [first, first + count) of the (batch b, head h) slice of a tensor; no copy.
+template <class T>
+Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> mutable_row_block(const TensorView<T>& t, Index b,
+                                                                 Index h, Index first,
+                                                                 Index count) {
+  return {t.at(b, first, h), count, t.dim, Eigen::OuterStride<>(t.seq_stride)};
+}
+
+/// Gradients of attention() on valid arguments (attention_backward.hpp checked them). lse is
+/// [batch, q.heads, n_q]. dq, dk, dv are overwritten entirely.
+template <class T, class MaskMod>
+void attention_backward_kernel(const TensorView<const T>& q, const TensorView<const T>& k,
+                               const TensorView<const T>& v, const TensorView<const T>& out,
+                               const T* lse, const TensorView<const T>& dout,
+                               const TensorView<T>& dq, const TensorView<T>& dk,
+                               const TensorView<T>& dv, const AttentionOptions& options,
+                               const MaskMod& mask_mod) {
+  const Index n_q = q.seq;
+  const Index n_k = k.seq;
+  const Index d = q.dim;
+  const Index d_v = v.dim;
+  const Index heads = q.heads;
+  const Index kv_heads = k.heads;
+  const Index batch = q.batch;
+  if (batch == 0) return;
+  const Index group = heads / kv_heads;  // query heads per kv head (GQA)
+  if (n_k == 0) {                        // no key: every query sees nothing, dQ = 0
+    for (Index b = 0; b < batch; ++b) {
+      for (Index h = 0; h < heads; ++h) mutable_head_slice(dq, b, h).setZero();
+    }
+    return;
+  }
+  const TileShape shape = choose_tile_shape<T>(options, n_q, n_k, d, d_v);
+  const T scale = resolve_scale<T>(options, d);
+  const Index query_chunks = ceil_div(n_q, shape.query_chunk);
+  const Index key_chunks = ceil_div(n_k, shape.key_chunk);
+  const Index tasks = batch * kv_heads * key_chunks;
+  const int threads = resolve_threads(options.threads, tasks);
+  BackwardWorkspace<T> workspace(threads, shape);
+  // tokens[(b·heads + h)·query_chunks + qc]: key chunks already added to that dQ block.
+  const Index token_count = batch * heads * query_chunks;
+  std::unique_ptr<std::atomic<Index>[]> tokens(
+      new std::atomic<Index>[static_cast<std::size_t>(std::max<Index>(1, token_count))]);
+  for (Index t = 0; t < token_count; ++t) tokens[static_cast<std::size_t>(t)].store(0);
+
+  parallel_for(tasks, threads, [&](Index task, int slot) {
+    const Index kc = task % key_chunks;
+    const Index kvh = (task / key_chunks) % kv_heads;
+    const Index b = task / (key_chunks * kv_heads);
+    const Index k0 = kc * shape.key_chunk;
+    const Index cols = std::min(shape.key_chunk, n_k - k0);
+    const Index k_end = k0 + cols;
+    const BackwardSlice<T> ws = workspace.slice(slot);
+
+    const auto k_blk = row_block(k, b, kvh, k0, cols);
+    const auto v_blk = row_block(v, b, kvh, k0, cols);
+    // This task owns these rows of dK and dV: it accumulates into them directly.
+    auto dk_blk = mutable_row_block(dk, b, kvh, k0, cols);
+    auto dv_blk = mutable_row_block(dv, b, kvh, k0, cols);
+    dk_blk.setZero();
+    dv_blk.setZero();
+
+    for (Index h = kvh * group; h < (kvh + 1) * group; ++h) {
+      const TileMasker<MaskMod> masker(options, n_q, n_k, b, h, mask_mod);
+      const NoScoreMod no_score_mod;
+      const ScoreModifier<T, NoScoreMod> modifier(options, n_q, n_k, b, h, no_score_mod);
+      const T* lse_head = lse + (b * heads + h) * n_q;
+      for (Index qc = 0; qc < query_chunks; ++qc) {
+        const Index q0 = qc * shape.query_chunk;
+        const Index rows = std::min(shape.query_chunk, n_q - q0);
+        const TileMask tile = masker.classify(q0, q0 + rows, k0, k_end);
+        const bool visible = tile.visibility != BlockVisibility::Empty;
+        Eigen::Map<Matrix<T>> ds(ws.grad_scores, rows, cols);
+        if (visible) {
+          const auto dout_blk = row_block(dout, b, h, q0, rows);
+          const auto out_blk = row_block(out, b, h, q0, rows);
+          Eigen::Map<Matrix<T>> q_blk(ws.queries, rows, d);
+          q_blk.noalias() = row_block(q, b, h, q0, rows) * scale;  // as the forward scales it
+          Eigen::Map<Matrix<T>> p(ws.probs, rows, cols);
+          p.noalias() = q_blk * k_blk.transpose();
+          Eigen::Map<Matrix<T>> raw(ws.raw_scores, rows, cols);
+          if (modifier.scales_gradient()) raw = p;
+          if (modifier.active()) modifier.apply(q0, k0, p);
+          for (Index r = 0; r < rows; ++r) {
+            const T row_lse = lse_head[q0 + r];
+            if (row_lse == kNegativeInfinity<T>) {  // no visible key: P = 0, gradients 0
+              p.row(r).setZero();
+            } else {
+              p.row(r) = (p.row(r).array() - row_lse).exp().matrix();
+            }
+            ws.delta[r] = dout_blk.row(r).dot(out_blk.row(r));
+          }
+          // Masked pairs get P exactly 0 (their score was never set to −inf here).
+          masker.apply(tile, q0, k0, p, T(0));
+          dv_blk.noalias() += p.transpose() * dout_blk;
+          ds.noalias() = dout_blk * v_blk.transpose();  // dP
+          for (Index r = 0; r < rows; ++r) {
+            ds.row(r) = (p.row(r).array() * (ds.row(r).array() - ws.delta[r])).matrix();
+          }
+          if (modifier.scales_gradient()) modifier.chain_rule(raw, ds);
+          dk_blk.noalias() += ds.transpose() * q_blk;  // = scale·dSᵀ·q
+        }
+        // dQ in key-chunk order: wait for key chunk kc − 1 to have added its part.
+        std::atomic<Index>& token =
+            tokens[static_cast<std::size_t>((b * heads + h) * query_chunks + qc)];
+        while (token.load(std::memory_order_acquire) != kc) std::this_thread::yield();
+        auto dq_blk = mutable_row_block(dq, b, h, q0, rows);
+        if (kc == 0) dq_blk.setZero();
+        if (visible) dq_blk.noalias() += (ds * scale) * k_blk;
+        token.store(kc + 1, std::memory_order_release);
+      }
+    }
+  });
+}
+
+}  // namespace blockattn::detail

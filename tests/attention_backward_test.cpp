@@ -1,0 +1,725 @@
+// attention_backward() and reference::attention_backward(): against the naive reference in long
+// double on the same rounded inputs (awkward shapes, every mask and modifier, GQA/MQA), against
+// central finite differences of the forward pass, fully masked rows, chunk-size invariance,
+// bitwise thread-count invariance, both call forms, and the errors.
+// Eigen's allocation guard is on in this file (STYLE §2.10): the tile loop must not allocate.
+#undef NDEBUG
+#define EIGEN_RUNTIME_NO_MALLOC
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <blockattn/attention.hpp>
+#include <blockattn/attention_backward.hpp>
+#include <blockattn/reference.hpp>
+
+#include "support/random.hpp"
+#include "support/scalar_types.hpp"
+#include "support/tolerance.hpp"
+
+namespace {
+
+using blockattn::AttentionOptions;
+using blockattn::BlockSparseLayout;
+using blockattn::Index;
+using blockattn::Matrix;
+using blockattn::NoMaskMod;
+using blockattn::TensorView;
+using blockattn::test::make_rng;
+using blockattn::test::random_matrix;
+using blockattn::test::seed_trace;
+using blockattn::test::unit_roundoff;
+using ::testing::HasSubstr;
+
+using Long = long double;
+
+struct Shape {
+  Index n_q, n_k, d, d_v, query_chunk, key_chunk;
+};
+
+std::string describe(const Shape& s, const std::string& what = "") {
+  return what + " n_q=" + std::to_string(s.n_q) + " n_k=" + std::to_string(s.n_k) +
+         " d=" + std::to_string(s.d) + " d_v=" + std::to_string(s.d_v) +
+         " query_chunk=" + std::to_string(s.query_chunk) +
+         " key_chunk=" + std::to_string(s.key_chunk) + " " + seed_trace();
+}
+
+double effective_scale(const AttentionOptions& options, Index d) {
+  return options.scale != 0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(d));
+}
+
+// The magnitude modifiers can add to a logit (the E of attention_tolerance).
+double modifier_magnitude(const AttentionOptions& options, Index n_q, Index n_k) {
+  double extra = options.softcap;
+  if (options.alibi_slopes != nullptr) {
+    extra += std::abs(options.alibi_slopes[0]) * static_cast<double>(n_q + n_k);
+  }
+  return extra;
+}
+
+template <class M>
+double max_abs(const M& m) {
+  double r = 0;
+  for (Index i = 0; i < m.rows(); ++i) {
+    for (Index c = 0; c < m.cols(); ++c) r = std::max(r, std::abs(static_cast<double>(m(i, c))));
+  }
+  return r;
+}
+
+// Per-row absolute tolerances of dq [n_q], dk [n_k] and dv [n_k] for one head in T.
+struct GradientTolerance {
+  std::vector<double> dq, dk, dv;
+};
+
+// Error bound of attention_backward() in T for one (batch, head), against the exact gradients.
+// Notation: u = eps(T)/2; P the exact probabilities [n_q, n_k] (materialised by the caller in long
+// double); M_x = max|x| over a matrix; G = 2·d_v·M_dO·M_v bounds |dP_ij − D_i| (|dP_ij| =
+// |dO_i·v_j| <= d_v·M_dO·M_v, and |D_i| = |dO_i·O_i| is as large since O_i is a convex
+// combination of the v_j); n_eff = n_q·(query heads per kv head), the length of the dK/dV sums.
+//  * P_ij: its logit is recomputed with error <= d·u·A_i (+u·E for modifiers, as in
+//    attention_tolerance), and lse_i comes from the forward in T with error <= lse_tol_i
+//    (tolerance.hpp); exp adds u. So P_ij carries relative error ε_i <= 2·lse_tol_i.
+//  * dS_ij = P_ij·(dP_ij − D_i)·∂s/∂x: absolute error <= P_ij·σ_i with
+//    σ_i = (ε_i + (d_v + 8)·u)·G + d_v·M_dO·out_tol_i — the relative error of P, the d_v-term dot
+//    products dP and D plus the subtraction and products, and D's error through the forward's
+//    output error out_tol_i (attention_tolerance). Soft-capping's factor 1 − tanh² is <= 1 and
+//    its own error (<= 2·d·A_i·u/softcap + 4u, absolute) is inside ε_i·G for softcap >= 1.
+//  * dV_j = Σ_i P_ij·dO_i: <= M_dO·Σ_i P_ij·(ε_i + (n_eff + 4)·u).
+//  * dQ_i = scale·Σ_j dS_ij·k_j: <= |scale|·M_k·Σ_j P_ij·(σ_i + (n_k + d + 4)·u·G), Σ_j P_ij <= 1.
+//  * dK_j = scale·Σ_i dS_ij·q_i: <= |scale|·M_q·Σ_i P_ij·(σ_i + (n_eff + d + 4)·u·G).
+// Each is doubled to absorb the (1 + O(u)) factors of the γ_k bounds. A row with no visible key
+// has P = 0 and tolerance exactly 0: its gradients must be exactly 0. A masking or indexing bug
+// moves a gradient by O(P_ij·G·M_k·|scale|), above these at the test sizes.
+template <class T>
+GradientTolerance backward_tolerance(const Matrix<double>& q, const Matrix<double>& k,
+                                     const Matrix<double>& v, const Matrix<double>& dout,
+                                     const Matrix<double>& p, double scale, double extra,
+                                     Index group) {
+  const double u = static_cast<double>(unit_roundoff<T>());
+  const Index n_q = q.rows();
+  const Index n_k = k.rows();
+  const auto d = static_cast<double>(q.cols());
+  const auto d_v = static_cast<double>(v.cols());
+  const auto n_eff = static_cast<double>(n_q * group);
+  const std::vector<double> lse_tol = blockattn::test::lse_tolerance<T>(q, k, scale, extra);
+  const std::vector<double> out_tol =
+      blockattn::test::attention_tolerance<T>(q, k, v, scale, extra);
+  const double m_do = max_abs(dout);
+  const double g = 2 * d_v * m_do * max_abs(v);
+  const double m_q = max_abs(q);
+  const double m_k = max_abs(k);
+  GradientTolerance tol{std::vector<double>(static_cast<std::size_t>(n_q), 0.0),
+                        std::vector<double>(static_cast<std::size_t>(n_k), 0.0),
+                        std::vector<double>(static_cast<std::size_t>(n_k), 0.0)};
+  for (Index i = 0; i < n_q; ++i) {
+    const auto si = static_cast<std::size_t>(i);
+    const double eps = 2 * lse_tol[si];
+    const double sigma = (eps + (d_v + 8) * u) * g + d_v * m_do * out_tol[si];
+    for (Index j = 0; j < n_k; ++j) {
+      const auto sj = static_cast<std::size_t>(j);
+      const double pij = p(i, j);
+      tol.dq[si] +=
+          2 * std::abs(scale) * m_k * pij * (sigma + (static_cast<double>(n_k) + d + 4) * u * g);
+      tol.dk[sj] += 2 * std::abs(scale) * m_q * pij * (sigma + (n_eff + d + 4) * u * g);
+      tol.dv[sj] += 2 * m_do * pij * (eps + (n_eff + 4) * u);
+    }
+  }
+  return tol;
+}
+
+// Checks every element of `got` against `want` within its row's tolerance.
+template <class A, class B>
+void expect_rows_near(const A& got, const B& want, const std::vector<double>& tol,
+                      const char* name) {
+  ASSERT_EQ(got.rows(), want.rows());
+  ASSERT_EQ(got.cols(), want.cols());
+  for (Index r = 0; r < got.rows(); ++r) {
+    for (Index c = 0; c < got.cols(); ++c) {
+      const auto g = static_cast<double>(got(r, c));
+      ASSERT_TRUE(std::isfinite(g)) << name << "(" << r << ", " << c << ") = " << g;
+      ASSERT_LE(std::abs(g - static_cast<double>(want(r, c))), tol[static_cast<std::size_t>(r)])
+          << name << "(" << r << ", " << c << "): got " << g << ", want "
+          << static_cast<double>(want(r, c));
+    }
+  }
+}
+
+template <class T>
+struct Inputs {
+  Matrix<T> q, k, v, dout;
+};
+
+template <class T>
+Inputs<T> random_inputs(std::mt19937_64& rng, const Shape& s) {
+  return {random_matrix<T>(rng, s.n_q, s.d), random_matrix<T>(rng, s.n_k, s.d),
+          random_matrix<T>(rng, s.n_k, s.d_v), random_matrix<T>(rng, s.n_q, s.d_v)};
+}
+
+// Forward in T (out, lse), then attention_backward<T>; the gradients are returned in `grads`.
+template <class T, class MaskMod = NoMaskMod>
+void run_backward(const Inputs<T>& in, const AttentionOptions& options, Inputs<T>& grads,
+                  const MaskMod& mask_mod = {}) {
+  Matrix<T> out(in.q.rows(), in.v.cols());
+  std::vector<T> lse(static_cast<std::size_t>(in.q.rows()) + 1);
+  blockattn::attention<T>(in.q, in.k, in.v, out, options, lse.data(), mask_mod);
+  grads.q.resize(in.q.rows(), in.q.cols());
+  grads.k.resize(in.k.rows(), in.k.cols());
+  grads.v.resize(in.v.rows(), in.v.cols());
+  blockattn::attention_backward<T>(in.q, in.k, in.v, out, lse.data(), in.dout, grads.q, grads.k,
+                                   grads.v, options, mask_mod);
+}
+
+// Runs attention_backward<T> and reference::attention_backward<long double> on the same inputs
+// and checks every gradient against backward_tolerance.
+template <class T, class MaskMod = NoMaskMod>
+void expect_matches_reference(const Inputs<T>& in, const AttentionOptions& options,
+                              const MaskMod& mask_mod = {}) {
+  Inputs<T> grads;
+  run_backward<T>(in, options, grads, mask_mod);
+
+  const Matrix<Long> q = in.q.template cast<Long>();
+  const Matrix<Long> k = in.k.template cast<Long>();
+  const Matrix<Long> v = in.v.template cast<Long>();
+  const Matrix<Long> dout = in.dout.template cast<Long>();
+  Matrix<Long> out(q.rows(), v.cols());
+  std::vector<Long> lse(static_cast<std::size_t>(q.rows()) + 1);
+  blockattn::reference::attention<Long>(q, k, v, out, options, lse.data(), mask_mod);
+  Matrix<Long> dq(q.rows(), q.cols()), dk(k.rows(), k.cols()), dv(v.rows(), v.cols());
+  blockattn::reference::attention_backward<Long>(q, k, v, out, lse.data(), dout, dq, dk, dv,
+                                                 options, mask_mod);
+  // P itself: attention with v = I returns the probabilities, every mask and modifier applied.
+  const Matrix<Long> identity = Matrix<Long>::Identity(k.rows(), k.rows());
+  Matrix<Long> p(q.rows(), k.rows());
+  blockattn::reference::attention<Long>(q, k, identity, p, options, nullptr, mask_mod);
+
+  const double scale = effective_scale(options, in.q.cols());
+  const GradientTolerance tol = backward_tolerance<T>(
+      q.template cast<double>(), k.template cast<double>(), v.template cast<double>(),
+      dout.template cast<double>(), p.template cast<double>(), scale,
+      modifier_magnitude(options, q.rows(), k.rows()), 1);
+  expect_rows_near(grads.q, dq, tol.dq, "dq");
+  expect_rows_near(grads.k, dk, tol.dk, "dk");
+  expect_rows_near(grads.v, dv, tol.dv, "dv");
+}
+
+template <class T>
+class AttentionBackwardTest : public ::testing::Test {};
+TYPED_TEST_SUITE(AttentionBackwardTest, blockattn::test::Scalars, );
+
+const std::vector<Shape> kAwkwardShapes = {
+    {1, 1, 1, 1, 0, 0},      {1, 7, 3, 2, 0, 0},     {7, 1, 4, 4, 0, 0},
+    {13, 7, 5, 3, 3, 4},     {7, 13, 8, 9, 2, 5},    {16, 17, 16, 16, 16, 16},
+    {15, 33, 8, 4, 16, 16},  {17, 15, 4, 8, 16, 16}, {127, 127, 16, 16, 0, 0},
+    {64, 200, 32, 16, 0, 0}, {200, 64, 8, 8, 31, 0}, {45, 45, 1, 1, 1, 1},
+};
+
+TYPED_TEST(AttentionBackwardTest, MatchesReferenceOnAwkwardShapes) {
+  using T = TypeParam;
+  auto rng = make_rng(101);
+  for (const Shape& s : kAwkwardShapes) {
+    SCOPED_TRACE(describe(s));
+    AttentionOptions options;
+    options.query_chunk = s.query_chunk;
+    options.key_chunk = s.key_chunk;
+    expect_matches_reference<T>(random_inputs<T>(rng, s), options);
+  }
+}
+
+TYPED_TEST(AttentionBackwardTest, EveryMaskAndModifierMatchesReference) {
+  using T = TypeParam;
+  auto rng = make_rng(202);
+  const std::vector<Shape> shapes = {
+      {37, 37, 8, 6, 8, 8}, {23, 41, 4, 5, 5, 7}, {41, 23, 6, 6, 0, 0}};
+  const double slope = 0.25;
+  for (const Shape& s : shapes) {
+    const Index key_length = s.n_k - 5;
+    BlockSparseLayout layout(1, (s.n_q + 7) / 8, (s.n_k + 7) / 8, 8, 8);
+    for (Index qb = 0; qb < layout.query_blocks(); ++qb) {
+      for (Index kb = 0; kb < layout.key_blocks(); ++kb) {
+        if ((qb + 2 * kb) % 3 != 1) layout.set(0, qb, kb);
+      }
+    }
+    struct Case {
+      const char* name;
+      AttentionOptions options;
+    };
+    std::vector<Case> cases(9);
+    cases[0].name = "causal";
+    cases[0].options.causal = true;
+    cases[1].name = "window 4/2";
+    cases[1].options.window_left = 4;
+    cases[1].options.window_right = 2;
+    cases[2].name = "causal + window_left 5";
+    cases[2].options.causal = true;
+    cases[2].options.window_left = 5;
+    cases[3].name = "key_lengths";
+    cases[3].options.key_lengths = &key_length;
+    cases[4].name = "block-sparse";
+    cases[4].options.block_sparse = &layout;
+    cases[5].name = "alibi";
+    cases[5].options.alibi_slopes = &slope;
+    cases[6].name = "softcap 1.5, scale 2";  // scores up to 2·d: deep in tanh's saturation
+    cases[6].options.softcap = 1.5;
+    cases[6].options.scale = 2.0 / static_cast<double>(s.d);
+    cases[7].name = "softcap + alibi + causal";
+    cases[7].options.softcap = 3;
+    cases[7].options.alibi_slopes = &slope;
+    cases[7].options.causal = true;
+    cases[8].name = "everything";
+    cases[8].options.causal = true;
+    cases[8].options.window_left = 9;
+    cases[8].options.key_lengths = &key_length;
+    cases[8].options.block_sparse = &layout;
+    cases[8].options.softcap = 2;
+    cases[8].options.alibi_slopes = &slope;
+    const Inputs<T> in = random_inputs<T>(rng, s);
+    for (Case c : cases) {
+      SCOPED_TRACE(describe(s, c.name));
+      c.options.query_chunk = s.query_chunk;
+      c.options.key_chunk = s.key_chunk;
+      expect_matches_reference<T>(in, c.options);
+    }
+    SCOPED_TRACE(describe(s, "mask_mod (i + j) % 3 != 0, causal"));
+    AttentionOptions options;
+    options.causal = true;
+    options.query_chunk = s.query_chunk;
+    options.key_chunk = s.key_chunk;
+    const auto mask = [](Index, Index, Index i, Index j) { return (i + j) % 3 != 0; };
+    expect_matches_reference<T>(in, options, mask);
+  }
+}
+
+TYPED_TEST(AttentionBackwardTest, FullyMaskedRowsGetZeroGradientsNeverNan) {
+  using T = TypeParam;
+  auto rng = make_rng(303);
+  // Causal with n_q > n_k: the first n_q − n_k queries see no key. A mask_mod hides rows 20..24.
+  const Shape s{29, 11, 6, 5, 4, 4};
+  SCOPED_TRACE(describe(s));
+  const Inputs<T> in = random_inputs<T>(rng, s);
+  AttentionOptions options;
+  options.causal = true;
+  options.query_chunk = s.query_chunk;
+  options.key_chunk = s.key_chunk;
+  const auto mask = [](Index, Index, Index i, Index) { return i < 20 || i >= 25; };
+  Inputs<T> grads;
+  run_backward<T>(in, options, grads, mask);
+  for (Index i = 0; i < s.n_q; ++i) {
+    if (i < s.n_q - s.n_k || (i >= 20 && i < 25)) {
+      for (Index c = 0; c < s.d; ++c) EXPECT_EQ(grads.q(i, c), T(0)) << "row " << i;
+    }
+  }
+  EXPECT_TRUE(grads.q.allFinite());
+  EXPECT_TRUE(grads.k.allFinite());
+  EXPECT_TRUE(grads.v.allFinite());
+  expect_matches_reference<T>(in, options, mask);
+
+  // Every key padding (key_lengths = 0): all gradients exactly 0.
+  const Index none = 0;
+  options.causal = false;
+  options.key_lengths = &none;
+  run_backward<T>(in, options, grads);
+  EXPECT_TRUE((grads.q.array() == T(0)).all());
+  EXPECT_TRUE((grads.k.array() == T(0)).all());
+  EXPECT_TRUE((grads.v.array() == T(0)).all());
+}
+
+TYPED_TEST(AttentionBackwardTest, ChunkSizesChangeRoundingOnly) {
+  using T = TypeParam;
+  auto rng = make_rng(404);
+  const Shape base{50, 47, 8, 7, 0, 0};
+  const Inputs<T> in = random_inputs<T>(rng, base);
+  for (const Index qc : {1, 3, 16, 50, 64}) {
+    for (const Index kc : {1, 3, 16, 47, 100}) {
+      Shape s = base;
+      s.query_chunk = qc;
+      s.key_chunk = kc;
+      SCOPED_TRACE(describe(s, "causal"));
+      AttentionOptions options;
+      options.causal = true;
+      options.query_chunk = qc;
+      options.key_chunk = kc;
+      expect_matches_reference<T>(in, options);
+    }
+  }
+}
+
+TYPED_TEST(AttentionBackwardTest, ThreadCountDoesNotChangeOneBit) {
+  using T = TypeParam;
+  auto rng = make_rng(505);
+  const Index batch = 2, n_q = 70, n_k = 90, heads = 4, kv_heads = 2, d = 8, d_v = 6;
+  const Matrix<T> q = random_matrix<T>(rng, batch * n_q, heads * d);
+  const Matrix<T> k = random_matrix<T>(rng, batch * n_k, kv_heads * d);
+  const Matrix<T> v = random_matrix<T>(rng, batch * n_k, kv_heads * d_v);
+  const Matrix<T> dout = random_matrix<T>(rng, batch * n_q, heads * d_v);
+  Matrix<T> out(batch * n_q, heads * d_v);
+  std::vector<T> lse(static_cast<std::size_t>(batch * heads * n_q));
+  const auto view = [](const Matrix<T>& m, Index seq, Index h, Index dim) {
+    return blockattn::make_tensor_view<const T>(m.data(), m.rows() / seq, seq, h, dim);
+  };
+  AttentionOptions options;
+  options.causal = true;
+  options.query_chunk = 16;
+  options.key_chunk = 8;
+  const Index lengths[2] = {90, 61};
+  options.key_lengths = lengths;
+  blockattn::attention<T>(
+      view(q, n_q, heads, d), view(k, n_k, kv_heads, d), view(v, n_k, kv_heads, d_v),
+      blockattn::make_tensor_view(out.data(), batch, n_q, heads, d_v), options, lse.data());
+  Matrix<T> dq1, dk1, dv1;
+  for (const int threads : {1, 2, 3, 4, 7}) {
+    SCOPED_TRACE("threads=" + std::to_string(threads) + " " + seed_trace());
+    options.threads = threads;
+    Matrix<T> dq(q.rows(), q.cols()), dk(k.rows(), k.cols()), dv(v.rows(), v.cols());
+    blockattn::attention_backward<T>(
+        view(q, n_q, heads, d), view(k, n_k, kv_heads, d), view(v, n_k, kv_heads, d_v),
+        view(out, n_q, heads, d_v), lse.data(), view(dout, n_q, heads, d_v),
+        blockattn::make_tensor_view(dq.data(), batch, n_q, heads, d),
+        blockattn::make_tensor_view(dk.data(), batch, n_k, kv_heads, d),
+        blockattn::make_tensor_view(dv.data(), batch, n_k, kv_heads, d_v), options);
+    if (threads == 1) {
+      dq1 = dq;
+      dk1 = dk;
+      dv1 = dv;
+      continue;
+    }
+    EXPECT_TRUE((dq.array() == dq1.array()).all());
+    EXPECT_TRUE((dk.array() == dk1.array()).all());
+    EXPECT_TRUE((dv.array() == dv1.array()).all());
+  }
+}
+
+// GQA / MQA on strided BSHD views, with per-batch key lengths, ALiBi per head and causal: the
+// kernel against the TensorView reference, per (batch, head) tolerances summed over the query
+// heads that share a kv head.
+TYPED_TEST(AttentionBackwardTest, MultiHeadGqaAndMqaMatchReference) {
+  using T = TypeParam;
+  auto rng = make_rng(606);
+  const Index batch = 2, n_q = 21, n_k = 26, d = 8, d_v = 5, heads = 4;
+  for (const Index kv_heads : {4, 2, 1}) {
+    const Index group = heads / kv_heads;
+    SCOPED_TRACE("kv_heads=" + std::to_string(kv_heads) + " " + seed_trace());
+    const Matrix<T> q = random_matrix<T>(rng, batch * n_q, heads * d);
+    const Matrix<T> k = random_matrix<T>(rng, batch * n_k, kv_heads * d);
+    const Matrix<T> v = random_matrix<T>(rng, batch * n_k, kv_heads * d_v);
+    const Matrix<T> dout = random_matrix<T>(rng, batch * n_q, heads * d_v);
+    const Index lengths[2] = {26, 17};
+    const double slopes[4] = {0.5, 0.25, 0.125, 0.0625};
+    AttentionOptions options;
+    options.causal = true;
+    options.key_lengths = lengths;
+    options.alibi_slopes = slopes;
+    options.query_chunk = 8;
+    options.key_chunk = 5;
+
+    Matrix<T> out(batch * n_q, heads * d_v);
+    std::vector<T> lse(static_cast<std::size_t>(batch * heads * n_q));
+    const auto cview = [&](const auto& m, Index seq, Index h, Index dim) {
+      using S = std::remove_const_t<std::remove_reference_t<decltype(m(0, 0))>>;
+      return blockattn::make_tensor_view<const S>(m.data(), batch, seq, h, dim);
+    };
+    const auto mview = [&](auto& m, Index seq, Index h, Index dim) {
+      return blockattn::make_tensor_view(m.data(), batch, seq, h, dim);
+    };
+    blockattn::attention<T>(cview(q, n_q, heads, d), cview(k, n_k, kv_heads, d),
+                            cview(v, n_k, kv_heads, d_v), mview(out, n_q, heads, d_v), options,
+                            lse.data());
+    Matrix<T> dq(q.rows(), q.cols()), dk(k.rows(), k.cols()), dv(v.rows(), v.cols());
+    blockattn::attention_backward<T>(cview(q, n_q, heads, d), cview(k, n_k, kv_heads, d),
+                                     cview(v, n_k, kv_heads, d_v), cview(out, n_q, heads, d_v),
+                                     lse.data(), cview(dout, n_q, heads, d_v),
+                                     mview(dq, n_q, heads, d), mview(dk, n_k, kv_heads, d),
+                                     mview(dv, n_k, kv_heads, d_v), options);
+
+    const Matrix<Long> ql = q.template cast<Long>(), kl = k.template cast<Long>();
+    const Matrix<Long> vl = v.template cast<Long>(), dol = dout.template cast<Long>();
+    Matrix<Long> outl(out.rows(), out.cols());
+    std::vector<Long> lsel(lse.size());
+    blockattn::reference::attention<Long>(cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d),
+                                          cview(vl, n_k, kv_heads, d_v),
+                                          mview(outl, n_q, heads, d_v), options, lsel.data());
+    Matrix<Long> dql(q.rows(), q.cols()), dkl(k.rows(), k.cols()), dvl(v.rows(), v.cols());
+    blockattn::reference::attention_backward<Long>(
+        cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d), cview(vl, n_k, kv_heads, d_v),
+        cview(outl, n_q, heads, d_v), lsel.data(), cview(dol, n_q, heads, d_v),
+        mview(dql, n_q, heads, d), mview(dkl, n_k, kv_heads, d), mview(dvl, n_k, kv_heads, d_v),
+        options);
+    // P of every head: attention with v = I per kv head.
+    Matrix<Long> eye = Matrix<Long>::Zero(batch * n_k, kv_heads * n_k);
+    for (Index b = 0; b < batch; ++b) {
+      for (Index h = 0; h < kv_heads; ++h) {
+        eye.block(b * n_k, h * n_k, n_k, n_k).setIdentity();
+      }
+    }
+    Matrix<Long> p(batch * n_q, heads * n_k);
+    blockattn::reference::attention<Long>(cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d),
+                                          cview(eye, n_k, kv_heads, n_k), mview(p, n_q, heads, n_k),
+                                          options, nullptr);
+    for (Index b = 0; b < batch; ++b) {
+      for (Index kh = 0; kh < kv_heads; ++kh) {
+        std::vector<double> tol_dk(static_cast<std::size_t>(n_k), 0.0);
+        std::vector<double> tol_dv(static_cast<std::size_t>(n_k), 0.0);
+        const auto k_head = kl.block(b * n_k, kh * d, n_k, d).template cast<double>().eval();
+        const auto v_head = vl.block(b * n_k, kh * d_v, n_k, d_v).template cast<double>().eval();
+        for (Index h = kh * group; h < (kh + 1) * group; ++h) {
+          SCOPED_TRACE("b=" + std::to_string(b) + " h=" + std::to_string(h));
+          AttentionOptions head_options = options;
+          head_options.alibi_slopes = slopes + h;
+          const GradientTolerance tol = backward_tolerance<T>(
+              ql.block(b * n_q, h * d, n_q, d).template cast<double>(), k_head, v_head,
+              dol.block(b * n_q, h * d_v, n_q, d_v).template cast<double>(),
+              p.block(b * n_q, h * n_k, n_q, n_k).template cast<double>(),
+              effective_scale(options, d), modifier_magnitude(head_options, n_q, n_k), group);
+          expect_rows_near(dq.block(b * n_q, h * d, n_q, d), dql.block(b * n_q, h * d, n_q, d),
+                           tol.dq, "dq");
+          for (Index j = 0; j < n_k; ++j) {
+            tol_dk[static_cast<std::size_t>(j)] += tol.dk[static_cast<std::size_t>(j)];
+            tol_dv[static_cast<std::size_t>(j)] += tol.dv[static_cast<std::size_t>(j)];
+          }
+        }
+        expect_rows_near(dk.block(b * n_k, kh * d, n_k, d), dkl.block(b * n_k, kh * d, n_k, d),
+                         tol_dk, "dk");
+        expect_rows_near(dv.block(b * n_k, kh * d_v, n_k, d_v),
+                         dvl.block(b * n_k, kh * d_v, n_k, d_v), tol_dv, "dv");
+      }
+    }
+  }
+}
+
+TYPED_TEST(AttentionBackwardTest, BothCallFormsAndHeadSlicesAgree) {
+  using T = TypeParam;
+  auto rng = make_rng(707);
+  const Index n = 19, d = 4, heads = 2;
+  // A packed [n, heads·d] buffer: each head is a middleCols() slice with outer stride heads·d.
+  const Matrix<T> q = random_matrix<T>(rng, n, heads * d);
+  const Matrix<T> k = random_matrix<T>(rng, n, heads * d);
+  const Matrix<T> v = random_matrix<T>(rng, n, heads * d);
+  const Matrix<T> dout = random_matrix<T>(rng, n, heads * d);
+  Matrix<T> out(n, heads * d);
+  std::vector<T> lse(static_cast<std::size_t>(n));
+  Matrix<T> dq(n, heads * d), dk(n, heads * d), dv(n, heads * d);
+  Matrix<T> dq2(n, d), dk2(n, d), dv2(n, d);
+  const AttentionOptions options;
+  blockattn::attention(q.middleCols(d, d), k.middleCols(d, d), v.middleCols(d, d),
+                       out.middleCols(d, d), options, lse.data());
+  // Non-template overload (T deduced from the float/double argument types).
+  blockattn::attention_backward(q.middleCols(d, d), k.middleCols(d, d), v.middleCols(d, d),
+                                out.middleCols(d, d), lse.data(), dout.middleCols(d, d),
+                                dq.middleCols(d, d), dk.middleCols(d, d), dv.middleCols(d, d));
+  // Template form on contiguous copies.
+  const Matrix<T> qc = q.middleCols(d, d), kc = k.middleCols(d, d), vc = v.middleCols(d, d);
+  const Matrix<T> oc = out.middleCols(d, d), dc = dout.middleCols(d, d);
+  blockattn::attention_backward<T>(qc, kc, vc, oc, lse.data(), dc, dq2, dk2, dv2, options);
+  EXPECT_TRUE((dq.middleCols(d, d).array() == dq2.array()).all());
+  EXPECT_TRUE((dk.middleCols(d, d).array() == dk2.array()).all());
+  EXPECT_TRUE((dv.middleCols(d, d).array() == dv2.array()).all());
+  // The reference's non-template overload agrees within the T tolerance of the kernel.
+  Matrix<T> dq3(n, d), dk3(n, d), dv3(n, d);
+  blockattn::reference::attention_backward(qc, kc, vc, oc, lse.data(), dc, dq3, dk3, dv3);
+  Inputs<T> in{qc, kc, vc, dc};
+  expect_matches_reference<T>(in, options);
+}
+
+// The whole backward call makes no Eigen heap allocation at the default chunk sizes (d = 64): no
+// hidden Ref copy, no expression temporary, every GEMM's packing on the stack. (Its own workspace
+// and dQ tokens are std containers, allocated once per call, outside Eigen's guard.)
+TYPED_TEST(AttentionBackwardTest, TileLoopMakesNoEigenAllocation) {
+  using T = TypeParam;
+  auto rng = make_rng(1001);
+  const Shape s{150, 300, 64, 64, 0, 0};
+  SCOPED_TRACE(describe(s));
+  const Inputs<T> in = random_inputs<T>(rng, s);
+  AttentionOptions options;
+  options.causal = true;
+  options.softcap = 5;
+  Matrix<T> out(s.n_q, s.d_v);
+  std::vector<T> lse(static_cast<std::size_t>(s.n_q));
+  blockattn::attention<T>(in.q, in.k, in.v, out, options, lse.data());
+  Matrix<T> dq(s.n_q, s.d), dk(s.n_k, s.d), dv(s.n_k, s.d_v);
+  Eigen::internal::set_is_malloc_allowed(false);
+  blockattn::attention_backward<T>(in.q, in.k, in.v, out, lse.data(), in.dout, dq, dk, dv, options);
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_TRUE(dq.allFinite() && dk.allFinite() && dv.allFinite());
+}
+
+// Central finite differences of L = Σ out ∘ R (R random, so dout = R) through the chunked forward
+// in double. With step h = 2⁻¹⁷ (exact, so x ± h is exact for our 1/64-grid inputs):
+//   D(h) = (L(x + h) − L(x − h)) / 2h = L' + h²·L'''/6 + O(h⁴) + rounding,
+// where the rounding is <= ε_L / h and ε_L = Σ_ic |R_ic|·out_tol_i (the forward's error bound,
+// attention_tolerance<double>) plus n_q·d_v·u·Σ|R ∘ out| for the sum itself. The truncation term
+// is estimated from the same data by Richardson: D(2h) − D(h) = 3·h²·L'''/6·(1 + O(h²)), so
+// tol = 2·(|D(2h) − D(h)| / 3 + 2·ε_L / h): the estimate, its own rounding (ε_L/h + ε_L/2h over
+// 3 < 2·ε_L/h), and a factor 2 for the O(h⁴) remainder. A wrong gradient entry (a sign, a missing
+// scale, a mask or softcap derivative missed) is off by O(|L'|), far above this (≈1e-8).
+TEST(AttentionBackwardFiniteDifferenceTest, MatchesCentralDifferencesOfTheForward) {
+  auto rng = make_rng(808);
+  const Shape s{6, 9, 3, 2, 4, 4};
+  const double slope = 0.3;
+  const Index key_length = 8;
+  std::vector<std::pair<const char*, AttentionOptions>> cases(4);
+  cases[0].first = "plain";
+  cases[1].first = "causal + softcap + alibi";
+  cases[1].second.causal = true;
+  cases[1].second.softcap = 1.25;
+  cases[1].second.alibi_slopes = &slope;
+  cases[1].second.scale = 1.5;
+  cases[2].first = "window + key_lengths";
+  cases[2].second.window_left = 2;
+  cases[2].second.window_right = 1;
+  cases[2].second.key_lengths = &key_length;
+  cases[3].first = "causal, n_q > n_k (masked rows)";
+  cases[3].second.causal = true;
+  for (auto& entry : cases) {
+    const char* name = entry.first;
+    AttentionOptions& options = entry.second;
+    Shape shape = s;
+    if (std::string(name).find("n_q > n_k") != std::string::npos) std::swap(shape.n_q, shape.n_k);
+    SCOPED_TRACE(describe(shape, name));
+    options.query_chunk = shape.query_chunk;
+    options.key_chunk = shape.key_chunk;
+    Inputs<double> in = random_inputs<double>(rng, shape);
+    const Matrix<double> r = in.dout;
+    const auto loss = [&](const Inputs<double>& x) {
+      Matrix<double> out(x.q.rows(), x.v.cols());
+      blockattn::attention<double>(x.q, x.k, x.v, out, options);
+      return (out.array() * r.array()).sum();
+    };
+    Inputs<double> grads;
+    run_backward<double>(in, options, grads);
+    Matrix<double> out(in.q.rows(), in.v.cols());
+    blockattn::attention<double>(in.q, in.k, in.v, out, options);
+    const double u = static_cast<double>(unit_roundoff<double>());
+    const std::vector<double> out_tol = blockattn::test::attention_tolerance<double>(
+        in.q, in.k, in.v, effective_scale(options, shape.d),
+        modifier_magnitude(options, shape.n_q, shape.n_k));
+    double eps_l =
+        static_cast<double>(shape.n_q * shape.d_v) * u * (r.array() * out.array()).abs().sum();
+    for (Index i = 0; i < shape.n_q; ++i) {
+      eps_l += r.row(i).cwiseAbs().sum() * out_tol[static_cast<std::size_t>(i)];
+    }
+    const double h = std::ldexp(1.0, -17);
+    const auto check = [&](Matrix<double>& x, const Matrix<double>& g, const char* what) {
+      for (Index a = 0; a < x.rows(); ++a) {
+        for (Index c = 0; c < x.cols(); ++c) {
+          const double x0 = x(a, c);
+          const auto diff = [&](double step) {
+            x(a, c) = x0 + step;
+            const double plus = loss(in);
+            x(a, c) = x0 - step;
+            const double minus = loss(in);
+            x(a, c) = x0;
+            return (plus - minus) / (2 * step);
+          };
+          const double d1 = diff(h);
+          const double d2 = diff(2 * h);
+          const double tol = 2 * (std::abs(d2 - d1) / 3 + 2 * eps_l / h);
+          EXPECT_NEAR(g(a, c), d1, tol) << what << "(" << a << ", " << c << ")";
+        }
+      }
+    };
+    check(in.q, grads.q, "dq");
+    check(in.k, grads.k, "dk");
+    check(in.v, grads.v, "dv");
+  }
+}
+
+template <class T>
+class AttentionBackwardErrorTest : public ::testing::Test {};
+TYPED_TEST_SUITE(AttentionBackwardErrorTest, blockattn::test::Scalars, );
+
+TYPED_TEST(AttentionBackwardErrorTest, BadArgumentsThrowNamingSizesAndWriteNothing) {
+  using T = TypeParam;
+  auto rng = make_rng(909);
+  const Index n_q = 6, n_k = 5, d = 4, d_v = 3;
+  const Matrix<T> q = random_matrix<T>(rng, n_q, d);
+  const Matrix<T> k = random_matrix<T>(rng, n_k, d);
+  const Matrix<T> v = random_matrix<T>(rng, n_k, d_v);
+  const Matrix<T> out = random_matrix<T>(rng, n_q, d_v);
+  const Matrix<T> dout = random_matrix<T>(rng, n_q, d_v);
+  std::vector<T> lse(static_cast<std::size_t>(n_q), T(0));
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  Matrix<T> dq = Matrix<T>::Constant(n_q, d, nan);
+  Matrix<T> dk = Matrix<T>::Constant(n_k, d, nan);
+  Matrix<T> dv = Matrix<T>::Constant(n_k, d_v, nan);
+  const auto untouched = [&] {
+    return dq.array().isNaN().all() && dk.array().isNaN().all() && dv.array().isNaN().all();
+  };
+  const auto throws = [&](auto&& call, std::vector<std::string> parts) {
+    std::string message;
+    try {
+      call();
+    } catch (const std::invalid_argument& e) {
+      message = e.what();
+    }
+    EXPECT_THAT(message, HasSubstr("attention_backward"));
+    for (const auto& part : parts) EXPECT_THAT(message, HasSubstr(part));
+    EXPECT_TRUE(untouched());
+  };
+  using blockattn::attention_backward;
+  Matrix<T> dq_bad = Matrix<T>::Constant(n_q, d + 1, nan);
+  throws([&] { attention_backward<T>(q, k, v, out, lse.data(), dout, dq_bad, dk, dv); },
+         {"dq.cols()", "5", "4"});
+  Matrix<T> dk_bad = Matrix<T>::Constant(n_k - 1, d, nan);
+  throws([&] { attention_backward<T>(q, k, v, out, lse.data(), dout, dq, dk_bad, dv); },
+         {"dk.rows()", "4", "5"});
+  Matrix<T> dv_bad = Matrix<T>::Constant(n_k, d_v + 2, nan);
+  throws([&] { attention_backward<T>(q, k, v, out, lse.data(), dout, dq, dk, dv_bad); },
+         {"dv.cols()", "5", "3"});
+  const Matrix<T> dout_bad = random_matrix<T>(rng, n_q + 1, d_v);
+  throws([&] { attention_backward<T>(q, k, v, out, lse.data(), dout_bad, dq, dk, dv); },
+         {"dout.rows()", "7", "6"});
+  const Matrix<T> k_bad = random_matrix<T>(rng, n_k, d + 3);
+  throws([&] { attention_backward<T>(q, k_bad, v, out, lse.data(), dout, dq, dk, dv); },
+         {"k.cols()", "7", "4"});
+  throws([&] { attention_backward<T>(q, k, v, out, nullptr, dout, dq, dk, dv); },
+         {"lse is null", "6"});
+  AttentionOptions bad_chunk;
+  bad_chunk.key_chunk = -2;
+  throws([&] { attention_backward<T>(q, k, v, out, lse.data(), dout, dq, dk, dv, bad_chunk); },
+         {"options.key_chunk", "-2"});
+  // Outputs aliasing inputs or each other.
+  Matrix<T> q_copy = q;
+  throws([&] { attention_backward<T>(q_copy, k, v, out, lse.data(), dout, q_copy, dk, dv); },
+         {"dq overlaps the memory of q"});
+  Matrix<T> shared = Matrix<T>::Constant(n_k, d, nan);
+  throws(
+      [&] {
+        attention_backward<T>(q, k, v, out, lse.data(), dout, dq, shared, shared.leftCols(d_v));
+      },
+      {"dk overlaps the memory of dv"});
+  Matrix<T> out_copy = out;
+  throws(
+      [&] {
+        attention_backward<T>(q, k, v, out_copy, lse.data(), dout, dq, dk,
+                              out_copy.leftCols(d_v).topRows(n_k));
+      },
+      {"dv overlaps the memory of out"});
+  // lse aliasing dq: lse read, dq written.
+  Matrix<T> lse_in_dq = Matrix<T>::Constant(n_q, d, nan);
+  throws([&] { attention_backward<T>(q, k, v, out, lse_in_dq.data(), dout, lse_in_dq, dk, dv); },
+         {"dq overlaps the memory of lse"});
+  // TensorView: head count and GQA mismatch, named with both sizes.
+  const auto tv = [](const Matrix<T>& m, Index seq, Index heads, Index dim) {
+    return blockattn::make_tensor_view<const T>(m.data(), 1, seq, heads, dim);
+  };
+  Matrix<T> dq_t = Matrix<T>::Constant(n_q, d, nan);
+  throws(
+      [&] {
+        attention_backward<T>(tv(q, n_q, 1, d), tv(k, n_k, 1, d), tv(v, n_k, 1, d_v),
+                              tv(out, n_q, 1, d_v), lse.data(), tv(dout, n_q, 1, d_v),
+                              blockattn::make_tensor_view(dq_t.data(), 1, n_q / 2, 2, d),
+                              blockattn::make_tensor_view(dk.data(), 1, n_k, 1, d),
+                              blockattn::make_tensor_view(dv.data(), 1, n_k, 1, d_v));
+      },
+      {"dq.seq", "3", "6"});
+  EXPECT_TRUE(dq_t.array().isNaN().all());
+}
+
+}  // namespace
