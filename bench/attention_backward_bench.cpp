@@ -6,12 +6,6 @@
 // The big sizes carry "Large" in their names and run only when a filter selects them:
 //   attention_backward_bench --benchmark_filter=Large --benchmark_counters_tabular=true
 // Model FLOPs (FlashAttention's convention): forward 4·n_q·n_k·d per head, backward 2.5× that.
-// GCC 12 with -march=native (AVX-512) reports a false -Wmaybe-uninitialized inside Eigen's GEMM
-// packing (the _mm512_undefined_ps of avx512fintrin.h; GCC bug 105593, fixed in GCC 13). It must
-// be silenced before the first include, since the warning is attributed to the headers' lines.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 #include <cstring>
 #include <string>

@@ -11,13 +11,6 @@
 //   bytes/s BM_TileStep<T>/step/d         the tile step's parts one by one (96×256 tile)
 // Built with -march=native (blockattn_native). Single-thread unless the name says threads.
 
-// Eigen's AVX-512 GEMM kernel goes through GCC 12's unmasked _mm512_unpack*_ps, which read an
-// uninitialised _mm512_undefined_ps() and trip -Wmaybe-uninitialized at -O3 -march=native
-// (GCC bug 105593, fixed in GCC 13). Not our code and harmless; silenced for this file only.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 
 #include <algorithm>
 #include <chrono>
