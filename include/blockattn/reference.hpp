@@ -214,7 +214,9 @@ void transformer_block(const TransformerBlockWeights<T>& w, ConstMatrixView<T> x
   Matrix<T> v = ln1 * w.wv;
   v.rowwise() += w.bv;
 
-  std::vector<Matrix<T>> probs(static_cast<std::size_t>(w.heads), Matrix<T>(n, n));
+  std::vector<Matrix<T>> probs;  // built one by one: no extra n×n prototype to copy from
+  probs.reserve(static_cast<std::size_t>(w.heads));
+  for (Index hd = 0; hd < w.heads; ++hd) probs.emplace_back(n, n);
   Matrix<T> attn(n, model);
   for (Index hd = 0; hd < w.heads; ++hd) {
     Matrix<T>& p = probs[static_cast<std::size_t>(hd)];
