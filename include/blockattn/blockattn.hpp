@@ -7,4 +7,5 @@
 #include <blockattn/mask.hpp>
 #include <blockattn/reference.hpp>
 #include <blockattn/softmax.hpp>
+#include <blockattn/transformer_block.hpp>
 #include <blockattn/types.hpp>

@@ -14,6 +14,7 @@
 #include <blockattn/attention.hpp>
 #include <blockattn/attention_backward.hpp>
 #include <blockattn/mask.hpp>
+#include <blockattn/transformer_block.hpp>
 #include <blockattn/types.hpp>
 
 namespace blockattn::reference {
@@ -205,6 +206,193 @@ inline void attention(TensorView<const double> q, TensorView<const double> k,
                       TensorView<const double> v, TensorView<double> out,
                       const AttentionOptions& options = {}, double* lse = nullptr) {
   reference::attention<double>(q, k, v, out, options, lse);
+}
+
+// --- transformer block ---------------------------------------------------------------------
+
+namespace detail {
+
+/// LayerNorm of every row, written plainly: mean, biased variance, normalise, scale, shift.
+template <class T>
+Matrix<T> layer_norm(const Matrix<T>& z, const RowVector<T>& gamma, const RowVector<T>& beta,
+                     T eps) {
+  Matrix<T> out(z.rows(), z.cols());
+  for (Index r = 0; r < z.rows(); ++r) {
+    const T mean = z.row(r).mean();
+    const T var = (z.row(r).array() - mean).square().mean();
+    out.row(r) = ((z.row(r).array() - mean) / std::sqrt(var + eps)) * gamma.array() + beta.array();
+  }
+  return out;
+}
+
+/// The activations' formulas, evaluated in T.
+template <class T>
+T activation_value(Activation activation, T x) {
+  const T pi = std::acos(T(-1));
+  switch (activation) {
+    case Activation::GeluErf:
+      return x * (T(1) + std::erf(x / std::sqrt(T(2)))) / T(2);
+    case Activation::GeluTanh:
+      return x * (T(1) + std::tanh(std::sqrt(T(2) / pi) * (x + T(0.044715) * x * x * x))) / T(2);
+    case Activation::Relu:
+      return std::max(x, T(0));
+  }
+  return x;
+}
+
+}  // namespace detail
+
+/// The vanilla, unfused pre-LN layer with the semantics of blockattn::transformer_block(): LN1(x),
+/// full Q, K and V [n, ·], every head's n×n score matrix at once ([heads, n, n], softmax in place,
+/// as a batched multi-head implementation holds them), the attention output, h, LN2(h) and the
+/// full n×ffn hidden layer. Only options.causal matters (blocks and threads are ignored).
+/// Time O(n·model·(model + ffn) + n²·model); extra memory O(heads·n² + n·(model + ffn)).
+/// Same shapes, errors and aliasing rules as transformer_block() (y may be exactly x).
+template <class T>
+void transformer_block(const TransformerBlockWeights<T>& w, ConstMatrixView<T> x, MatrixView<T> y,
+                       const BlockOptions& options = {}) {
+  blockattn::detail::validate_transformer_block<T>("reference::transformer_block", w, x, y,
+                                                   options);
+  const Index n = x.rows();
+  if (n == 0) return;
+  const Index model = w.wq.rows();
+  const Index head_dim = model / w.heads;
+  const Index group = w.heads / w.resolved_kv_heads();
+  const T eps = static_cast<T>(w.ln_eps);
+  const T scale = T(1) / std::sqrt(static_cast<T>(head_dim));
+  const T inf = std::numeric_limits<T>::infinity();
+
+  const Matrix<T> x_copy = x;
+  const Matrix<T> ln1 = detail::layer_norm<T>(x_copy, w.ln1_gamma, w.ln1_beta, eps);
+  Matrix<T> q = ln1 * w.wq;
+  q.rowwise() += w.bq;
+  Matrix<T> k = ln1 * w.wk;
+  k.rowwise() += w.bk;
+  Matrix<T> v = ln1 * w.wv;
+  v.rowwise() += w.bv;
+
+  std::vector<Matrix<T>> probs;  // built one by one: no extra n×n prototype to copy from
+  probs.reserve(static_cast<std::size_t>(w.heads));
+  for (Index hd = 0; hd < w.heads; ++hd) probs.emplace_back(n, n);
+  Matrix<T> attn(n, model);
+  for (Index hd = 0; hd < w.heads; ++hd) {
+    Matrix<T>& p = probs[static_cast<std::size_t>(hd)];
+    const Index kv = hd / group;
+    p.noalias() =
+        q.middleCols(hd * head_dim, head_dim) * k.middleCols(kv * head_dim, head_dim).transpose();
+    p *= scale;
+    for (Index i = 0; i < n; ++i) {
+      if (options.causal) p.row(i).tail(n - 1 - i).setConstant(-inf);
+      const T m = p.row(i).maxCoeff();
+      p.row(i) = (p.row(i).array() - m).exp();
+      p.row(i) /= p.row(i).sum();
+    }
+  }
+  for (Index hd = 0; hd < w.heads; ++hd) {
+    attn.middleCols(hd * head_dim, head_dim).noalias() =
+        probs[static_cast<std::size_t>(hd)] * v.middleCols(hd / group * head_dim, head_dim);
+  }
+
+  Matrix<T> h = x_copy;
+  h.noalias() += attn * w.wo;
+  h.rowwise() += w.bo;
+  const Matrix<T> ln2 = detail::layer_norm<T>(h, w.ln2_gamma, w.ln2_beta, eps);
+  Matrix<T> hidden = ln2 * w.w1;
+  hidden.rowwise() += w.b1;
+  hidden = hidden.unaryExpr([&](T z) { return detail::activation_value(w.activation, z); });
+  Matrix<T> out = h;
+  out.noalias() += hidden * w.w2;
+  out.rowwise() += w.b2;
+  y = out;
+}
+
+/// reference::transformer_block() on float arguments without spelling T.
+inline void transformer_block(const TransformerBlockWeights<float>& w, ConstMatrixView<float> x,
+                              MatrixView<float> y, const BlockOptions& options = {}) {
+  reference::transformer_block<float>(w, x, y, options);
+}
+
+/// reference::transformer_block() on double arguments without spelling T.
+inline void transformer_block(const TransformerBlockWeights<double>& w, ConstMatrixView<double> x,
+                              MatrixView<double> y, const BlockOptions& options = {}) {
+  reference::transformer_block<double>(w, x, y, options);
+}
+
+/// The middle variant of the BPT paper's memory comparison: memory-efficient attention
+/// (blockattn::attention over full Q, K, V, options.query_block / key_block as its chunks,
+/// options.threads threads) followed by an unfused FFN over all tokens at once. Each buffer is
+/// freed when no longer needed and the activation is applied in place, so the peak is the FFN's:
+/// h, LN2(h) and the n×ffn hidden layer, O(n·(2·model + ffn)). Same results as
+/// transformer_block() up to rounding; same shapes, errors and aliasing rules.
+template <class T>
+void transformer_block_unfused_ffn(const TransformerBlockWeights<T>& w, ConstMatrixView<T> x,
+                                   MatrixView<T> y, const BlockOptions& options = {}) {
+  blockattn::detail::validate_transformer_block<T>("reference::transformer_block_unfused_ffn", w, x,
+                                                   y, options);
+  const Index n = x.rows();
+  if (n == 0) return;
+  const Index model = w.wq.rows();
+  const Index heads = w.heads;
+  const Index kv_heads = w.resolved_kv_heads();
+  const Index head_dim = model / heads;
+  const Index kv_dim = kv_heads * head_dim;
+  const T eps = static_cast<T>(w.ln_eps);
+
+  Matrix<T> h(n, model);
+  {
+    Matrix<T> q(n, model);
+    Matrix<T> k(n, kv_dim);
+    Matrix<T> v(n, kv_dim);
+    {
+      Matrix<T> ln1(n, model);
+      blockattn::detail::layer_norm_rows<T>(x, ln1, w.ln1_gamma, w.ln1_beta, eps);
+      q.noalias() = ln1 * w.wq;
+      q.rowwise() += w.bq;
+      k.noalias() = ln1 * w.wk;
+      k.rowwise() += w.bk;
+      v.noalias() = ln1 * w.wv;
+      v.rowwise() += w.bv;
+    }
+    Matrix<T> attn(n, model);
+    AttentionOptions attention_options;
+    attention_options.causal = options.causal;
+    attention_options.query_chunk = options.query_block;
+    attention_options.key_chunk = options.key_block;
+    attention_options.threads = options.threads;
+    blockattn::attention<T>(make_tensor_view<const T>(q.data(), 1, n, heads, head_dim),
+                            make_tensor_view<const T>(k.data(), 1, n, kv_heads, head_dim),
+                            make_tensor_view<const T>(v.data(), 1, n, kv_heads, head_dim),
+                            make_tensor_view<T>(attn.data(), 1, n, heads, head_dim),
+                            attention_options);
+    h.noalias() = attn * w.wo;
+    h += x;
+    h.rowwise() += w.bo;
+  }
+  Matrix<T> hidden(n, w.w1.cols());
+  {
+    Matrix<T> ln2(n, model);
+    blockattn::detail::layer_norm_rows<T>(h, ln2, w.ln2_gamma, w.ln2_beta, eps);
+    hidden.noalias() = ln2 * w.w1;
+  }
+  hidden.rowwise() += w.b1;
+  blockattn::detail::activate_in_place(w.activation, hidden);
+  y = h;
+  y.rowwise() += w.b2;
+  y.noalias() += hidden * w.w2;
+}
+
+/// reference::transformer_block_unfused_ffn() on float arguments without spelling T.
+inline void transformer_block_unfused_ffn(const TransformerBlockWeights<float>& w,
+                                          ConstMatrixView<float> x, MatrixView<float> y,
+                                          const BlockOptions& options = {}) {
+  reference::transformer_block_unfused_ffn<float>(w, x, y, options);
+}
+
+/// reference::transformer_block_unfused_ffn() on double arguments without spelling T.
+inline void transformer_block_unfused_ffn(const TransformerBlockWeights<double>& w,
+                                          ConstMatrixView<double> x, MatrixView<double> y,
+                                          const BlockOptions& options = {}) {
+  reference::transformer_block_unfused_ffn<double>(w, x, y, options);
 }
 
 }  // namespace blockattn::reference
