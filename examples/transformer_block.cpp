@@ -1,10 +1,6 @@
 // One pre-LN transformer layer with random weights, run two ways: fused blockwise (BPT) and the
 // vanilla unfused reference. Prints y's checksum, time and the peak resident memory each added.
 // Usage: transformer_block [n=4096] [model=512] [heads=8] [ffn=2048] [causal=1]
-// GCC 12's false -Wmaybe-uninitialized in AVX-512 intrinsics (bug 105593) under -march=native.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
