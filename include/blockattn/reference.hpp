@@ -15,6 +15,7 @@
 #include <blockattn/mask.hpp>
 #include <blockattn/types.hpp>
 
+/// Naive O(n²) versions of every kernel, materialising the scores: for tests and for checking.
 namespace blockattn::reference {
 
 // --- softmax ---------------------------------------------------------------------------------
