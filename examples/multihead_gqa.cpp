@@ -22,7 +22,9 @@ int main(int argc, char** argv) {
               kv_heads = argc > 4 ? std::atol(argv[4]) : 4;
   const Index dim = argc > 5 ? std::atol(argv[5]) : 64;
   if (batch < 1 || seq < 1 || dim < 1 || kv_heads < 1 || heads < 1 || heads % kv_heads != 0) {
-    std::fprintf(stderr, "usage: multihead_gqa [batch] [seq] [heads] [kv heads | heads] [dim]\n");
+    std::fprintf(
+        stderr,
+        "usage: multihead_gqa [batch] [seq] [heads] [kv_heads] [dim], kv_heads dividing heads\n");
     return 2;
   }
   // Plain contiguous buffers, as a framework hands them over. Values uniform in [-1, 1].
@@ -34,7 +36,8 @@ int main(int argc, char** argv) {
     std::generate(buffer->begin(), buffer->end(), [&] { return uniform(rng); });
   std::vector<float> out(q.size()), naive(q.size());
 
-  // Sequence b has lengths[b] real tokens (1024, 768, 512, 256 by default); the rest is padding.
+  // Sequence b has lengths[b] real tokens (1024, 768, 512, 256 by default); the rest is padding
+  // (whose query rows are computed too, and ignored by a model).
   std::vector<Index> lengths(batch);
   for (Index b = 0; b < batch; ++b) lengths[b] = std::max<Index>(1, seq - b * seq / batch);
   blockattn::AttentionOptions options;
