@@ -4,7 +4,8 @@
 // (2,0,1) — each block sees another one, long-range attention. Spread over the heads (here 8:2:2
 // of 12 heads, one of the paper's mixes), every token still reaches every block through some
 // head, yet each head computes only 1/3 of the score matrix. BlockSparseLayout holds the pattern;
-// tiles outside it are skipped entirely, so the saving is in time, not just in masking.
+// tiles outside it are skipped entirely, so the saving is in time, not just in masking. The
+// kernel cuts each block into tiles that divide it: prefer a block size with a large divisor.
 //   block_sparse [block size] [head dim]     (defaults: 512 64, i.e. n = 1536 tokens, 12 heads)
 #include <algorithm>
 #include <chrono>
