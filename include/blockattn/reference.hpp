@@ -17,6 +17,7 @@
 #include <blockattn/transformer_block.hpp>
 #include <blockattn/types.hpp>
 
+/// Naive O(n²) versions of every kernel, materialising the scores: for tests and for checking.
 namespace blockattn::reference {
 
 // --- softmax ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 
 #include <Eigen/Core>
 
+/// Exact attention kernels for the CPU that never form the n×n score matrix.
 namespace blockattn {
 
 using Index = Eigen::Index;
