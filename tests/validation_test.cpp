@@ -358,6 +358,13 @@ void attention_rows(Table<T>& table) {
   option_rows<T>(table, "attention", 1, 1, [](Buffers<T>& b, const AttentionOptions& o) {
     attention<T>(b.in(5, 4), b.in(7, 4), b.in(7, 3), b.out(5, 3), o, b.out_ptr(5));
   });
+  add<T>(table, "attention/out self-overlap",
+         {"blockattn::attention: out.outerStride() is 2 but out.cols() is 3"}, [](Buffers<T>& b) {
+           Matrix<T>& out = b.out(1, 16);
+           Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> rows(out.data(), 5, 3,
+                                                               Eigen::OuterStride<>(2));
+           attention<T>(b.in(5, 4), b.in(7, 4), b.in(7, 3), rows);
+         });
   // Aliasing: out or lse inside q, k, v (or lse inside out).
   for (const char* input : {"q", "k", "v"}) {
     const std::string name = input;
@@ -463,6 +470,18 @@ void tensor_attention_rows(Table<T>& table) {
              blockattn::attention(as_const(tensor<T>(b, false, q[0], q[1], q[2], q[3])),
                                   as_const(kt), as_const(vt),
                                   tensor<T>(b, true, o[0], o[1], o[2], o[3]));
+           });
+  }
+  for (const Index head_stride : {Index{0}, Index{3}}) {  // heads on one address; overlapping
+    add<T>(table, "attention[tensor]/out self-overlap",
+           {"blockattn::attention: out's strides [90, 18, " + std::to_string(head_stride) + "]",
+            "make elements of out [2, 5, 3, 6] share memory"},
+           [=](Buffers<T>& b) {
+             TensorView<T> out = tensor<T>(b, true, o[0], o[1], o[2], o[3]);
+             out.head_stride = head_stride;
+             blockattn::attention(as_const(tensor<T>(b, false, q[0], q[1], q[2], q[3])),
+                                  as_const(tensor<T>(b, false, k[0], k[1], k[2], k[3])),
+                                  as_const(tensor<T>(b, false, v[0], v[1], v[2], v[3])), out);
            });
   }
   option_rows<T>(
