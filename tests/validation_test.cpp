@@ -72,6 +72,7 @@ class Buffers {
       for (const Index x : indices) EXPECT_EQ(x, -7) << "an index output was written";
     }
     for (std::size_t b = 0; b < inputs_.size(); ++b) {
+      if (inputs_[b].size() == 0) continue;  // no data pointer to compare
       EXPECT_EQ(std::memcmp(inputs_[b].data(), snapshots_[b].data(),
                             static_cast<std::size_t>(inputs_[b].size()) * sizeof(T)),
                 0)
