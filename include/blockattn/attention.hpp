@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <limits>
 
 #include <Eigen/Core>
@@ -30,6 +31,26 @@ AddressRange tensor_range(const TensorView<T>& t) {
     (extent < 0 ? lo : hi) += extent;
   }
   return {t.data + lo, t.data + hi + t.dim};
+}
+
+/// True when every element of the 4-D view has its own address: with the dimensions of extent
+/// > 1 sorted by |stride|, each stride must step over everything the smaller ones span (a nested
+/// layout: BSHD, BHSD, fused QKV slices). Interleaved layouts that happen not to collide are
+/// rejected too; an output that writes one address twice would race between threads.
+template <class T>
+bool elements_distinct(const TensorView<T>& t) {
+  std::pair<Index, Index> dims[3] = {
+      {t.batch_stride < 0 ? -t.batch_stride : t.batch_stride, t.batch},
+      {t.seq_stride < 0 ? -t.seq_stride : t.seq_stride, t.seq},
+      {t.head_stride < 0 ? -t.head_stride : t.head_stride, t.heads}};
+  std::sort(std::begin(dims), std::end(dims));
+  Index span = t.dim;
+  for (const auto& [stride, extent] : dims) {
+    if (extent <= 1) continue;
+    if (stride < span) return false;
+    span = stride * (extent - 1) + span;
+  }
+  return true;
 }
 
 /// Address range of a matrix view.
@@ -94,6 +115,9 @@ void validate_attention(const char* function, const ConstMatrixView<T>& q,
                "one output row per query");
   require_size(function, "out.cols()", out.cols(), "v.cols()", v.cols(),
                "the output has the values' head dimension");
+  require(out.rows() <= 1 || out.outerStride() >= out.cols(), function, "out.outerStride() is ",
+          out.outerStride(), " but out.cols() is ", out.cols(),
+          " (output rows must not overlap each other)");
   validate_attention_options(function, options, /*batch=*/1, /*q_heads=*/1, q.rows(), k.rows());
   const AddressRange out_range = view_range(out);
   require_disjoint(function, "out", out_range, "q", view_range(q));
@@ -138,6 +162,10 @@ void validate_attention(const char* function, const TensorView<const T>& q,
           "q.data or out.data is null for a non-empty problem");
   require(empty || k.seq == 0 || (k.data != nullptr && v.data != nullptr), function,
           "k.data or v.data is null for a non-empty problem");
+  require(empty || elements_distinct(out), function, "out's strides [", out.batch_stride, ", ",
+          out.seq_stride, ", ", out.head_stride, "] make elements of out [", out.batch, ", ",
+          out.seq, ", ", out.heads, ", ", out.dim,
+          "] share memory (every output element needs its own address)");
   validate_attention_options(function, options, q.batch, q.heads, q.seq, k.seq);
   const AddressRange out_range = tensor_range(out);
   require_disjoint(function, "out", out_range, "q", tensor_range(q));
