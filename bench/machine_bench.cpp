@@ -11,7 +11,6 @@
 //   bytes/s BM_TileStep<T>/step/d         the tile step's parts one by one (96×256 tile)
 // Built with -march=native (blockattn_native). Single-thread unless the name says threads.
 
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
