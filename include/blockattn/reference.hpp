@@ -135,7 +135,8 @@ void attention_head(const Q& q, const K& k, const V& v, Out&& out, const Attenti
     out.row(i).setZero();
     for (Index j = 0; j < n_k; ++j) {
       if (s(i, j) == -inf) continue;
-      const T p = std::exp(s(i, j) - m);
+      // exp(s − m), with +inf scores sharing the weight equally (the library's one rule).
+      const T p = blockattn::detail::softmax_weight(s(i, j), m);
       l += p;
       out.row(i) += p * v.row(j);
     }
