@@ -354,13 +354,14 @@ constexpr Index tile_attention_workspace_size(Index query_block, Index key_block
 }
 
 /// Prototype single-head forward pass built only from the kernels above (no masks, one thread),
-/// for the benchmark of the building blocks and as the worked example of how they compose; the
-/// public attention() has its own loop. out = softmax(scale·q·kᵀ)·v with q [n_q, d], k [n_k, d],
-/// v [n_k, d_v], out [n_q, d_v], all row-major with the given row strides. Query blocks of
-/// query_block rows, key chunks of key_block keys (both >= 1); each (query block, key chunk)
-/// packs K and V once and runs the tile step on kTileRows rows at a time.
-/// workspace: tile_attention_workspace_size elements. A row with l = 0 (possible only with
-/// n_k = 0) gets 0; NaN propagates.
+/// for machine_bench's measurement of the building blocks (its unmasked ceiling) and as the
+/// worked example of how they compose; the public attention() runs the same kernels through its
+/// own loop in detail/attention_kernel.hpp (masks, modifiers, GQA, threads, decode split). out =
+/// softmax(scale·q·kᵀ)·v with q [n_q, d], k [n_k, d], v [n_k, d_v], out [n_q, d_v], all row-major
+/// with the given row strides. Query blocks of query_block rows, key chunks of key_block keys (both
+/// >= 1); each (query block, key chunk) packs K and V once and runs the tile step on kTileRows rows
+/// at a time. workspace: tile_attention_workspace_size elements. A row with l = 0 (possible only
+/// with n_k = 0) gets 0; NaN propagates.
 template <class T>
 inline void tile_attention_forward(const T* q, Index ld_q, const T* k, Index ld_k, const T* v,
                                    Index ld_v, Index n_q, Index n_k, Index d, Index d_v, T scale,
