@@ -1,6 +1,8 @@
 // Chunked attention (Rabe & Staats 2021) against a well-written naive path — two Eigen GEMMs
 // through a reused n×n score buffer — in one table: time, FLOP/s over the visible pairs only, and
-// the measured peak heap of one call. Plus single-token decode over long KV caches.
+// the measured peak heap of one call. Plus single-token decode over long KV caches and the thread
+// scaling of prefill and decode. Read FLOP/s as a fraction of machine_bench's BM_FmaPeak (one
+// core) and decode's bytes/s as a fraction of its BM_StreamRead.
 //
 // The default run is short (n <= 4096, decode n_k <= 32K). The large sizes are registered under
 // names containing "Large" and run only when asked for, e.g.
@@ -127,7 +129,9 @@ void BM_Attention_ChunkedAllThreads(benchmark::State& state) {
 }
 
 // One new token against a KV cache of n_k tokens: 8 query heads sharing one kv head (MQA, so a
-// 1M-token cache is 2·256 MiB), d = 128, all threads.
+// 1M-token cache is 2·256 MiB), d = 128; threads from the second argument (0: all). The caller
+// keeps one blockattn::Workspace across calls, as a decode loop does, so no call allocates;
+// bytes/s counts q, K, V and out once (compare with machine_bench's BM_StreamRead).
 template <class T>
 void BM_Attention_Decode(benchmark::State& state) {
   const Index heads = 8;
@@ -140,7 +144,38 @@ void BM_Attention_Decode(benchmark::State& state) {
   const auto k_view = blockattn::make_tensor_view(k.data(), 1, shape.n_k, 1, shape.d);
   const auto v_view = blockattn::make_tensor_view(v.data(), 1, shape.n_k, 1, shape.d_v);
   const auto out_view = blockattn::make_tensor_view(out.data(), 1, 1, heads, shape.d_v);
-  const AttentionOptions options;
+  AttentionOptions options;
+  options.threads = static_cast<int>(state.range(1));
+  blockattn::Workspace workspace;
+  const std::size_t peak = blockattn::bench::measure_extra_heap(
+      [&] { blockattn::attention<T>(workspace, q_view, k_view, v_view, out_view, options); });
+  for (auto _ : state) {
+    blockattn::attention<T>(workspace, q_view, k_view, v_view, out_view, options);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  blockattn::bench::set_attention_counters<T>(state, shape, peak);
+}
+
+// Prefill on [1, n, heads, 64] tensors (MHA) with a given thread count: the thread-scaling case
+// (n = 4096, 8 heads, 1 and 2 threads) and the shapes of bench/compare_pytorch.py. Arguments
+// n, heads, causal, threads; rates per wall-clock second.
+template <class T>
+void BM_Attention_PrefillThreads(benchmark::State& state) {
+  const Index n = state.range(0);
+  const Index heads = state.range(1);
+  const AttentionShape shape{1, heads, heads, n, n, 64, 64, state.range(2) != 0};
+  const Matrix<T> q = random_input<T>(n * heads, shape.d, 1);
+  const Matrix<T> k = random_input<T>(n * heads, shape.d, 2);
+  const Matrix<T> v = random_input<T>(n * heads, shape.d_v, 3);
+  Matrix<T> out(n * heads, shape.d_v);
+  const auto q_view = blockattn::make_tensor_view(q.data(), 1, n, heads, shape.d);
+  const auto k_view = blockattn::make_tensor_view(k.data(), 1, n, heads, shape.d);
+  const auto v_view = blockattn::make_tensor_view(v.data(), 1, n, heads, shape.d_v);
+  const auto out_view = blockattn::make_tensor_view(out.data(), 1, n, heads, shape.d_v);
+  AttentionOptions options;
+  options.causal = shape.causal;
+  options.threads = static_cast<int>(state.range(3));
   const std::size_t peak = blockattn::bench::measure_extra_heap(
       [&] { blockattn::attention<T>(q_view, k_view, v_view, out_view, options); });
   for (auto _ : state) {
@@ -170,9 +205,20 @@ BENCHMARK_TEMPLATE(BM_Attention_ChunkedAllThreads, float)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_Attention_Decode, float)
-    ->ArgName("n_k")
-    ->Arg(4096)
-    ->Arg(32768)
+    ->ArgNames({"n_k", "threads"})
+    ->ArgsProduct({{4096, 32768, 262144}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_Attention_PrefillThreads, float)
+    ->ArgNames({"n", "heads", "causal", "threads"})
+    ->ArgsProduct({{4096}, {8}, {0, 1}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+// The shapes of bench/compare_pytorch.py (run by it with a filter).
+BENCHMARK_TEMPLATE(BM_Attention_PrefillThreads, float)
+    ->Name("Large/Compare/BM_Attention_PrefillThreads<float>")
+    ->ArgNames({"n", "heads", "causal", "threads"})
+    ->ArgsProduct({{512, 1024, 2048, 4096}, {1, 8}, {0}, {1, 2}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 
@@ -184,9 +230,8 @@ BENCHMARK_TEMPLATE(BM_Attention_Chunked, float)
     ->Apply(large_sizes);
 BENCHMARK_TEMPLATE(BM_Attention_Decode, float)
     ->Name("Large/BM_Attention_Decode<float>")
-    ->ArgName("n_k")
-    ->Arg(262144)
-    ->Arg(1048576)
+    ->ArgNames({"n_k", "threads"})
+    ->Args({1048576, 0})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 
@@ -204,7 +249,8 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&count, args.data());
   if (benchmark::ReportUnrecognizedArguments(count, args.data())) return 1;
   benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
-  benchmark::AddCustomContext("chunks", "library defaults (query 64, key <= 256)");
+  benchmark::AddCustomContext(
+      "chunks", "library defaults (query block <= 768 rows in 96-row sub-tiles, key <= 256)");
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -60,20 +60,77 @@ TYPED_TEST(AttentionNoMallocTest, TileLoopNeverAllocates) {
   EXPECT_TRUE(out.allFinite());
 }
 
-// The instrument works: a key chunk whose packed GEMM block exceeds Eigen's stack buffer
-// (4096 keys × 64 dims × 4 bytes = 1 MiB > 128 KiB) makes Eigen allocate inside the loop, and
-// the check aborts.
-TEST(AttentionNoMallocDeathTest, OversizedKeyChunkAllocatesAndIsCaught) {
+// The instrument works: an Eigen allocation, and a Workspace growing, inside the scope that
+// attention() opens around its loops both abort.
+TEST(AttentionNoMallocDeathTest, AnAllocationInsideTheScopeIsCaught) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  auto rng = make_rng(32);
-  const Matrix<float> q = random_matrix<float>(rng, 64, 64);
-  const Matrix<float> k = random_matrix<float>(rng, 4096, 64);
-  const Matrix<float> v = random_matrix<float>(rng, 4096, 64);
-  Matrix<float> out(64, 64);
+  EXPECT_DEATH(
+      {
+        const blockattn::detail::NoMallocScope scope;
+        Matrix<float> big(512, 512);
+        big.setZero();
+      },
+      "");
+  EXPECT_DEATH(
+      {
+        const blockattn::detail::NoMallocScope scope;
+        blockattn::Workspace workspace;
+        static_cast<void>(workspace.reserve(1024));
+      },
+      "");
+}
+
+// A caller-supplied Workspace makes repeated calls allocation-free: the second decode call (and
+// prefill / decode calls after the workspace has grown to fit both) runs whole — validation,
+// workspace sizing, the loops and the key-split merge — inside Eigen's no-malloc scope, which also
+// covers Workspace's own allocator (see the death test above), and gives bitwise the output of a
+// call with a fresh workspace.
+TYPED_TEST(AttentionNoMallocTest, SecondCallWithAWorkspaceAllocatesNothing) {
+  using T = TypeParam;
+  auto rng = make_rng(33);
+  const Index heads = 4;
+  const Index n_k = 20000;  // > one decode segment: the key split and its merge run
+  const Index d = 64;
+  const Matrix<T> q = random_matrix<T>(rng, heads, d);
+  const Matrix<T> k = random_matrix<T>(rng, n_k * heads, d);
+  const Matrix<T> v = random_matrix<T>(rng, n_k * heads, d);
+  Matrix<T> out(heads, d);
+  Matrix<T> expected(heads, d);
+  std::vector<T> lse(heads);
+  const auto view = [&](const Matrix<T>& x, Index seq) {
+    return blockattn::make_tensor_view(x.data(), 1, seq, heads, d);
+  };
   AttentionOptions options;
-  options.key_chunk = 4096;
   options.threads = 1;
-  EXPECT_DEATH(blockattn::attention(q, k, v, out, options), "");
+  blockattn::attention<T>(view(q, 1), view(k, n_k), view(v, n_k),
+                          blockattn::make_tensor_view(expected.data(), 1, 1, heads, d), options);
+  blockattn::Workspace workspace;
+  blockattn::attention<T>(workspace, view(q, 1), view(k, n_k), view(v, n_k),
+                          blockattn::make_tensor_view(out.data(), 1, 1, heads, d), options,
+                          lse.data());
+  EXPECT_GT(workspace.capacity(), 0u);
+  {
+    const blockattn::detail::NoMallocScope no_malloc;  // aborts on an allocation
+    blockattn::attention<T>(workspace, view(q, 1), view(k, n_k), view(v, n_k),
+                            blockattn::make_tensor_view(out.data(), 1, 1, heads, d), options,
+                            lse.data());
+  }
+  EXPECT_TRUE(out == expected);
+  // A prefill call grows the workspace once; afterwards prefill and decode both fit.
+  Matrix<T> out_prefill(100, d);
+  const Matrix<T> q_prefill = random_matrix<T>(rng, 100, d);
+  blockattn::attention<T>(workspace, q_prefill, k.topRows(300), v.topRows(300), out_prefill,
+                          options);
+  {
+    const blockattn::detail::NoMallocScope no_malloc;
+    blockattn::attention<T>(workspace, q_prefill, k.topRows(300), v.topRows(300), out_prefill,
+                            options);
+    blockattn::attention<T>(workspace, view(q, 1), view(k, n_k), view(v, n_k),
+                            blockattn::make_tensor_view(out.data(), 1, 1, heads, d), options,
+                            lse.data());
+  }
+  EXPECT_TRUE(out == expected);
+  EXPECT_TRUE(out_prefill.allFinite());
 }
 
 }  // namespace

@@ -546,6 +546,51 @@ TYPED_TEST(AttentionTest, ThreadCountDoesNotChangeOneBit) {
   }
 }
 
+// Decode (a few query rows, many keys) takes the unpacked kernels and, past one key segment
+// (8192 keys), the key split with its merge: checked against the long double reference with
+// every interval mask (a window that starts in the second segment, key lengths that end inside
+// the last one, a fully masked row), and bitwise equal for any thread count (the segments do not
+// depend on it).
+TYPED_TEST(AttentionTest, DecodeKeySplitMatchesReferenceAndIgnoresThreads) {
+  using T = TypeParam;
+  auto rng = make_rng(10);
+  const Index n_k = 8192 * 2 + 777;
+  for (const Index n_q : {Index{1}, Index{3}}) {
+    for (const int mask : {0, 1, 2}) {
+      SCOPED_TRACE("n_q=" + std::to_string(n_q) + " mask=" + std::to_string(mask) + " " +
+                   seed_trace());
+      const Matrix<T> q = random_matrix<T>(rng, n_q, 16);
+      const Matrix<T> k = random_matrix<T>(rng, n_k, 16);
+      const Matrix<T> v = random_matrix<T>(rng, n_k, 5);
+      AttentionOptions options;
+      options.causal = mask != 0;
+      if (mask == 1) options.window_left = 9000;  // keys from ~7.9k on: segments 0 and 1 partial
+      const Index length = n_k - 500;
+      if (mask == 2) options.key_lengths = &length;
+      expect_matches_reference(q, k, v, options);
+      Matrix<T> one(n_q, 5);
+      Matrix<T> two(n_q, 5);
+      options.threads = 1;
+      blockattn::attention<T>(q, k, v, one, options);
+      options.threads = 2;
+      blockattn::attention<T>(q, k, v, two, options);
+      ASSERT_TRUE(one == two);
+    }
+  }
+  // A row that sees nothing in any segment: out 0, lse −inf, also through the merge.
+  const Matrix<T> q = random_matrix<T>(rng, 1, 4);
+  const Matrix<T> k = random_matrix<T>(rng, n_k, 4);
+  const Matrix<T> v = random_matrix<T>(rng, n_k, 4);
+  const Index none = 0;
+  AttentionOptions options;
+  options.key_lengths = &none;
+  Matrix<T> out = Matrix<T>::Constant(1, 4, std::numeric_limits<T>::quiet_NaN());
+  T lse = 0;
+  blockattn::attention<T>(q, k, v, out, options, &lse);
+  EXPECT_TRUE(out.isZero(0));
+  EXPECT_EQ(lse, -kInf<T>);
+}
+
 // Several user threads calling attention() at once get the same answers as one at a time.
 TYPED_TEST(AttentionTest, ConcurrentCallsAreIndependent) {
   using T = TypeParam;

@@ -265,7 +265,7 @@ TYPED_TEST_SUITE(MicroKernelTest, blockattn::test::Scalars, );
 /// d / d_v from 1 to 257.
 template <class T>
 std::vector<Index> awkward_key_counts() {
-  using Shape = blockattn::detail::TileShape<T>;
+  using Shape = blockattn::detail::RegisterBlock<T>;
   return {1,
           3,
           kLanes<T> - 1 > 0 ? kLanes<T> - 1 : 2,
@@ -278,7 +278,7 @@ std::vector<Index> awkward_key_counts() {
 
 template <class T>
 std::vector<Index> awkward_row_counts() {
-  using Shape = blockattn::detail::TileShape<T>;
+  using Shape = blockattn::detail::RegisterBlock<T>;
   return {1, Shape::kRows - 1 > 0 ? Shape::kRows - 1 : 2, Shape::kRows, Shape::kRows + 1,
           3 * Shape::kRows + 2};
 }

@@ -7,12 +7,14 @@
 #include <cmath>
 #include <iterator>
 #include <limits>
+#include <type_traits>
 
 #include <Eigen/Core>
 
 #include <blockattn/detail/attention_kernel.hpp>
 #include <blockattn/detail/check.hpp>
 #include <blockattn/detail/online_state.hpp>
+#include <blockattn/detail/workspace.hpp>
 #include <blockattn/mask.hpp>
 #include <blockattn/types.hpp>
 
@@ -201,7 +203,8 @@ TensorView<T> as_tensor(const View& x) {
 /// Shapes: q [n_q, d], k [n_k, d], v [n_k, d_v], out [n_q, d_v], lse (optional) [n_q] receives
 /// log Σ_j exp(s_ij) over the visible keys. A query with no visible key gets out = 0, lse = −inf.
 /// Time O(n_q·n_k·(d + d_v)) for the visible tiles; extra memory
-/// O(threads·query_chunk·(key_chunk + d + d_v)), independent of n (an input that does not bind to
+/// O(threads·query_chunk·(key_chunk + d + d_v)), independent of n, plus for decode (at most 8
+/// query rows per kv head) O(n_k/8192·rows·d_v) partial states (an input that does not bind to
 /// ConstMatrixView without a copy — column-major, an expression — costs a copy; see types.hpp).
 /// Throws std::invalid_argument naming the argument and both sizes, before writing anything.
 /// out and lse must not alias q, k, v or each other. Bitwise identical for any thread count;
@@ -212,12 +215,40 @@ template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
 void attention(ConstMatrixView<T> q, ConstMatrixView<T> k, ConstMatrixView<T> v, MatrixView<T> out,
                const AttentionOptions& options = {}, T* lse = nullptr, const MaskMod& mask_mod = {},
                const ScoreMod& score_mod = {}) {
-  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  Workspace workspace;
+  attention<T, MaskMod, ScoreMod>(workspace, q, k, v, out, options, lse, mask_mod, score_mod);
+}
+
+/// attention() with a caller-supplied blockattn::Workspace (detail/workspace.hpp): the same result,
+/// bitwise; the tile buffers come from `workspace`, which grows to fit on the first call (or when a
+/// call needs more) and is reused afterwards, so repeated calls of the same shape — decode, one
+/// token at a time — allocate nothing. One Workspace per concurrent call.
+template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
+void attention(Workspace& workspace, ConstMatrixView<T> q, ConstMatrixView<T> k,
+               ConstMatrixView<T> v, MatrixView<T> out, const AttentionOptions& options = {},
+               T* lse = nullptr, const MaskMod& mask_mod = {}, const ScoreMod& score_mod = {}) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "blockattn: attention() runs on float and double (its SIMD micro-kernels); use "
+                "reference::attention for long double");
   detail::check_mods<T, MaskMod, ScoreMod>();
   detail::validate_attention<T>("attention", q, k, v, out, options, lse);
   detail::attention_forward<T>(detail::as_tensor<const T>(q), detail::as_tensor<const T>(k),
                                detail::as_tensor<const T>(v), detail::as_tensor<T>(out), options,
-                               lse, mask_mod, score_mod);
+                               lse, mask_mod, score_mod, workspace);
+}
+
+/// attention() with a Workspace on float arguments without spelling T.
+inline void attention(Workspace& workspace, ConstMatrixView<float> q, ConstMatrixView<float> k,
+                      ConstMatrixView<float> v, MatrixView<float> out,
+                      const AttentionOptions& options = {}, float* lse = nullptr) {
+  attention<float>(workspace, q, k, v, out, options, lse);
+}
+
+/// attention() with a Workspace on double arguments without spelling T.
+inline void attention(Workspace& workspace, ConstMatrixView<double> q, ConstMatrixView<double> k,
+                      ConstMatrixView<double> v, MatrixView<double> out,
+                      const AttentionOptions& options = {}, double* lse = nullptr) {
+  attention<double>(workspace, q, k, v, out, options, lse);
 }
 
 /// attention() on float arguments without spelling T (see STYLE §2.3).
@@ -264,10 +295,36 @@ template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
 void attention(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v,
                TensorView<T> out, const AttentionOptions& options = {}, T* lse = nullptr,
                const MaskMod& mask_mod = {}, const ScoreMod& score_mod = {}) {
-  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  Workspace workspace;
+  attention<T, MaskMod, ScoreMod>(workspace, q, k, v, out, options, lse, mask_mod, score_mod);
+}
+
+/// TensorView attention() with a caller-supplied Workspace (reused across calls; see the
+/// single-head overload).
+template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
+void attention(Workspace& workspace, TensorView<const T> q, TensorView<const T> k,
+               TensorView<const T> v, TensorView<T> out, const AttentionOptions& options = {},
+               T* lse = nullptr, const MaskMod& mask_mod = {}, const ScoreMod& score_mod = {}) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "blockattn: attention() runs on float and double (its SIMD micro-kernels); use "
+                "reference::attention for long double");
   detail::check_mods<T, MaskMod, ScoreMod>();
   detail::validate_attention<T>("attention", q, k, v, out, options, lse);
-  detail::attention_forward<T>(q, k, v, out, options, lse, mask_mod, score_mod);
+  detail::attention_forward<T>(q, k, v, out, options, lse, mask_mod, score_mod, workspace);
+}
+
+/// TensorView attention() with a Workspace on float arguments without spelling T.
+inline void attention(Workspace& workspace, TensorView<const float> q, TensorView<const float> k,
+                      TensorView<const float> v, TensorView<float> out,
+                      const AttentionOptions& options = {}, float* lse = nullptr) {
+  attention<float>(workspace, q, k, v, out, options, lse);
+}
+
+/// TensorView attention() with a Workspace on double arguments without spelling T.
+inline void attention(Workspace& workspace, TensorView<const double> q, TensorView<const double> k,
+                      TensorView<const double> v, TensorView<double> out,
+                      const AttentionOptions& options = {}, double* lse = nullptr) {
+  attention<double>(workspace, q, k, v, out, options, lse);
 }
 
 /// TensorView attention() on float arguments without spelling T.

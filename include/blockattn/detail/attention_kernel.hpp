@@ -1,20 +1,25 @@
 #pragma once
 // The chunked attention forward pass (Rabe & Staats 2021, "Self-attention does not need O(n²)
-// memory", Algorithm 1 with the deferred normalisation of section 3): queries × keys in tiles,
-// each tile's scores a small matrix product in the thread's workspace, folded into the rows'
-// online-softmax state, normalised once at the end. No argument checking here: attention.hpp
-// validates first.
-//
-// The arithmetic of a tile sits in three calls — tile_scores() (s = q·kᵀ), then
-// RowBlockState::exponentiate() and accumulate() (online update, acc += p·v) — around which
-// attend_tile() applies modifiers and masks; a packed SIMD micro-kernel replaces those three
-// without touching the loop, the masks or the merge.
+// memory", Algorithm 1 with the deferred normalisation of section 3), on the register-blocked
+// micro-kernels of detail/microkernel.hpp. One task = one (batch, kv head, query block) with the
+// query heads that share the kv head (GQA) stacked into its rows. For each key chunk on a fixed
+// grid:
+//   prefill (rows > kDirectRows): K and V chunks are packed once, then every kTileRows-row
+//     sub-tile of the block runs score_tile → modifiers and masks (only on Partial tiles; Empty
+//     sub-tiles are skipped) → softmax_tile_update (scale, max, exp, row sum in one sweep) →
+//     accumulate_pv, all in the thread's workspace;
+//   decode (rows <= kDirectRows): the same steps on unpacked K / V (score_rows_direct,
+//     accumulate_pv_direct), and the keys are split into fixed segments (Flash-Decoding) whose
+//     partial states are merged in segment order, so the result does not depend on the threads.
+// Normalised once at the end. No argument checking here: attention.hpp validates first.
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include <Eigen/Core>
 
+#include <blockattn/detail/microkernel.hpp>
 #include <blockattn/detail/online_state.hpp>
 #include <blockattn/detail/parallel.hpp>
 #include <blockattn/detail/workspace.hpp>
@@ -23,17 +28,30 @@
 
 namespace blockattn::detail {
 
-inline constexpr Index kMaxDefaultQueryChunk = 128;
+// Default tile sizes, from the cache hierarchy and the measurements of bench/machine_bench.cpp
+// (BM_TileAttention; AVX-512 host, 48 KiB L1d, 1 MiB L2 per core):
+// - Key chunk: the packed K and V chunks (2·key_chunk·d elements) are re-read by every sub-tile of
+//   the query block, so they must stay in L2 next to the block's queries and running output:
+//   kPackedBlockBytes = 128 KiB per packed operand, at most 256 keys (d = 64 float: 64 KiB each).
+//   Packing K is a scalar transpose costing ~35% of one 96×256×64 score tile, so one packed chunk
+//   must serve several hundred query rows.
+// - Query block: as many rows as keep q and acc (rows·(d + d_v) elements) within
+//   kQueryBlockBytes = 384 KiB of L2, at most 768 rows (d = 64 float: 768 rows, 75–80% of the
+//   FMA peak in the prototype against ~55% at 96 rows, where packing is not amortised).
+// - Sub-tile: kTileRows = 96 rows × key_chunk scores (96 KiB float at 256 keys) is produced and
+//   consumed (exp in place, then P·V) while it is still in L1/L2.
 inline constexpr Index kMaxDefaultKeyChunk = 256;
-// Eigen packs a GEMM operand on the stack when it fits EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) and
-// on the heap otherwise. Default tiles keep every packed operand — k and v blocks
-// (key_chunk × max(d, d_v)), q_blk (query_chunk × d) and the weights p (query_chunk × key_chunk) —
-// within 128 KiB, so the tile loop never allocates for d <= 1024
-// (tests/attention_no_malloc_test.cpp checks it). Measured (CPU time, best of 7, one thread,
-// loaded 2-core AVX-512 host): at d = 64, 128 × 256 tiles beat 64 × 256 by 3-15% (0.545 vs
-// 0.565 ms at n = 512; 8.6 vs 9.1 ms at n = 2048); at d = 128, n = 512, 128 × 256 took 1.08 ms
-// against 1.15 ms for 128 × 128.
 inline constexpr Index kPackedBlockBytes = 128 * 1024;
+inline constexpr Index kMaxDefaultQueryRows = 768;
+inline constexpr Index kQueryBlockBytes = 384 * 1024;
+// Decode: blocks of at most this many rows (query heads × queries) read K and V in place instead
+// of packing them (packing costs ~0.3 ns per element, the dot products of one row ~0.02 ns).
+inline constexpr Index kDirectRows = 8;
+// Decode key segments: a decode task covers at most this many keys (rounded to whole key
+// chunks); segments run in parallel and are merged in order. Fixed, not derived from the thread
+// count, so the result is bitwise the same for any number of threads. 8192 keys × 64 dims ×
+// 4 bytes = 2 MiB of K per segment: the merge (O(rows·d_v) per segment) is negligible.
+inline constexpr Index kDecodeSegmentKeys = 8192;
 
 constexpr Index ceil_div(Index a, Index b) { return (a + b - 1) / b; }
 
@@ -45,10 +63,8 @@ constexpr Index largest_divisor_at_most(Index block, Index limit) {
   return 1;
 }
 
-/// Tile sizes for one call: the options' chunks, or defaults (as many keys as keep a packed
-/// key_chunk × max(d, d_v) block within 128 KiB, at most 256; as many queries as keep q_blk and the
-/// weights within 128 KiB, at most 128; aligned with a block-sparse
-/// layout's blocks so that its tiles are exactly empty or full). Clamped to [1, n].
+/// Tile sizes for one call: the options' chunks, or the defaults above (aligned with a
+/// block-sparse layout's blocks so that its tiles are exactly empty or full). Clamped to [1, n].
 template <class T>
 TileShape choose_tile_shape(const AttentionOptions& options, Index n_q, Index n_k, Index d,
                             Index d_v, Index group = 1) {
@@ -57,10 +73,10 @@ TileShape choose_tile_shape(const AttentionOptions& options, Index n_q, Index n_
   shape.d_v = d_v;
   Index qc = options.query_chunk;
   Index kc = options.key_chunk;
+  const auto size = static_cast<Index>(sizeof(T));
   const Index width = std::max<Index>(1, std::max(d, d_v));
   const Index key_default =
-      std::clamp<Index>(kPackedBlockBytes / (width * static_cast<Index>(sizeof(T))) / 16 * 16, 16,
-                        kMaxDefaultKeyChunk);
+      std::clamp<Index>(kPackedBlockBytes / (width * size) / 16 * 16, 16, kMaxDefaultKeyChunk);
   if (kc == 0) {
     kc = key_default;
     if (options.block_sparse != nullptr) {
@@ -68,12 +84,10 @@ TileShape choose_tile_shape(const AttentionOptions& options, Index n_q, Index n_
     }
   }
   if (qc == 0) {
-    // The packed left operands are q_blk [qc, d] and p [qc, key_tile].
-    const Index lhs_width = std::max(std::max<Index>(1, std::min(kc, n_k)), d);
-    qc =
-        std::clamp<Index>(kPackedBlockBytes / (lhs_width * static_cast<Index>(sizeof(T))) / 16 * 16,
-                          16, kMaxDefaultQueryChunk);
-    qc = std::max<Index>(1, qc / group);  // a tile stacks the group's heads
+    const Index rows =
+        std::clamp<Index>(kQueryBlockBytes / ((d + d_v) * size) / kTileRows * kTileRows, kTileRows,
+                          kMaxDefaultQueryRows);
+    qc = std::max<Index>(1, rows / group);  // a block stacks the group's heads
     if (options.block_sparse != nullptr) {
       qc = largest_divisor_at_most(options.block_sparse->query_block_size(), qc);
     }
@@ -123,61 +137,103 @@ struct TileRows {
   Index rows_per_head = 0;  ///< queries per head in the tile
 };
 
-/// s = q_blk·k_blkᵀ into the workspace tile (q_blk already scaled): the score micro-kernel.
-template <class T, class QBlock, class KBlock>
-void tile_scores(const QBlock& q_blk, const KBlock& k_blk, Eigen::Map<Matrix<T>>& s) {
-  s.noalias() = q_blk * k_blk.transpose();
+/// Applies the score modifiers and the masks to the scores of block rows [r0, r0 + count)
+/// (s: row stride ld_s, `cols` keys from k0; row r0 of s is block row r0) — per head of the GQA
+/// group, since rows [g·rows_per_head, (g+1)·rows_per_head) belong to head h0 + g. Masks write
+/// −inf; Full tiles are left alone. Returns false when every row is hidden (the caller skips the
+/// sub-tile: no FLOPs); scores are not read then, so call it once with `dry_run` before
+/// computing them.
+template <class T, class MaskMod, class ScoreMod>
+bool mask_rows(T* s, Index ld_s, Index r0, Index count, Index cols, const TileRows& t, Index k0,
+               const AttentionOptions& options, Index n_q, Index n_k, const MaskMod& mask_mod,
+               const ScoreMod& score_mod, bool dry_run) {
+  using Rows = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;
+  bool any_visible = false;
+  const Index r_end = r0 + count;
+  for (Index g = r0 / t.rows_per_head; g * t.rows_per_head < r_end; ++g) {
+    const Index a = std::max(r0, g * t.rows_per_head);
+    const Index b = std::min(r_end, (g + 1) * t.rows_per_head);
+    const Index i0 = t.q0 + (a - g * t.rows_per_head);
+    const Index h = t.h0 + g;
+    const TileMasker<MaskMod> masker(options, n_q, n_k, t.b, h, mask_mod);
+    const TileMask tile = masker.classify(i0, i0 + (b - a), k0, k0 + cols);
+    const bool empty = tile.visibility == BlockVisibility::Empty;
+    any_visible = any_visible || !empty;
+    if (dry_run) continue;
+    Rows rows(s + (a - r0) * ld_s, b - a, cols, Eigen::OuterStride<>(ld_s));
+    if (empty) {
+      rows.setConstant(kNegativeInfinity<T>);
+      continue;
+    }
+    const ScoreModifier<T, ScoreMod> modifier(options, n_q, n_k, t.b, h, score_mod);
+    if (modifier.active()) modifier.apply(i0, k0, rows);
+    masker.apply(tile, i0, k0, rows, kNegativeInfinity<T>);
+  }
+  return any_visible;
 }
 
-/// One tile: scores, modifiers and masks per head, then the online update of the rows' state
-/// with v_blk. s is the workspace tile [group·rows_per_head, cols], overwritten.
-template <class T, class MaskMod, class ScoreMod, class QBlock, class KBlock, class VBlock>
-void attend_tile(const QBlock& q_blk, const KBlock& k_blk, const VBlock& v_blk,
-                 Eigen::Map<Matrix<T>>& s, RowBlockState<T>& state, const TileRows& t, Index k0,
+/// Folds keys [k_begin, k_end) (on the key_chunk grid) into the state of one task's block:
+/// q_blk [rows, d] holds the scaled queries; k_head / v_head the kv head's keys and values.
+template <class T, class MaskMod, class ScoreMod, class KHead, class VHead>
+void attend_keys(const WorkspaceSlice<T>& ws, Index ld_s, const T* q_blk, Index rows, Index d,
+                 Index d_v, const KHead& k_head, const VHead& v_head, Index k_begin, Index k_end,
+                 Index key_chunk, RowBlockState<T>& state, const TileRows& t,
                  const AttentionOptions& options, Index n_q, Index n_k, const MaskMod& mask_mod,
                  const ScoreMod& score_mod) {
-  using Rows = Eigen::Map<Matrix<T>>;  // one head's rows of the tile (contiguous)
-  const Index k_end = k0 + s.cols();
-  tile_scores<T>(q_blk, k_blk, s);
-  for (Index g = 0; g < t.group; ++g) {
-    const Index h = t.h0 + g;
-    Rows rows(s.data() + g * t.rows_per_head * s.cols(), t.rows_per_head, s.cols());
-    const ScoreModifier<T, ScoreMod> modifier(options, n_q, n_k, t.b, h, score_mod);
-    if (modifier.active()) modifier.apply(t.q0, k0, rows);
-    const TileMasker<MaskMod> masker(options, n_q, n_k, t.b, h, mask_mod);
-    const TileMask tile = masker.classify(t.q0, t.q0 + t.rows_per_head, k0, k_end);
-    if (tile.visibility == BlockVisibility::Empty) {
-      rows.setConstant(kNegativeInfinity<T>);
-    } else {
-      masker.apply(tile, t.q0, k0, rows, kNegativeInfinity<T>);
-    }
-  }
-  // A score_mod may return −inf anywhere: exact (scalar) weights then. Otherwise the vectorised
-  // exp, and the masked entries are zeroed again by the same masks.
-  state.exponentiate(s, /*exact=*/kHasScoreMod<ScoreMod>);
-  if constexpr (!kHasScoreMod<ScoreMod>) {
-    for (Index g = 0; g < t.group; ++g) {
-      Rows rows(s.data() + g * t.rows_per_head * s.cols(), t.rows_per_head, s.cols());
-      const TileMasker<MaskMod> masker(options, n_q, n_k, t.b, t.h0 + g, mask_mod);
-      const TileMask tile = masker.classify(t.q0, t.q0 + t.rows_per_head, k0, k_end);
-      if (tile.visibility == BlockVisibility::Empty) {
-        rows.setZero();
-      } else {
-        masker.apply(tile, t.q0, k0, rows, T(0));
+  const Index ld_k = k_head.outerStride();
+  const Index ld_v = v_head.outerStride();
+  const bool direct = rows <= kDirectRows;
+  for (Index k0 = k_begin; k0 < k_end; k0 += key_chunk) {
+    const Index keys = std::min(k0 + key_chunk, k_end) - k0;
+    const T* k_rows = k_head.data() + k0 * ld_k;
+    const T* v_rows = v_head.data() + k0 * ld_v;
+    if (direct) {
+      if (!mask_rows<T>(ws.scores, ld_s, 0, rows, keys, t, k0, options, n_q, n_k, mask_mod,
+                        score_mod, /*dry_run=*/true)) {
+        continue;
       }
+      score_rows_direct(q_blk, d, rows, d, k_rows, ld_k, keys, ws.scores, ld_s);
+      mask_rows<T>(ws.scores, ld_s, 0, rows, keys, t, k0, options, n_q, n_k, mask_mod, score_mod,
+                   /*dry_run=*/false);
+      state.update_scores(ws.scores, ld_s, 0, rows, keys);
+      accumulate_pv_direct(ws.scores, ld_s, rows, keys, v_rows, ld_v, d_v, state.acc(0),
+                           state.ld_acc());
+      continue;
+    }
+    bool packed = false;
+    for (Index r0 = 0; r0 < rows; r0 += kTileRows) {
+      const Index count = std::min(kTileRows, rows - r0);
+      if (!mask_rows<T>(ws.scores, ld_s, r0, count, keys, t, k0, options, n_q, n_k, mask_mod,
+                        score_mod, /*dry_run=*/true)) {
+        continue;  // every mask hides this sub-tile: no FLOPs
+      }
+      if (!packed) {  // K and V are packed once per chunk, for every sub-tile
+        pack_k(k_rows, ld_k, keys, d, ws.packed_k);
+        pack_v(v_rows, ld_v, keys, d_v, ws.packed_v);
+        packed = true;
+      }
+      score_tile(q_blk + r0 * d, d, count, d, ws.packed_k, keys, ws.scores, ld_s);
+      mask_rows<T>(ws.scores, ld_s, r0, count, keys, t, k0, options, n_q, n_k, mask_mod, score_mod,
+                   /*dry_run=*/false);
+      state.update_scores(ws.scores, ld_s, r0, count, keys);
+      accumulate_pv(ws.scores, ld_s, count, keys, ws.packed_v, d_v, state.acc(r0), state.ld_acc());
     }
   }
-  state.accumulate(s, v_blk);
 }
 
-/// Chunked attention over every (batch, kv head, query chunk), in parallel; each task handles the
-/// query heads that share the kv head. Arguments are valid (attention.hpp checked them); lse is
-/// [batch, q.heads, n_q] or null.
+/// Chunked attention over every (batch, kv head, query block), in parallel; each task handles the
+/// query heads that share the kv head. Decode blocks (rows <= kDirectRows) are further split
+/// into key segments of a fixed size, merged in order after the parallel loop. Arguments are
+/// valid (attention.hpp checked them); lse is [batch, q.heads, n_q] or null; `storage` is the
+/// caller's workspace (grown here if too small, before the loops).
 template <class T, class MaskMod, class ScoreMod>
 void attention_forward(const TensorView<const T>& q, const TensorView<const T>& k,
                        const TensorView<const T>& v, const TensorView<T>& out,
                        const AttentionOptions& options, T* lse, const MaskMod& mask_mod,
-                       const ScoreMod& score_mod) {
+                       const ScoreMod& score_mod, Workspace& storage) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "blockattn: attention() runs on float and double (the SIMD micro-kernels); "
+                "reference::attention is the long double path");
   const Index n_q = q.seq;
   const Index n_k = k.seq;
   const Index d = q.dim;
@@ -189,59 +245,106 @@ void attention_forward(const TensorView<const T>& q, const TensorView<const T>& 
   const TileShape shape = choose_tile_shape<T>(options, n_q, n_k, d, d_v, group);
   const T scale = resolve_scale<T>(options, d);
   const Index query_chunks = ceil_div(n_q, shape.query_chunk);
-  const Index tasks = q.batch * kv_heads * query_chunks;
+  const Index blocks = q.batch * kv_heads * query_chunks;
+  const bool direct = group * shape.query_chunk <= kDirectRows;
+  // Decode: split the keys into segments of whole key chunks (independent of the thread count).
+  const Index segment_keys =
+      ceil_div(std::max<Index>(kDecodeSegmentKeys, shape.key_chunk), shape.key_chunk) *
+      shape.key_chunk;
+  const Index segments = direct ? std::max<Index>(1, ceil_div(n_k, segment_keys)) : 1;
+  const Index tasks = blocks * segments;
   const int threads = resolve_threads(options.threads, tasks);
-  Workspace<T> workspace(threads, shape);
-  // The tile loop below never allocates (checked in test builds).
+  const AttentionWorkspace<T> workspace(storage, threads, shape, segments > 1 ? tasks : 0);
+  // The loops below never allocate (checked in test builds).
   [[maybe_unused]] const NoMallocScope no_malloc;
 
-  parallel_for(tasks, threads, [&](Index task, int slot) {
+  const auto block_rows = [&](Index block) {
     TileRows t;
-    const Index chunk = task % query_chunks;
-    const Index kv_h = (task / query_chunks) % kv_heads;
-    t.b = task / (query_chunks * kv_heads);
+    const Index chunk = block % query_chunks;
+    const Index kv_h = (block / query_chunks) % kv_heads;
+    t.b = block / (query_chunks * kv_heads);
     t.h0 = kv_h * group;
     t.group = group;
     t.q0 = chunk * shape.query_chunk;
     t.rows_per_head = std::min(shape.query_chunk, n_q - t.q0);
-    const Index rows = group * t.rows_per_head;
-    const Index q_end = t.q0 + t.rows_per_head;
-
-    const WorkspaceSlice<T> ws = workspace.slice(slot);
-    Eigen::Map<Matrix<T>> q_blk(ws.queries, rows, d);
-    for (Index g = 0; g < group; ++g) {
-      q_blk.middleRows(g * t.rows_per_head, t.rows_per_head).noalias() =
-          head_slice(q, t.b, t.h0 + g).middleRows(t.q0, t.rows_per_head) * scale;
-    }
-    RowBlockState<T> state(ws.m, ws.l, ws.acc, rows, d_v);
-    state.reset();
-
-    const auto k_head = head_slice(k, t.b, kv_h);
-    const auto v_head = head_slice(v, t.b, kv_h);
-    // Causal, window and key length do not depend on the head: one key range for the group.
-    const TileMasker<MaskMod> first_head(options, n_q, n_k, t.b, t.h0, mask_mod);
-    const auto [k_first, k_last] = first_head.key_range(t.q0, q_end);
-    // Tiles stay on the key_chunk grid so that every query chunk sees the same key tiles.
-    for (Index k0 = k_first / shape.key_chunk * shape.key_chunk; k0 < k_last;
-         k0 += shape.key_chunk) {
-      const Index k_end = std::min(k0 + shape.key_chunk, k_last);
-      bool any_visible = false;
-      for (Index g = 0; g < group && !any_visible; ++g) {
-        const TileMasker<MaskMod> masker(options, n_q, n_k, t.b, t.h0 + g, mask_mod);
-        any_visible = masker.classify(t.q0, q_end, k0, k_end).visibility != BlockVisibility::Empty;
-      }
-      if (!any_visible) continue;  // no FLOPs for a tile every mask hides
-      Eigen::Map<Matrix<T>> s(ws.scores, rows, k_end - k0);
-      attend_tile(q_blk, k_head.middleRows(k0, k_end - k0), v_head.middleRows(k0, k_end - k0), s,
-                  state, t, k0, options, n_q, n_k, mask_mod, score_mod);
-    }
+    return t;
+  };
+  const auto finalize = [&](const RowBlockState<T>& state, const TileRows& t) {
     for (Index g = 0; g < group; ++g) {
       const Index h = t.h0 + g;
       T* lse_rows = lse != nullptr ? lse + (t.b * heads + h) * n_q + t.q0 : nullptr;
       state.finalize(g * t.rows_per_head, t.rows_per_head,
                      mutable_head_slice(out, t.b, h).middleRows(t.q0, t.rows_per_head), lse_rows);
     }
+  };
+
+  parallel_for(tasks, threads, [&](Index task, int slot) {
+    const Index block = task / segments;
+    const Index segment = task % segments;
+    const TileRows t = block_rows(block);
+    const Index rows = group * t.rows_per_head;
+    const Index kv_h = t.h0 / group;
+
+    const WorkspaceSlice<T> ws = workspace.slice(slot);
+    for (Index g = 0; g < group; ++g) {
+      const auto q_head = head_slice(q, t.b, t.h0 + g);
+      for (Index r = 0; r < t.rows_per_head; ++r) {
+        T* dst = ws.queries + (g * t.rows_per_head + r) * d;
+        const T* src = q_head.data() + (t.q0 + r) * q_head.outerStride();
+        for (Index c = 0; c < d; ++c) dst[c] = src[c] * scale;
+      }
+    }
+    T* m = ws.m;
+    T* l = ws.l;
+    T* acc = ws.acc;
+    if (segments > 1) {
+      const PartialState<T> partial = workspace.partial(task);
+      m = partial.m;
+      l = partial.l;
+      acc = partial.acc;
+    }
+    RowBlockState<T> state(m, l, acc, rows, d_v, workspace.ld_acc());
+    state.reset();
+
+    // Causal, window and key length do not depend on the head: one key range for the group.
+    const TileMasker<MaskMod> first_head(options, n_q, n_k, t.b, t.h0, mask_mod);
+    const auto [k_first, k_last] = first_head.key_range(t.q0, t.q0 + t.rows_per_head);
+    // Tiles stay on the key_chunk grid so that every query block sees the same key tiles.
+    Index k_begin = k_first / shape.key_chunk * shape.key_chunk;
+    Index k_end = k_last;
+    if (segments > 1) {
+      k_begin = std::max(k_begin, segment * segment_keys);
+      k_end = std::min(k_end, (segment + 1) * segment_keys);
+    }
+    attend_keys<T>(ws, workspace.ld_s(), ws.queries, rows, d, d_v, head_slice(k, t.b, kv_h),
+                   head_slice(v, t.b, kv_h), k_begin, k_end, shape.key_chunk, state, t, options,
+                   n_q, n_k, mask_mod, score_mod);
+    if (segments == 1) finalize(state, t);
   });
+  if (segments == 1) return;
+
+  // Flash-Decoding merge: segment states folded into segment 0's, in segment order.
+  parallel_for(blocks, resolve_threads(options.threads, blocks), [&](Index block, int) {
+    const TileRows t = block_rows(block);
+    const Index rows = group * t.rows_per_head;
+    const PartialState<T> first = workspace.partial(block * segments);
+    RowBlockState<T> state(first.m, first.l, first.acc, rows, d_v, workspace.ld_acc());
+    for (Index segment = 1; segment < segments; ++segment) {
+      const PartialState<T> part = workspace.partial(block * segments + segment);
+      state.merge(RowBlockState<T>(part.m, part.l, part.acc, rows, d_v, workspace.ld_acc()));
+    }
+    finalize(state, t);
+  });
+}
+
+/// attention_forward() with a workspace of its own (allocated once, before the loops).
+template <class T, class MaskMod, class ScoreMod>
+void attention_forward(const TensorView<const T>& q, const TensorView<const T>& k,
+                       const TensorView<const T>& v, const TensorView<T>& out,
+                       const AttentionOptions& options, T* lse, const MaskMod& mask_mod,
+                       const ScoreMod& score_mod) {
+  Workspace storage;
+  attention_forward<T>(q, k, v, out, options, lse, mask_mod, score_mod, storage);
 }
 
 }  // namespace blockattn::detail

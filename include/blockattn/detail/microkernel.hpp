@@ -34,7 +34,7 @@
 //
 // Register blocks: Rows query rows × KeyVectors (resp. ValueVectors) vectors of accumulators;
 // tails in rows and in panels are handled by smaller compile-time instantiations (no masking in
-// the inner loop). The defaults per ISA are in TileShape, each with the measurement behind it.
+// the inner loop). The defaults per ISA are in RegisterBlock, each with the measurement behind it.
 
 #include <algorithm>
 #include <cstddef>
@@ -51,7 +51,7 @@ namespace blockattn::detail {
 
 /// Compile-time register blocking for the current ISA.
 template <class T>
-struct TileShape {
+struct RegisterBlock {
   static constexpr int kLanes = simd::Simd<T>::kLanes;
 #if defined(BLOCKATTN_SIMD_AVX512)
   // 32 zmm registers. 8 rows × 2 vectors (16 accumulators, 2 panel loads and 8 broadcasts per 16
@@ -119,7 +119,7 @@ constexpr Index padded_stride(Index cols) {
 
 /// Packs rows [0, n_keys) of k (row stride ld_k, d features) into `packed` (packed_k_size
 /// elements, any alignment) in the K panel layout described at the top of this header.
-template <class T, int KeyVectors = TileShape<T>::kKeyVectors>
+template <class T, int KeyVectors = RegisterBlock<T>::kKeyVectors>
 inline void pack_k(const T* k, Index ld_k, Index n_keys, Index d, T* packed) {
   constexpr Index kLanes = simd::Simd<T>::kLanes;
   constexpr Index kPanel = KeyVectors * kLanes;
@@ -139,7 +139,7 @@ inline void pack_k(const T* k, Index ld_k, Index n_keys, Index d, T* packed) {
 
 /// Packs rows [0, n_keys) of v (row stride ld_v, d_v columns) into `packed` (packed_v_size
 /// elements) in the V panel layout described at the top of this header.
-template <class T, int ValueVectors = TileShape<T>::kValueVectors>
+template <class T, int ValueVectors = RegisterBlock<T>::kValueVectors>
 inline void pack_v(const T* v, Index ld_v, Index n_keys, Index d_v, T* packed) {
   constexpr Index kLanes = simd::Simd<T>::kLanes;
   constexpr Index kPanel = ValueVectors * kLanes;
@@ -184,7 +184,8 @@ inline void score_block(const T* BLOCKATTN_RESTRICT q, Index ld_q, Index d,
 /// S[i, j] = Σ_c q[i, c]·k[j, c] for i < rows, j < round_up(n_keys, L) (the padded columns get 0).
 /// q: rows × d, row stride ld_q; packed_k: pack_k of the same n_keys, d and KeyVectors;
 /// s: row stride ld_s >= padded_stride<T>(n_keys). rows, n_keys, d >= 0.
-template <class T, int Rows = TileShape<T>::kRows, int KeyVectors = TileShape<T>::kKeyVectors>
+template <class T, int Rows = RegisterBlock<T>::kRows,
+          int KeyVectors = RegisterBlock<T>::kKeyVectors>
 inline void score_tile(const T* q, Index ld_q, Index rows, Index d, const T* packed_k, Index n_keys,
                        T* s, Index ld_s) {
   constexpr Index kLanes = simd::Simd<T>::kLanes;
@@ -232,7 +233,8 @@ inline void pv_block(const T* BLOCKATTN_RESTRICT p, Index ld_p, Index n_keys,
 /// columns get + 0). p: rows × n_keys, row stride ld_p (the score tile after
 /// softmax_tile_update); packed_v: pack_v of the same n_keys, d_v and ValueVectors;
 /// acc: row stride ld_acc >= padded_stride<T>(d_v).
-template <class T, int Rows = TileShape<T>::kRows, int ValueVectors = TileShape<T>::kValueVectors>
+template <class T, int Rows = RegisterBlock<T>::kRows,
+          int ValueVectors = RegisterBlock<T>::kValueVectors>
 inline void accumulate_pv(const T* p, Index ld_p, Index rows, Index n_keys, const T* packed_v,
                           Index d_v, T* acc, Index ld_acc) {
   constexpr Index kLanes = simd::Simd<T>::kLanes;
@@ -252,84 +254,8 @@ inline void accumulate_pv(const T* p, Index ld_p, Index rows, Index n_keys, cons
   }
 }
 
-/// The fused sweep over one score tile, row by row (i < rows), in two passes over the row:
-///   1. m_new = running_max(m[i], scale·max_j s[i, j])        (NaN scores ignored, −inf allowed)
-///   2. s[i, j] ← p = exp(scale·s[i, j] − exp_origin(m_new)) for j < n_keys  (one fma, then
-///      simd_exp), l_new = Σ_j p;
-/// then α = rescale_factor(m[i], m_new), l[i] = α·l[i] + l_new, m[i] = m_new, and acc[i, c] *= α
-/// for c < d_v when α != 1. A masked score is −inf and gives p = 0; a fully masked row keeps
-/// m = −inf, l = 0 and acc unchanged. A row whose max is +inf goes through the scalar
-/// softmax_weight (the +inf keys share the weight). max(scale·s) = scale·max(s) because rounding
-/// is monotonic, so pass 1 does not multiply.
-/// Preconditions: scale > 0 and finite; m, l: `rows` entries (start at −inf and 0); acc: rows ×
-/// d_v with row stride ld_acc (start at 0); s: row stride ld_s >= n_keys.
-template <class T>
-inline void softmax_tile_update(T* s, Index ld_s, Index rows, Index n_keys, T scale, T* m, T* l,
-                                T* acc, Index ld_acc, Index d_v) {
-  using S = simd::Simd<T>;
-  using V = typename S::V;
-  constexpr Index kLanes = S::kLanes;
-  constexpr T kInf = std::numeric_limits<T>::infinity();
-  const Index full = n_keys / kLanes * kLanes;
-  const int rest = static_cast<int>(n_keys - full);
-  const V vscale = S::set1(scale);
-  for (Index i = 0; i < rows; ++i) {
-    T* row = s + i * ld_s;
-    // Pass 1: the row max. Two accumulators hide the max latency.
-    V vmax0 = S::set1(-kInf);
-    V vmax1 = S::set1(-kInf);
-    Index j = 0;
-    for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
-      vmax0 = S::max(S::load(row + j), vmax0);
-      vmax1 = S::max(S::load(row + j + kLanes), vmax1);
-    }
-    if (j < full) vmax0 = S::max(S::load(row + j), vmax0);
-    if (rest > 0) vmax1 = S::max(S::load_partial(row + full, rest, -kInf), vmax1);
-    const T row_max = S::reduce_max(S::max(vmax0, vmax1));
-    const T m_old = m[i];
-    const T m_new = running_max(m_old, row_max * scale);
-    T row_sum = T(0);
-    if (m_new == kInf) {
-      for (Index jj = 0; jj < n_keys; ++jj) {
-        row[jj] = softmax_weight(row[jj] * scale, m_new);
-        row_sum += row[jj];
-      }
-    } else {
-      // Pass 2: p = exp(scale·s − origin), in place, summed.
-      const V neg_origin = S::set1(-exp_origin(m_new));
-      V sum0 = S::zero();
-      V sum1 = S::zero();
-      j = 0;
-      for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
-        const V p0 = simd_exp<T>(S::fma(S::load(row + j), vscale, neg_origin));
-        const V p1 = simd_exp<T>(S::fma(S::load(row + j + kLanes), vscale, neg_origin));
-        S::store(row + j, p0);
-        S::store(row + j + kLanes, p1);
-        sum0 = S::add(sum0, p0);
-        sum1 = S::add(sum1, p1);
-      }
-      if (j < full) {
-        const V p0 = simd_exp<T>(S::fma(S::load(row + j), vscale, neg_origin));
-        S::store(row + j, p0);
-        sum0 = S::add(sum0, p0);
-      }
-      if (rest > 0) {
-        const V p1 =
-            simd_exp<T>(S::fma(S::load_partial(row + full, rest, -kInf), vscale, neg_origin));
-        S::store_partial(row + full, rest, p1);
-        sum1 = S::add(sum1, p1);
-      }
-      row_sum = S::reduce_add(S::add(sum0, sum1));
-    }
-    const T alpha = rescale_factor(m_old, m_new);
-    l[i] = alpha * l[i] + row_sum;
-    m[i] = m_new;
-    if (alpha != T(1)) {
-      T* acc_row = acc + i * ld_acc;
-      for (Index c = 0; c < d_v; ++c) acc_row[c] *= alpha;
-    }
-  }
-}
+// softmax_tile_update, the fused sweep, lives in detail/online_state.hpp with the rest of the
+// online-softmax rules.
 
 /// Unpacked variants for a few query rows (decode: n_q = 1..4), where packing K would cost as much
 /// as the products themselves (pack_k is ~0.3 ns per element, the dot products of one query row
@@ -428,13 +354,14 @@ constexpr Index tile_attention_workspace_size(Index query_block, Index key_block
 }
 
 /// Prototype single-head forward pass built only from the kernels above (no masks, one thread),
-/// for the benchmark of the building blocks and as the worked example of how they compose; the
-/// public attention() has its own loop. out = softmax(scale·q·kᵀ)·v with q [n_q, d], k [n_k, d],
-/// v [n_k, d_v], out [n_q, d_v], all row-major with the given row strides. Query blocks of
-/// query_block rows, key chunks of key_block keys (both >= 1); each (query block, key chunk)
-/// packs K and V once and runs the tile step on kTileRows rows at a time.
-/// workspace: tile_attention_workspace_size elements. A row with l = 0 (possible only with
-/// n_k = 0) gets 0; NaN propagates.
+/// for machine_bench's measurement of the building blocks (its unmasked ceiling) and as the
+/// worked example of how they compose; the public attention() runs the same kernels through its
+/// own loop in detail/attention_kernel.hpp (masks, modifiers, GQA, threads, decode split). out =
+/// softmax(scale·q·kᵀ)·v with q [n_q, d], k [n_k, d], v [n_k, d_v], out [n_q, d_v], all row-major
+/// with the given row strides. Query blocks of query_block rows, key chunks of key_block keys (both
+/// >= 1); each (query block, key chunk) packs K and V once and runs the tile step on kTileRows rows
+/// at a time. workspace: tile_attention_workspace_size elements. A row with l = 0 (possible only
+/// with n_k = 0) gets 0; NaN propagates.
 template <class T>
 inline void tile_attention_forward(const T* q, Index ld_q, const T* k, Index ld_k, const T* v,
                                    Index ld_v, Index n_q, Index n_k, Index d, Index d_v, T scale,

@@ -11,6 +11,8 @@
 
 #include <Eigen/Core>
 
+#include <blockattn/detail/exp.hpp>
+#include <blockattn/detail/simd.hpp>
 #include <blockattn/types.hpp>
 
 namespace blockattn::detail {
@@ -52,77 +54,144 @@ T softmax_weight(T x, T m) {
   return std::exp(x - exp_origin(m));
 }
 
+/// The fused sweep over one score tile, row by row (i < rows), in two passes over the row:
+///   1. m_new = running_max(m[i], scale·max_j s[i, j])        (NaN scores ignored, −inf allowed)
+///   2. s[i, j] ← p = exp(scale·s[i, j] − exp_origin(m_new)) for j < n_keys  (one fma, then
+///      simd_exp), l_new = Σ_j p;
+/// then α = rescale_factor(m[i], m_new), l[i] = α·l[i] + l_new, m[i] = m_new, and acc[i, c] *= α
+/// for c < d_v when α != 1. A masked score is −inf and gives p = 0; a fully masked row keeps
+/// m = −inf, l = 0 and acc unchanged. A row whose max is +inf goes through the scalar
+/// softmax_weight (the +inf keys share the weight). max(scale·s) = scale·max(s) because rounding
+/// is monotonic, so pass 1 does not multiply.
+/// Preconditions: scale > 0 and finite; m, l: `rows` entries (start at −inf and 0); acc: rows ×
+/// d_v with row stride ld_acc (start at 0); s: row stride ld_s >= n_keys.
+template <class T>
+inline void softmax_tile_update(T* s, Index ld_s, Index rows, Index n_keys, T scale, T* m, T* l,
+                                T* acc, Index ld_acc, Index d_v) {
+  using S = simd::Simd<T>;
+  using V = typename S::V;
+  constexpr Index kLanes = S::kLanes;
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  const Index full = n_keys / kLanes * kLanes;
+  const int rest = static_cast<int>(n_keys - full);
+  const V vscale = S::set1(scale);
+  for (Index i = 0; i < rows; ++i) {
+    T* row = s + i * ld_s;
+    // Pass 1: the row max. Two accumulators hide the max latency.
+    V vmax0 = S::set1(-kInf);
+    V vmax1 = S::set1(-kInf);
+    Index j = 0;
+    for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
+      vmax0 = S::max(S::load(row + j), vmax0);
+      vmax1 = S::max(S::load(row + j + kLanes), vmax1);
+    }
+    if (j < full) vmax0 = S::max(S::load(row + j), vmax0);
+    if (rest > 0) vmax1 = S::max(S::load_partial(row + full, rest, -kInf), vmax1);
+    const T row_max = S::reduce_max(S::max(vmax0, vmax1));
+    const T m_old = m[i];
+    const T m_new = running_max(m_old, row_max * scale);
+    T row_sum = T(0);
+    if (m_new == kInf) {
+      for (Index jj = 0; jj < n_keys; ++jj) {
+        row[jj] = softmax_weight(row[jj] * scale, m_new);
+        row_sum += row[jj];
+      }
+    } else {
+      // Pass 2: p = exp(scale·s − origin), in place, summed.
+      const V neg_origin = S::set1(-exp_origin(m_new));
+      V sum0 = S::zero();
+      V sum1 = S::zero();
+      j = 0;
+      for (; j + 2 * kLanes <= full; j += 2 * kLanes) {
+        const V p0 = simd_exp<T>(S::fma(S::load(row + j), vscale, neg_origin));
+        const V p1 = simd_exp<T>(S::fma(S::load(row + j + kLanes), vscale, neg_origin));
+        S::store(row + j, p0);
+        S::store(row + j + kLanes, p1);
+        sum0 = S::add(sum0, p0);
+        sum1 = S::add(sum1, p1);
+      }
+      if (j < full) {
+        const V p0 = simd_exp<T>(S::fma(S::load(row + j), vscale, neg_origin));
+        S::store(row + j, p0);
+        sum0 = S::add(sum0, p0);
+      }
+      if (rest > 0) {
+        const V p1 =
+            simd_exp<T>(S::fma(S::load_partial(row + full, rest, -kInf), vscale, neg_origin));
+        S::store_partial(row + full, rest, p1);
+        sum1 = S::add(sum1, p1);
+      }
+      row_sum = S::reduce_add(S::add(sum0, sum1));
+    }
+    const T alpha = rescale_factor(m_old, m_new);
+    l[i] = alpha * l[i] + row_sum;
+    m[i] = m_new;
+    if (alpha != T(1)) {
+      T* acc_row = acc + i * ld_acc;
+      for (Index c = 0; c < d_v; ++c) acc_row[c] *= alpha;
+    }
+  }
+}
+
 /// The online-softmax state of a block of query rows (Rabe & Staats 2021, section 3; the deferred
 /// normalisation of Milakov & Gimelshein's Algorithm 3 applied to the output). Non-owning: m, l
-/// and acc live in the caller's workspace. After folding in the key tiles seen so far, for each
-/// row r:  m_r = max_j s_rj,  l_r = Σ_j exp(s_rj − m_r),  acc_r = Σ_j exp(s_rj − m_r)·v_j.
+/// and acc live in the caller's workspace (acc row-major with row stride ld_acc >= d_v). After
+/// folding in the key tiles seen so far, for each row r:
+///   m_r = max_j s_rj,  l_r = Σ_j exp(s_rj − exp_origin(m_r)),  acc_r = Σ_j exp(s_rj − …)·v_j.
 /// A masked score is −inf and contributes exactly 0; a row that has seen only −inf keeps
-/// m = −inf, l = 0, acc = 0 and finishes as output 0, lse −inf.
+/// m = −inf, l = 0, acc = 0 and finishes as output 0, lse −inf. The tile update is
+/// softmax_tile_update() above (the one fused sweep), the combination of two states over disjoint
+/// keys is merge() (the one merge rule).
 template <class T>
 class RowBlockState {
  public:
-  using Block = Eigen::Map<Matrix<T>>;
+  RowBlockState(T* m, T* l, T* acc, Index rows, Index d_v, Index ld_acc)
+      : m_(m), l_(l), acc_(acc), rows_(rows), d_v_(d_v), ld_acc_(ld_acc) {}
 
-  RowBlockState(T* m, T* l, T* acc, Index rows, Index d_v)
-      : m_(m), l_(l), acc_(acc, rows, d_v), rows_(rows) {}
-
-  /// Forgets every key: m = −inf, l = 0, acc = 0.
+  /// Forgets every key: m = −inf, l = 0, acc = 0 (padding columns included).
   void reset() {
-    for (Index r = 0; r < rows_; ++r) {
-      m_[r] = kNegativeInfinity<T>;
-      l_[r] = T(0);
-    }
-    acc_.setZero();
+    std::fill(m_, m_ + rows_, kNegativeInfinity<T>);
+    std::fill(l_, l_ + rows_, T(0));
+    std::fill(acc_, acc_ + rows_ * ld_acc_, T(0));
   }
 
-  /// Folds in one tile: p = exp(s − m_new) overwrites the scores s [rows, cols] (masked entries
-  /// −inf), then acc = acc·exp(m_old − m_new) + p·v_blk with v_blk [cols, d_v]. A −inf score gets
-  /// weight exactly 0. O(rows·cols·(d_v + 1)); no allocation for chunk sizes whose GEMM packing
-  /// fits Eigen's stack buffers.
-  template <class VBlock>
-  void update(Block& s, const VBlock& v_blk) {
-    exponentiate(s, /*exact=*/true);
-    accumulate(s, v_blk);
+  /// Folds the scores s of rows [first, first + count) (row stride ld_s, n_keys columns, masked
+  /// entries −inf, already scaled) into the state and overwrites them with the weights p; the
+  /// caller then adds p·v into acc(first). See softmax_tile_update().
+  void update_scores(T* s, Index ld_s, Index first, Index count, Index n_keys) {
+    softmax_tile_update(s, ld_s, count, n_keys, T(1), m_ + first, l_ + first, acc(first), ld_acc_,
+                        d_v_);
   }
 
-  /// Step 1 of update(): moves each row to its new running max m_new = max(m, max_c s) —
-  /// rescaling l and acc by exp(m_old − m_new) — and replaces the scores by exp(s − m_new).
-  /// exact = true: a −inf score gives exactly 0 (scalar exp where a −inf may occur). exact =
-  /// false: the vectorised exp, which gives a tiny positive value (≈ exp(−88) in float) for −inf,
-  /// so the caller must zero masked entries itself before accumulate() (TileMasker::apply with 0
-  /// does). Rows still at m = −inf (nothing visible yet) get weights exactly 0 either way.
-  void exponentiate(Block& s, bool exact) {
-    const Index cols = s.cols();
+  /// The one merge rule: this ⊕ other for two states of the same rows over disjoint key sets,
+  /// m = max(m_a, m_b), l = α·l_a + β·l_b, acc = α·acc_a + β·acc_b with α = exp(m_a − m),
+  /// β = exp(m_b − m) (rescale_factor: an empty side gets factor 0 and is not read). O(rows·d_v).
+  void merge(const RowBlockState& other) {
     for (Index r = 0; r < rows_; ++r) {
-      T* row = s.data() + r * cols;
-      const T tile_max = cols > 0 ? s.row(r).maxCoeff() : kNegativeInfinity<T>;
-      const T m_new = running_max(m_[r], tile_max);
+      const T m_new = running_max(m_[r], other.m_[r]);
       const T alpha = rescale_factor(m_[r], m_new);
-      m_[r] = m_new;
-      if (alpha != T(1)) {
+      const T beta = rescale_factor(other.m_[r], m_new);
+      T* a = acc(r);
+      const T* b = other.acc_ + r * other.ld_acc_;
+      if (beta == T(0)) {
+        if (alpha != T(1)) {
+          for (Index c = 0; c < d_v_; ++c) a[c] *= alpha;
+        }
         l_[r] *= alpha;
-        acc_.row(r) *= alpha;
-      }
-      if (m_new == kNegativeInfinity<T>) {  // every key so far masked: weights are exactly 0
-        s.row(r).setZero();
-      } else if (!exact && std::isfinite(m_new)) {
-        s.row(r) = (s.row(r).array() - m_new).exp().matrix();
+      } else if (alpha == T(0)) {
+        for (Index c = 0; c < d_v_; ++c) a[c] = beta * b[c];
+        l_[r] = beta * other.l_[r];
       } else {
-        for (Index c = 0; c < cols; ++c) row[c] = softmax_weight(row[c], m_new);
+        for (Index c = 0; c < d_v_; ++c) a[c] = alpha * a[c] + beta * b[c];
+        l_[r] = alpha * l_[r] + beta * other.l_[r];
       }
+      m_[r] = m_new;
     }
   }
 
-  /// Step 2 of update(): l += Σ_c p_rc per row and acc += p·v_blk, for weights p [rows, cols]
-  /// from exponentiate() (masked entries exactly 0) and v_blk [cols, d_v].
-  template <class VBlock>
-  void accumulate(const Block& p, const VBlock& v_blk) {
-    for (Index r = 0; r < rows_; ++r) l_[r] += p.row(r).sum();
-    acc_.noalias() += p * v_blk;
-  }
-
-  /// The running output of rows [0, rows) (for kernels that add p·v themselves).
-  Block& acc() { return acc_; }
+  /// Row r of the running output (d_v entries, then padding up to ld_acc()).
+  T* acc(Index r) const { return acc_ + r * ld_acc_; }
+  Index ld_acc() const { return ld_acc_; }
 
   /// Writes out = acc / l and lse = m + log(l) (lse may be null) for the state's rows
   /// [first, first + count) into out [count, d_v]. A row with l = 0 (no visible key) gets out = 0
@@ -136,22 +205,19 @@ class RowBlockState {
         if (lse != nullptr) lse[r] = kNegativeInfinity<T>;
         continue;
       }
-      out.row(r) = acc_.row(row) / l_[row];
+      const T* a = acc(row);
+      for (Index c = 0; c < d_v_; ++c) out(r, c) = a[c] / l_[row];
       if (lse != nullptr) lse[r] = m_[row] + std::log(l_[row]);
     }
-  }
-
-  /// finalize() for every row.
-  template <class Out>
-  void finalize(Out&& out, T* lse) const {
-    finalize(0, rows_, std::forward<Out>(out), lse);
   }
 
  private:
   T* m_;
   T* l_;
-  Block acc_;
+  T* acc_;
   Index rows_;
+  Index d_v_;
+  Index ld_acc_;
 };
 
 }  // namespace blockattn::detail

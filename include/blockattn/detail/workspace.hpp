@@ -1,61 +1,146 @@
 #pragma once
-// The per-call scratch memory of the attention kernels: one slice per thread, allocated once
-// before the loops, carved into named parts. Never resized inside a loop.
+// The scratch memory of the attention kernels. blockattn::Workspace (public) owns the bytes and
+// can outlive a call; detail::AttentionWorkspace<T> carves one call's layout out of it: one slice
+// per thread plus, for a key-split decode, one partial state per task. Sized once before the
+// loops, never resized inside them.
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
-#include <vector>
+#include <memory>
 
 #include <Eigen/Core>
 
+#include <blockattn/detail/microkernel.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+
+/// Reusable scratch memory for attention(): the per-thread tile buffers (scaled queries, packed
+/// K/V chunk, one score tile, the running max / sum / output of the query block) and, for decode
+/// calls split over the keys, the partial states that are merged at the end. Pass the same
+/// Workspace to repeated calls (decode, one token at a time) and only the first call, or a call
+/// that needs more, allocates: it grows to fit and is then reused, never shrinks (release() frees
+/// it). Its size is O(threads·query_chunk·(key_chunk + d + d_v)) plus, for split decode,
+/// O(tasks·segments·rows·d_v) — independent of n for prefill. Not thread-safe: one Workspace per
+/// concurrent call. Move-only.
+class Workspace {
+ public:
+  Workspace() = default;
+  Workspace(Workspace&&) noexcept = default;
+  Workspace& operator=(Workspace&&) noexcept = default;
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+
+  /// Bytes currently held (0 before the first call).
+  std::size_t capacity() const { return capacity_; }
+
+  /// Frees the memory; the next call allocates again.
+  void release() {
+    storage_.reset();
+    capacity_ = 0;
+  }
+
+  /// At least `bytes` bytes, 64-byte aligned, contents unspecified. Reallocates (losing the
+  /// contents) only when the current capacity is smaller. Used by the kernels.
+  void* reserve(std::size_t bytes) {
+    if (bytes > capacity_) {
+      storage_.reset();  // free first: the peak is the new size, not old + new
+      // Through Eigen's allocator, so that Eigen's runtime allocation check
+      // (EIGEN_RUNTIME_NO_MALLOC, tests/attention_no_malloc_test.cpp) sees this allocation too.
+      storage_.reset(static_cast<unsigned char*>(Eigen::internal::aligned_malloc(bytes + kAlign)));
+      capacity_ = bytes;
+    }
+    const auto address = reinterpret_cast<std::uintptr_t>(storage_.get());
+    return storage_.get() + (kAlign - address % kAlign) % kAlign;
+  }
+
+ private:
+  static constexpr std::size_t kAlign = 64;
+  struct Free {
+    void operator()(unsigned char* p) const { Eigen::internal::aligned_free(p); }
+  };
+  std::unique_ptr<unsigned char, Free> storage_;
+  std::size_t capacity_ = 0;
+};
+
+namespace detail {
 
 /// The tile sizes of one attention call, after defaults and clamping.
 struct TileShape {
-  Index query_chunk = 1;  ///< queries per head in a tile
-  Index group = 1;        ///< query heads stacked in a tile (GQA): rows = group·query_chunk
-  Index key_chunk = 1;    ///< columns of a tile (keys)
+  Index query_chunk = 1;  ///< queries per head in a task's query block
+  Index group = 1;        ///< query heads stacked in a block (GQA): rows = group·query_chunk
+  Index key_chunk = 1;    ///< keys per tile (one packed K/V chunk)
   Index d = 1;            ///< head dimension of q and k
   Index d_v = 0;          ///< head dimension of v
 };
 
-/// One thread's part of the workspace. Every pointer is 64-byte aligned and every slice has the
-/// same layout, so Eigen's reductions take the same path (the same rounding) on every thread.
+/// One thread's part of the workspace. Every pointer is 64-byte aligned.
 template <class T>
 struct WorkspaceSlice {
-  T* queries;  ///< [rows, d]: the scaled queries of the current tile row
-  T* scores;   ///< [rows, key_chunk]: scores, then weights p
-  T* acc;      ///< [rows, d_v]: running output
-  T* m;        ///< [rows]: running max
-  T* l;        ///< [rows]: running sum
+  T* queries;   ///< [rows, d]: the scaled queries of the task's block
+  T* packed_k;  ///< packed_k_size(key_chunk, d): the current K chunk (pack_k layout)
+  T* packed_v;  ///< packed_v_size(key_chunk, d_v): the current V chunk (pack_v layout)
+  T* scores;    ///< [min(rows, kTileRows), ld_s]: scores, then weights p
+  T* acc;       ///< [rows, ld_acc]: running output
+  T* m;         ///< [rows]: running max
+  T* l;         ///< [rows]: running sum
 };
 
-/// Scratch for `slots` threads: slots·(rows·(d + key_chunk + d_v + 2)) elements with
-/// rows = group·query_chunk, padded
-/// to cache lines. O(threads·query_chunk·(key_chunk + d + d_v)), independent of n.
+/// One partial online state (m, l, acc) of `rows` rows, for the key-split decode.
 template <class T>
-class Workspace {
+struct PartialState {
+  T* m;
+  T* l;
+  T* acc;  ///< [rows, ld_acc]
+};
+
+/// One call's layout over a blockattn::Workspace: `slots` thread slices and `partials` partial
+/// states. Elements per slice: rows·(d + ld_acc + 2) + packed K/V + one score tile, each part
+/// padded to a cache line.
+template <class T>
+class AttentionWorkspace {
  public:
-  Workspace(int slots, const TileShape& shape) : shape_(shape) {
+  AttentionWorkspace(Workspace& storage, int slots, const TileShape& shape, Index partials)
+      : shape_(shape) {
     const Index rows = shape.group * shape.query_chunk;
-    queries_ = 0;
-    scores_ = queries_ + padded(rows * shape.d);
-    acc_ = scores_ + padded(rows * shape.key_chunk);
-    m_ = acc_ + padded(rows * shape.d_v);
-    l_ = m_ + padded(rows);
-    slice_size_ = l_ + padded(rows);
-    // Over-allocate one cache line so that the first slice can start on a 64-byte boundary.
-    buffer_.resize(static_cast<std::size_t>(slice_size_ * slots + kLine));
+    ld_s_ = padded_stride<T>(shape.key_chunk);
+    ld_acc_ = padded_stride<T>(shape.d_v);
+    Index at = 0;
+    const auto take = [&](Index elements) {
+      const Index offset = at;
+      at += padded(elements);
+      return offset;
+    };
+    queries_ = take(rows * shape.d);
+    packed_k_ = take(packed_k_size<T>(shape.key_chunk, shape.d));
+    packed_v_ = take(packed_v_size<T>(shape.key_chunk, shape.d_v));
+    scores_ = take(std::min(rows, kTileRows) * ld_s_);
+    acc_ = take(rows * ld_acc_);
+    m_ = take(rows);
+    l_ = take(rows);
+    slice_size_ = at;
+    partial_size_ = padded(rows * (ld_acc_ + 2));
+    const Index total = slice_size_ * slots + partial_size_ * partials;
+    base_ = static_cast<T*>(storage.reserve(static_cast<std::size_t>(total) * sizeof(T)));
+    partials_ = base_ + slice_size_ * slots;
   }
 
-  WorkspaceSlice<T> slice(int slot) {
-    T* base = aligned_base() + static_cast<Index>(slot) * slice_size_;
-    return {base + queries_, base + scores_, base + acc_, base + m_, base + l_};
+  WorkspaceSlice<T> slice(int slot) const {
+    T* base = base_ + static_cast<Index>(slot) * slice_size_;
+    return {base + queries_, base + packed_k_, base + packed_v_, base + scores_,
+            base + acc_,     base + m_,        base + l_};
+  }
+
+  PartialState<T> partial(Index index) const {
+    const Index rows = shape_.group * shape_.query_chunk;
+    T* base = partials_ + index * partial_size_;
+    return {base, base + rows, base + 2 * rows};
   }
 
   const TileShape& shape() const { return shape_; }
+  Index ld_s() const { return ld_s_; }
+  Index ld_acc() const { return ld_acc_; }
 
  private:
   static constexpr Index kLine = 64 / static_cast<Index>(sizeof(T)) > 0
@@ -64,20 +149,21 @@ class Workspace {
 
   static Index padded(Index elements) { return (elements + kLine - 1) / kLine * kLine; }
 
-  T* aligned_base() {
-    const auto address = reinterpret_cast<std::uintptr_t>(buffer_.data());
-    const auto misalign = static_cast<Index>(address % 64) / static_cast<Index>(sizeof(T));
-    return buffer_.data() + (misalign == 0 ? 0 : kLine - misalign);
-  }
-
   TileShape shape_;
+  Index ld_s_ = 0;
+  Index ld_acc_ = 0;
   Index queries_ = 0;
+  Index packed_k_ = 0;
+  Index packed_v_ = 0;
   Index scores_ = 0;
   Index acc_ = 0;
   Index m_ = 0;
   Index l_ = 0;
   Index slice_size_ = 0;
-  std::vector<T> buffer_;
+  Index partial_size_ = 0;
+  T* base_ = nullptr;
+  T* partials_ = nullptr;
 };
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace blockattn
