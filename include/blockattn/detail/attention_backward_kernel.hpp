@@ -38,8 +38,7 @@
 
 namespace blockattn::detail {
 
-/// One thread's scratch for the backward pass, carved out of a forward Workspace built with
-/// d_v = 2·key_chunk (so that its `acc` part holds the two score-sized tiles below).
+/// One thread's scratch for the backward pass. Every pointer is 64-byte aligned.
 template <class T>
 struct BackwardSlice {
   T* queries;      ///< [query_chunk, d]: scale·q of the current tile row
@@ -49,24 +48,68 @@ struct BackwardSlice {
   T* delta;        ///< [query_chunk]: D = rowsum(dO ∘ O)
 };
 
-/// The backward workspace: O(threads·query_chunk·(d + 3·key_chunk)), independent of n.
+/// The backward workspace, one slice per thread:
+/// O(threads·query_chunk·(d + 3·key_chunk)), independent of n.
 template <class T>
 class BackwardWorkspace {
  public:
-  BackwardWorkspace(int slots, const TileShape& shape)
-      : key_chunk_area_(shape.query_chunk * shape.key_chunk),
-        workspace_(slots, TileShape{shape.query_chunk, shape.key_chunk, shape.d,
-                                    /*d_v=*/2 * shape.key_chunk}) {}
+  BackwardWorkspace(int slots, const TileShape& shape) {
+    const Index area = shape.query_chunk * shape.key_chunk;
+    queries_ = take(shape.query_chunk * shape.d);
+    probs_ = take(area);
+    grad_scores_ = take(area);
+    raw_scores_ = take(area);
+    delta_ = take(shape.query_chunk);
+    // One allocation per call, before the loop, with operator new: Eigen's EIGEN_RUNTIME_NO_MALLOC
+    // check in attention_backward_test then watches the loop's own products and temporaries.
+    storage_.reset(new T[static_cast<std::size_t>(slice_size_ * slots)]);
+    base_ = storage_.get();
+  }
 
-  BackwardSlice<T> slice(int slot) {
-    const WorkspaceSlice<T> ws = workspace_.slice(slot);
-    return {ws.queries, ws.scores, ws.acc, ws.acc + key_chunk_area_, ws.m};
+  BackwardSlice<T> slice(int slot) const {
+    T* base = base_ + static_cast<Index>(slot) * slice_size_;
+    return {base + queries_, base + probs_, base + grad_scores_, base + raw_scores_, base + delta_};
   }
 
  private:
-  Index key_chunk_area_;
-  Workspace<T> workspace_;
+  static constexpr Index kLine = 64 / static_cast<Index>(sizeof(T));  // elements per cache line
+
+  /// Reserves `elements` (rounded up to a cache line) and returns their offset in a slice.
+  Index take(Index elements) {
+    const Index offset = slice_size_;
+    slice_size_ += (elements + kLine - 1) / kLine * kLine;
+    return offset;
+  }
+
+  std::unique_ptr<T[]> storage_;
+  T* base_ = nullptr;
+  Index slice_size_ = 0;
+  Index queries_ = 0;
+  Index probs_ = 0;
+  Index grad_scores_ = 0;
+  Index raw_scores_ = 0;
+  Index delta_ = 0;
 };
+
+/// The backward pass keeps at most kBackwardQueryChunk rows per tile (the forward's prefill
+/// blocks are 768 rows for its packed micro-kernels): the five Eigen products per tile then pack
+/// into Eigen's stack buffers, so the loop never allocates (attention_backward_test checks it).
+inline constexpr Index kBackwardQueryChunk = 64;
+
+/// Tile sizes of one backward call: the forward's rules with the query chunk defaulting to
+/// kBackwardQueryChunk (aligned with a block-sparse layout's query blocks).
+template <class T>
+TileShape choose_backward_tile_shape(const AttentionOptions& options, Index n_q, Index n_k, Index d,
+                                     Index d_v) {
+  AttentionOptions tiles = options;
+  if (tiles.query_chunk == 0) {
+    tiles.query_chunk = options.block_sparse == nullptr
+                            ? kBackwardQueryChunk
+                            : largest_divisor_at_most(options.block_sparse->query_block_size(),
+                                                      kBackwardQueryChunk);
+  }
+  return choose_tile_shape<T>(tiles, n_q, n_k, d, d_v);
+}
 
 /// Rows [first, first + count) of the (batch b, head h) slice of a tensor; no copy.
 template <class T>
@@ -107,7 +150,7 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
     }
     return;
   }
-  const TileShape shape = choose_tile_shape<T>(options, n_q, n_k, d, d_v);
+  const TileShape shape = choose_backward_tile_shape<T>(options, n_q, n_k, d, d_v);
   const T scale = resolve_scale<T>(options, d);
   const Index query_chunks = ceil_div(n_q, shape.query_chunk);
   const Index key_chunks = ceil_div(n_k, shape.key_chunk);
