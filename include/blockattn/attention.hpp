@@ -237,7 +237,9 @@ void attention(Workspace& workspace, ConstMatrixView<T> q, ConstMatrixView<T> k,
                                lse, mask_mod, score_mod, workspace);
 }
 
+// float/double overloads: `template <int = 0>`, instantiated only where called (detail/config.hpp).
 /// attention() with a Workspace on float arguments without spelling T.
+template <int = 0>
 inline void attention(Workspace& workspace, ConstMatrixView<float> q, ConstMatrixView<float> k,
                       ConstMatrixView<float> v, MatrixView<float> out,
                       const AttentionOptions& options = {}, float* lse = nullptr) {
@@ -245,6 +247,7 @@ inline void attention(Workspace& workspace, ConstMatrixView<float> q, ConstMatri
 }
 
 /// attention() with a Workspace on double arguments without spelling T.
+template <int = 0>
 inline void attention(Workspace& workspace, ConstMatrixView<double> q, ConstMatrixView<double> k,
                       ConstMatrixView<double> v, MatrixView<double> out,
                       const AttentionOptions& options = {}, double* lse = nullptr) {
@@ -252,6 +255,7 @@ inline void attention(Workspace& workspace, ConstMatrixView<double> q, ConstMatr
 }
 
 /// attention() on float arguments without spelling T (see STYLE §2.3).
+template <int = 0>
 inline void attention(ConstMatrixView<float> q, ConstMatrixView<float> k, ConstMatrixView<float> v,
                       MatrixView<float> out, const AttentionOptions& options = {},
                       float* lse = nullptr) {
@@ -259,6 +263,7 @@ inline void attention(ConstMatrixView<float> q, ConstMatrixView<float> k, ConstM
 }
 
 /// attention() on double arguments without spelling T.
+template <int = 0>
 inline void attention(ConstMatrixView<double> q, ConstMatrixView<double> k,
                       ConstMatrixView<double> v, MatrixView<double> out,
                       const AttentionOptions& options = {}, double* lse = nullptr) {
@@ -314,6 +319,7 @@ void attention(Workspace& workspace, TensorView<const T> q, TensorView<const T> 
 }
 
 /// TensorView attention() with a Workspace on float arguments without spelling T.
+template <int = 0>
 inline void attention(Workspace& workspace, TensorView<const float> q, TensorView<const float> k,
                       TensorView<const float> v, TensorView<float> out,
                       const AttentionOptions& options = {}, float* lse = nullptr) {
@@ -321,6 +327,7 @@ inline void attention(Workspace& workspace, TensorView<const float> q, TensorVie
 }
 
 /// TensorView attention() with a Workspace on double arguments without spelling T.
+template <int = 0>
 inline void attention(Workspace& workspace, TensorView<const double> q, TensorView<const double> k,
                       TensorView<const double> v, TensorView<double> out,
                       const AttentionOptions& options = {}, double* lse = nullptr) {
@@ -328,6 +335,7 @@ inline void attention(Workspace& workspace, TensorView<const double> q, TensorVi
 }
 
 /// TensorView attention() on float arguments without spelling T.
+template <int = 0>
 inline void attention(TensorView<const float> q, TensorView<const float> k,
                       TensorView<const float> v, TensorView<float> out,
                       const AttentionOptions& options = {}, float* lse = nullptr) {
@@ -335,6 +343,7 @@ inline void attention(TensorView<const float> q, TensorView<const float> k,
 }
 
 /// TensorView attention() on double arguments without spelling T.
+template <int = 0>
 inline void attention(TensorView<const double> q, TensorView<const double> k,
                       TensorView<const double> v, TensorView<double> out,
                       const AttentionOptions& options = {}, double* lse = nullptr) {
@@ -429,6 +438,7 @@ void merge_attention_states(ConstMatrixView<T> out_a, const T* lse_a, ConstMatri
 }
 
 /// merge_attention_states() on float arguments without spelling T.
+template <int = 0>
 inline void merge_attention_states(ConstMatrixView<float> out_a, const float* lse_a,
                                    ConstMatrixView<float> out_b, const float* lse_b,
                                    MatrixView<float> out, float* lse = nullptr) {
@@ -436,6 +446,7 @@ inline void merge_attention_states(ConstMatrixView<float> out_a, const float* ls
 }
 
 /// merge_attention_states() on double arguments without spelling T.
+template <int = 0>
 inline void merge_attention_states(ConstMatrixView<double> out_a, const double* lse_a,
                                    ConstMatrixView<double> out_b, const double* lse_b,
                                    MatrixView<double> out, double* lse = nullptr) {

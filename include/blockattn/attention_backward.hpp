@@ -170,7 +170,9 @@ void attention_backward(ConstMatrixView<T> q, ConstMatrixView<T> k, ConstMatrixV
       mask_mod);
 }
 
+// float/double overloads: `template <int = 0>`, instantiated only where called (detail/config.hpp).
 /// attention_backward() on float arguments without spelling T (see STYLE §2.3).
+template <int = 0>
 inline void attention_backward(ConstMatrixView<float> q, ConstMatrixView<float> k,
                                ConstMatrixView<float> v, ConstMatrixView<float> out,
                                const float* lse, ConstMatrixView<float> dout, MatrixView<float> dq,
@@ -180,6 +182,7 @@ inline void attention_backward(ConstMatrixView<float> q, ConstMatrixView<float> 
 }
 
 /// attention_backward() on double arguments without spelling T.
+template <int = 0>
 inline void attention_backward(ConstMatrixView<double> q, ConstMatrixView<double> k,
                                ConstMatrixView<double> v, ConstMatrixView<double> out,
                                const double* lse, ConstMatrixView<double> dout,
@@ -233,6 +236,7 @@ void attention_backward(TensorView<const T> q, TensorView<const T> k, TensorView
 }
 
 /// TensorView attention_backward() on float arguments without spelling T.
+template <int = 0>
 inline void attention_backward(TensorView<const float> q, TensorView<const float> k,
                                TensorView<const float> v, TensorView<const float> out,
                                const float* lse, TensorView<const float> dout, TensorView<float> dq,
@@ -242,6 +246,7 @@ inline void attention_backward(TensorView<const float> q, TensorView<const float
 }
 
 /// TensorView attention_backward() on double arguments without spelling T.
+template <int = 0>
 inline void attention_backward(TensorView<const double> q, TensorView<const double> k,
                                TensorView<const double> v, TensorView<const double> out,
                                const double* lse, TensorView<const double> dout,

@@ -160,7 +160,9 @@ void attention(ConstMatrixView<T> q, ConstMatrixView<T> k, ConstMatrixView<T> v,
   detail::attention_head<T>(q, k, v, out, options, lse, mask_mod, score_mod, 0, 0);
 }
 
+// float/double overloads: `template <int = 0>`, instantiated only where called (detail/config.hpp).
 /// reference::attention() on float arguments without spelling T.
+template <int = 0>
 inline void attention(ConstMatrixView<float> q, ConstMatrixView<float> k, ConstMatrixView<float> v,
                       MatrixView<float> out, const AttentionOptions& options = {},
                       float* lse = nullptr) {
@@ -168,6 +170,7 @@ inline void attention(ConstMatrixView<float> q, ConstMatrixView<float> k, ConstM
 }
 
 /// reference::attention() on double arguments without spelling T.
+template <int = 0>
 inline void attention(ConstMatrixView<double> q, ConstMatrixView<double> k,
                       ConstMatrixView<double> v, MatrixView<double> out,
                       const AttentionOptions& options = {}, double* lse = nullptr) {
@@ -197,6 +200,7 @@ void attention(TensorView<const T> q, TensorView<const T> k, TensorView<const T>
 }
 
 /// TensorView reference::attention() on float arguments without spelling T.
+template <int = 0>
 inline void attention(TensorView<const float> q, TensorView<const float> k,
                       TensorView<const float> v, TensorView<float> out,
                       const AttentionOptions& options = {}, float* lse = nullptr) {
@@ -204,6 +208,7 @@ inline void attention(TensorView<const float> q, TensorView<const float> k,
 }
 
 /// TensorView reference::attention() on double arguments without spelling T.
+template <int = 0>
 inline void attention(TensorView<const double> q, TensorView<const double> k,
                       TensorView<const double> v, TensorView<double> out,
                       const AttentionOptions& options = {}, double* lse = nullptr) {
@@ -309,12 +314,14 @@ void transformer_block(const TransformerBlockWeights<T>& w, ConstMatrixView<T> x
 }
 
 /// reference::transformer_block() on float arguments without spelling T.
+template <int = 0>
 inline void transformer_block(const TransformerBlockWeights<float>& w, ConstMatrixView<float> x,
                               MatrixView<float> y, const BlockOptions& options = {}) {
   reference::transformer_block<float>(w, x, y, options);
 }
 
 /// reference::transformer_block() on double arguments without spelling T.
+template <int = 0>
 inline void transformer_block(const TransformerBlockWeights<double>& w, ConstMatrixView<double> x,
                               MatrixView<double> y, const BlockOptions& options = {}) {
   reference::transformer_block<double>(w, x, y, options);
@@ -384,6 +391,7 @@ void transformer_block_unfused_ffn(const TransformerBlockWeights<T>& w, ConstMat
 }
 
 /// reference::transformer_block_unfused_ffn() on float arguments without spelling T.
+template <int = 0>
 inline void transformer_block_unfused_ffn(const TransformerBlockWeights<float>& w,
                                           ConstMatrixView<float> x, MatrixView<float> y,
                                           const BlockOptions& options = {}) {
@@ -391,6 +399,7 @@ inline void transformer_block_unfused_ffn(const TransformerBlockWeights<float>& 
 }
 
 /// reference::transformer_block_unfused_ffn() on double arguments without spelling T.
+template <int = 0>
 inline void transformer_block_unfused_ffn(const TransformerBlockWeights<double>& w,
                                           ConstMatrixView<double> x, MatrixView<double> y,
                                           const BlockOptions& options = {}) {
@@ -483,6 +492,7 @@ void attention_backward(ConstMatrixView<T> q, ConstMatrixView<T> k, ConstMatrixV
 }
 
 /// reference::attention_backward() on float arguments without spelling T.
+template <int = 0>
 inline void attention_backward(ConstMatrixView<float> q, ConstMatrixView<float> k,
                                ConstMatrixView<float> v, ConstMatrixView<float> out,
                                const float* lse, ConstMatrixView<float> dout, MatrixView<float> dq,
@@ -492,6 +502,7 @@ inline void attention_backward(ConstMatrixView<float> q, ConstMatrixView<float> 
 }
 
 /// reference::attention_backward() on double arguments without spelling T.
+template <int = 0>
 inline void attention_backward(ConstMatrixView<double> q, ConstMatrixView<double> k,
                                ConstMatrixView<double> v, ConstMatrixView<double> out,
                                const double* lse, ConstMatrixView<double> dout,
@@ -531,6 +542,7 @@ void attention_backward(TensorView<const T> q, TensorView<const T> k, TensorView
 }
 
 /// TensorView reference::attention_backward() on float arguments without spelling T.
+template <int = 0>
 inline void attention_backward(TensorView<const float> q, TensorView<const float> k,
                                TensorView<const float> v, TensorView<const float> out,
                                const float* lse, TensorView<const float> dout, TensorView<float> dq,
@@ -540,6 +552,7 @@ inline void attention_backward(TensorView<const float> q, TensorView<const float
 }
 
 /// TensorView reference::attention_backward() on double arguments without spelling T.
+template <int = 0>
 inline void attention_backward(TensorView<const double> q, TensorView<const double> k,
                                TensorView<const double> v, TensorView<const double> out,
                                const double* lse, TensorView<const double> dout,

@@ -508,13 +508,16 @@ void softmax(ConstMatrixView<T> x, MatrixView<T> y,
   }
 }
 
+// float/double overloads: `template <int = 0>`, instantiated only where called (detail/config.hpp).
 /// softmax() for float matrices, so that plain Matrix<float> arguments deduce.
+template <int = 0>
 inline void softmax(ConstMatrixView<float> x, MatrixView<float> y,
                     SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
   softmax<float>(x, y, algorithm);
 }
 
 /// softmax() for double matrices, so that plain Matrix<double> arguments deduce.
+template <int = 0>
 inline void softmax(ConstMatrixView<double> x, MatrixView<double> y,
                     SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
   softmax<double>(x, y, algorithm);
@@ -565,6 +568,7 @@ Index softmax_topk(Eigen::Ref<const RowVector<T>> x, Index k, Eigen::Ref<RowVect
 }
 
 /// softmax_topk() for float, so that plain RowVector<float> arguments deduce.
+template <int = 0>
 inline Index softmax_topk(Eigen::Ref<const RowVector<float>> x, Index k,
                           Eigen::Ref<RowVector<float>> values,
                           Eigen::Ref<RowVector<Index>> indices) {
@@ -572,6 +576,7 @@ inline Index softmax_topk(Eigen::Ref<const RowVector<float>> x, Index k,
 }
 
 /// softmax_topk() for double, so that plain RowVector<double> arguments deduce.
+template <int = 0>
 inline Index softmax_topk(Eigen::Ref<const RowVector<double>> x, Index k,
                           Eigen::Ref<RowVector<double>> values,
                           Eigen::Ref<RowVector<Index>> indices) {
@@ -612,6 +617,7 @@ Index softmax_topk_unfused(Eigen::Ref<const RowVector<T>> x, Index k,
 }
 
 /// softmax_topk_unfused() for float.
+template <int = 0>
 inline Index softmax_topk_unfused(Eigen::Ref<const RowVector<float>> x, Index k,
                                   Eigen::Ref<RowVector<float>> values,
                                   Eigen::Ref<RowVector<Index>> indices) {
@@ -619,6 +625,7 @@ inline Index softmax_topk_unfused(Eigen::Ref<const RowVector<float>> x, Index k,
 }
 
 /// softmax_topk_unfused() for double.
+template <int = 0>
 inline Index softmax_topk_unfused(Eigen::Ref<const RowVector<double>> x, Index k,
                                   Eigen::Ref<RowVector<double>> values,
                                   Eigen::Ref<RowVector<Index>> indices) {

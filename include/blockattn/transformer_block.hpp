@@ -376,7 +376,9 @@ void transformer_block(const TransformerBlockWeights<T>& weights, ConstMatrixVie
   detail::transformer_block_forward<T>(weights, x, y, options);
 }
 
+// float/double overloads: `template <int = 0>`, instantiated only where called (detail/config.hpp).
 /// transformer_block() on float arguments without spelling T.
+template <int = 0>
 inline void transformer_block(const TransformerBlockWeights<float>& weights,
                               ConstMatrixView<float> x, MatrixView<float> y,
                               const BlockOptions& options = {}) {
@@ -384,6 +386,7 @@ inline void transformer_block(const TransformerBlockWeights<float>& weights,
 }
 
 /// transformer_block() on double arguments without spelling T.
+template <int = 0>
 inline void transformer_block(const TransformerBlockWeights<double>& weights,
                               ConstMatrixView<double> x, MatrixView<double> y,
                               const BlockOptions& options = {}) {
