@@ -153,7 +153,10 @@ struct Avx512Float {
   static V max(V a, V b) { return _mm512_mask_max_ps(a, kAll, a, b); }
   static V min(V a, V b) { return _mm512_mask_min_ps(a, kAll, a, b); }
   static V scalef(V p, V n) { return _mm512_mask_scalef_ps(p, kAll, p, n); }
-  static __m128 fold_to_128(V v, __m256 (*op)(__m256, __m256)) {
+  // `op` is a lambda, not an intrinsic's address: GCC defines intrinsics only inline, so taking
+  // one's address fails to link when it is not inlined (-O0, -O1).
+  template <class Op>
+  static __m128 fold_to_128(V v, Op op) {
     const __m512d d = _mm512_castps_pd(v);
     const __m256 lo = _mm256_castpd_ps(_mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, d, 0));
     const __m256 hi = _mm256_castpd_ps(_mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, d, 1));
@@ -161,12 +164,12 @@ struct Avx512Float {
     return _mm256_castps256_ps128(op(half, _mm256_permute2f128_ps(half, half, 1)));
   }
   static float reduce_add(V v) {
-    __m128 t = fold_to_128(v, _mm256_add_ps);
+    __m128 t = fold_to_128(v, [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); });
     t = _mm_add_ps(t, _mm_movehl_ps(t, t));
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
   }
   static float reduce_max(V v) {
-    __m128 t = fold_to_128(v, _mm256_max_ps);
+    __m128 t = fold_to_128(v, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); });
     t = _mm_max_ps(t, _mm_movehl_ps(t, t));
     return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
   }
@@ -202,18 +205,19 @@ struct Avx512Double {
   static V max(V a, V b) { return _mm512_mask_max_pd(a, kAll, a, b); }
   static V min(V a, V b) { return _mm512_mask_min_pd(a, kAll, a, b); }
   static V scalef(V p, V n) { return _mm512_mask_scalef_pd(p, kAll, p, n); }
-  static __m128d fold_to_128(V v, __m256d (*op)(__m256d, __m256d)) {
+  template <class Op>  // a lambda, not an intrinsic's address (see Avx512Float)
+  static __m128d fold_to_128(V v, Op op) {
     const __m256d lo = _mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, v, 0);
     const __m256d hi = _mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, v, 1);
     const __m256d half = op(lo, hi);
     return _mm256_castpd256_pd128(op(half, _mm256_permute2f128_pd(half, half, 1)));
   }
   static double reduce_add(V v) {
-    const __m128d t = fold_to_128(v, _mm256_add_pd);
+    const __m128d t = fold_to_128(v, [](__m256d a, __m256d b) { return _mm256_add_pd(a, b); });
     return _mm_cvtsd_f64(_mm_add_sd(t, _mm_unpackhi_pd(t, t)));
   }
   static double reduce_max(V v) {
-    const __m128d t = fold_to_128(v, _mm256_max_pd);
+    const __m128d t = fold_to_128(v, [](__m256d a, __m256d b) { return _mm256_max_pd(a, b); });
     return _mm_cvtsd_f64(_mm_max_sd(t, _mm_unpackhi_pd(t, t)));
   }
   // AVX-512F has no double→int64 conversion (that is AVX-512DQ): the magic constant leaves n in
