@@ -102,9 +102,10 @@ class BackwardWorkspace {
 /// affects and no others). The tile products multiply every pair, so on a Partial tile a masked
 /// pair's exact 0 (its P and dS) times a non-finite q, k or dO row would spread NaN (0·NaN) into
 /// gradient rows of queries or keys that never meet. Two rules keep it in place:
-///   - dS is re-masked to 0 after it is formed on Partial tiles (dP = dO·Vᵀ and D are not masked,
-///     so a non-finite V or O would otherwise give a masked pair 0·NaN);
-///   - a Partial tile whose q, k or dO rows are not all finite (checked per tile, off the products)
+///   - dS is re-masked to 0 on a Partial tile whose dS is not all finite (dP = dO·Vᵀ and D are not
+///     masked, so a non-finite V or O would otherwise give a masked pair 0·NaN);
+///   - a Partial tile whose q, k or dO rows are not all finite (block_is_finite per tile and per K
+///     chunk, O((rows + cols)·d) against the products' O(rows·cols·d))
 ///     takes the slow path: P's masked entries are written as −0 (a visible P is exp(·) >= +0 or
 ///     NaN, so −0 marks "masked" even where a visible weight underflowed to +0), the three products
 ///     with that operand run on a copy with its non-finite entries set to 0 (exact for every
@@ -229,7 +230,7 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
     auto dv_blk = mutable_row_block(dv, b, kvh, k0, cols);
     dk_blk.setZero();
     dv_blk.setZero();
-    const bool keys_finite = k_blk.allFinite();
+    const bool keys_finite = block_is_finite(k_blk.data(), k_blk.outerStride(), cols, d);
     Eigen::Map<Matrix<T>> finite_keys(ws.finite_keys, cols, d);
     if (!keys_finite) copy_finite(k_blk, finite_keys);
 
@@ -265,8 +266,9 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
             }
             ws.delta[r] = dout_blk.row(r).dot(out_blk.row(r));
           }
-          const bool slow_queries = partial && !q_blk.allFinite();
-          const bool slow_dout = partial && !dout_blk.allFinite();
+          const bool slow_queries = partial && !block_is_finite(q_blk.data(), d, rows, d);
+          const bool slow_dout =
+              partial && !block_is_finite(dout_blk.data(), dout_blk.outerStride(), rows, d_v);
           slow_keys = partial && !keys_finite;
           // Masked pairs get P exactly 0 (their score was never set to −inf here); −0 on the
           // slow path, where it marks them.
@@ -285,7 +287,10 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
             ds.row(r) = (p.row(r).array() * (ds.row(r).array() - ws.delta[r])).matrix();
           }
           if (modifier.scales_gradient()) modifier.chain_rule(raw, ds);
-          masker.apply(tile, q0, k0, ds, T(0));  // a masked pair's dS is 0, whatever dP and D hold
+          // A masked pair's dS is p·(dP − D) = 0·(dP − D): ±0, or NaN when dP or D is not finite.
+          if (partial && !block_is_finite(ds.data(), cols, rows, cols)) {
+            masker.apply(tile, q0, k0, ds, T(0));
+          }
           if (slow_queries) {
             copy_finite(q_blk, q_blk);  // q_blk is the tile's own copy; p no longer needs it
             dk_blk.noalias() += ds.transpose() * q_blk;
