@@ -98,19 +98,19 @@ class BackwardWorkspace {
   Index finite_dout_ = 0;
 };
 
-/// NaN in the backward pass (README, "Numerical conventions": a NaN reaches the gradient rows it
-/// affects and no others). The tile products multiply every pair, so on a Partial tile a masked
-/// pair's exact 0 (its P and dS) times a non-finite q, k or dO row would spread NaN (0·NaN) into
-/// gradient rows of queries or keys that never meet. Two rules keep it in place:
-///   - dS is re-masked to 0 on a Partial tile whose dS is not all finite (dP = dO·Vᵀ and D are not
-///     masked, so a non-finite V or O would otherwise give a masked pair 0·NaN);
-///   - a Partial tile whose q, k or dO rows are not all finite (block_is_finite per tile and per K
-///     chunk, O((rows + cols)·d) against the products' O(rows·cols·d))
-///     takes the slow path: P's masked entries are written as −0 (a visible P is exp(·) >= +0 or
-///     NaN, so −0 marks "masked" even where a visible weight underflowed to +0), the three products
-///     with that operand run on a copy with its non-finite entries set to 0 (exact for every
-///     finite term, so unaffected rows keep their bits), and the visible pairs then add the terms
-///     of the non-finite entries one by one.
+// NaN in the backward pass (README, "Numerical conventions": a NaN reaches the gradient rows it
+// affects and no others). The tile products multiply every pair, so on a Partial tile a masked
+// pair's exact 0 (its P and dS) times a non-finite q, k or dO row would spread NaN (0·NaN) into
+// gradient rows of queries or keys that never meet. Two rules keep it in place:
+//   - dS is re-masked to 0 on a Partial tile whose dS is not all finite (dP = dO·Vᵀ and D are not
+//     masked, so a non-finite V or O would otherwise give a masked pair 0·NaN);
+//   - a Partial tile whose q, k or dO rows are not all finite (block_is_finite per tile and per K
+//     chunk, O((rows + cols)·d) against the products' O(rows·cols·d))
+//     takes the slow path: P's masked entries are written as −0 (a visible P is exp(·) >= +0 or
+//     NaN, so −0 marks "masked" even where a visible weight underflowed to +0), the three products
+//     with that operand run on a copy with its non-finite entries set to 0 (exact for every
+//     finite term, so unaffected rows keep their bits), and the visible pairs then add the terms
+//     of the non-finite entries one by one.
 
 /// Whether P entry p belongs to a masked pair in the slow path (written as −0 there).
 template <class T>

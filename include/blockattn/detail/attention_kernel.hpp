@@ -174,20 +174,23 @@ bool mask_rows(T* s, Index ld_s, Index r0, Index count, Index cols, const TileRo
   return any_visible;
 }
 
-/// NaN and a hidden key's value (README, "Numerical conventions"). A masked score is −inf and its
-/// weight p is exactly 0, but the P·V micro-kernels multiply every weight of a tile by every value
-/// row, so 0·NaN = NaN (and 0·inf = NaN) would leak a hidden key's non-finite value into the rows
-/// that do not see it. Rows that do see the key must get it, even when their weight underflowed
-/// to 0. The fast path stays as it is; a key chunk whose values are not all finite (checked once
-/// per chunk, off the hot loop) takes this slow path instead:
-///   1. before the tile update, a visible key (score not −inf) with a non-finite value whose weight
-///      will underflow to 0 poisons its row now: acc = NaN in that value's columns (0·v = NaN);
-///   2. the tile update and P·V run as usual on a copy of the chunk's values with every non-finite
-///      entry replaced by 0 — exact for every finite term, and the rows no NaN reaches come out
-///      bit-identical to a run without it;
-///   3. after P·V, each weight p > 0 (visible) adds p·v for the non-finite entries of its key.
-/// Decode (the direct path, no packing) checks a chunk's values only when its score tile holds a
-/// −inf score, which keeps the per-chunk check off unmasked decode.
+// NaN and a hidden key's value (README, "Numerical conventions"). A masked score is −inf and its
+// weight p is exactly 0, but the P·V micro-kernels multiply every weight of a tile by every value
+// row, so 0·NaN = NaN (and 0·inf = NaN) would leak a hidden key's non-finite value into the rows
+// that do not see it. Rows that do see the key must get it, even when their weight underflowed
+// to 0. The fast path stays as it is; a key chunk whose values are not all finite (checked once
+// per chunk, off the hot loop) takes this slow path instead:
+//   1. before the tile update, a visible key (score not −inf) with a non-finite value whose weight
+//      will underflow to 0 poisons its row now: acc = NaN in that value's columns (0·v = NaN);
+//   2. the tile update and P·V run as usual on a copy of the chunk's values with every non-finite
+//      entry replaced by 0 — exact for every finite term, and the rows no NaN reaches come out
+//      bit-identical to a run without it;
+//   3. after P·V, each weight p > 0 (visible) adds p·v for the non-finite entries of its key.
+// Decode (the direct path, no packing) checks a chunk's values only when its score tile holds a
+// −inf score, which keeps the per-chunk check off unmasked decode. Cost of the checks, measured
+// as instructions (valgrind --tool=callgrind, one thread, float unless noted, -O3 with -mavx2
+// -mfma / plain SSE2): prefill n = 512, d = 64, causal +0.13% / +0.14%, non-causal +0.11% /
+// +0.12%, double causal +0.23% / +0.26%; decode n_q = 1, n_k = 16384, d = 128 +0.09% / +0.15%.
 
 /// True when every entry of the rows × cols block x (row stride ld) is finite: x·0 is ±0 for a
 /// finite x and NaN for ±inf or NaN, so the sum of the products is 0 exactly when all are finite.
