@@ -372,7 +372,9 @@ void attention(TensorView<const double> q, TensorView<const double> k, TensorVie
 /// (out_a, lse_a) and (out_b, lse_b) give the (out, lse) of attention over A ∪ B, as
 /// w_a = exp(lse_a − lse), w_b = exp(lse_b − lse), out = w_a·out_a + w_b·out_b,
 /// lse = log(exp(lse_a) + exp(lse_b)). A side with lse −inf (no visible key) contributes nothing;
-/// both −inf gives out 0, lse −inf. The basis of split-KV decode and of distributed attention.
+/// both −inf gives out 0, lse −inf. NaN follows the README's policy: a NaN lse_a[i] or lse_b[i]
+/// gives a NaN row i (out and lse), and a NaN in out_a or out_b reaches out even when its side's
+/// weight underflows to 0. The basis of split-KV decode and of distributed attention.
 /// Shapes: out_a, out_b, out [n_q, d_v]; lse_a, lse_b [n_q] (required); lse [n_q] or null.
 /// Time O(n_q·d_v), no extra memory. Throws std::invalid_argument on a shape mismatch or a null
 /// lse_a / lse_b, before writing. out may be exactly out_a or out_b (same data and stride) and lse
@@ -415,20 +417,28 @@ void merge_attention_states(ConstMatrixView<T> out_a, const T* lse_a, ConstMatri
     }
     detail::require_disjoint(function, "lse", lse_range, "out", out_range);
   }
+  constexpr T kEmpty = detail::kNegativeInfinity<T>;
   for (Index i = 0; i < n_q; ++i) {
+    if (std::isnan(lse_a[i]) || std::isnan(lse_b[i])) {  // a NaN row stays NaN (README policy)
+      out.row(i).setConstant(std::numeric_limits<T>::quiet_NaN());
+      if (lse != nullptr) lse[i] = std::numeric_limits<T>::quiet_NaN();
+      continue;
+    }
     const T m = detail::running_max(lse_a[i], lse_b[i]);
     const T w_a = detail::rescale_factor(lse_a[i], m);  // exp(lse_a − m); 0 for an empty side
     const T w_b = detail::rescale_factor(lse_b[i], m);
     const T sum = w_a + w_b;
-    if (sum == T(0) || m == detail::kNegativeInfinity<T>) {
+    if (sum == T(0) || m == kEmpty) {
       out.row(i).setZero();
-      if (lse != nullptr) lse[i] = detail::kNegativeInfinity<T>;
+      if (lse != nullptr) lse[i] = kEmpty;
       continue;
     }
-    // An empty side may hold anything (even NaN from a caller's buffer): skip it, do not scale it.
-    if (w_b == T(0)) {
+    // An empty side (lse −inf) may hold anything (even NaN from a caller's buffer): skip it, do
+    // not scale it. A side whose weight merely underflows to 0 is skipped only when its row is
+    // finite, so that a NaN in it still reaches the merged row (0·NaN = NaN).
+    if (lse_b[i] == kEmpty || (w_b == T(0) && out_b.row(i).allFinite())) {
       out.row(i) = out_a.row(i) * (w_a / sum);
-    } else if (w_a == T(0)) {
+    } else if (lse_a[i] == kEmpty || (w_a == T(0) && out_a.row(i).allFinite())) {
       out.row(i) = out_b.row(i) * (w_b / sum);
     } else {
       out.row(i) = (out_a.row(i) * w_a + out_b.row(i) * w_b) / sum;

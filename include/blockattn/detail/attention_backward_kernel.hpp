@@ -46,10 +46,12 @@ struct BackwardSlice {
   T* grad_scores;  ///< [query_chunk, key_chunk]: dP, then dS
   T* raw_scores;   ///< [query_chunk, key_chunk]: the scores before modifiers (soft-cap only)
   T* delta;        ///< [query_chunk]: D = rowsum(dO ∘ O)
+  T* finite_keys;  ///< [key_chunk, d]: the K chunk, non-finite entries 0 (NaN slow path only)
+  T* finite_dout;  ///< [query_chunk, d_v]: the dO tile, non-finite entries 0 (slow path only)
 };
 
 /// The backward workspace, one slice per thread:
-/// O(threads·query_chunk·(d + 3·key_chunk)), independent of n.
+/// O(threads·(query_chunk·(d + d_v + 3·key_chunk) + key_chunk·d)), independent of n.
 template <class T>
 class BackwardWorkspace {
  public:
@@ -60,6 +62,8 @@ class BackwardWorkspace {
     grad_scores_ = take(area);
     raw_scores_ = take(area);
     delta_ = take(shape.query_chunk);
+    finite_keys_ = take(shape.key_chunk * shape.d);
+    finite_dout_ = take(shape.query_chunk * shape.d_v);
     // One allocation per call, before the loop, with operator new: Eigen's EIGEN_RUNTIME_NO_MALLOC
     // check in attention_backward_test then watches the loop's own products and temporaries.
     storage_.reset(new T[static_cast<std::size_t>(slice_size_ * slots)]);
@@ -68,7 +72,8 @@ class BackwardWorkspace {
 
   BackwardSlice<T> slice(int slot) const {
     T* base = base_ + static_cast<Index>(slot) * slice_size_;
-    return {base + queries_, base + probs_, base + grad_scores_, base + raw_scores_, base + delta_};
+    return {base + queries_, base + probs_,       base + grad_scores_, base + raw_scores_,
+            base + delta_,   base + finite_keys_, base + finite_dout_};
   }
 
  private:
@@ -89,7 +94,53 @@ class BackwardWorkspace {
   Index grad_scores_ = 0;
   Index raw_scores_ = 0;
   Index delta_ = 0;
+  Index finite_keys_ = 0;
+  Index finite_dout_ = 0;
 };
+
+// NaN in the backward pass (README, "Numerical conventions": a NaN reaches the gradient rows it
+// affects and no others). The tile products multiply every pair, so on a Partial tile a masked
+// pair's exact 0 (its P and dS) times a non-finite q, k or dO row would spread NaN (0·NaN) into
+// gradient rows of queries or keys that never meet. Two rules keep it in place:
+//   - dS is re-masked to 0 on a Partial tile whose dS is not all finite (dP = dO·Vᵀ and D are not
+//     masked, so a non-finite V or O would otherwise give a masked pair 0·NaN);
+//   - a Partial tile whose q, k or dO rows are not all finite (block_is_finite per tile and per K
+//     chunk, O((rows + cols)·d) against the products' O(rows·cols·d))
+//     takes the slow path: P's masked entries are written as −0 (a visible P is exp(·) >= +0 or
+//     NaN, so −0 marks "masked" even where a visible weight underflowed to +0), the three products
+//     with that operand run on a copy with its non-finite entries set to 0 (exact for every
+//     finite term, so unaffected rows keep their bits), and the visible pairs then add the terms
+//     of the non-finite entries one by one.
+
+/// Whether P entry p belongs to a masked pair in the slow path (written as −0 there).
+template <class T>
+bool masked_weight(T p) {
+  return p == T(0) && std::signbit(p);
+}
+
+/// dst = src with every non-finite entry replaced by 0 (same shape).
+template <class Src, class Dst>
+void copy_finite(const Src& src, Dst& dst) {
+  using T = typename Dst::Scalar;
+  dst = src.unaryExpr([](T x) { return std::isfinite(x) ? x : T(0); });
+}
+
+/// Slow-path fix-up of out += aᵀ·b over the pairs (r, c) of a tile: for each row r of b with a
+/// non-finite entry e, out(c, e) += a(r, c)·b(r, e) for every visible pair (p(r, c) not masked).
+/// `b_scale` multiplies b's entries (the scale that the product's finite copy already holds).
+template <class T, class A, class B, class P, class Out>
+void add_non_finite_terms(const A& a, const B& b, T b_scale, const P& p, Out& out) {
+  for (Index r = 0; r < b.rows(); ++r) {
+    if (b.row(r).allFinite()) continue;
+    for (Index c = 0; c < a.cols(); ++c) {
+      if (masked_weight(p(r, c))) continue;
+      for (Index e = 0; e < b.cols(); ++e) {
+        const T x = b(r, e) * b_scale;
+        if (!std::isfinite(x)) out(c, e) += a(r, c) * x;
+      }
+    }
+  }
+}
 
 /// The backward pass keeps at most kBackwardQueryChunk rows per tile (the forward's prefill
 /// blocks are 768 rows for its packed micro-kernels): the five Eigen products per tile then pack
@@ -179,6 +230,9 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
     auto dv_blk = mutable_row_block(dv, b, kvh, k0, cols);
     dk_blk.setZero();
     dv_blk.setZero();
+    const bool keys_finite = block_is_finite(k_blk.data(), k_blk.outerStride(), cols, d);
+    Eigen::Map<Matrix<T>> finite_keys(ws.finite_keys, cols, d);
+    if (!keys_finite) copy_finite(k_blk, finite_keys);
 
     for (Index h = kvh * group; h < (kvh + 1) * group; ++h) {
       const TileMasker<MaskMod> masker(options, n_q, n_k, b, h, mask_mod);
@@ -190,13 +244,15 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
         const Index rows = std::min(shape.query_chunk, n_q - q0);
         const TileMask tile = masker.classify(q0, q0 + rows, k0, k_end);
         const bool visible = tile.visibility != BlockVisibility::Empty;
+        const bool partial = tile.visibility == BlockVisibility::Partial;
         Eigen::Map<Matrix<T>> ds(ws.grad_scores, rows, cols);
+        Eigen::Map<Matrix<T>> p(ws.probs, rows, cols);
+        bool slow_keys = false;  // the NaN slow path above, per operand
         if (visible) {
           const auto dout_blk = row_block(dout, b, h, q0, rows);
           const auto out_blk = row_block(out, b, h, q0, rows);
           Eigen::Map<Matrix<T>> q_blk(ws.queries, rows, d);
           q_blk.noalias() = row_block(q, b, h, q0, rows) * scale;  // as the forward scales it
-          Eigen::Map<Matrix<T>> p(ws.probs, rows, cols);
           p.noalias() = q_blk * k_blk.transpose();
           Eigen::Map<Matrix<T>> raw(ws.raw_scores, rows, cols);
           if (modifier.scales_gradient()) raw = p;
@@ -210,15 +266,38 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
             }
             ws.delta[r] = dout_blk.row(r).dot(out_blk.row(r));
           }
-          // Masked pairs get P exactly 0 (their score was never set to −inf here).
-          masker.apply(tile, q0, k0, p, T(0));
-          dv_blk.noalias() += p.transpose() * dout_blk;
+          const bool slow_queries = partial && !block_is_finite(q_blk.data(), d, rows, d);
+          const bool slow_dout =
+              partial && !block_is_finite(dout_blk.data(), dout_blk.outerStride(), rows, d_v);
+          slow_keys = partial && !keys_finite;
+          // Masked pairs get P exactly 0 (their score was never set to −inf here); −0 on the
+          // slow path, where it marks them.
+          const bool slow = slow_queries || slow_dout || slow_keys;
+          masker.apply(tile, q0, k0, p, slow ? -T(0) : T(0));
+          if (slow_dout) {
+            Eigen::Map<Matrix<T>> finite_dout(ws.finite_dout, rows, d_v);
+            copy_finite(dout_blk, finite_dout);
+            dv_blk.noalias() += p.transpose() * finite_dout;
+            add_non_finite_terms(p, dout_blk, T(1), p, dv_blk);
+          } else {
+            dv_blk.noalias() += p.transpose() * dout_blk;
+          }
           ds.noalias() = dout_blk * v_blk.transpose();  // dP
           for (Index r = 0; r < rows; ++r) {
             ds.row(r) = (p.row(r).array() * (ds.row(r).array() - ws.delta[r])).matrix();
           }
           if (modifier.scales_gradient()) modifier.chain_rule(raw, ds);
-          dk_blk.noalias() += ds.transpose() * q_blk;  // = scale·dSᵀ·q
+          // A masked pair's dS is p·(dP − D) = 0·(dP − D): ±0, or NaN when dP or D is not finite.
+          if (partial && !block_is_finite(ds.data(), cols, rows, cols)) {
+            masker.apply(tile, q0, k0, ds, T(0));
+          }
+          if (slow_queries) {
+            copy_finite(q_blk, q_blk);  // q_blk is the tile's own copy; p no longer needs it
+            dk_blk.noalias() += ds.transpose() * q_blk;
+            add_non_finite_terms(ds, row_block(q, b, h, q0, rows), scale, p, dk_blk);
+          } else {
+            dk_blk.noalias() += ds.transpose() * q_blk;  // = scale·dSᵀ·q
+          }
         }
         // dQ in key-chunk order: wait for key chunk kc − 1 to have added its part.
         std::atomic<Index>& token =
@@ -226,7 +305,13 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
         while (token.load(std::memory_order_acquire) != kc) std::this_thread::yield();
         auto dq_blk = mutable_row_block(dq, b, h, q0, rows);
         if (kc == 0) dq_blk.setZero();
-        if (visible) dq_blk.noalias() += (ds * scale) * k_blk;
+        if (visible && slow_keys) {
+          dq_blk.noalias() += (ds * scale) * finite_keys;
+          // dQ += scale·dS·K is out += aᵀ·b with a = dSᵀ (pairs transposed: p too).
+          add_non_finite_terms(ds.transpose(), k_blk, scale, p.transpose(), dq_blk);
+        } else if (visible) {
+          dq_blk.noalias() += (ds * scale) * k_blk;
+        }
         token.store(kc + 1, std::memory_order_release);
       }
     }

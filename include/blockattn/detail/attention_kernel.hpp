@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include <Eigen/Core>
@@ -22,6 +23,7 @@
 #include <blockattn/detail/microkernel.hpp>
 #include <blockattn/detail/online_state.hpp>
 #include <blockattn/detail/parallel.hpp>
+#include <blockattn/detail/simd.hpp>
 #include <blockattn/detail/workspace.hpp>
 #include <blockattn/mask.hpp>
 #include <blockattn/types.hpp>
@@ -172,6 +174,145 @@ bool mask_rows(T* s, Index ld_s, Index r0, Index count, Index cols, const TileRo
   return any_visible;
 }
 
+// NaN and a hidden key's value (README, "Numerical conventions"). A masked score is −inf and its
+// weight p is exactly 0, but the P·V micro-kernels multiply every weight of a tile by every value
+// row, so 0·NaN = NaN (and 0·inf = NaN) would leak a hidden key's non-finite value into the rows
+// that do not see it. Rows that do see the key must get it, even when their weight underflowed
+// to 0. The fast path stays as it is; a key chunk whose values are not all finite (checked once
+// per chunk, off the hot loop) takes this slow path instead:
+//   1. before the tile update, a visible key (score not −inf) with a non-finite value whose weight
+//      will underflow to 0 poisons its row now: acc = NaN in that value's columns (0·v = NaN);
+//   2. the tile update and P·V run as usual on a copy of the chunk's values with every non-finite
+//      entry replaced by 0 — exact for every finite term, and the rows no NaN reaches come out
+//      bit-identical to a run without it;
+//   3. after P·V, each weight p > 0 (visible) adds p·v for the non-finite entries of its key.
+// Decode (the direct path, no packing) checks a chunk's values only when its score tile holds a
+// −inf score, which keeps the per-chunk check off unmasked decode. Cost of the checks, measured
+// as instructions (valgrind --tool=callgrind, one thread, float unless noted, -O3 with -mavx2
+// -mfma / plain SSE2): prefill n = 512, d = 64, causal +0.13% / +0.14%, non-causal +0.11% /
+// +0.12%, double causal +0.23% / +0.26%; decode n_q = 1, n_k = 16384, d = 128 +0.09% / +0.15%.
+
+/// True when every entry of the rows × cols block x (row stride ld) is finite: x·0 is ±0 for a
+/// finite x and NaN for ±inf or NaN, so the sum of the products is 0 exactly when all are finite.
+template <class T>
+bool block_is_finite(const T* x, Index ld, Index rows, Index cols) {
+  using S = simd::Simd<T>;
+  using V = typename S::V;
+  constexpr Index kLanes = S::kLanes;
+  const Index full = cols / kLanes * kLanes;
+  const int rest = static_cast<int>(cols - full);
+  const V zero = S::zero();
+  V probe0 = S::zero();
+  V probe1 = S::zero();
+  for (Index r = 0; r < rows; ++r) {
+    const T* row = x + r * ld;
+    Index c = 0;
+    for (; c + 2 * kLanes <= full; c += 2 * kLanes) {
+      probe0 = S::fma(S::load(row + c), zero, probe0);
+      probe1 = S::fma(S::load(row + c + kLanes), zero, probe1);
+    }
+    if (c < full) probe0 = S::fma(S::load(row + c), zero, probe0);
+    if (rest > 0) probe1 = S::fma(S::load_partial(row + full, rest, T(0)), zero, probe1);
+  }
+  return S::reduce_add(S::add(probe0, probe1)) == T(0);
+}
+
+/// True when some score of the rows × cols tile s (row stride ld_s) is −inf (a hidden key): the
+/// lane-wise minimum (NaN scores are skipped by min's rule), then −max(−min) across lanes.
+template <class T>
+bool tile_has_hidden_key(const T* s, Index ld_s, Index rows, Index cols) {
+  using S = simd::Simd<T>;
+  using V = typename S::V;
+  constexpr Index kLanes = S::kLanes;
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  const Index full = cols / kLanes * kLanes;
+  const int rest = static_cast<int>(cols - full);
+  V low = S::set1(kInf);
+  for (Index i = 0; i < rows; ++i) {
+    const T* row = s + i * ld_s;
+    for (Index j = 0; j < full; j += kLanes) low = S::min(S::load(row + j), low);
+    if (rest > 0) low = S::min(S::load_partial(row + full, rest, kInf), low);
+  }
+  return S::reduce_max(S::sub(S::zero(), low)) == kInf;
+}
+
+/// Copies the keys × d_v values v (row stride ld_v) to dst (row stride d_v) with every
+/// non-finite entry replaced by 0 (slow path step 2, decode).
+template <class T>
+void copy_finite_values(const T* v, Index ld_v, Index keys, Index d_v, T* dst) {
+  for (Index j = 0; j < keys; ++j) {
+    for (Index c = 0; c < d_v; ++c) {
+      const T x = v[j * ld_v + c];
+      dst[j * d_v + c] = std::isfinite(x) ? x : T(0);
+    }
+  }
+}
+
+/// Replaces every non-finite entry of the `size` elements of a packed buffer by 0 (slow path
+/// step 2, prefill: the packed V chunk).
+template <class T>
+void zero_non_finite(T* x, Index size) {
+  for (Index e = 0; e < size; ++e) {
+    if (!std::isfinite(x[e])) x[e] = T(0);
+  }
+}
+
+/// Whether row j of v (d_v entries) has a non-finite entry.
+template <class T>
+bool value_row_is_finite(const T* vj, Index d_v) {
+  for (Index c = 0; c < d_v; ++c) {
+    if (!std::isfinite(vj[c])) return false;
+  }
+  return true;
+}
+
+/// Slow path step 1, before the tile update of block rows [first, first + rows): for each visible
+/// score x (not −inf, not NaN) whose weight under the row's coming maximum underflows to 0 and
+/// whose key has a non-finite value, sets acc = NaN in those columns (0·NaN and 0·inf are NaN; the
+/// later rescale keeps NaN). Reads the running max from `state`; s: row stride ld_s, `keys`
+/// columns, already scaled and masked; v: the chunk's values, row stride ld_v.
+template <class T>
+void poison_underflowed_values(const T* s, Index ld_s, Index first, Index rows, Index keys,
+                               const T* v, Index ld_v, Index d_v, const RowBlockState<T>& state) {
+  // exp(x) > 0 certainly while x >= log(smallest normal): cheaper than calling exp per score.
+  const T surely_positive = std::log(std::numeric_limits<T>::min());
+  for (Index i = 0; i < rows; ++i) {
+    const T* row = s + i * ld_s;
+    T row_max = kNegativeInfinity<T>;
+    for (Index j = 0; j < keys; ++j) row_max = running_max(row_max, row[j]);
+    const T m_new = running_max(state.max(first + i), row_max);
+    const T origin = exp_origin(m_new);
+    T* acc = state.acc(first + i);
+    for (Index j = 0; j < keys; ++j) {
+      const T x = row[j];
+      if (x == kNegativeInfinity<T> || !(x - origin < surely_positive)) continue;
+      if (softmax_weight(x, m_new) != T(0)) continue;
+      const T* vj = v + j * ld_v;
+      for (Index c = 0; c < d_v; ++c) {
+        if (!std::isfinite(vj[c])) acc[c] = std::numeric_limits<T>::quiet_NaN();
+      }
+    }
+  }
+}
+
+/// Slow path step 3, after P·V on the finite copy: acc[i, c] += p[i, j]·v[j, c] for every weight
+/// p > 0 (a visible key) and every non-finite v[j, c]. p: rows × keys, row stride ld_p.
+template <class T>
+void add_non_finite_values(const T* p, Index ld_p, Index rows, Index keys, const T* v, Index ld_v,
+                           Index d_v, T* acc, Index ld_acc) {
+  for (Index j = 0; j < keys; ++j) {
+    const T* vj = v + j * ld_v;
+    if (value_row_is_finite(vj, d_v)) continue;
+    for (Index i = 0; i < rows; ++i) {
+      const T w = p[i * ld_p + j];
+      if (!(w > T(0))) continue;
+      for (Index c = 0; c < d_v; ++c) {
+        if (!std::isfinite(vj[c])) acc[i * ld_acc + c] += w * vj[c];
+      }
+    }
+  }
+}
+
 /// Folds keys [k_begin, k_end) (on the key_chunk grid) into the state of one task's block:
 /// q_blk [rows, d] holds the scaled queries; k_head / v_head the kv head's keys and values.
 template <class T, class MaskMod, class ScoreMod, class KHead, class VHead>
@@ -195,12 +336,24 @@ void attend_keys(const WorkspaceSlice<T>& ws, Index ld_s, const T* q_blk, Index 
       score_rows_direct(q_blk, d, rows, d, k_rows, ld_k, keys, ws.scores, ld_s);
       mask_rows<T>(ws.scores, ld_s, 0, rows, keys, t, k0, options, n_q, n_k, mask_mod, score_mod,
                    /*dry_run=*/false);
+      if (tile_has_hidden_key(ws.scores, ld_s, rows, keys) &&
+          !block_is_finite(v_rows, ld_v, keys, d_v)) {  // the slow path above
+        poison_underflowed_values(ws.scores, ld_s, 0, rows, keys, v_rows, ld_v, d_v, state);
+        copy_finite_values(v_rows, ld_v, keys, d_v, ws.packed_v);
+        state.update_scores(ws.scores, ld_s, 0, rows, keys);
+        accumulate_pv_direct(ws.scores, ld_s, rows, keys, ws.packed_v, d_v, d_v, state.acc(0),
+                             state.ld_acc());
+        add_non_finite_values(ws.scores, ld_s, rows, keys, v_rows, ld_v, d_v, state.acc(0),
+                              state.ld_acc());
+        continue;
+      }
       state.update_scores(ws.scores, ld_s, 0, rows, keys);
       accumulate_pv_direct(ws.scores, ld_s, rows, keys, v_rows, ld_v, d_v, state.acc(0),
                            state.ld_acc());
       continue;
     }
     bool packed = false;
+    bool values_finite = true;
     for (Index r0 = 0; r0 < rows; r0 += kTileRows) {
       const Index count = std::min(kTileRows, rows - r0);
       if (!mask_rows<T>(ws.scores, ld_s, r0, count, keys, t, k0, options, n_q, n_k, mask_mod,
@@ -210,13 +363,22 @@ void attend_keys(const WorkspaceSlice<T>& ws, Index ld_s, const T* q_blk, Index 
       if (!packed) {  // K and V are packed once per chunk, for every sub-tile
         pack_k(k_rows, ld_k, keys, d, ws.packed_k);
         pack_v(v_rows, ld_v, keys, d_v, ws.packed_v);
+        values_finite = block_is_finite(v_rows, ld_v, keys, d_v);
+        if (!values_finite) zero_non_finite(ws.packed_v, packed_v_size<T>(keys, d_v));
         packed = true;
       }
       score_tile(q_blk + r0 * d, d, count, d, ws.packed_k, keys, ws.scores, ld_s);
       mask_rows<T>(ws.scores, ld_s, r0, count, keys, t, k0, options, n_q, n_k, mask_mod, score_mod,
                    /*dry_run=*/false);
+      if (!values_finite) {  // the slow path above
+        poison_underflowed_values(ws.scores, ld_s, r0, count, keys, v_rows, ld_v, d_v, state);
+      }
       state.update_scores(ws.scores, ld_s, r0, count, keys);
       accumulate_pv(ws.scores, ld_s, count, keys, ws.packed_v, d_v, state.acc(r0), state.ld_acc());
+      if (!values_finite) {
+        add_non_finite_values(ws.scores, ld_s, count, keys, v_rows, ld_v, d_v, state.acc(r0),
+                              state.ld_acc());
+      }
     }
   }
 }

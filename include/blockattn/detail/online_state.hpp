@@ -165,7 +165,10 @@ class RowBlockState {
 
   /// The one merge rule: this ⊕ other for two states of the same rows over disjoint key sets,
   /// m = max(m_a, m_b), l = α·l_a + β·l_b, acc = α·acc_a + β·acc_b with α = exp(m_a − m),
-  /// β = exp(m_b − m) (rescale_factor: an empty side gets factor 0 and is not read). O(rows·d_v).
+  /// β = exp(m_b − m) (rescale_factor: an empty side gets factor 0). A side whose factor is 0 is
+  /// skipped only when it is finite (l and acc); otherwise the full formula runs, so a NaN it
+  /// holds — a NaN value seen with an underflowed weight, or a row whose scores there were all
+  /// NaN (m −inf, l NaN) — reaches the merged row (0·NaN = NaN). O(rows·d_v).
   void merge(const RowBlockState& other) {
     for (Index r = 0; r < rows_; ++r) {
       const T m_new = running_max(m_[r], other.m_[r]);
@@ -173,12 +176,12 @@ class RowBlockState {
       const T beta = rescale_factor(other.m_[r], m_new);
       T* a = acc(r);
       const T* b = other.acc_ + r * other.ld_acc_;
-      if (beta == T(0)) {
+      if (beta == T(0) && row_is_finite(other.l_[r], b, d_v_)) {
         if (alpha != T(1)) {
           for (Index c = 0; c < d_v_; ++c) a[c] *= alpha;
         }
         l_[r] *= alpha;
-      } else if (alpha == T(0)) {
+      } else if (alpha == T(0) && row_is_finite(l_[r], a, d_v_)) {
         for (Index c = 0; c < d_v_; ++c) a[c] = beta * b[c];
         l_[r] = beta * other.l_[r];
       } else {
@@ -188,6 +191,9 @@ class RowBlockState {
       m_[r] = m_new;
     }
   }
+
+  /// Running max of row r (the tile update's rule: NaN scores are not counted).
+  T max(Index r) const { return m_[r]; }
 
   /// Row r of the running output (d_v entries, then padding up to ld_acc()).
   T* acc(Index r) const { return acc_ + r * ld_acc_; }
@@ -212,6 +218,15 @@ class RowBlockState {
   }
 
  private:
+  /// Whether a row's sum l and its d_v accumulators are all finite.
+  static bool row_is_finite(T l, const T* a, Index d_v) {
+    if (!std::isfinite(l)) return false;
+    for (Index c = 0; c < d_v; ++c) {
+      if (!std::isfinite(a[c])) return false;
+    }
+    return true;
+  }
+
   T* m_;
   T* l_;
   T* acc_;
