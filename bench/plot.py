@@ -97,15 +97,19 @@ def main():
     parser.add_argument("--out", default="docs", help="output folder")
     parser.add_argument("--prefix", default="", help="prefix for the figure file names")
     parser.add_argument("--format", default="svg", choices=["svg", "png"])
+    parser.add_argument("--figure", default="both", choices=["both", "memory", "gflops"],
+                        help="which figure to write (both by default)")
     options = parser.parse_args()
     out = pathlib.Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = load(options.results)
     stem = options.prefix
-    plot(rows, "peak_heap", 1 / 2**20, "measured extra heap (MiB)", "Peak memory vs sequence length",
-         out / f"{stem}memory.{options.format}", logy=True)
-    plot(rows, "FLOP/s", 1e-9, "GFLOP/s", "Throughput vs sequence length",
-         out / f"{stem}gflops.{options.format}", logy=False)
+    if options.figure in ("both", "memory"):
+        plot(rows, "peak_heap", 1 / 2**20, "measured extra heap (MiB)", "Peak memory vs sequence length",
+             out / f"{stem}memory.{options.format}", logy=True)
+    if options.figure in ("both", "gflops"):
+        plot(rows, "FLOP/s", 1e-9, "GFLOP/s", "Throughput vs sequence length",
+             out / f"{stem}gflops.{options.format}", logy=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Regenerates every measured figure and plot of the README: the machine's limits, throughput vs n
+# (chunked against the naive two-GEMM path), peak memory vs n, threads and decode, softmax, and
+# the PyTorch comparison when /usr/bin/python3 can import torch. Needs a quiet machine (about
+# 15 minutes on 2 cores); results land in build/figures/, plots in docs/.
+#
+# Usage: bash bench/figures.sh        (after: cmake --preset bench && cmake --build --preset bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=build/bench/bench
+out=build/figures
+mkdir -p "$out" docs
+reps=(--benchmark_repetitions=5 --benchmark_report_aggregates_only=true)
+run() {  # run <binary> <json name> <filter> [more flags]: one JSON per figure, progress on stderr
+  local binary=$1 name=$2 filter=$3
+  shift 3
+  echo "figures: $name" >&2
+  "$bin/$binary" "--benchmark_filter=$filter" "--benchmark_out=$out/$name.json" \
+    --benchmark_out_format=json "$@"
+}
+uptime >"$out/load.txt"
+
+run machine_bench machine '.' "${reps[@]}"
+run attention_bench throughput '^BM_Attention_(Naive|Chunked)<float>/n:[0-9]+/d:64/causal:[01]$' \
+  "${reps[@]}"
+run attention_bench throughput_d128 '^BM_Attention_(Naive|Chunked)<float>/n:(2048|4096)/d:128/causal:[01]$' \
+  "${reps[@]}"
+run attention_bench threads '^BM_Attention_(PrefillThreads|Decode)<float>/' "${reps[@]}"
+# Memory does not depend on load: one repetition. Naive stops at 16384 (its n×n scores are 1 GiB).
+run attention_bench memory \
+  '^(Large/)?BM_Attention_Chunked<float>/n:[0-9]+/d:64/causal:1$|^(Large/)?BM_Attention_Naive<float>/n:([0-9]{3,4}|8192|16384)/d:64/causal:1$' \
+  --benchmark_min_time=0.01
+run softmax_bench softmax '.' "${reps[@]}"
+
+/usr/bin/python3 bench/plot.py "$out/throughput.json" --out docs --prefix attention_ --figure gflops
+/usr/bin/python3 bench/plot.py "$out/memory.json" --out docs --prefix attention_ --figure memory
+if /usr/bin/python3 -c 'import torch' 2>/dev/null; then
+  /usr/bin/python3 bench/compare_pytorch.py --bench "$bin/attention_bench" | tee "$out/pytorch.txt"
+fi
