@@ -16,6 +16,8 @@
 #include <benchmark/benchmark.h>
 
 #include <blockattn/attention.hpp>
+#include <blockattn/detail/parallel.hpp>
+#include <blockattn/detail/simd.hpp>
 
 #include "support/counters.hpp"
 #include "support/heap_tracker.hpp"
@@ -128,24 +130,30 @@ void BM_Attention_ChunkedAllThreads(benchmark::State& state) {
   run_chunked<T>(state, shape, /*threads=*/0);
 }
 
-// One new token against a KV cache of n_k tokens: 8 query heads sharing one kv head (MQA, so a
-// 1M-token cache is 2·256 MiB), d = 128; threads from the second argument (0: all). The caller
-// keeps one blockattn::Workspace across calls, as a decode loop does, so no call allocates;
-// bytes/s counts q, K, V and out once (compare with machine_bench's BM_StreamRead).
+// One new token against a KV cache of n_k tokens: 8 query heads on kv_heads key/value heads
+// (1: MQA, 8: MHA), head dimension d, threads from the last argument (0: all). The caller keeps
+// one blockattn::Workspace across calls, as a decode loop does, so no call allocates.
+// kv_bytes_per_second counts K and V once (formula: sizeof(T)·n_k·kv_heads·(d + d_v) per call,
+// what a decode step must stream) and is the figure to read against BM_StreamRead below, run in
+// the same binary; bytes_per_second also counts q and out.
 template <class T>
 void BM_Attention_Decode(benchmark::State& state) {
   const Index heads = 8;
-  const AttentionShape shape{1, heads, 1, 1, state.range(0), 128, 128, false};
+  const Index n_k = state.range(0);
+  const Index kv_heads = state.range(1);
+  const Index d = state.range(2);
+  const AttentionShape shape{1, heads, kv_heads, 1, n_k, d, d, false};
   const Matrix<T> q = random_input<T>(heads, shape.d, 1);
-  const Matrix<T> k = random_input<T>(shape.n_k, shape.d, 2);
-  const Matrix<T> v = random_input<T>(shape.n_k, shape.d_v, 3);
+  const Matrix<T> k = random_input<T>(shape.n_k * kv_heads, shape.d, 2);
+  const Matrix<T> v = random_input<T>(shape.n_k * kv_heads, shape.d_v, 3);
   Matrix<T> out(heads, shape.d_v);
   const auto q_view = blockattn::make_tensor_view(q.data(), 1, 1, heads, shape.d);
-  const auto k_view = blockattn::make_tensor_view(k.data(), 1, shape.n_k, 1, shape.d);
-  const auto v_view = blockattn::make_tensor_view(v.data(), 1, shape.n_k, 1, shape.d_v);
+  const auto k_view = blockattn::make_tensor_view(k.data(), 1, shape.n_k, kv_heads, shape.d);
+  const auto v_view = blockattn::make_tensor_view(v.data(), 1, shape.n_k, kv_heads, shape.d_v);
   const auto out_view = blockattn::make_tensor_view(out.data(), 1, 1, heads, shape.d_v);
   AttentionOptions options;
-  options.threads = static_cast<int>(state.range(1));
+  options.threads = static_cast<int>(state.range(3));
+  label_threads(state, options);
   blockattn::Workspace workspace;
   const std::size_t peak = blockattn::bench::measure_extra_heap(
       [&] { blockattn::attention<T>(workspace, q_view, k_view, v_view, out_view, options); });
@@ -155,6 +163,45 @@ void BM_Attention_Decode(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   blockattn::bench::set_attention_counters<T>(state, shape, peak);
+  state.counters["kv_bytes_per_second"] = benchmark::Counter(
+      static_cast<double>(sizeof(T)) * static_cast<double>(n_k * kv_heads * (d + d)),
+      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1024);
+}
+
+// The machine's streaming read bandwidth with 1 or 2 threads, measured in this binary so that a
+// decode figure and its ceiling come from the same run (the same loop as machine_bench's
+// BM_StreamRead: 1 GiB, four vector accumulators per thread, each thread its contiguous half;
+// touched once before timing, so page faults are not in the figure). bytes_per_second = bytes
+// read per wall-clock second.
+void BM_StreamRead(benchmark::State& state) {
+  using S = blockattn::detail::simd::Simd<float>;
+  using V = S::V;
+  constexpr Index kBytes = Index(1) << 30;
+  constexpr Index kCount = kBytes / Index(sizeof(float));
+  const int threads = static_cast<int>(state.range(0));
+  static std::vector<float> buffer;
+  if (buffer.empty()) buffer.assign(static_cast<std::size_t>(kCount), 1.0f);
+  const float* data = buffer.data();
+  std::vector<float> totals(static_cast<std::size_t>(threads) * 16);  // a cache line per thread
+  for (auto _ : state) {
+    blockattn::detail::parallel_for(threads, threads, [&](Index part, int) {
+      const Index per = kCount / threads;
+      const float* p = data + part * per;
+      V s0 = S::zero(), s1 = S::zero(), s2 = S::zero(), s3 = S::zero();
+      for (Index i = 0; i + 4 * S::kLanes <= per; i += 4 * S::kLanes) {
+        s0 = S::add(s0, S::load(p + i));
+        s1 = S::add(s1, S::load(p + i + S::kLanes));
+        s2 = S::add(s2, S::load(p + i + 2 * S::kLanes));
+        s3 = S::add(s3, S::load(p + i + 3 * S::kLanes));
+      }
+      totals[static_cast<std::size_t>(part) * 16] =
+          S::reduce_add(S::add(S::add(s0, s1), S::add(s2, s3)));
+    });
+    benchmark::DoNotOptimize(totals.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetLabel("threads=" + std::to_string(threads));
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * kBytes);
 }
 
 // Prefill on [1, n, heads, 64] tensors (MHA) with a given thread count: the thread-scaling case
@@ -204,9 +251,19 @@ BENCHMARK_TEMPLATE(BM_Attention_ChunkedAllThreads, float)
     ->ArgsProduct({{1024, 4096}, {64}, {0, 1}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
+// Decode: d = 64 MQA and MHA (8 query heads) and the d = 128 MQA case, 1 and 2 threads in the same
+// run, next to the stream-read ceiling. The targets of issue 6:
+//   --benchmark_filter='BM_StreamRead|BM_Attention_Decode<float>/n_k:262144/kv_heads:(1|8)/d:64'
 BENCHMARK_TEMPLATE(BM_Attention_Decode, float)
-    ->ArgNames({"n_k", "threads"})
-    ->ArgsProduct({{4096, 32768, 262144}, {1, 2}})
+    ->ArgNames({"n_k", "kv_heads", "d", "threads"})
+    ->ArgsProduct({{4096, 32768, 262144}, {1, 8}, {64}, {1, 2}})
+    ->ArgsProduct({{262144}, {1}, {128}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_StreamRead)
+    ->ArgName("threads")
+    ->Arg(1)
+    ->Arg(2)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_Attention_PrefillThreads, float)
@@ -230,8 +287,8 @@ BENCHMARK_TEMPLATE(BM_Attention_Chunked, float)
     ->Apply(large_sizes);
 BENCHMARK_TEMPLATE(BM_Attention_Decode, float)
     ->Name("Large/BM_Attention_Decode<float>")
-    ->ArgNames({"n_k", "threads"})
-    ->Args({1048576, 0})
+    ->ArgNames({"n_k", "kv_heads", "d", "threads"})
+    ->Args({1048576, 1, 128, 0})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 

@@ -591,6 +591,95 @@ TYPED_TEST(AttentionTest, DecodeKeySplitMatchesReferenceAndIgnoresThreads) {
   EXPECT_EQ(lse, -kInf<T>);
 }
 
+// Decode over a long cache with several kv heads runs every kv head in one task, chunk by chunk
+// (past one key segment): MHA and GQA, BSHD and BHSD, batch 2 with padding that ends in an early
+// segment, n_q 1 and 2, and a head-dependent mask_mod — each head against the long double
+// reference (attention_tolerance per head), and bitwise equal for 1 and 2 threads.
+TYPED_TEST(AttentionTest, MultiHeadDecodeOverLongCacheMatchesReferenceAndIgnoresThreads) {
+  using T = TypeParam;
+  auto rng = make_rng(11);
+  const Index batch = 2;
+  const Index n_k = 8192 + 301;
+  const Index d = 8;
+  const Index d_v = 5;
+  const Index key_lengths[batch] = {n_k, 1500};
+  const auto mask = [](Index, Index h, Index, Index j) { return h != 1 || j % 2 == 0; };
+  for (const auto& [heads, kv_heads] : std::vector<std::pair<Index, Index>>{{3, 3}, {4, 2}}) {
+    for (const Index n_q : {Index{1}, Index{2}}) {
+      for (const bool bhsd : {false, true}) {
+        SCOPED_TRACE("heads=" + std::to_string(heads) + " kv_heads=" + std::to_string(kv_heads) +
+                     " n_q=" + std::to_string(n_q) + (bhsd ? " BHSD " : " BSHD ") + seed_trace());
+        const Matrix<T> q = random_matrix<T>(rng, batch * n_q * heads, d);
+        const Matrix<T> k = random_matrix<T>(rng, batch * n_k * kv_heads, d);
+        const Matrix<T> v = random_matrix<T>(rng, batch * n_k * kv_heads, d_v);
+        const auto view = [&](auto* data, Index seq, Index h, Index dim) {
+          return bhsd ? blockattn::make_tensor_view_bhsd(data, batch, seq, h, dim)
+                      : blockattn::make_tensor_view(data, batch, seq, h, dim);
+        };
+        AttentionOptions options;
+        options.key_lengths = key_lengths;
+        options.causal = n_q > 1;
+        const auto run = [&](int threads, std::vector<T>& out, std::vector<T>& lse) {
+          out.assign(static_cast<std::size_t>(batch * n_q * heads * d_v), T(0));
+          lse.assign(static_cast<std::size_t>(batch * heads * n_q), T(0));
+          AttentionOptions o = options;
+          o.threads = threads;
+          blockattn::attention<T>(view(q.data(), n_q, heads, d), view(k.data(), n_k, kv_heads, d),
+                                  view(v.data(), n_k, kv_heads, d_v),
+                                  view(out.data(), n_q, heads, d_v), o, lse.data(), mask);
+        };
+        std::vector<T> out;
+        std::vector<T> lse;
+        run(1, out, lse);
+        std::vector<T> out2;
+        std::vector<T> lse2;
+        run(2, out2, lse2);
+        ASSERT_TRUE(out == out2);
+        ASSERT_TRUE(lse == lse2);
+
+        const Matrix<Long> q_l = q.template cast<Long>();
+        const Matrix<Long> k_l = k.template cast<Long>();
+        const Matrix<Long> v_l = v.template cast<Long>();
+        std::vector<Long> expected(out.size());
+        std::vector<Long> expected_lse(lse.size());
+        blockattn::reference::attention<Long>(
+            view(q_l.data(), n_q, heads, d), view(k_l.data(), n_k, kv_heads, d),
+            view(v_l.data(), n_k, kv_heads, d_v), view(expected.data(), n_q, heads, d_v), options,
+            expected_lse.data(), mask);
+        const auto out_view = view(out.data(), n_q, heads, d_v);
+        const auto expected_view = view(expected.data(), n_q, heads, d_v);
+        for (Index b = 0; b < batch; ++b) {
+          for (Index h = 0; h < heads; ++h) {
+            const Index kv_h = h / (heads / kv_heads);
+            const auto q_head = blockattn::detail::head_slice(
+                TensorView<const T>(view(q.data(), n_q, heads, d)), b, h);
+            const auto k_head = blockattn::detail::head_slice(
+                TensorView<const T>(view(k.data(), n_k, kv_heads, d)), b, kv_h);
+            const auto v_head = blockattn::detail::head_slice(
+                TensorView<const T>(view(v.data(), n_k, kv_heads, d_v)), b, kv_h);
+            const auto tol = blockattn::test::attention_tolerance<T>(q_head, k_head, v_head,
+                                                                     effective_scale(options, d));
+            const auto lse_tol =
+                blockattn::test::lse_tolerance<T>(q_head, k_head, effective_scale(options, d));
+            for (Index i = 0; i < n_q; ++i) {
+              for (Index c = 0; c < d_v; ++c) {
+                ASSERT_NEAR(static_cast<double>(out_view.at(b, i, h)[c]),
+                            static_cast<double>(expected_view.at(b, i, h)[c]),
+                            tol[static_cast<std::size_t>(i)])
+                    << "b=" << b << " h=" << h << " i=" << i << " c=" << c;
+              }
+              const auto at = static_cast<std::size_t>((b * heads + h) * n_q + i);
+              ASSERT_NEAR(static_cast<double>(lse[at]), static_cast<double>(expected_lse[at]),
+                          lse_tol[static_cast<std::size_t>(i)])
+                  << "lse b=" << b << " h=" << h << " i=" << i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // Several user threads calling attention() at once get the same answers as one at a time.
 TYPED_TEST(AttentionTest, ConcurrentCallsAreIndependent) {
   using T = TypeParam;

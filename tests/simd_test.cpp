@@ -522,7 +522,8 @@ TYPED_TEST(MicroKernelTest, DirectKernelsAreExactOnDyadicInputsAndWriteOnlyTheir
   using T = TypeParam;
   constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
   auto rng = blockattn::test::make_rng(/*salt=*/25);
-  for (Index rows : {1, 2, 5}) {
+  // rows 8 and 9: a full register block of rows (kDirectBlockRows) and one more.
+  for (Index rows : {1, 2, 5, 8, 9}) {
     for (Index n_keys : {1, 3, 4, 5, 67}) {
       for (Index d : {Index(1), Index(3), Index(kLanes<T> + 1), Index(64), Index(257)}) {
         SCOPED_TRACE("rows=" + std::to_string(rows) + " n_keys=" + std::to_string(n_keys) + " d=" +
