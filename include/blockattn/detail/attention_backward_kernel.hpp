@@ -55,11 +55,13 @@ class BackwardWorkspace {
  public:
   BackwardWorkspace(int slots, const TileShape& shape) {
     const Index area = shape.query_chunk * shape.key_chunk;
-    queries_ = take(shape.query_chunk * shape.d);
-    probs_ = take(area);
-    grad_scores_ = take(area);
-    raw_scores_ = take(area);
-    delta_ = take(shape.query_chunk);
+    SliceLayout<T> layout;
+    queries_ = layout.take(shape.query_chunk * shape.d);
+    probs_ = layout.take(area);
+    grad_scores_ = layout.take(area);
+    raw_scores_ = layout.take(area);
+    delta_ = layout.take(shape.query_chunk);
+    slice_size_ = layout.size();
     // One allocation per call, before the loop, with operator new: Eigen's EIGEN_RUNTIME_NO_MALLOC
     // check in attention_backward_test then watches the loop's own products and temporaries.
     storage_.reset(new T[static_cast<std::size_t>(slice_size_ * slots)]);
@@ -72,15 +74,6 @@ class BackwardWorkspace {
   }
 
  private:
-  static constexpr Index kLine = 64 / static_cast<Index>(sizeof(T));  // elements per cache line
-
-  /// Reserves `elements` (rounded up to a cache line) and returns their offset in a slice.
-  Index take(Index elements) {
-    const Index offset = slice_size_;
-    slice_size_ += (elements + kLine - 1) / kLine * kLine;
-    return offset;
-  }
-
   std::unique_ptr<T[]> storage_;
   T* base_ = nullptr;
   Index slice_size_ = 0;
@@ -97,16 +90,17 @@ class BackwardWorkspace {
 inline constexpr Index kBackwardQueryChunk = 64;
 
 /// Tile sizes of one backward call: the forward's rules with the query chunk defaulting to
-/// kBackwardQueryChunk (aligned with a block-sparse layout's query blocks).
+/// kBackwardQueryChunk (aligned with a block-sparse layout's query blocks where
+/// block_aligned_chunk() allows).
 template <class T>
 TileShape choose_backward_tile_shape(const AttentionOptions& options, Index n_q, Index n_k, Index d,
                                      Index d_v) {
   AttentionOptions tiles = options;
   if (tiles.query_chunk == 0) {
-    tiles.query_chunk = options.block_sparse == nullptr
-                            ? kBackwardQueryChunk
-                            : largest_divisor_at_most(options.block_sparse->query_block_size(),
-                                                      kBackwardQueryChunk);
+    tiles.query_chunk =
+        options.block_sparse == nullptr
+            ? kBackwardQueryChunk
+            : block_aligned_chunk(options.block_sparse->query_block_size(), kBackwardQueryChunk);
   }
   return choose_tile_shape<T>(tiles, n_q, n_k, d, d_v);
 }
