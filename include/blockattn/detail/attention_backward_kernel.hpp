@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <memory>
+#include <new>
 #include <thread>
 #include <type_traits>
 
@@ -64,7 +65,12 @@ class BackwardWorkspace {
     slice_size_ = layout.size();
     // One allocation per call, before the loop, with operator new: Eigen's EIGEN_RUNTIME_NO_MALLOC
     // check in attention_backward_test then watches the loop's own products and temporaries.
-    storage_.reset(new T[static_cast<std::size_t>(slice_size_ * slots)]);
+    // Aligned to a cache line as the slices promise: with plain new[] (16-byte aligned) the
+    // alignment of the tiles changed from call to call, and with it how Eigen's AVX-512 code
+    // peels its loops, so two calls differed in the last bits (ThreadCountDoesNotChangeOneBit
+    // and BothCallFormsAndHeadSlicesAgree failed in the native preset).
+    const auto bytes = static_cast<std::size_t>(slice_size_ * slots) * sizeof(T);
+    storage_.reset(static_cast<T*>(::operator new[](bytes, std::align_val_t{kAlign})));
     base_ = storage_.get();
   }
 
@@ -74,7 +80,11 @@ class BackwardWorkspace {
   }
 
  private:
-  std::unique_ptr<T[]> storage_;
+  static constexpr std::size_t kAlign = 64;
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t{kAlign}); }
+  };
+  std::unique_ptr<T[], Free> storage_;
   T* base_ = nullptr;
   Index slice_size_ = 0;
   Index queries_ = 0;
