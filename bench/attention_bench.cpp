@@ -9,6 +9,7 @@
 //   attention_bench --benchmark_filter='Large.*n:65536/d:64/causal:0'
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -94,15 +95,14 @@ void BM_Attention_Naive(benchmark::State& state) {
   blockattn::bench::set_attention_counters<T>(state, shape, peak);
 }
 
+// Single-head attention() of `shape` with `options` (its causal flag is shape.causal's).
 template <class T>
-void run_chunked(benchmark::State& state, const AttentionShape& shape, int threads) {
+void run_single_head(benchmark::State& state, const AttentionShape& shape,
+                     const AttentionOptions& options) {
   const Matrix<T> q = random_input<T>(shape.n_q, shape.d, 1);
   const Matrix<T> k = random_input<T>(shape.n_k, shape.d, 2);
   const Matrix<T> v = random_input<T>(shape.n_k, shape.d_v, 3);
   Matrix<T> out(shape.n_q, shape.d_v);
-  AttentionOptions options;
-  options.causal = shape.causal;
-  options.threads = threads;
   label_threads(state, options);
   const std::size_t peak =
       blockattn::bench::measure_extra_heap([&] { blockattn::attention<T>(q, k, v, out, options); });
@@ -112,6 +112,14 @@ void run_chunked(benchmark::State& state, const AttentionShape& shape, int threa
     benchmark::ClobberMemory();
   }
   blockattn::bench::set_attention_counters<T>(state, shape, peak);
+}
+
+template <class T>
+void run_chunked(benchmark::State& state, const AttentionShape& shape, int threads) {
+  AttentionOptions options;
+  options.causal = shape.causal;
+  options.threads = threads;
+  run_single_head<T>(state, shape, options);
 }
 
 template <class T>
@@ -233,6 +241,43 @@ void BM_Attention_PrefillThreads(benchmark::State& state) {
   blockattn::bench::set_attention_counters<T>(state, shape, peak);
 }
 
+// Block-sparse prefill (BlockBERT layouts) at a fixed density, for several block sizes: a prime
+// block size has no divisor near the default chunks, so the tiles cannot be aligned with its
+// blocks; the kernel then keeps its default chunks and masks the blocks that straddle a tile.
+// Arguments n, block, density in percent; single thread, d = 64, one head. Key block kb is
+// visible to query block qb when a fixed hash of (qb, kb) falls under the density, plus the
+// diagonal, so every query row sees some keys and different block sizes see about the same
+// fraction of pairs. FLOP/s counts the visible pairs only.
+template <class T>
+void BM_Attention_BlockSparse(benchmark::State& state) {
+  Eigen::setNbThreads(1);
+  const Index n = state.range(0);
+  const Index block = state.range(1);
+  const Index density = state.range(2);
+  const AttentionShape shape{1, 1, 1, n, n, 64, 64, false};
+  const Index blocks = (n + block - 1) / block;
+  blockattn::BlockSparseLayout layout(1, blocks, blocks, block, block);
+  double pairs = 0;
+  for (Index qb = 0; qb < blocks; ++qb) {
+    for (Index kb = 0; kb < blocks; ++kb) {
+      const auto hash = static_cast<std::uint64_t>(qb * 7919 + kb * 104729) * 0x9E3779B97F4A7C15u;
+      if (qb != kb && static_cast<Index>((hash >> 40) % 100) >= density) continue;
+      layout.set(0, qb, kb);
+      pairs +=
+          static_cast<double>(std::min(block, n - qb * block) * std::min(block, n - kb * block));
+    }
+  }
+  AttentionOptions options;
+  options.threads = 1;
+  options.block_sparse = &layout;
+  run_single_head<T>(state, shape, options);
+  // Formula: 2·(d + d_v) FLOPs per visible pair, as set_attention_counters for dense.
+  state.counters["FLOP/s"] =
+      benchmark::Counter(2.0 * static_cast<double>(shape.d + shape.d_v) * pairs,
+                         benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["density"] = pairs / (static_cast<double>(n) * static_cast<double>(n));
+}
+
 void square_args(benchmark::internal::Benchmark* b, std::vector<std::int64_t> sizes) {
   b->ArgNames({"n", "d", "causal"})
       ->ArgsProduct({std::move(sizes), {64, 128}, {0, 1}})
@@ -270,6 +315,12 @@ BENCHMARK_TEMPLATE(BM_Attention_PrefillThreads, float)
     ->ArgNames({"n", "heads", "causal", "threads"})
     ->ArgsProduct({{4096}, {8}, {0, 1}, {1, 2}})
     ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+// Power-of-two block sizes against primes near them (67, 257 > the 256-key default chunk) and a
+// block size with only small divisors (2·257), at the same density.
+BENCHMARK_TEMPLATE(BM_Attention_BlockSparse, float)
+    ->ArgNames({"n", "block", "density"})
+    ->ArgsProduct({{4096}, {64, 67, 256, 257, 514}, {25}})
     ->Unit(benchmark::kMillisecond);
 // The shapes of bench/compare_pytorch.py (run by it with a filter).
 BENCHMARK_TEMPLATE(BM_Attention_PrefillThreads, float)

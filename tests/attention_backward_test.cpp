@@ -12,6 +12,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -23,6 +24,7 @@
 
 #include "support/random.hpp"
 #include "support/scalar_types.hpp"
+#include "support/shapes.hpp"
 #include "support/tolerance.hpp"
 
 namespace {
@@ -33,37 +35,17 @@ using blockattn::Index;
 using blockattn::Matrix;
 using blockattn::NoMaskMod;
 using blockattn::TensorView;
+using blockattn::test::describe;
+using blockattn::test::effective_scale;
 using blockattn::test::make_rng;
+using blockattn::test::modifier_magnitude;
 using blockattn::test::random_matrix;
 using blockattn::test::seed_trace;
+using blockattn::test::Shape;
 using blockattn::test::unit_roundoff;
 using ::testing::HasSubstr;
 
 using Long = long double;
-
-struct Shape {
-  Index n_q, n_k, d, d_v, query_chunk, key_chunk;
-};
-
-std::string describe(const Shape& s, const std::string& what = "") {
-  return what + " n_q=" + std::to_string(s.n_q) + " n_k=" + std::to_string(s.n_k) +
-         " d=" + std::to_string(s.d) + " d_v=" + std::to_string(s.d_v) +
-         " query_chunk=" + std::to_string(s.query_chunk) +
-         " key_chunk=" + std::to_string(s.key_chunk) + " " + seed_trace();
-}
-
-double effective_scale(const AttentionOptions& options, Index d) {
-  return options.scale != 0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(d));
-}
-
-// The magnitude modifiers can add to a logit (the E of attention_tolerance).
-double modifier_magnitude(const AttentionOptions& options, Index n_q, Index n_k) {
-  double extra = options.softcap;
-  if (options.alibi_slopes != nullptr) {
-    extra += std::abs(options.alibi_slopes[0]) * static_cast<double>(n_q + n_k);
-  }
-  return extra;
-}
 
 template <class M>
 double max_abs(const M& m) {
@@ -159,8 +141,9 @@ struct Inputs {
 
 template <class T>
 Inputs<T> random_inputs(std::mt19937_64& rng, const Shape& s) {
-  return {random_matrix<T>(rng, s.n_q, s.d), random_matrix<T>(rng, s.n_k, s.d),
-          random_matrix<T>(rng, s.n_k, s.d_v), random_matrix<T>(rng, s.n_q, s.d_v)};
+  auto qkv = blockattn::test::random_attention_inputs<T>(rng, s);
+  Matrix<T> dout = random_matrix<T>(rng, s.n_q, s.d_v);
+  return {std::move(qkv.q), std::move(qkv.k), std::move(qkv.v), std::move(dout)};
 }
 
 // Forward in T (out, lse), then attention_backward<T>; the gradients are returned in `grads`.
@@ -295,6 +278,48 @@ TYPED_TEST(AttentionBackwardTest, EveryMaskAndModifierMatchesReference) {
     const auto mask = [](Index, Index, Index i, Index j) { return (i + j) % 3 != 0; };
     expect_matches_reference<T>(in, options, mask);
   }
+}
+
+// Query blocks of a prime size above the backward's 64-row query chunk (67, 97): the tiles keep
+// 64 rows and straddle the blocks instead of shrinking to 1 row. Lengths not multiples of the
+// blocks, with the default chunks and with chunks that cut every block.
+TYPED_TEST(AttentionBackwardTest, PrimeBlockSizesMatchReference) {
+  using T = TypeParam;
+  auto rng = make_rng(206);
+  for (const auto& [qb, kb] : std::vector<std::pair<Index, Index>>{{67, 97}, {97, 67}}) {
+    const Shape base{150, 160, 8, 6, 0, 0};
+    BlockSparseLayout layout(1, (base.n_q + qb - 1) / qb, (base.n_k + kb - 1) / kb, qb, kb);
+    for (Index i = 0; i < layout.query_blocks(); ++i) {
+      for (Index j = 0; j < layout.key_blocks(); ++j) {
+        if ((i + 2 * j) % 3 != 1) layout.set(0, i, j);
+      }
+    }
+    const Inputs<T> in = random_inputs<T>(rng, base);
+    struct Case {
+      Index qc, kc;
+      bool causal;
+    };
+    for (const auto& [qc, kc, causal] :
+         {Case{0, 0, false}, Case{0, 0, true}, Case{64, 100, true}}) {
+      Shape s = base;
+      s.query_chunk = qc;
+      s.key_chunk = kc;
+      SCOPED_TRACE(describe(s, "blocks " + std::to_string(qb) + "x" + std::to_string(kb) +
+                                   (causal ? " causal" : "")));
+      AttentionOptions options;
+      options.block_sparse = &layout;
+      options.causal = causal;
+      options.query_chunk = qc;
+      options.key_chunk = kc;
+      expect_matches_reference<T>(in, options);
+    }
+  }
+  const BlockSparseLayout prime(1, 1, 1, 67, 67);
+  AttentionOptions options;
+  options.block_sparse = &prime;
+  EXPECT_EQ(
+      blockattn::detail::choose_backward_tile_shape<float>(options, 500, 500, 8, 8).query_chunk,
+      blockattn::detail::kBackwardQueryChunk);
 }
 
 TYPED_TEST(AttentionBackwardTest, FullyMaskedRowsGetZeroGradientsNeverNan) {

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -19,6 +20,7 @@
 
 #include "support/random.hpp"
 #include "support/scalar_types.hpp"
+#include "support/shapes.hpp"
 #include "support/tolerance.hpp"
 
 namespace {
@@ -29,9 +31,13 @@ using blockattn::BlockVisibility;
 using blockattn::Index;
 using blockattn::Matrix;
 using blockattn::TensorView;
+using blockattn::test::describe;
+using blockattn::test::effective_scale;
 using blockattn::test::make_rng;
+using blockattn::test::modifier_magnitude;
 using blockattn::test::random_matrix;
 using blockattn::test::seed_trace;
+using blockattn::test::Shape;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::ThrowsMessage;
@@ -40,30 +46,6 @@ using Long = long double;
 
 template <class T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
-
-struct Shape {
-  Index n_q, n_k, d, d_v, query_chunk, key_chunk;
-};
-
-std::string describe(const Shape& s, const std::string& what = "") {
-  return what + " n_q=" + std::to_string(s.n_q) + " n_k=" + std::to_string(s.n_k) +
-         " d=" + std::to_string(s.d) + " d_v=" + std::to_string(s.d_v) +
-         " query_chunk=" + std::to_string(s.query_chunk) +
-         " key_chunk=" + std::to_string(s.key_chunk) + " " + seed_trace();
-}
-
-double effective_scale(const AttentionOptions& options, Index d) {
-  return options.scale != 0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(d));
-}
-
-// The magnitude modifiers can add to a logit (the E of attention_tolerance).
-double modifier_magnitude(const AttentionOptions& options, Index n_q, Index n_k) {
-  double extra = options.softcap;
-  if (options.alibi_slopes != nullptr) {
-    extra += std::abs(options.alibi_slopes[0]) * static_cast<double>(n_q + n_k);
-  }
-  return extra;
-}
 
 // Runs attention<T> and reference::attention<long double> on the same inputs and checks every
 // output row against attention_tolerance, and lse against lse_tolerance (exactly −inf when the
@@ -123,14 +105,12 @@ TYPED_TEST(AttentionTest, MatchesReferenceOnAwkwardShapes) {
   for (const Shape& s : kAwkwardShapes) {
     for (const bool causal : {false, true}) {
       SCOPED_TRACE(describe(s, causal ? "causal" : "full"));
-      const Matrix<T> q = random_matrix<T>(rng, s.n_q, s.d);
-      const Matrix<T> k = random_matrix<T>(rng, s.n_k, s.d);
-      const Matrix<T> v = random_matrix<T>(rng, s.n_k, s.d_v);
+      const auto in = blockattn::test::random_attention_inputs<T>(rng, s);
       AttentionOptions options;
       options.causal = causal;
       options.query_chunk = s.query_chunk;
       options.key_chunk = s.key_chunk;
-      expect_matches_reference(q, k, v, options);
+      expect_matches_reference(in.q, in.k, in.v, options);
     }
   }
 }
@@ -194,6 +174,72 @@ TYPED_TEST(AttentionTest, EveryBuiltInMaskAloneAndCombined) {
       expect_matches_reference(q, k, v, options);
     }
   }
+}
+
+// A layout over n_q × n_k with blocks of qb × kb: about 40% of the blocks set by a fixed hash,
+// query block 1 with no block at all (its rows must come out 0 with lse = −inf).
+BlockSparseLayout hashed_layout(Index n_q, Index n_k, Index qb, Index kb) {
+  BlockSparseLayout layout(1, (n_q + qb - 1) / qb, (n_k + kb - 1) / kb, qb, kb);
+  for (Index i = 0; i < layout.query_blocks(); ++i) {
+    for (Index j = 0; j < layout.key_blocks(); ++j) {
+      if (i != 1 && (i * 7 + j * 13 + (i * j) % 5) % 5 < 2) layout.set(0, i, j);
+    }
+  }
+  return layout;
+}
+
+// Block sizes with no divisor near the default chunks (primes, 2·prime): the kernel keeps its
+// default chunks and masks the blocks that straddle a tile, instead of 1-row or 1-key tiles.
+// Checked against the reference on lengths that are not multiples of the block sizes, with the
+// default chunks and with chunks that cut every block, and the chosen tiles are checked too.
+TYPED_TEST(AttentionTest, PrimeBlockSizesMatchReference) {
+  using T = TypeParam;
+  auto rng = make_rng(22);
+  struct Blocks {
+    Index query, key;
+  };
+  const Index d = 16;
+  const Index d_v = 12;
+  const Index n_q = 150;  // 2.2 blocks of 67, 1.5 of 97, 11.5 of 13
+  const Index n_k = 300;  // 4.5 blocks of 67, 3.1 of 97, 1.2 of 257
+  for (const Blocks& b : {Blocks{67, 97}, Blocks{97, 67}, Blocks{13, 257}}) {
+    const BlockSparseLayout layout = hashed_layout(n_q, n_k, b.query, b.key);
+    const Matrix<T> q = random_matrix<T>(rng, n_q, d);
+    const Matrix<T> k = random_matrix<T>(rng, n_k, d);
+    const Matrix<T> v = random_matrix<T>(rng, n_k, d_v);
+    for (const bool causal : {false, true}) {
+      for (const auto& [qc, kc] :
+           std::vector<std::pair<Index, Index>>{{0, 0}, {b.query + 1, b.key - 1}}) {
+        AttentionOptions options;
+        options.block_sparse = &layout;
+        options.causal = causal;
+        options.query_chunk = qc;
+        options.key_chunk = kc;
+        SCOPED_TRACE(describe({n_q, n_k, d, d_v, qc, kc}, "blocks " + std::to_string(b.query) +
+                                                              "x" + std::to_string(b.key) +
+                                                              (causal ? " causal" : "")));
+        expect_matches_reference(q, k, v, options);
+      }
+    }
+  }
+  // The tiles: aligned with the blocks when a divisor at least half the default exists (67 <=
+  // 256 itself, 300 → 150, 512 → 256), the default chunk otherwise (257, 514 = 2·257, 769 are
+  // larger than their default with no such divisor). Float, d = d_v = 16: 256 keys, 768 rows.
+  const auto tiles = [](Index query_block, Index key_block) {
+    const BlockSparseLayout layout(1, 1, 1, query_block, key_block);
+    AttentionOptions options;
+    options.block_sparse = &layout;
+    return blockattn::detail::choose_tile_shape<float>(options, 4096, 4096, 16, 16);
+  };
+  EXPECT_EQ(tiles(67, 67).query_chunk, 67);
+  EXPECT_EQ(tiles(67, 67).key_chunk, 67);
+  EXPECT_EQ(tiles(769, 300).query_chunk, 768);
+  EXPECT_EQ(tiles(769, 300).key_chunk, 150);
+  EXPECT_EQ(tiles(384, 257).query_chunk, 384);
+  EXPECT_EQ(tiles(384, 257).key_chunk, 256);
+  EXPECT_EQ(tiles(1536, 514).query_chunk, 768);
+  EXPECT_EQ(tiles(1536, 514).key_chunk, 256);
+  EXPECT_EQ(tiles(64, 512).key_chunk, 256);
 }
 
 // mask_mod and score_mod functors, with and without a block classifier, alone and composed with

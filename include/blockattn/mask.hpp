@@ -291,11 +291,16 @@ class TileMasker {
         for (Index c = hi; c < cols; ++c) s(r, c) = masked;
       }
       if (tile.layout_partial) {
+        // Block by block, not pair by pair: one lookup per key block that the row's [lo, hi)
+        // meets. A division and lookup per pair made block size 257 (every 256-key tile
+        // straddles a block edge) run at 34 ms against 17 ms now, block 256 8.7 ms (n = 4096,
+        // 25% density, attention_bench BM_Attention_BlockSparse, loaded 2-core machine).
         const Index qb = i / layout_->query_block_size();
-        for (Index c = lo; c < hi; ++c) {
-          if (!layout_->visible(layout_head_, qb, (k0 + c) / layout_->key_block_size())) {
-            s(r, c) = masked;
-          }
+        const Index size = layout_->key_block_size();
+        for (Index kb = (k0 + lo) / size; kb * size < k0 + hi; ++kb) {
+          if (layout_->visible(layout_head_, qb, kb)) continue;
+          const Index end = std::min(hi, (kb + 1) * size - k0);
+          for (Index c = std::max(lo, kb * size - k0); c < end; ++c) s(r, c) = masked;
         }
       }
       if constexpr (kHasMaskMod<MaskMod>) {

@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <memory>
+#include <new>
 #include <thread>
 #include <type_traits>
 
@@ -57,16 +58,23 @@ class BackwardWorkspace {
  public:
   BackwardWorkspace(int slots, const TileShape& shape) {
     const Index area = shape.query_chunk * shape.key_chunk;
-    queries_ = take(shape.query_chunk * shape.d);
-    probs_ = take(area);
-    grad_scores_ = take(area);
-    raw_scores_ = take(area);
-    delta_ = take(shape.query_chunk);
-    finite_keys_ = take(shape.key_chunk * shape.d);
-    finite_dout_ = take(shape.query_chunk * shape.d_v);
+    SliceLayout<T> layout;
+    queries_ = layout.take(shape.query_chunk * shape.d);
+    probs_ = layout.take(area);
+    grad_scores_ = layout.take(area);
+    raw_scores_ = layout.take(area);
+    delta_ = layout.take(shape.query_chunk);
+    finite_keys_ = layout.take(shape.key_chunk * shape.d);
+    finite_dout_ = layout.take(shape.query_chunk * shape.d_v);
+    slice_size_ = layout.size();
     // One allocation per call, before the loop, with operator new: Eigen's EIGEN_RUNTIME_NO_MALLOC
     // check in attention_backward_test then watches the loop's own products and temporaries.
-    storage_.reset(new T[static_cast<std::size_t>(slice_size_ * slots)]);
+    // Aligned to a cache line as the slices promise: with plain new[] (16-byte aligned) the
+    // alignment of the tiles changed from call to call, and with it how Eigen's AVX-512 code
+    // peels its loops, so two calls differed in the last bits (ThreadCountDoesNotChangeOneBit
+    // and BothCallFormsAndHeadSlicesAgree failed in the native preset).
+    const auto bytes = static_cast<std::size_t>(slice_size_ * slots) * sizeof(T);
+    storage_.reset(static_cast<T*>(::operator new[](bytes, std::align_val_t{kAlign})));
     base_ = storage_.get();
   }
 
@@ -77,16 +85,11 @@ class BackwardWorkspace {
   }
 
  private:
-  static constexpr Index kLine = 64 / static_cast<Index>(sizeof(T));  // elements per cache line
-
-  /// Reserves `elements` (rounded up to a cache line) and returns their offset in a slice.
-  Index take(Index elements) {
-    const Index offset = slice_size_;
-    slice_size_ += (elements + kLine - 1) / kLine * kLine;
-    return offset;
-  }
-
-  std::unique_ptr<T[]> storage_;
+  static constexpr std::size_t kAlign = 64;
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t{kAlign}); }
+  };
+  std::unique_ptr<T[], Free> storage_;
   T* base_ = nullptr;
   Index slice_size_ = 0;
   Index queries_ = 0;
@@ -148,16 +151,17 @@ void add_non_finite_terms(const A& a, const B& b, T b_scale, const P& p, Out& ou
 inline constexpr Index kBackwardQueryChunk = 64;
 
 /// Tile sizes of one backward call: the forward's rules with the query chunk defaulting to
-/// kBackwardQueryChunk (aligned with a block-sparse layout's query blocks).
+/// kBackwardQueryChunk (aligned with a block-sparse layout's query blocks where
+/// block_aligned_chunk() allows).
 template <class T>
 TileShape choose_backward_tile_shape(const AttentionOptions& options, Index n_q, Index n_k, Index d,
                                      Index d_v) {
   AttentionOptions tiles = options;
   if (tiles.query_chunk == 0) {
-    tiles.query_chunk = options.block_sparse == nullptr
-                            ? kBackwardQueryChunk
-                            : largest_divisor_at_most(options.block_sparse->query_block_size(),
-                                                      kBackwardQueryChunk);
+    tiles.query_chunk =
+        options.block_sparse == nullptr
+            ? kBackwardQueryChunk
+            : block_aligned_chunk(options.block_sparse->query_block_size(), kBackwardQueryChunk);
   }
   return choose_tile_shape<T>(tiles, n_q, n_k, d, d_v);
 }

@@ -75,6 +75,32 @@ struct TileShape {
   Index d_v = 0;          ///< head dimension of v
 };
 
+/// Offsets of the named parts of one scratch slice, each part padded to whole 64-byte cache
+/// lines so that every part starts on a line when the slice does (no false sharing between
+/// threads' slices, aligned loads within a part). take() hands out the parts in order.
+template <class T>
+class SliceLayout {
+ public:
+  /// Elements of T per 64-byte cache line (at least 1).
+  static constexpr Index kLine = std::max<Index>(1, 64 / static_cast<Index>(sizeof(T)));
+
+  /// `elements` rounded up to whole cache lines.
+  static constexpr Index padded(Index elements) { return (elements + kLine - 1) / kLine * kLine; }
+
+  /// Reserves `elements` (padded) at the end of the slice; returns their offset in it.
+  Index take(Index elements) {
+    const Index offset = size_;
+    size_ += padded(elements);
+    return offset;
+  }
+
+  /// Elements taken so far (a multiple of kLine).
+  Index size() const { return size_; }
+
+ private:
+  Index size_ = 0;
+};
+
 /// One thread's part of the workspace. Every pointer is 64-byte aligned.
 template <class T>
 struct WorkspaceSlice {
@@ -106,21 +132,16 @@ class AttentionWorkspace {
     const Index rows = shape.group * shape.query_chunk;
     ld_s_ = padded_stride<T>(shape.key_chunk);
     ld_acc_ = padded_stride<T>(shape.d_v);
-    Index at = 0;
-    const auto take = [&](Index elements) {
-      const Index offset = at;
-      at += padded(elements);
-      return offset;
-    };
-    queries_ = take(rows * shape.d);
-    packed_k_ = take(packed_k_size<T>(shape.key_chunk, shape.d));
-    packed_v_ = take(packed_v_size<T>(shape.key_chunk, shape.d_v));
-    scores_ = take(std::min(rows, kTileRows) * ld_s_);
-    acc_ = take(rows * ld_acc_);
-    m_ = take(rows);
-    l_ = take(rows);
-    slice_size_ = at;
-    partial_size_ = padded(rows * (ld_acc_ + 2));
+    SliceLayout<T> layout;
+    queries_ = layout.take(rows * shape.d);
+    packed_k_ = layout.take(packed_k_size<T>(shape.key_chunk, shape.d));
+    packed_v_ = layout.take(packed_v_size<T>(shape.key_chunk, shape.d_v));
+    scores_ = layout.take(std::min(rows, kTileRows) * ld_s_);
+    acc_ = layout.take(rows * ld_acc_);
+    m_ = layout.take(rows);
+    l_ = layout.take(rows);
+    slice_size_ = layout.size();
+    partial_size_ = SliceLayout<T>::padded(rows * (ld_acc_ + 2));
     const Index total = slice_size_ * slots + partial_size_ * partials;
     base_ = static_cast<T*>(storage.reserve(static_cast<std::size_t>(total) * sizeof(T)));
     partials_ = base_ + slice_size_ * slots;
@@ -143,12 +164,6 @@ class AttentionWorkspace {
   Index ld_acc() const { return ld_acc_; }
 
  private:
-  static constexpr Index kLine = 64 / static_cast<Index>(sizeof(T)) > 0
-                                     ? 64 / static_cast<Index>(sizeof(T))
-                                     : 1;  // elements per cache line
-
-  static Index padded(Index elements) { return (elements + kLine - 1) / kLine * kLine; }
-
   TileShape shape_;
   Index ld_s_ = 0;
   Index ld_acc_ = 0;
