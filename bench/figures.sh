@@ -32,8 +32,22 @@ run attention_bench memory \
   --benchmark_min_time=0.01
 run softmax_bench softmax '.' "${reps[@]}"
 
-/usr/bin/python3 bench/plot.py "$out/throughput.json" --out docs --prefix attention_ --figure gflops
+# The machine's measured limits, drawn as dashed lines on the throughput plot.
+median() {  # median <json> <benchmark name>: its median FLOP/s in GFLOP/s
+  /usr/bin/python3 -c 'import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    if b["name"] == sys.argv[2] + "_median": print(round(b["FLOP/s"] / 1e9, 1))' "$1" "$2"
+}
+peak=$(median "$out/machine.json" 'BM_FmaPeak<float>/threads:1')
+gemm=$(median "$out/machine.json" 'BM_EigenGemm_QK<float>/n:4096')
+/usr/bin/python3 bench/plot.py "$out/throughput.json" --out docs --prefix attention_ --figure gflops \
+  --peak "$peak" --peak-label "FMA peak, one core (machine_bench)" \
+  --peak "$gemm" --peak-label "Eigen sgemm, n = 4096 (machine_bench)"
 /usr/bin/python3 bench/plot.py "$out/memory.json" --out docs --prefix attention_ --figure memory
+# PyTorch (optional): Debian's python3-torch calls the system BLAS, which is the slow reference
+# BLAS unless an optimised one is installed (apt-get install libopenblas0-pthread). Some machines
+# here force OpenBLAS's core type through the environment; let it pick its own kernel.
 if /usr/bin/python3 -c 'import torch' 2>/dev/null; then
-  /usr/bin/python3 bench/compare_pytorch.py --bench "$bin/attention_bench" | tee "$out/pytorch.txt"
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE /usr/bin/python3 bench/compare_pytorch.py \
+    --bench "$bin/attention_bench" | tee "$out/pytorch.txt"
 fi

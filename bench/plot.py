@@ -27,6 +27,7 @@ SIZE_ARGS = ("n", "n_k", "len", "cols")
 def parse_name(name):
     """'BM_X<float>/n:4096/d:64_median' -> ('BM_X<float>', {'n': 4096, 'd': 64})."""
     name = re.sub(r"_(mean|median|stddev|cv)$", "", name)
+    name = re.sub(r"^(Large/)?(Compare/)?", "", name)  # registration groups, not families
     family, *parts = name.split("/")
     args = {}
     for part in parts:
@@ -63,7 +64,7 @@ def load(paths):
     return rows
 
 
-def plot(rows, counter, scale, ylabel, title, path, logy):
+def plot(rows, counter, scale, ylabel, title, path, logy, lines=()):
     series = collections.defaultdict(list)
     size_keys = set()
     for label, size_key, size, bench in rows:
@@ -76,6 +77,10 @@ def plot(rows, counter, scale, ylabel, title, path, logy):
     for label, points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    for value, label in lines:  # reference levels, e.g. the machine's measured FMA peak
+        ax.axhline(value, linestyle="--", color="gray")
+        ax.annotate(label, (0.01, value), xycoords=("axes fraction", "data"), va="bottom",
+                    fontsize="small", color="gray")
     ax.set_xscale("log", base=2)
     if logy:
         ax.set_yscale("log", base=2)
@@ -99,6 +104,10 @@ def main():
     parser.add_argument("--format", default="svg", choices=["svg", "png"])
     parser.add_argument("--figure", default="both", choices=["both", "memory", "gflops"],
                         help="which figure to write (both by default)")
+    parser.add_argument("--peak", type=float, action="append", default=[], metavar="GFLOPS",
+                        help="a measured GFLOP/s level to draw as a dashed line (repeatable)")
+    parser.add_argument("--peak-label", action="append", default=[],
+                        help="the label of each --peak line, in order")
     options = parser.parse_args()
     out = pathlib.Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +118,8 @@ def main():
              out / f"{stem}memory.{options.format}", logy=True)
     if options.figure in ("both", "gflops"):
         plot(rows, "FLOP/s", 1e-9, "GFLOP/s", "Throughput vs sequence length",
-             out / f"{stem}gflops.{options.format}", logy=False)
+             out / f"{stem}gflops.{options.format}", logy=False,
+             lines=list(zip(options.peak, options.peak_label + [""] * len(options.peak))))
 
 
 if __name__ == "__main__":
