@@ -12,9 +12,10 @@ Only median aggregates are used when the run had repetitions; plain runs otherwi
 """
 import argparse
 import collections
-import json
 import pathlib
 import re
+
+from gbench_json import medians
 
 import matplotlib
 
@@ -46,14 +47,7 @@ def parse_name(name):
 def load(paths):
     rows = []
     for path in paths:
-        data = json.loads(pathlib.Path(path).read_text())
-        benchmarks = data.get("benchmarks", [])
-        has_aggregates = any(b.get("run_type") == "aggregate" for b in benchmarks)
-        for bench in benchmarks:
-            if has_aggregates and bench.get("aggregate_name") != "median":
-                continue
-            if bench.get("error_occurred"):
-                continue
+        for bench in medians(path):
             family, args = parse_name(bench["name"])
             size_key = next((k for k in SIZE_ARGS if k in args), None)
             if size_key is None:

@@ -6,9 +6,10 @@ One table per file: every benchmark (medians when the run had repetitions) with 
 counters it reports, in readable units: FLOP/s as GFLOP/s, bytes/s as GB/s (10^9), peak_heap as
 KiB. Nothing is computed that the benchmark did not measure.
 """
-import json
 import pathlib
 import sys
+
+from gbench_json import medians
 
 UNITS = {  # counter -> (column title, scale)
     "FLOP/s": ("GFLOP/s", 1e-9),
@@ -20,19 +21,9 @@ UNITS = {  # counter -> (column title, scale)
 }
 
 
-def rows_of(path):
-    data = json.loads(pathlib.Path(path).read_text())
-    benchmarks = data.get("benchmarks", [])
-    has_aggregates = any(b.get("run_type") == "aggregate" for b in benchmarks)
-    for bench in benchmarks:
-        if has_aggregates and bench.get("aggregate_name") != "median":
-            continue
-        yield bench
-
-
 def main(paths):
     for path in paths:
-        rows = list(rows_of(path))
+        rows = list(medians(path))
         counters = [c for c in UNITS if any(c in r for r in rows)]
         print(f"\n### {pathlib.Path(path).name}\n")
         print("| benchmark | time | " + " | ".join(UNITS[c][0] for c in counters) + " |")
