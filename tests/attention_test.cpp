@@ -283,6 +283,26 @@ TYPED_TEST(AttentionTest, UserFunctorsMatchReference) {
 
 // GQA (4 query heads on 2 kv heads), MQA (on 1), plain multi-head, batch 2 with padding, in both
 // the BSHD and the BHSD layout, against the TensorView reference.
+/// Head h of batch entry b of a multi-head result against the long-double reference: every output
+/// entry within tol[i] of its row i, every lse within lse_tol[i]. lse is [batch, heads, n_q].
+template <class Out, class Expected, class T, class Long>
+void expect_head_matches(const Out& out, const Expected& expected, const std::vector<T>& lse,
+                         const std::vector<Long>& expected_lse, Index b, Index h, Index heads,
+                         Index n_q, Index d_v, const std::vector<double>& tol,
+                         const std::vector<double>& lse_tol) {
+  for (Index i = 0; i < n_q; ++i) {
+    for (Index c = 0; c < d_v; ++c) {
+      ASSERT_NEAR(static_cast<double>(out.at(b, i, h)[c]),
+                  static_cast<double>(expected.at(b, i, h)[c]), tol[static_cast<std::size_t>(i)])
+          << "b=" << b << " h=" << h << " i=" << i << " c=" << c;
+    }
+    const auto at = static_cast<std::size_t>((b * heads + h) * n_q + i);
+    ASSERT_NEAR(static_cast<double>(lse[at]), static_cast<double>(expected_lse[at]),
+                lse_tol[static_cast<std::size_t>(i)])
+        << "lse b=" << b << " h=" << h << " i=" << i;
+  }
+}
+
 TYPED_TEST(AttentionTest, MultiHeadGqaAndMqaMatchReference) {
   using T = TypeParam;
   auto rng = make_rng(4);
@@ -349,18 +369,8 @@ TYPED_TEST(AttentionTest, MultiHeadGqaAndMqaMatchReference) {
                 q_head, k_head, v_head, effective_scale(options, d), extra);
             const auto lse_tol = blockattn::test::lse_tolerance<T>(
                 q_head, k_head, effective_scale(options, d), extra);
-            for (Index i = 0; i < n_q; ++i) {
-              for (Index c = 0; c < d_v; ++c) {
-                ASSERT_NEAR(static_cast<double>(out_view.at(b, i, h)[c]),
-                            static_cast<double>(expected_view.at(b, i, h)[c]),
-                            tol[static_cast<std::size_t>(i)])
-                    << "b=" << b << " h=" << h << " i=" << i << " c=" << c;
-              }
-              const auto at = static_cast<std::size_t>((b * heads + h) * n_q + i);
-              ASSERT_NEAR(static_cast<double>(lse[at]), static_cast<double>(expected_lse[at]),
-                          lse_tol[static_cast<std::size_t>(i)])
-                  << "lse b=" << b << " h=" << h << " i=" << i;
-            }
+            ASSERT_NO_FATAL_FAILURE(expect_head_matches(out_view, expected_view, lse, expected_lse,
+                                                        b, h, heads, n_q, d_v, tol, lse_tol));
           }
         }
       }
@@ -707,18 +717,8 @@ TYPED_TEST(AttentionTest, MultiHeadDecodeOverLongCacheMatchesReferenceAndIgnores
                                                                      effective_scale(options, d));
             const auto lse_tol =
                 blockattn::test::lse_tolerance<T>(q_head, k_head, effective_scale(options, d));
-            for (Index i = 0; i < n_q; ++i) {
-              for (Index c = 0; c < d_v; ++c) {
-                ASSERT_NEAR(static_cast<double>(out_view.at(b, i, h)[c]),
-                            static_cast<double>(expected_view.at(b, i, h)[c]),
-                            tol[static_cast<std::size_t>(i)])
-                    << "b=" << b << " h=" << h << " i=" << i << " c=" << c;
-              }
-              const auto at = static_cast<std::size_t>((b * heads + h) * n_q + i);
-              ASSERT_NEAR(static_cast<double>(lse[at]), static_cast<double>(expected_lse[at]),
-                          lse_tol[static_cast<std::size_t>(i)])
-                  << "lse b=" << b << " h=" << h << " i=" << i;
-            }
+            ASSERT_NO_FATAL_FAILURE(expect_head_matches(out_view, expected_view, lse, expected_lse,
+                                                        b, h, heads, n_q, d_v, tol, lse_tol));
           }
         }
       }
