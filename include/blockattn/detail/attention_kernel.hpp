@@ -443,15 +443,20 @@ void attention_forward(const TensorView<const T>& q, const TensorView<const T>& 
   const T scale = resolve_scale<T>(options, d);
   const Index query_chunks = ceil_div(n_q, shape.query_chunk);
   const bool direct = group * shape.query_chunk <= kDirectRows;
-  // Long decode with several kv heads: one task covers every kv head of its batch entry and key
-  // segment, head after head within each key chunk, so that a run of keys is read from memory in
-  // one window even when the heads interleave in memory ([seq, heads, dim] makes one head's rows
-  // strided; reading them head by head over the whole cache measured ~10 GB/s against ~20 GB/s
-  // interleaved, n_k = 262,144, 8 kv heads, d = 64, one thread). Segments then hold
-  // kDecodeSegmentKeys / kv_heads keys, so a task still covers about kDecodeSegmentKeys keys.
-  // Short caches keep one task per head (more tasks to share between threads). Neither choice
-  // depends on the thread count.
-  const bool interleave_heads = direct && kv_heads > 1 && n_k > kDecodeSegmentKeys;
+  // Long decode with several kv heads whose rows interleave in memory ([seq, heads, dim]: one
+  // head's rows are strided): one task covers every kv head of its batch entry and key segment,
+  // head after head within each key chunk, so that a run of keys is read from memory in one
+  // window (head by head over the whole cache measured ~10 GB/s against ~20 GB/s interleaved,
+  // n_k = 262,144, 8 kv heads, d = 64, one thread). Segments then hold kDecodeSegmentKeys /
+  // kv_heads keys, so a task still covers about kDecodeSegmentKeys keys. When each head's rows
+  // are contiguous ([heads, seq, dim]) a task reads one head: two streams, not 2·kv_heads (16
+  // streams measured 11–15 GB/s against ~20 GB/s for two). Short caches keep one task per head
+  // (more tasks to share between threads). No choice depends on the thread count.
+  const auto rows_interleave = [](const TensorView<const T>& x) {
+    return std::abs(x.head_stride) < std::abs(x.seq_stride);
+  };
+  const bool interleave_heads = direct && kv_heads > 1 && n_k > kDecodeSegmentKeys &&
+                                rows_interleave(k) && rows_interleave(v);
   const Index task_heads = interleave_heads ? kv_heads : 1;  // kv heads per task
   const Index blocks = q.batch * (kv_heads / task_heads) * query_chunks;
   TileShape task_shape = shape;
