@@ -281,8 +281,6 @@ TYPED_TEST(AttentionTest, UserFunctorsMatchReference) {
   }
 }
 
-// GQA (4 query heads on 2 kv heads), MQA (on 1), plain multi-head, batch 2 with padding, in both
-// the BSHD and the BHSD layout, against the TensorView reference.
 /// Head h of batch entry b of a multi-head result against the long-double reference: every output
 /// entry within tol[i] of its row i, every lse within lse_tol[i]. lse is [batch, heads, n_q].
 template <class Out, class Expected, class T, class Long>
@@ -303,6 +301,50 @@ void expect_head_matches(const Out& out, const Expected& expected, const std::ve
   }
 }
 
+/// Every (batch, head) of attention()'s out and lse against reference::attention in long double
+/// on the same inputs, options and mask. q, k, v hold [batch, seq, heads, dim] tensors whose
+/// layout `view(data, seq, heads, dim)` gives; each head gets its own attention_tolerance and
+/// lse_tolerance, with extra(h) the bound on head h's added score terms (0 when none).
+template <class T, class View, class MaskMod, class Extra>
+void expect_heads_match_reference(const View& view, const Matrix<T>& q, const Matrix<T>& k,
+                                  const Matrix<T>& v, Index batch, Index n_q, Index n_k,
+                                  Index heads, Index kv_heads, const AttentionOptions& options,
+                                  const MaskMod& mask, const std::vector<T>& out,
+                                  const std::vector<T>& lse, const Extra& extra) {
+  const Index d = q.cols();
+  const Index d_v = v.cols();
+  const Matrix<Long> q_l = q.template cast<Long>();
+  const Matrix<Long> k_l = k.template cast<Long>();
+  const Matrix<Long> v_l = v.template cast<Long>();
+  std::vector<Long> expected(out.size());
+  std::vector<Long> expected_lse(lse.size());
+  blockattn::reference::attention<Long>(
+      view(q_l.data(), n_q, heads, d), view(k_l.data(), n_k, kv_heads, d),
+      view(v_l.data(), n_k, kv_heads, d_v), view(expected.data(), n_q, heads, d_v), options,
+      expected_lse.data(), mask);
+  const auto out_view = view(out.data(), n_q, heads, d_v);
+  const auto expected_view = view(expected.data(), n_q, heads, d_v);
+  for (Index b = 0; b < batch; ++b) {
+    for (Index h = 0; h < heads; ++h) {
+      const Index kv_h = h / (heads / kv_heads);
+      const auto q_head =
+          blockattn::detail::head_slice(TensorView<const T>(view(q.data(), n_q, heads, d)), b, h);
+      const auto k_head = blockattn::detail::head_slice(
+          TensorView<const T>(view(k.data(), n_k, kv_heads, d)), b, kv_h);
+      const auto v_head = blockattn::detail::head_slice(
+          TensorView<const T>(view(v.data(), n_k, kv_heads, d_v)), b, kv_h);
+      const double scale = effective_scale(options, d);
+      const auto tol =
+          blockattn::test::attention_tolerance<T>(q_head, k_head, v_head, scale, extra(h));
+      const auto lse_tol = blockattn::test::lse_tolerance<T>(q_head, k_head, scale, extra(h));
+      ASSERT_NO_FATAL_FAILURE(expect_head_matches(out_view, expected_view, lse, expected_lse, b, h,
+                                                  heads, n_q, d_v, tol, lse_tol));
+    }
+  }
+}
+
+// GQA (4 query heads on 2 kv heads), MQA (on 1), plain multi-head, batch 2 with padding, in both
+// the BSHD and the BHSD layout, against the TensorView reference.
 TYPED_TEST(AttentionTest, MultiHeadGqaAndMqaMatchReference) {
   using T = TypeParam;
   auto rng = make_rng(4);
@@ -343,36 +385,13 @@ TYPED_TEST(AttentionTest, MultiHeadGqaAndMqaMatchReference) {
         blockattn::attention<T>(view(q.data(), n_q, heads, d), view(k.data(), n_k, kv_heads, d),
                                 view(v.data(), n_k, kv_heads, d_v),
                                 view(out.data(), n_q, heads, d_v), options, lse.data());
-
-        const Matrix<Long> q_l = q.template cast<Long>();
-        const Matrix<Long> k_l = k.template cast<Long>();
-        const Matrix<Long> v_l = v.template cast<Long>();
-        std::vector<Long> expected(out.size());
-        std::vector<Long> expected_lse(lse.size());
-        blockattn::reference::attention<Long>(
-            view(q_l.data(), n_q, heads, d), view(k_l.data(), n_k, kv_heads, d),
-            view(v_l.data(), n_k, kv_heads, d_v), view(expected.data(), n_q, heads, d_v), options,
-            expected_lse.data());
-
-        const auto out_view = view(out.data(), n_q, heads, d_v);
-        const auto expected_view = view(expected.data(), n_q, heads, d_v);
-        for (Index b = 0; b < batch; ++b) {
-          for (Index h = 0; h < heads; ++h) {
-            const auto q_head = blockattn::detail::head_slice(
-                TensorView<const T>(view(q.data(), n_q, heads, d)), b, h);
-            const auto k_head = blockattn::detail::head_slice(
-                TensorView<const T>(view(k.data(), n_k, kv_heads, d)), b, h / (heads / kv_heads));
-            const auto v_head = blockattn::detail::head_slice(
-                TensorView<const T>(view(v.data(), n_k, kv_heads, d_v)), b, h / (heads / kv_heads));
-            const double extra = masked ? slopes[h] * static_cast<double>(n_q + n_k) : 0.0;
-            const auto tol = blockattn::test::attention_tolerance<T>(
-                q_head, k_head, v_head, effective_scale(options, d), extra);
-            const auto lse_tol = blockattn::test::lse_tolerance<T>(
-                q_head, k_head, effective_scale(options, d), extra);
-            ASSERT_NO_FATAL_FAILURE(expect_head_matches(out_view, expected_view, lse, expected_lse,
-                                                        b, h, heads, n_q, d_v, tol, lse_tol));
-          }
-        }
+        // ALiBi adds at most slope·(n_q + n_k) in magnitude to a score of head h.
+        const auto extra = [&](Index h) {
+          return masked ? slopes[h] * static_cast<double>(n_q + n_k) : 0.0;
+        };
+        ASSERT_NO_FATAL_FAILURE(
+            expect_heads_match_reference(view, q, k, v, batch, n_q, n_k, heads, kv_heads, options,
+                                         blockattn::NoMaskMod{}, out, lse, extra));
       }
     }
   }
@@ -692,35 +711,9 @@ TYPED_TEST(AttentionTest, MultiHeadDecodeOverLongCacheMatchesReferenceAndIgnores
         run(2, out2, lse2);
         ASSERT_TRUE(out == out2);
         ASSERT_TRUE(lse == lse2);
-
-        const Matrix<Long> q_l = q.template cast<Long>();
-        const Matrix<Long> k_l = k.template cast<Long>();
-        const Matrix<Long> v_l = v.template cast<Long>();
-        std::vector<Long> expected(out.size());
-        std::vector<Long> expected_lse(lse.size());
-        blockattn::reference::attention<Long>(
-            view(q_l.data(), n_q, heads, d), view(k_l.data(), n_k, kv_heads, d),
-            view(v_l.data(), n_k, kv_heads, d_v), view(expected.data(), n_q, heads, d_v), options,
-            expected_lse.data(), mask);
-        const auto out_view = view(out.data(), n_q, heads, d_v);
-        const auto expected_view = view(expected.data(), n_q, heads, d_v);
-        for (Index b = 0; b < batch; ++b) {
-          for (Index h = 0; h < heads; ++h) {
-            const Index kv_h = h / (heads / kv_heads);
-            const auto q_head = blockattn::detail::head_slice(
-                TensorView<const T>(view(q.data(), n_q, heads, d)), b, h);
-            const auto k_head = blockattn::detail::head_slice(
-                TensorView<const T>(view(k.data(), n_k, kv_heads, d)), b, kv_h);
-            const auto v_head = blockattn::detail::head_slice(
-                TensorView<const T>(view(v.data(), n_k, kv_heads, d_v)), b, kv_h);
-            const auto tol = blockattn::test::attention_tolerance<T>(q_head, k_head, v_head,
-                                                                     effective_scale(options, d));
-            const auto lse_tol =
-                blockattn::test::lse_tolerance<T>(q_head, k_head, effective_scale(options, d));
-            ASSERT_NO_FATAL_FAILURE(expect_head_matches(out_view, expected_view, lse, expected_lse,
-                                                        b, h, heads, n_q, d_v, tol, lse_tol));
-          }
-        }
+        ASSERT_NO_FATAL_FAILURE(expect_heads_match_reference(view, q, k, v, batch, n_q, n_k, heads,
+                                                             kv_heads, options, mask, out, lse,
+                                                             [](Index) { return 0.0; }));
       }
     }
   }

@@ -162,31 +162,62 @@ T row_max(const T* x, Index n) {
   return m;
 }
 
+/// The vector part of Σ_j exp(x_j − origin), origin finite (float and double), in four running
+/// sums (chains) so that exp's latency is hidden. sum_exp() and sum_exp_and_max() share it, and
+/// with it the one order in which the chains are reduced.
+template <class T>
+class ExpSumChains {
+ public:
+  using S = simd::Simd<T>;
+  using V = typename S::V;
+  static constexpr Index kLanes = S::kLanes;
+
+  explicit ExpSumChains(T origin) : origin_(S::set1(origin)) {}
+
+  /// Adds exp(x_j − origin) for x[0..kLanes) into chain `Chain` (0 to 3).
+  template <int Chain>
+  void add(const T* x) {
+    static_assert(Chain >= 0 && Chain < 4, "blockattn: ExpSumChains has four chains");
+    l_[Chain] = S::add(l_[Chain], weight(S::load(x)));
+  }
+
+  /// Adds exp(x_j − origin) for x[0..count), 0 < count < kLanes, into chain 1 (the padding lanes
+  /// are −inf, whose weight is exactly 0).
+  void add_partial(const T* x, Index count) {
+    l_[1] =
+        S::add(l_[1], weight(S::load_partial(x, static_cast<int>(count), kNegativeInfinity<T>)));
+  }
+
+  /// The sum of the four chains.
+  T total() const { return S::reduce_add(S::add(S::add(l_[0], l_[1]), S::add(l_[2], l_[3]))); }
+
+ private:
+  V weight(V v) const { return exp_minus<T>(v, origin_); }
+
+  V origin_;
+  V l_[4] = {S::zero(), S::zero(), S::zero(), S::zero()};
+};
+
 /// Σ_j exp(x_j − origin), origin finite. One read.
 template <class T>
 T sum_exp(const T* x, Index n, T origin) {
   T l = T(0);
   Index j = 0;
   if constexpr (kVectorised<T>) {
-    using S = simd::Simd<T>;
-    using V = typename S::V;
-    constexpr Index w = S::kLanes;
-    const V o = S::set1(origin);
-    const auto weight = [&](V v) { return exp_minus<T>(v, o); };
-    V l0 = S::zero(), l1 = l0, l2 = l0, l3 = l0;
+    constexpr Index w = ExpSumChains<T>::kLanes;
+    ExpSumChains<T> sums(origin);
     for (; j + 4 * w <= n; j += 4 * w) {
-      l0 = S::add(l0, weight(S::load(x + j)));
-      l1 = S::add(l1, weight(S::load(x + j + w)));
-      l2 = S::add(l2, weight(S::load(x + j + 2 * w)));
-      l3 = S::add(l3, weight(S::load(x + j + 3 * w)));
+      sums.template add<0>(x + j);
+      sums.template add<1>(x + j + w);
+      sums.template add<2>(x + j + 2 * w);
+      sums.template add<3>(x + j + 3 * w);
     }
-    for (; j + w <= n; j += w) l0 = S::add(l0, weight(S::load(x + j)));
+    for (; j + w <= n; j += w) sums.template add<0>(x + j);
     if (j < n) {
-      l1 =
-          S::add(l1, weight(S::load_partial(x + j, static_cast<int>(n - j), kNegativeInfinity<T>)));
+      sums.add_partial(x + j, n - j);
       j = n;
     }
-    l = S::reduce_add(S::add(S::add(l0, l1), S::add(l2, l3)));
+    l = sums.total();
   }
   for (; j < n; ++j) l += std::exp(x[j] - origin);
   return l;
@@ -242,22 +273,20 @@ void sum_exp_and_max(const T* a, Index na, T origin, const T* b, Index nb, T& su
     using S = simd::Simd<T>;
     using V = typename S::V;
     constexpr Index w = S::kLanes;
-    const V o = S::set1(origin);
-    const auto weight = [&](V v) { return exp_minus<T>(v, o); };
-    V l0 = S::zero(), l1 = l0, l2 = l0, l3 = l0;
+    ExpSumChains<T> sums(origin);
     const V lowest = S::set1(kNegativeInfinity<T>);
     V m0 = lowest, m1 = lowest;
     for (; j + 4 * w <= nb; j += 4 * w) {
-      l0 = S::add(l0, weight(S::load(a + j)));
+      sums.template add<0>(a + j);
       m0 = max_ignoring_nan<S>(m0, S::load(b + j));
-      l1 = S::add(l1, weight(S::load(a + j + w)));
+      sums.template add<1>(a + j + w);
       m1 = max_ignoring_nan<S>(m1, S::load(b + j + w));
-      l2 = S::add(l2, weight(S::load(a + j + 2 * w)));
+      sums.template add<2>(a + j + 2 * w);
       m0 = max_ignoring_nan<S>(m0, S::load(b + j + 2 * w));
-      l3 = S::add(l3, weight(S::load(a + j + 3 * w)));
+      sums.template add<3>(a + j + 3 * w);
       m1 = max_ignoring_nan<S>(m1, S::load(b + j + 3 * w));
     }
-    l = S::reduce_add(S::add(S::add(l0, l1), S::add(l2, l3)));
+    l = sums.total();
     m = S::reduce_max(S::max(m0, m1));
   }
   sum = l + sum_exp(a + j, na - j, origin);

@@ -31,6 +31,7 @@
 #include <Eigen/Core>
 
 #include <blockattn/detail/attention_kernel.hpp>
+#include <blockattn/detail/finite.hpp>
 #include <blockattn/detail/online_state.hpp>
 #include <blockattn/detail/parallel.hpp>
 #include <blockattn/detail/workspace.hpp>
@@ -119,13 +120,6 @@ class BackwardWorkspace {
 template <class T>
 bool masked_weight(T p) {
   return p == T(0) && std::signbit(p);
-}
-
-/// dst = src with every non-finite entry replaced by 0 (same shape).
-template <class Src, class Dst>
-void copy_finite(const Src& src, Dst& dst) {
-  using T = typename Dst::Scalar;
-  dst = src.unaryExpr([](T x) { return std::isfinite(x) ? x : T(0); });
 }
 
 /// Slow-path fix-up of out += aᵀ·b over the pairs (r, c) of a tile: for each row r of b with a

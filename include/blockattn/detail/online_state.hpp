@@ -12,6 +12,7 @@
 #include <Eigen/Core>
 
 #include <blockattn/detail/exp.hpp>
+#include <blockattn/detail/finite.hpp>
 #include <blockattn/detail/simd.hpp>
 #include <blockattn/types.hpp>
 
@@ -220,11 +221,7 @@ class RowBlockState {
  private:
   /// Whether a row's sum l and its d_v accumulators are all finite.
   static bool row_is_finite(T l, const T* a, Index d_v) {
-    if (!std::isfinite(l)) return false;
-    for (Index c = 0; c < d_v; ++c) {
-      if (!std::isfinite(a[c])) return false;
-    }
-    return true;
+    return std::isfinite(l) && detail::row_is_finite(a, d_v);
   }
 
   T* m_;
