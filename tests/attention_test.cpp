@@ -666,6 +666,40 @@ TYPED_TEST(AttentionTest, DecodeKeySplitMatchesReferenceAndIgnoresThreads) {
   EXPECT_EQ(lse, -kInf<T>);
 }
 
+// Prefill with fewer than four query blocks splits its keys into segments merged like decode's,
+// so that two threads have work: one head, default chunks (768-row query blocks, 256-key chunks
+// at d = 16 in float and double), one and two query blocks, key counts that end inside a chunk,
+// every interval mask (causal rows that see nothing of the later segments) — against the long
+// double reference, and bitwise equal for any thread count (the split depends on the shape only).
+TYPED_TEST(AttentionTest, ShortPrefillKeySplitMatchesReferenceAndIgnoresThreads) {
+  using T = TypeParam;
+  auto rng = make_rng(12);
+  for (const auto& [n_q, n_k] : std::vector<std::pair<Index, Index>>{{300, 700}, {1000, 1029}}) {
+    for (const int mask : {0, 1, 2, 3}) {
+      SCOPED_TRACE("n_q=" + std::to_string(n_q) + " n_k=" + std::to_string(n_k) +
+                   " mask=" + std::to_string(mask) + " " + seed_trace());
+      const Matrix<T> q = random_matrix<T>(rng, n_q, 16);
+      const Matrix<T> k = random_matrix<T>(rng, n_k, 16);
+      const Matrix<T> v = random_matrix<T>(rng, n_k, 16);
+      AttentionOptions options;
+      options.causal = mask == 1 || mask == 2;
+      if (mask == 2) options.window_left = 300;  // each row sees one or two segments
+      const Index length = n_k - 301;            // ends inside the last segment but one
+      if (mask == 3) options.key_lengths = &length;
+      expect_matches_reference(q, k, v, options);
+      Matrix<T> one(n_q, 16);
+      Matrix<T> many(n_q, 16);
+      options.threads = 1;
+      blockattn::attention<T>(q, k, v, one, options);
+      for (const int threads : {2, 3}) {
+        options.threads = threads;
+        blockattn::attention<T>(q, k, v, many, options);
+        ASSERT_TRUE(one == many) << "threads=" << threads;
+      }
+    }
+  }
+}
+
 // Decode over a long cache with several kv heads runs every kv head in one task, chunk by chunk
 // (past one key segment): MHA and GQA, BSHD and BHSD, batch 2 with padding that ends in an early
 // segment, n_q 1 and 2, and a head-dependent mask_mod — each head against the long double

@@ -204,8 +204,9 @@ TensorView<T> as_tensor(const View& x) {
 /// log Σ_j exp(s_ij) over the visible keys. A query with no visible key gets out = 0, lse = −inf.
 /// Time O(n_q·n_k·(d + d_v)) for the visible tiles; extra memory
 /// O(threads·query_chunk·(key_chunk + d + d_v)), independent of n, plus for decode (at most 8
-/// query rows per kv head) O(n_k/8192·rows·d_v) partial states (an input that does not bind to
-/// ConstMatrixView without a copy — column-major, an expression — costs a copy; see types.hpp).
+/// query rows per kv head) O(n_k/8192·rows·d_v) partial states, and for prefill with under 4
+/// query blocks at most 8 blocks' partial outputs, O(query_chunk·d_v) (an input that does not bind
+/// to ConstMatrixView without a copy — column-major, an expression — costs a copy; see types.hpp).
 /// Throws std::invalid_argument naming the argument and both sizes, before writing anything.
 /// out and lse must not alias q, k, v or each other. Bitwise identical for any thread count;
 /// chunk sizes change rounding only. Safe to call concurrently (no shared state). mask_mod and

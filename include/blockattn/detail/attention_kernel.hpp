@@ -7,7 +7,8 @@
 //   prefill (rows > kDirectRows): K and V chunks are packed once, then every kTileRows-row
 //     sub-tile of the block runs score_tile → modifiers and masks (only on Partial tiles; Empty
 //     sub-tiles are skipped) → softmax_tile_update (scale, max, exp, row sum in one sweep) →
-//     accumulate_pv, all in the thread's workspace;
+//     accumulate_pv, all in the thread's workspace (a call with fewer than kMinPrefillBlocks
+//     query blocks also splits its keys into segments, as decode does);
 //   decode (rows <= kDirectRows): the same steps on unpacked K / V (score_rows_direct,
 //     accumulate_pv_direct: each K / V row is loaded once for all the rows, with software
 //     prefetch ahead), and the keys are split into fixed segments (Flash-Decoding) whose partial
@@ -62,6 +63,11 @@ inline constexpr Index kDecodeSegmentKeys = 8192;
 // phases. Measured (8 query heads on one kv head, n_k = 262,144, d = 64, one thread, CPU time,
 // loaded machine): no prefetch 11.8 GB/s, 2 KiB 17.0, 4 KiB 17.3, 8 and 16 KiB 16.9–17.5.
 inline constexpr Index kDecodePrefetchBytes = 4096;
+// Prefill: a call with fewer query blocks than this (batch × kv heads × query chunks) also splits
+// the keys into segments, merged like decode's, so that short single-head calls still have tasks
+// for two or more threads (n = 512, one head, was one task). Fixed, so results do not depend on
+// the thread count; the partial states cost at most 2·kMinPrefillBlocks query blocks' output.
+inline constexpr Index kMinPrefillBlocks = 4;
 
 constexpr Index ceil_div(Index a, Index b) { return (a + b - 1) / b; }
 
@@ -365,8 +371,9 @@ void attend_keys(const WorkspaceSlice<T>& ws, Index ld_s, const T* q_blk, Index 
 }
 
 /// Chunked attention over every (batch, kv head, query block), in parallel; each task handles the
-/// query heads that share the kv head. Decode blocks (rows <= kDirectRows) are further split
-/// into key segments of a fixed size, merged in order after the parallel loop. Arguments are
+/// query heads that share the kv head. Decode blocks (rows <= kDirectRows), and prefill calls
+/// with fewer than kMinPrefillBlocks blocks, are further split into key segments of a size fixed
+/// by the problem, merged in order after the parallel loop. Arguments are
 /// valid (attention.hpp checked them); lse is [batch, q.heads, n_q] or null; `storage` is the
 /// caller's workspace (grown here if too small, before the loops).
 template <class T, class MaskMod, class ScoreMod>
@@ -408,10 +415,19 @@ void attention_forward(const TensorView<const T>& q, const TensorView<const T>& 
   TileShape task_shape = shape;
   task_shape.group = group * task_heads;  // the task's rows: all its query heads
   // Decode: split the keys into segments of whole key chunks (independent of the thread count).
-  const Index segment_keys =
-      ceil_div(std::max<Index>(kDecodeSegmentKeys / task_heads, shape.key_chunk), shape.key_chunk) *
-      shape.key_chunk;
-  const Index segments = direct ? std::max<Index>(1, ceil_div(n_k, segment_keys)) : 1;
+  // Prefill with fewer than kMinPrefillBlocks query blocks (one short head) splits them too, into
+  // as many segments as make that many tasks, so that even n = 512 keeps two threads busy.
+  const Index key_chunks = ceil_div(n_k, shape.key_chunk);
+  Index segment_chunks = std::max<Index>(1, key_chunks);
+  if (direct) {
+    segment_chunks = ceil_div(std::max<Index>(kDecodeSegmentKeys / task_heads, shape.key_chunk),
+                              shape.key_chunk);
+  } else if (blocks < kMinPrefillBlocks && key_chunks > 1) {
+    segment_chunks =
+        ceil_div(key_chunks, std::min(ceil_div(kMinPrefillBlocks, blocks), key_chunks));
+  }
+  const Index segment_keys = segment_chunks * shape.key_chunk;
+  const Index segments = std::max<Index>(1, ceil_div(key_chunks, segment_chunks));
   const Index tasks = blocks * segments;
   const int threads = resolve_threads(options.threads, tasks);
   const AttentionWorkspace<T> workspace(storage, threads, task_shape, segments > 1 ? tasks : 0);
