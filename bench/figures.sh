@@ -25,7 +25,9 @@ run attention_bench throughput '^BM_Attention_(Naive|Chunked)<float>/n:[0-9]+/d:
   "${reps[@]}"
 run attention_bench throughput_d128 '^BM_Attention_(Naive|Chunked)<float>/n:(2048|4096)/d:128/causal:[01]$' \
   "${reps[@]}"
-run attention_bench threads '^BM_Attention_(PrefillThreads|Decode)<float>/' "${reps[@]}"
+# One- and two-thread repetitions interleaved at random, so that the VM's drift hits both alike.
+run attention_bench threads '^(BM_StreamRead|BM_Attention_(PrefillThreads|Decode)<float>/)' \
+  "${reps[@]}" --benchmark_enable_random_interleaving=true
 # Memory does not depend on load: one repetition. Naive stops at 16384 (its n×n scores are 1 GiB).
 run attention_bench memory \
   '^(Large/)?BM_Attention_Chunked<float>/n:[0-9]+/d:64/causal:1$|^(Large/)?BM_Attention_Naive<float>/n:([0-9]{3,4}|8192|16384)/d:64/causal:1$' \
@@ -51,3 +53,6 @@ if /usr/bin/python3 -c 'import torch' 2>/dev/null; then
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE /usr/bin/python3 bench/compare_pytorch.py \
     --bench "$bin/attention_bench" | tee "$out/pytorch.txt"
 fi
+# ggml (optional): its prebuilt CPU libraries, when bench/fetch_ggml.sh has fetched them.
+python3 bench/compare_ggml.py --bench "$bin/compare_ggml_bench" --json "$out/ggml.json" \
+  | tee "$out/ggml.txt"

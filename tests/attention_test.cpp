@@ -3,6 +3,7 @@
 // properties the design promises (chunk and thread invariance, permutation invariance, merge).
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -83,6 +84,23 @@ void expect_matches_reference(const Matrix<T>& q, const Matrix<T>& k, const Matr
                   lse_tol[row])
           << "lse of row " << i;
     }
+  }
+}
+
+/// expect_matches_reference(), then the same bits from each of `thread_counts` threads as from one.
+template <class T>
+void expect_matches_reference_for_any_threads(const Matrix<T>& q, const Matrix<T>& k,
+                                              const Matrix<T>& v, AttentionOptions options,
+                                              std::initializer_list<int> thread_counts) {
+  expect_matches_reference(q, k, v, options);
+  Matrix<T> one(q.rows(), v.cols());
+  Matrix<T> many(q.rows(), v.cols());
+  options.threads = 1;
+  blockattn::attention<T>(q, k, v, one, options);
+  for (const int threads : thread_counts) {
+    options.threads = threads;
+    blockattn::attention<T>(q, k, v, many, options);
+    ASSERT_TRUE(one == many) << "threads=" << threads;
   }
 }
 
@@ -642,14 +660,7 @@ TYPED_TEST(AttentionTest, DecodeKeySplitMatchesReferenceAndIgnoresThreads) {
       if (mask == 1) options.window_left = 9000;  // keys from ~7.9k on: segments 0 and 1 partial
       const Index length = n_k - 500;
       if (mask == 2) options.key_lengths = &length;
-      expect_matches_reference(q, k, v, options);
-      Matrix<T> one(n_q, 5);
-      Matrix<T> two(n_q, 5);
-      options.threads = 1;
-      blockattn::attention<T>(q, k, v, one, options);
-      options.threads = 2;
-      blockattn::attention<T>(q, k, v, two, options);
-      ASSERT_TRUE(one == two);
+      expect_matches_reference_for_any_threads(q, k, v, options, {2});
     }
   }
   // A row that sees nothing in any segment: out 0, lse −inf, also through the merge.
@@ -686,16 +697,7 @@ TYPED_TEST(AttentionTest, ShortPrefillKeySplitMatchesReferenceAndIgnoresThreads)
       if (mask == 2) options.window_left = 300;  // each row sees one or two segments
       const Index length = n_k - 301;            // ends inside the last segment but one
       if (mask == 3) options.key_lengths = &length;
-      expect_matches_reference(q, k, v, options);
-      Matrix<T> one(n_q, 16);
-      Matrix<T> many(n_q, 16);
-      options.threads = 1;
-      blockattn::attention<T>(q, k, v, one, options);
-      for (const int threads : {2, 3}) {
-        options.threads = threads;
-        blockattn::attention<T>(q, k, v, many, options);
-        ASSERT_TRUE(one == many) << "threads=" << threads;
-      }
+      expect_matches_reference_for_any_threads(q, k, v, options, {2, 3});
     }
   }
 }
