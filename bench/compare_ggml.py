@@ -18,13 +18,9 @@ import subprocess
 import sys
 import tempfile
 
-from gbench_json import medians
+from gbench_json import medians, run_fields
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def fields(run_name):
-    return {k: int(v) for k, v in (p.split(":") for p in run_name.split("/") if ":" in p)}
 
 
 def main():
@@ -52,7 +48,7 @@ def main():
 
     table = {}  # (n_q, n_k, heads, causal, threads) -> {side: row}
     for row in medians(out):
-        f = fields(row["run_name"])
+        f = run_fields(row["run_name"])
         side = "blockattn" if row["run_name"].startswith("BM_Blockattn") else (
             "ggml_f16" if f["kv_f16"] else "ggml_f32")
         table.setdefault((f["n_q"], f["n_k"], f["heads"], f["causal"], f["threads"]), {})[side] = row
@@ -64,9 +60,8 @@ def main():
     for (n_q, n_k, heads, causal, threads), sides in sorted(table.items(),
                                                             key=lambda kv: (kv[0][0] == 1, kv[0])):
         decode = n_q == 1
-        unit, key, scale = ("GB/s", "bytes_per_second", 1e-9) if decode else (
-            "GFLOP/s", "FLOP/s", 1e-9)
-        value = {s: r[key] * scale for s, r in sides.items() if key in r}
+        unit, key = ("GB/s", "bytes_per_second") if decode else ("GFLOP/s", "FLOP/s")
+        value = {s: r[key] * 1e-9 for s, r in sides.items() if key in r}
         ratio = (f'{value["blockattn"] / value["ggml_f32"]:.2f}x'
                  if "blockattn" in value and "ggml_f32" in value else "")
         diff = sides.get("ggml_f32", {}).get("max_abs_diff")

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from gbench_json import run_fields
+
 SIZES = [512, 1024, 2048, 4096]
 HEADS = [1, 8]
 THREADS = [1, 2]
@@ -48,8 +50,8 @@ def run_blockattn(binary, repetitions):
         if b.get("aggregate_name") != "median":
             continue
         # name: Large/Compare/BM_Attention_PrefillThreads<float>/n:512/heads:1/causal:0/threads:1/...
-        fields = dict(part.split(":") for part in b["run_name"].split("/") if ":" in part)
-        key = (int(fields["n"]), int(fields["heads"]), int(fields["threads"]))
+        fields = run_fields(b["run_name"])
+        key = (fields["n"], fields["heads"], fields["threads"])
         results[key] = b["FLOP/s"] / 1e9
     return results
 

@@ -14,3 +14,9 @@ def medians(path):
         if bench.get("error_occurred"):
             continue
         yield bench
+
+
+def run_fields(run_name):
+    """The name:value arguments of a benchmark run name, as ints ("BM_X/n:512/heads:8" ->
+    {"n": 512, "heads": 8})."""
+    return {k: int(v) for k, v in (part.split(":") for part in run_name.split("/") if ":" in part)}
