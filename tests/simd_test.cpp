@@ -254,6 +254,31 @@ TYPED_TEST(SimdTest, MaxReturnsSecondArgumentOnNanAndReductionsCoverEveryLane) {
   EXPECT_EQ(S::reduce_max(S::pow2i(S::set1(T(127)))), std::ldexp(T(1), 127));
 }
 
+TYPED_TEST(SimdTest, ReduceAddLanesIsReduceAddOfEachVectorBitwise) {
+  using T = TypeParam;
+  using S = Simd<T>;
+  SCOPED_TRACE(isa_trace() + " " + blockattn::test::seed_trace());
+  auto rng = blockattn::test::make_rng(/*salt=*/31);
+  // Magnitudes over 2^±40 with both signs: the rounded sum depends on the order of every
+  // addition, so any lane taken from the wrong vector or summed in another order differs.
+  std::uniform_real_distribution<double> mantissa(-1.0, 1.0);
+  std::uniform_int_distribution<int> exponent(-40, 40);
+  for (int trial = 0; trial < 200; ++trial) {
+    std::vector<T> x(static_cast<std::size_t>(S::kLanes * S::kLanes));
+    for (T& e : x) e = static_cast<T>(std::ldexp(mantissa(rng), exponent(rng)));
+    typename S::V v[S::kLanes];
+    for (int i = 0; i < S::kLanes; ++i) v[i] = S::load(x.data() + i * S::kLanes);
+    std::vector<T> sums(static_cast<std::size_t>(S::kLanes));
+    S::store(sums.data(), S::reduce_add_lanes(v));
+    for (int i = 0; i < S::kLanes; ++i) {
+      const T expected = S::reduce_add(v[i]);
+      ASSERT_EQ(std::memcmp(&sums[static_cast<std::size_t>(i)], &expected, sizeof(T)), 0)
+          << "lane " << i << " trial " << trial << ": " << sums[static_cast<std::size_t>(i)]
+          << " != " << expected;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels
 
@@ -580,6 +605,45 @@ TYPED_TEST(MicroKernelTest, DirectKernelsAreExactOnDyadicInputsAndWriteOnlyTheir
             ASSERT_LE(std::fabs(static_cast<LongDouble>(acc[at]) - ref), tol)
                 << "acc at " << i << "," << c;
           }
+        }
+      }
+    }
+  }
+}
+
+// A direct score does not depend on how the kernel blocks rows and keys: every score of a
+// many-row, many-key call is bitwise the score of that row and key alone (one FMA chain, one
+// reduce_add). Inputs with 24 significant bits and magnitudes over 2^±20, so that a different
+// summation order would change the rounded result.
+TYPED_TEST(MicroKernelTest, DirectScoresDoNotDependOnTheBlocking) {
+  using T = TypeParam;
+  auto rng = blockattn::test::make_rng(/*salt=*/32);
+  std::uniform_real_distribution<double> mantissa(-1.0, 1.0);
+  std::uniform_int_distribution<int> exponent(-20, 20);
+  const auto fill = [&](Matrix<T>& m) {
+    for (Index i = 0; i < m.size(); ++i) {
+      m.data()[i] = static_cast<T>(std::ldexp(mantissa(rng), exponent(rng)));
+    }
+  };
+  for (Index rows : {1, 2, 3, 8, 9}) {
+    for (Index d : {Index(19), Index(64)}) {
+      SCOPED_TRACE("rows=" + std::to_string(rows) + " d=" + std::to_string(d) + " " + isa_trace() +
+                   " " + blockattn::test::seed_trace());
+      const Index n_keys = 37;
+      Matrix<T> q(rows, d);
+      Matrix<T> k(n_keys, d);
+      fill(q);
+      fill(k);
+      Matrix<T> s(rows, n_keys);
+      blockattn::detail::score_rows_direct(q.data(), d, rows, d, k.data(), d, n_keys, s.data(),
+                                           n_keys);
+      for (Index i = 0; i < rows; ++i) {
+        for (Index j = 0; j < n_keys; ++j) {
+          T alone = 0;
+          blockattn::detail::score_rows_direct(q.row(i).data(), d, 1, d, k.row(j).data(), d, 1,
+                                               &alone, 1);
+          ASSERT_EQ(std::memcmp(&alone, &s(i, j), sizeof(T)), 0)
+              << "score " << i << "," << j << ": " << s(i, j) << " != " << alone;
         }
       }
     }

@@ -17,14 +17,20 @@
 #define BLOCKATTN_VERSION_MINOR 1
 #define BLOCKATTN_VERSION_PATCH 0
 
+// BLOCKATTN_ALWAYS_INLINE: register-blocked helpers whose arrays of vectors must stay in
+// registers, which only happens when they are inlined into their loop (GCC 12 otherwise keeps
+// some out of line and passes the vectors through memory).
 #if defined(__GNUC__) || defined(__clang__)
 #define BLOCKATTN_NOINLINE __attribute__((noinline))
+#define BLOCKATTN_ALWAYS_INLINE inline __attribute__((always_inline))
 #define BLOCKATTN_RESTRICT __restrict__
 #elif defined(_MSC_VER)
 #define BLOCKATTN_NOINLINE __declspec(noinline)
+#define BLOCKATTN_ALWAYS_INLINE __forceinline
 #define BLOCKATTN_RESTRICT __restrict
 #else
 #define BLOCKATTN_NOINLINE
+#define BLOCKATTN_ALWAYS_INLINE inline
 #define BLOCKATTN_RESTRICT
 #endif
 

@@ -299,24 +299,25 @@ inline void prefetch_row(const T* p, Index count) {
 }
 
 /// Rows × Keys scores s[r, t] = q_r · k_t over d = full + rest features, each a single FMA chain
-/// along d then one horizontal sum (the order does not depend on Rows or Keys).
+/// along d then one horizontal sum. The sums of kLanes accumulators are taken together
+/// (reduce_add_lanes: a shuffle tree, ~3 operations a score instead of ~2·log2(kLanes)), bitwise
+/// equal to one reduce_add each, so a score does not depend on Rows or Keys.
 template <class T, int Rows, int Keys>
-inline void score_rows_block(const T* BLOCKATTN_RESTRICT q, Index ld_q, Index full, int rest,
-                             const T* BLOCKATTN_RESTRICT k, Index ld_k, T* BLOCKATTN_RESTRICT s,
-                             Index ld_s) {
+BLOCKATTN_ALWAYS_INLINE void score_rows_block(const T* BLOCKATTN_RESTRICT q, Index ld_q, Index full,
+                                              int rest, const T* BLOCKATTN_RESTRICT k, Index ld_k,
+                                              T* BLOCKATTN_RESTRICT s, Index ld_s) {
   using S = simd::Simd<T>;
   using V = typename S::V;
-  constexpr Index kLanes = S::kLanes;
-  V acc[Rows][Keys];
-  for (int r = 0; r < Rows; ++r) {
-    for (int t = 0; t < Keys; ++t) acc[r][t] = S::zero();
-  }
+  constexpr int kLanes = S::kLanes;
+  constexpr int kCount = Rows * Keys;
+  V acc[kCount];
+  for (int a = 0; a < kCount; ++a) acc[a] = S::zero();
   for (Index c = 0; c < full; c += kLanes) {
     V kv[Keys];
     for (int t = 0; t < Keys; ++t) kv[t] = S::load(k + t * ld_k + c);
     for (int r = 0; r < Rows; ++r) {
       const V qv = S::load(q + r * ld_q + c);
-      for (int t = 0; t < Keys; ++t) acc[r][t] = S::fma(qv, kv[t], acc[r][t]);
+      for (int t = 0; t < Keys; ++t) acc[r * Keys + t] = S::fma(qv, kv[t], acc[r * Keys + t]);
     }
   }
   if (rest > 0) {
@@ -324,11 +325,26 @@ inline void score_rows_block(const T* BLOCKATTN_RESTRICT q, Index ld_q, Index fu
     for (int t = 0; t < Keys; ++t) kv[t] = S::load_partial(k + t * ld_k + full, rest, T(0));
     for (int r = 0; r < Rows; ++r) {
       const V qv = S::load_partial(q + r * ld_q + full, rest, T(0));
-      for (int t = 0; t < Keys; ++t) acc[r][t] = S::fma(qv, kv[t], acc[r][t]);
+      for (int t = 0; t < Keys; ++t) acc[r * Keys + t] = S::fma(qv, kv[t], acc[r * Keys + t]);
     }
   }
-  for (int r = 0; r < Rows; ++r) {
-    for (int t = 0; t < Keys; ++t) s[r * ld_s + t] = S::reduce_add(acc[r][t]);
+  if constexpr (kCount == 1) {
+    s[0] = S::reduce_add(acc[0]);
+  } else {
+    for (int g = 0; g < kCount; g += kLanes) {
+      V group[kLanes];
+      for (int i = 0; i < kLanes; ++i) group[i] = g + i < kCount ? acc[g + i] : S::zero();
+      const V sums = S::reduce_add_lanes(group);
+      if constexpr (Rows == 1 && Keys % kLanes == 0) {
+        S::store(s + g, sums);
+      } else {
+        alignas(64) T lanes[kLanes];
+        S::store(lanes, sums);
+        for (int i = 0; i < kLanes && g + i < kCount; ++i) {
+          s[(g + i) / Keys * ld_s + (g + i) % Keys] = lanes[i];
+        }
+      }
+    }
   }
 }
 
@@ -345,7 +361,8 @@ inline void score_rows_direct(const T* q, Index ld_q, Index rows, Index d, const
     const int count = static_cast<int>(std::min<Index>(kDirectBlockRows, rows - i0));
     with_count<kDirectBlockRows>(count, [&](auto nr) {
       constexpr int kRows = decltype(nr)::value;
-      constexpr int kKeys = std::clamp(kDirectAccumulators<T> / kRows, 1, 4);
+      // As many keys as the accumulator registers hold: one row takes a whole vector of keys.
+      constexpr int kKeys = std::max(1, kDirectAccumulators<T> / kRows);
       const T* qi = q + i0 * ld_q;
       T* si = s + i0 * ld_s;
       const bool fetch = i0 == 0 && prefetch.ahead > 0;

@@ -19,6 +19,8 @@
 //   min(a, b)                             a < b ? a : b lane-wise, the same NaN rule
 //   reduce_add(v), reduce_max(v)          horizontal sum / maximum (max ignores nothing: callers
 //                                         keep NaN out of max accumulators via max's rule)
+//   reduce_add_lanes(v)                   kLanes horizontal sums at once: lane i = reduce_add(v[i])
+//                                         bitwise (the same halving order)
 //   round_to_int(v)                       nearest integer, ties to even, valid for |v| < 2^22
 //                                         (float) / 2^51 (double); used by exp
 //   pow2i(n)                              2^n for integral n with a normal result: n in
@@ -35,6 +37,8 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+
+#include <blockattn/detail/config.hpp>
 
 #if defined(__AVX512F__)
 #define BLOCKATTN_SIMD_AVX512 1
@@ -71,6 +75,12 @@ template <class Isa, class = void>
 struct HasScalef : std::false_type {};
 template <class Isa>
 struct HasScalef<Isa, std::enable_if_t<Isa::kHasScalef>> : std::true_type {};
+/// Whether the ISA has a shuffle tree for reduce_add_lanes: it says so with
+/// `static constexpr bool kHasTransposeSum = true` and provides transpose_sum(v).
+template <class Isa, class = void>
+struct HasTransposeSum : std::false_type {};
+template <class Isa>
+struct HasTransposeSum<Isa, std::enable_if_t<Isa::kHasTransposeSum>> : std::true_type {};
 
 template <class T, class Isa>
 struct SimdCommon : Isa {
@@ -84,6 +94,18 @@ struct SimdCommon : Isa {
       const typename Isa::V n1 = round_to_int(Isa::mul(n, Isa::set1(T(0.5))));
       const typename Isa::V n2 = Isa::sub(n, n1);
       return Isa::mul(Isa::mul(p, Isa::pow2i(n1)), Isa::pow2i(n2));
+    }
+  }
+  /// Lane i = reduce_add(v[i]) for the kLanes vectors v[0 .. kLanes), bitwise: the ISA's
+  /// transpose-and-add tree where it has one (kLanes − 1 vector additions, 2·(kLanes − 1)
+  /// shuffles, against ~2·log2(kLanes) operations per reduce_add), else one reduce_add a vector.
+  BLOCKATTN_ALWAYS_INLINE static typename Isa::V reduce_add_lanes(const typename Isa::V* v) {
+    if constexpr (HasTransposeSum<Isa>::value) {
+      return Isa::transpose_sum(v);
+    } else {
+      alignas(64) T sums[Isa::kLanes];
+      for (int i = 0; i < Isa::kLanes; ++i) sums[i] = Isa::reduce_add(v[i]);
+      return Isa::load(sums);
     }
   }
   /// Nearest integer (ties to even) of |x| < 2^(digits−2), as a T, by the magic-constant trick:
@@ -134,6 +156,7 @@ struct ScalarIsa {
 struct Avx512Float {
   static constexpr __mmask16 kAll = 0xFFFF;
   static constexpr bool kHasScalef = true;
+  static constexpr bool kHasTransposeSum = true;
   using V = __m512;
   static constexpr int kLanes = 16;
   static constexpr const char* kName = "avx512";
@@ -168,6 +191,34 @@ struct Avx512Float {
     t = _mm_add_ps(t, _mm_movehl_ps(t, t));
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
   }
+  // reduce_add_lanes: each level adds the two halves of every input's partial sums (the halving
+  // order of reduce_add: 256-bit halves, 128-bit halves, pairs, neighbours) and packs two inputs
+  // into one vector. The tree leaves slot 4l + k in lane 4k + l, so slot s reads v[4(s%4) + s/4].
+  BLOCKATTN_ALWAYS_INLINE static V transpose_sum(const V* v) {
+    V a[8];
+    for (int i = 0; i < 8; ++i) {
+      const V x = v[4 * (2 * i % 4) + 2 * i / 4];
+      const V y = v[4 * ((2 * i + 1) % 4) + (2 * i + 1) / 4];
+      a[i] = add(_mm512_mask_shuffle_f32x4(x, kAll, x, y, 0x44),
+                 _mm512_mask_shuffle_f32x4(x, kAll, x, y, 0xEE));
+    }
+    V c[4];
+    for (int j = 0; j < 4; ++j) {
+      const V x = a[2 * j];
+      const V y = a[2 * j + 1];
+      c[j] = add(_mm512_mask_shuffle_f32x4(x, kAll, x, y, 0x88),
+                 _mm512_mask_shuffle_f32x4(x, kAll, x, y, 0xDD));
+    }
+    V f[2];
+    for (int m = 0; m < 2; ++m) {
+      const __m512d x = _mm512_castps_pd(c[2 * m]);
+      const __m512d y = _mm512_castps_pd(c[2 * m + 1]);
+      f[m] = add(_mm512_castpd_ps(_mm512_mask_unpacklo_pd(x, 0xFF, x, y)),
+                 _mm512_castpd_ps(_mm512_mask_unpackhi_pd(x, 0xFF, x, y)));
+    }
+    return add(_mm512_mask_shuffle_ps(f[0], kAll, f[0], f[1], 0x88),
+               _mm512_mask_shuffle_ps(f[0], kAll, f[0], f[1], 0xDD));
+  }
   static float reduce_max(V v) {
     __m128 t = fold_to_128(v, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); });
     t = _mm_max_ps(t, _mm_movehl_ps(t, t));
@@ -186,6 +237,7 @@ struct Simd<float> : SimdCommon<float, Avx512Float> {};
 struct Avx512Double {
   static constexpr __mmask8 kAll = 0xFF;
   static constexpr bool kHasScalef = true;
+  static constexpr bool kHasTransposeSum = true;
   using V = __m512d;
   static constexpr int kLanes = 8;
   static constexpr const char* kName = "avx512";
@@ -215,6 +267,24 @@ struct Avx512Double {
   static double reduce_add(V v) {
     const __m128d t = fold_to_128(v, [](__m256d a, __m256d b) { return _mm256_add_pd(a, b); });
     return _mm_cvtsd_f64(_mm_add_sd(t, _mm_unpackhi_pd(t, t)));
+  }
+  // reduce_add_lanes, as in Avx512Float: the tree leaves slot 4l + k in lane 2k + l, so slot s
+  // reads v[2(s%4) + s/4].
+  BLOCKATTN_ALWAYS_INLINE static V transpose_sum(const V* v) {
+    V a[4];
+    for (int i = 0; i < 4; ++i) {
+      const V x = v[2 * (2 * i % 4) + 2 * i / 4];
+      const V y = v[2 * ((2 * i + 1) % 4) + (2 * i + 1) / 4];
+      a[i] = add(_mm512_mask_shuffle_f64x2(x, kAll, x, y, 0x44),
+                 _mm512_mask_shuffle_f64x2(x, kAll, x, y, 0xEE));
+    }
+    V c[2];
+    for (int j = 0; j < 2; ++j) {
+      c[j] = add(_mm512_mask_shuffle_f64x2(a[2 * j], kAll, a[2 * j], a[2 * j + 1], 0x88),
+                 _mm512_mask_shuffle_f64x2(a[2 * j], kAll, a[2 * j], a[2 * j + 1], 0xDD));
+    }
+    return add(_mm512_mask_unpacklo_pd(c[0], kAll, c[0], c[1]),
+               _mm512_mask_unpackhi_pd(c[0], kAll, c[0], c[1]));
   }
   static double reduce_max(V v) {
     const __m128d t = fold_to_128(v, [](__m256d a, __m256d b) { return _mm256_max_pd(a, b); });
@@ -268,6 +338,7 @@ struct BufferedTail : Isa {
 #if defined(BLOCKATTN_SIMD_AVX2)
 
 struct Avx2Float {
+  static constexpr bool kHasTransposeSum = true;
   using V = __m256;
   static constexpr int kLanes = 8;
   static constexpr const char* kName = "avx2+fma";
@@ -281,6 +352,24 @@ struct Avx2Float {
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
   static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  // reduce_add_lanes, as in Avx512Float (the halving order of BufferedTail::reduce_add): the
+  // tree leaves slot 2l + k in lane 4k + l, so slot s reads v[4(s%2) + s/2].
+  BLOCKATTN_ALWAYS_INLINE static V transpose_sum(const V* v) {
+    V a[4];
+    for (int i = 0; i < 4; ++i) {
+      const V x = v[4 * (2 * i % 2) + 2 * i / 2];
+      const V y = v[4 * ((2 * i + 1) % 2) + (2 * i + 1) / 2];
+      a[i] = add(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
+    }
+    V c[2];
+    for (int j = 0; j < 2; ++j) {
+      const __m256d x = _mm256_castps_pd(a[2 * j]);
+      const __m256d y = _mm256_castps_pd(a[2 * j + 1]);
+      c[j] = add(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)),
+                 _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+    }
+    return add(_mm256_shuffle_ps(c[0], c[1], 0x88), _mm256_shuffle_ps(c[0], c[1], 0xDD));
+  }
   static V pow2i(V n) {
     const __m256i i = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(i, 23));
