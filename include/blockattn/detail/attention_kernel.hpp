@@ -11,7 +11,9 @@
 //     query blocks also splits its keys into segments, as decode does);
 //   decode (rows <= kDirectRows): the same steps on unpacked K / V (score_rows_direct,
 //     accumulate_pv_direct: each K / V row is loaded once for all the rows, with software
-//     prefetch ahead), and the keys are split into fixed segments (Flash-Decoding) whose partial
+//     prefetch ahead; with at most kDecodePipelineRows rows per kv head and contiguous rows, each
+//     chunk's P·V is deferred and interleaved with the next chunk's scores, so that K and V
+//     stream together), and the keys are split into fixed segments (Flash-Decoding) whose partial
 //     states are merged in segment order, so the result does not depend on the threads. Long
 //     caches with several kv heads run all heads in one task, chunk by chunk.
 // Normalised once at the end. No argument checking here: attention.hpp validates first.
@@ -50,9 +52,6 @@ inline constexpr Index kMaxDefaultKeyChunk = 256;
 inline constexpr Index kPackedBlockBytes = 128 * 1024;
 inline constexpr Index kMaxDefaultQueryRows = 768;
 inline constexpr Index kQueryBlockBytes = 384 * 1024;
-// Decode: blocks of at most this many rows (query heads × queries) read K and V in place instead
-// of packing them (packing costs ~0.3 ns per element, the dot products of one row ~0.02 ns).
-inline constexpr Index kDirectRows = 8;
 // Decode key segments: a decode task covers at most this many keys (rounded to whole key
 // chunks); segments run in parallel and are merged in order. Fixed, not derived from the thread
 // count, so the result is bitwise the same for any number of threads. 8192 keys × 64 dims ×
@@ -63,6 +62,19 @@ inline constexpr Index kDecodeSegmentKeys = 8192;
 // phases. Measured (8 query heads on one kv head, n_k = 262,144, d = 64, one thread, CPU time,
 // loaded machine): no prefetch 11.8 GB/s, 2 KiB 17.0, 4 KiB 17.3, 8 and 16 KiB 16.9–17.5.
 inline constexpr Index kDecodePrefetchBytes = 4096;
+// Decode: keys per step of the interleaved scores / P·V loop (scores_with_pending_values). Two
+// streams read in alternation reach more bandwidth than one, but only when they alternate often:
+// a scratch read loop over 1 GiB, one thread, medians of 5, read 23.2 GB/s from one stream, 28.2
+// from two in turns of 256 bytes (attention_bench's BM_StreamReadTwoStreams), 27.1 in turns of
+// 4 KiB, and 17.9 in turns of 64 KiB (one 256-key chunk of K, then of V, at d = 64). 16 keys is
+// 4 KiB of K or V at d = 64 float, and a multiple of the key blocks of score_rows_direct.
+inline constexpr Index kDecodeInterleaveKeys = 16;
+// Decode: the interleaved schedule is used for at most this many rows per kv head. A/B builds
+// of this constant (0: never, 8: always), [heads, seq, dim] K and V, 8 query heads, n_k = 262,144,
+// d = 64, one thread, ns per key and kv head, medians of 5 alternating runs: 1 row 19.7 → 18.9,
+// 2 rows 24.2 → 22.6, 4 rows 28.7 → 26.2, but 8 rows (MQA) 27.9 → 39.0, where the chunk's own
+// P·V phase stays faster (the interleaved loop stalls on its prefetches there).
+inline constexpr Index kDecodePipelineRows = 4;
 // Prefill: a call with fewer query blocks than this (batch × kv heads × query chunks) also splits
 // the keys into segments, merged like decode's, so that short single-head calls still have tasks
 // for two or more threads (n = 512, one head, was one task). Fixed, so results do not depend on
@@ -285,43 +297,92 @@ void add_non_finite_values(const T* p, Index ld_p, Index rows, Index keys, const
   }
 }
 
+/// Rows of K or V that the direct kernels prefetch ahead: kDecodePrefetchBytes of rows.
+template <class T>
+Index decode_prefetch_rows(Index row_elements) {
+  return std::max<Index>(
+      1, kDecodePrefetchBytes / (std::max<Index>(1, row_elements) * static_cast<Index>(sizeof(T))));
+}
+
+/// Decode: a unit (one kv head's rows × one key chunk) whose weights p are ready and whose P·V
+/// product is deferred, so that its V rows stream from memory together with the next unit's K
+/// rows (see scores_with_pending_values). p == nullptr: nothing pending.
+template <class T>
+struct PendingValues {
+  const T* p = nullptr;  ///< [rows, keys], row stride ld_s: the weights
+  Index rows = 0;
+  Index keys = 0;
+  const T* v = nullptr;  ///< the unit's first V row
+  Index ld_v = 0;
+  Index keys_left = 0;  ///< V rows from v that may be prefetched (the task's rest of this head)
+  T* acc = nullptr;     ///< the unit's first row of the running output
+};
+
+/// Decode: the scores s[rows, keys] = q_blk·Kᵀ of one unit (score_rows_direct, K rows from k_rows,
+/// prefetching up to keys_left rows) and the pending unit's acc += P·V (accumulate_pv_direct),
+/// taken kDecodeInterleaveKeys keys at a time from each, so that K and V stream from memory
+/// together; nothing is pending afterwards. keys = 0 only flushes the pending unit. The results
+/// are bitwise those of the two kernels called one after the other (the same operations in the
+/// same order for every score and every accumulator).
+template <class T>
+void scores_with_pending_values(const T* q_blk, Index rows, Index d, const T* k_rows, Index ld_k,
+                                Index keys, Index keys_left, T* s, Index ld_s,
+                                PendingValues<T>& pending, Index d_v, Index ld_acc) {
+  const Index pv_keys = pending.p != nullptr ? pending.keys : 0;
+  // One stream alone (nothing pending, or a flush) takes one step.
+  const Index step = keys > 0 && pv_keys > 0 ? kDecodeInterleaveKeys : std::max(keys, pv_keys);
+  for (Index j = 0; j < std::max(keys, pv_keys); j += step) {
+    if (j < keys) {
+      score_rows_direct(q_blk, d, rows, d, k_rows + j * ld_k, ld_k, std::min(step, keys - j), s + j,
+                        ld_s, RowPrefetch{decode_prefetch_rows<T>(d), keys_left - j});
+    }
+    if (j < pv_keys) {
+      accumulate_pv_direct(pending.p + j, ld_s, pending.rows, std::min(step, pv_keys - j),
+                           pending.v + j * pending.ld_v, pending.ld_v, d_v, pending.acc, ld_acc,
+                           RowPrefetch{decode_prefetch_rows<T>(d_v), pending.keys_left - j});
+    }
+  }
+  pending.p = nullptr;
+}
+
 /// Decode: folds one key chunk [k0, k0 + keys) into rows [first, first + rows) of `state` (one
 /// kv head's query rows; q_blk [rows, d] their scaled queries), reading K and V in place
-/// (k_rows, v_rows: the chunk's first rows). Each K and V row is loaded once for all the rows,
-/// and the kernels prefetch ahead up to `keys_left` rows from k_rows (the task's remaining keys
-/// of this head, so the stream continues into the head's next chunk).
+/// (k_rows, v_rows: the chunk's first rows; keys_left: the task's remaining keys of this head,
+/// which the kernels may prefetch). The chunk's scores are computed together with the pending
+/// unit's P·V; when `pipelined`, its own P·V is left pending (flush with
+/// scores_with_pending_values(keys = 0) at the end of the task), otherwise it runs at once. s: a
+/// score buffer the pending unit does not use.
 template <class T, class MaskMod, class ScoreMod>
-void attend_chunk_direct(const WorkspaceSlice<T>& ws, Index ld_s, const T* q_blk, Index rows,
+void attend_chunk_direct(const WorkspaceSlice<T>& ws, T* s, Index ld_s, const T* q_blk, Index rows,
                          Index d, Index d_v, const T* k_rows, Index ld_k, const T* v_rows,
                          Index ld_v, Index k0, Index keys, Index keys_left, RowBlockState<T>& state,
                          Index first, const TileRows& t, const AttentionOptions& options, Index n_q,
-                         Index n_k, const MaskMod& mask_mod, const ScoreMod& score_mod) {
-  if (!mask_rows<T>(ws.scores, ld_s, 0, rows, keys, t, k0, options, n_q, n_k, mask_mod, score_mod,
+                         Index n_k, const MaskMod& mask_mod, const ScoreMod& score_mod,
+                         bool pipelined, PendingValues<T>& pending) {
+  if (!mask_rows<T>(s, ld_s, 0, rows, keys, t, k0, options, n_q, n_k, mask_mod, score_mod,
                     /*dry_run=*/true)) {
     return;
   }
-  const auto ahead = [](Index row_elements) {
-    return std::max<Index>(1, kDecodePrefetchBytes / (std::max<Index>(1, row_elements) *
-                                                      static_cast<Index>(sizeof(T))));
-  };
-  score_rows_direct(q_blk, d, rows, d, k_rows, ld_k, keys, ws.scores, ld_s,
-                    RowPrefetch{ahead(d), keys_left});
-  mask_rows<T>(ws.scores, ld_s, 0, rows, keys, t, k0, options, n_q, n_k, mask_mod, score_mod,
+  scores_with_pending_values(q_blk, rows, d, k_rows, ld_k, keys, keys_left, s, ld_s, pending, d_v,
+                             state.ld_acc());
+  mask_rows<T>(s, ld_s, 0, rows, keys, t, k0, options, n_q, n_k, mask_mod, score_mod,
                /*dry_run=*/false);
-  if (tile_has_hidden_key(ws.scores, ld_s, rows, keys) &&
-      !block_is_finite(v_rows, ld_v, keys, d_v)) {  // the NaN slow path above
-    poison_underflowed_values(ws.scores, ld_s, first, rows, keys, v_rows, ld_v, d_v, state);
+  if (tile_has_hidden_key(s, ld_s, rows, keys) &&
+      !block_is_finite(v_rows, ld_v, keys, d_v)) {  // the NaN slow path above, not pipelined
+    poison_underflowed_values(s, ld_s, first, rows, keys, v_rows, ld_v, d_v, state);
     copy_finite(v_rows, ld_v, keys, d_v, ws.packed_v, d_v);
-    state.update_scores(ws.scores, ld_s, first, rows, keys);
-    accumulate_pv_direct(ws.scores, ld_s, rows, keys, ws.packed_v, d_v, d_v, state.acc(first),
-                         state.ld_acc(), RowPrefetch{ahead(d_v), 0});
-    add_non_finite_values(ws.scores, ld_s, rows, keys, v_rows, ld_v, d_v, state.acc(first),
-                          state.ld_acc());
+    state.update_scores(s, ld_s, first, rows, keys);
+    accumulate_pv_direct(s, ld_s, rows, keys, ws.packed_v, d_v, d_v, state.acc(first),
+                         state.ld_acc());
+    add_non_finite_values(s, ld_s, rows, keys, v_rows, ld_v, d_v, state.acc(first), state.ld_acc());
     return;
   }
-  state.update_scores(ws.scores, ld_s, first, rows, keys);
-  accumulate_pv_direct(ws.scores, ld_s, rows, keys, v_rows, ld_v, d_v, state.acc(first),
-                       state.ld_acc(), RowPrefetch{ahead(d_v), keys_left});
+  state.update_scores(s, ld_s, first, rows, keys);
+  pending = PendingValues<T>{s, rows, keys, v_rows, ld_v, keys_left, state.acc(first)};
+  if (!pipelined) {  // P·V now, as the chunk's own phase
+    scores_with_pending_values<T>(nullptr, 0, d, nullptr, 0, 0, 0, nullptr, ld_s, pending, d_v,
+                                  state.ld_acc());
+  }
 }
 
 /// Prefill: folds keys [k_begin, k_end) (on the key_chunk grid) into the state of one task's
@@ -411,6 +472,10 @@ void attention_forward(const TensorView<const T>& q, const TensorView<const T>& 
   const bool interleave_heads = direct && kv_heads > 1 && n_k > kDecodeSegmentKeys &&
                                 rows_interleave(k) && rows_interleave(v);
   const Index task_heads = interleave_heads ? kv_heads : 1;  // kv heads per task
+  // Decode over contiguous rows (each head's K and V rows adjacent) with few rows per kv head
+  // defers each chunk's P·V to stream with the next chunk's K (kDecodePipelineRows).
+  const bool pipelined = direct && !rows_interleave(k) && !rows_interleave(v) &&
+                         group * shape.query_chunk <= kDecodePipelineRows;
   const Index blocks = q.batch * (kv_heads / task_heads) * query_chunks;
   TileShape task_shape = shape;
   task_shape.group = group * task_heads;  // the task's rows: all its query heads
@@ -499,6 +564,10 @@ void attention_forward(const TensorView<const T>& q, const TensorView<const T>& 
                      n_q, n_k, mask_mod, score_mod);
     } else {
       const Index head_rows = group * t.rows_per_head;
+      const Index ld_s = workspace.ld_s();
+      // Two score buffers: the pending unit's weights and the next unit's scores.
+      T* const buffers[2] = {ws.scores, ws.scores + head_rows * ld_s};
+      PendingValues<T> pending;
       for (Index k0 = k_begin; k0 < k_end; k0 += shape.key_chunk) {
         const Index keys = std::min(k0 + shape.key_chunk, k_end) - k0;
         for (Index h = 0; h < task_heads; ++h) {
@@ -507,13 +576,16 @@ void attention_forward(const TensorView<const T>& q, const TensorView<const T>& 
           TileRows head = t;
           head.h0 = t.h0 + h * group;
           head.group = group;
-          attend_chunk_direct<T>(ws, workspace.ld_s(), ws.queries + h * head_rows * d, head_rows, d,
-                                 d_v, k_head.data() + k0 * k_head.outerStride(),
-                                 k_head.outerStride(), v_head.data() + k0 * v_head.outerStride(),
-                                 v_head.outerStride(), k0, keys, k_end - k0, state, h * head_rows,
-                                 head, options, n_q, n_k, mask_mod, score_mod);
+          attend_chunk_direct<T>(ws, buffers[pending.p == buffers[0] ? 1 : 0], ld_s,
+                                 ws.queries + h * head_rows * d, head_rows, d, d_v,
+                                 k_head.data() + k0 * k_head.outerStride(), k_head.outerStride(),
+                                 v_head.data() + k0 * v_head.outerStride(), v_head.outerStride(),
+                                 k0, keys, k_end - k0, state, h * head_rows, head, options, n_q,
+                                 n_k, mask_mod, score_mod, pipelined, pending);
         }
       }
+      scores_with_pending_values<T>(nullptr, 0, d, nullptr, 0, 0, 0, nullptr, ld_s, pending, d_v,
+                                    state.ld_acc());
     }
     if (segments == 1) finalize(state, t);
   });

@@ -107,7 +107,7 @@ struct WorkspaceSlice {
   T* queries;   ///< [rows, d]: the scaled queries of the task's block
   T* packed_k;  ///< packed_k_size(key_chunk, d): the current K chunk (pack_k layout)
   T* packed_v;  ///< packed_v_size(key_chunk, d_v): the current V chunk (pack_v layout)
-  T* scores;    ///< [min(rows, kTileRows), ld_s]: scores, then weights p
+  T* scores;    ///< [max(min(rows, kTileRows), 2·min(rows, kDirectRows)), ld_s]: scores, then p
   T* acc;       ///< [rows, ld_acc]: running output
   T* m;         ///< [rows]: running max
   T* l;         ///< [rows]: running sum
@@ -136,7 +136,10 @@ class AttentionWorkspace {
     queries_ = layout.take(rows * shape.d);
     packed_k_ = layout.take(packed_k_size<T>(shape.key_chunk, shape.d));
     packed_v_ = layout.take(packed_v_size<T>(shape.key_chunk, shape.d_v));
-    scores_ = layout.take(std::min(rows, kTileRows) * ld_s_);
+    // Prefill: one sub-tile of scores; decode: two of at most kDirectRows rows (the pending
+    // unit's weights and the next unit's scores).
+    scores_ =
+        layout.take(std::max(std::min(rows, kTileRows), 2 * std::min(rows, kDirectRows)) * ld_s_);
     acc_ = layout.take(rows * ld_acc_);
     m_ = layout.take(rows);
     l_ = layout.take(rows);
