@@ -139,8 +139,10 @@ void BM_Attention_ChunkedAllThreads(benchmark::State& state) {
 }
 
 // One new token against a KV cache of n_k tokens: 8 query heads on kv_heads key/value heads
-// (1: MQA, 8: MHA), head dimension d, threads from the last argument (0: all). The caller keeps
-// one blockattn::Workspace across calls, as a decode loop does, so no call allocates.
+// (1: MQA, 8: MHA), head dimension d, threads (0: all), and the layout of K and V: [seq, heads,
+// dim] (bhsd 0: one head's rows are strided) or [heads, seq, dim] (bhsd 1: contiguous, where
+// decode interleaves each chunk's P·V with the next chunk's scores). The caller keeps one
+// blockattn::Workspace across calls, as a decode loop does, so no call allocates.
 // kv_bytes_per_second counts K and V once (formula: sizeof(T)·n_k·kv_heads·(d + d_v) per call,
 // what a decode step must stream) and is the figure to read against BM_StreamRead below, run in
 // the same binary; bytes_per_second also counts q and out.
@@ -156,8 +158,12 @@ void BM_Attention_Decode(benchmark::State& state) {
   const Matrix<T> v = random_input<T>(shape.n_k * kv_heads, shape.d_v, 3);
   Matrix<T> out(heads, shape.d_v);
   const auto q_view = blockattn::make_tensor_view(q.data(), 1, 1, heads, shape.d);
-  const auto k_view = blockattn::make_tensor_view(k.data(), 1, shape.n_k, kv_heads, shape.d);
-  const auto v_view = blockattn::make_tensor_view(v.data(), 1, shape.n_k, kv_heads, shape.d_v);
+  const auto kv_view = [&](const T* data, Index dim) {
+    return state.range(4) != 0 ? blockattn::make_tensor_view_bhsd(data, 1, shape.n_k, kv_heads, dim)
+                               : blockattn::make_tensor_view(data, 1, shape.n_k, kv_heads, dim);
+  };
+  const auto k_view = kv_view(k.data(), shape.d);
+  const auto v_view = kv_view(v.data(), shape.d_v);
   const auto out_view = blockattn::make_tensor_view(out.data(), 1, 1, heads, shape.d_v);
   AttentionOptions options;
   options.threads = static_cast<int>(state.range(3));
@@ -173,19 +179,19 @@ void BM_Attention_Decode(benchmark::State& state) {
   blockattn::bench::set_attention_counters<T>(state, shape, peak);
   state.counters["kv_bytes_per_second"] = benchmark::Counter(
       static_cast<double>(sizeof(T)) * static_cast<double>(n_k * kv_heads * (d + d)),
-      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1024);
+      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
 }
 
-// The machine's streaming read bandwidth with 1 or 2 threads, measured in this binary so that a
-// decode figure and its ceiling come from the same run (the same loop as machine_bench's
-// BM_StreamRead: 1 GiB, four vector accumulators per thread, each thread its contiguous half;
-// touched once before timing, so page faults are not in the figure). bytes_per_second = bytes
-// read per wall-clock second.
-void BM_StreamRead(benchmark::State& state) {
+/// Reads a 1 GiB buffer (touched once before timing, so page faults are not in the figure) with
+/// state.range(0) threads, each its contiguous part, as kStreams interleaved streams of 256 bytes
+/// at a time; four vector accumulators per thread. bytes_per_second = bytes per wall-clock second.
+template <Index kStreams>
+void stream_read(benchmark::State& state) {
   using S = blockattn::detail::simd::Simd<float>;
   using V = S::V;
   constexpr Index kBytes = Index(1) << 30;
   constexpr Index kCount = kBytes / Index(sizeof(float));
+  constexpr Index kRow = 64;  // floats per visit to a stream: 256 bytes, one K or V row at d = 64
   const int threads = static_cast<int>(state.range(0));
   static std::vector<float> buffer;
   if (buffer.empty()) buffer.assign(static_cast<std::size_t>(kCount), 1.0f);
@@ -193,14 +199,19 @@ void BM_StreamRead(benchmark::State& state) {
   std::vector<float> totals(static_cast<std::size_t>(threads) * 16);  // a cache line per thread
   for (auto _ : state) {
     blockattn::detail::parallel_for(threads, threads, [&](Index part, int) {
-      const Index per = kCount / threads;
-      const float* p = data + part * per;
+      const Index per_stream = kCount / threads / kStreams;
+      const float* base = data + part * per_stream * kStreams;
       V s0 = S::zero(), s1 = S::zero(), s2 = S::zero(), s3 = S::zero();
-      for (Index i = 0; i + 4 * S::kLanes <= per; i += 4 * S::kLanes) {
-        s0 = S::add(s0, S::load(p + i));
-        s1 = S::add(s1, S::load(p + i + S::kLanes));
-        s2 = S::add(s2, S::load(p + i + 2 * S::kLanes));
-        s3 = S::add(s3, S::load(p + i + 3 * S::kLanes));
+      for (Index i = 0; i + kRow <= per_stream; i += kRow) {
+        for (Index stream = 0; stream < kStreams; ++stream) {
+          const float* p = base + stream * per_stream + i;
+          for (Index c = 0; c < kRow; c += 4 * S::kLanes) {
+            s0 = S::add(s0, S::load(p + c));
+            s1 = S::add(s1, S::load(p + c + S::kLanes));
+            s2 = S::add(s2, S::load(p + c + 2 * S::kLanes));
+            s3 = S::add(s3, S::load(p + c + 3 * S::kLanes));
+          }
+        }
       }
       totals[static_cast<std::size_t>(part) * 16] =
           S::reduce_add(S::add(S::add(s0, s1), S::add(s2, s3)));
@@ -211,6 +222,17 @@ void BM_StreamRead(benchmark::State& state) {
   state.SetLabel("threads=" + std::to_string(threads));
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * kBytes);
 }
+
+// The machine's streaming read bandwidth with 1 or 2 threads, measured in this binary so that a
+// decode figure and its ceiling come from the same run (the loop of machine_bench's
+// BM_StreamRead: one stream per thread).
+void BM_StreamRead(benchmark::State& state) { stream_read<1>(state); }
+
+// The same bytes read as decode reads K and V: each thread's half split into two streams, 256
+// bytes of one then 256 of the other. This machine streams more in that pattern than from one
+// stream (the hardware prefetchers run two streams at once), so this is the ceiling decode is
+// read against.
+void BM_StreamReadTwoStreams(benchmark::State& state) { stream_read<2>(state); }
 
 // Prefill on [1, n, heads, 64] tensors (MHA) with a given thread count: the thread-scaling case
 // (n = 4096, 8 heads, 1 and 2 threads) and the shapes of bench/compare_pytorch.py. Arguments
@@ -300,12 +322,19 @@ BENCHMARK_TEMPLATE(BM_Attention_ChunkedAllThreads, float)
 // run, next to the stream-read ceiling. The targets of issue 6:
 //   --benchmark_filter='BM_StreamRead|BM_Attention_Decode<float>/n_k:262144/kv_heads:(1|8)/d:64'
 BENCHMARK_TEMPLATE(BM_Attention_Decode, float)
-    ->ArgNames({"n_k", "kv_heads", "d", "threads"})
-    ->ArgsProduct({{4096, 32768, 262144}, {1, 8}, {64}, {1, 2}})
-    ->ArgsProduct({{262144}, {1}, {128}, {1, 2}})
+    ->ArgNames({"n_k", "kv_heads", "d", "threads", "bhsd"})
+    ->ArgsProduct({{4096, 32768, 262144}, {1, 8}, {64}, {1, 2}, {0}})
+    ->ArgsProduct({{262144}, {1}, {128}, {1, 2}, {0}})
+    ->ArgsProduct({{262144}, {1, 2, 8}, {64}, {1, 2}, {1}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_StreamRead)
+    ->ArgName("threads")
+    ->Arg(1)
+    ->Arg(2)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_StreamReadTwoStreams)
     ->ArgName("threads")
     ->Arg(1)
     ->Arg(2)
@@ -338,8 +367,8 @@ BENCHMARK_TEMPLATE(BM_Attention_Chunked, float)
     ->Apply(large_sizes);
 BENCHMARK_TEMPLATE(BM_Attention_Decode, float)
     ->Name("Large/BM_Attention_Decode<float>")
-    ->ArgNames({"n_k", "kv_heads", "d", "threads"})
-    ->Args({1048576, 1, 128, 0})
+    ->ArgNames({"n_k", "kv_heads", "d", "threads", "bhsd"})
+    ->Args({1048576, 1, 128, 0, 0})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 

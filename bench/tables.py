@@ -14,7 +14,7 @@ from gbench_json import medians
 UNITS = {  # counter -> (column title, scale)
     "FLOP/s": ("GFLOP/s", 1e-9),
     "bytes_per_second": ("GB/s", 1e-9),
-    "kv_bytes_per_second": ("K+V GiB/s", 1 / 2**30),
+    "kv_bytes_per_second": ("K+V GB/s", 1e-9),
     "items_per_second": ("Gitems/s", 1e-9),
     "peak_heap": ("peak heap KiB", 1 / 2**10),
     "peak_fraction": ("of peak", 1.0),
