@@ -331,27 +331,35 @@ void scores_with_pending_values(const T* q_blk, Index rows, Index d, const T* k_
   const Index pv_keys = pending.p != nullptr ? pending.keys : 0;
   // One stream alone (nothing pending, or a flush) takes one step.
   const Index step = keys > 0 && pv_keys > 0 ? kDecodeInterleaveKeys : std::max(keys, pv_keys);
+  const Index k_ahead = decode_prefetch_rows<T>(d);
+  const Index v_ahead = decode_prefetch_rows<T>(d_v);
   for (Index j = 0; j < std::max(keys, pv_keys); j += step) {
     if (j < keys) {
       score_rows_direct(q_blk, d, rows, d, k_rows + j * ld_k, ld_k, std::min(step, keys - j), s + j,
-                        ld_s, RowPrefetch{decode_prefetch_rows<T>(d), keys_left - j});
+                        ld_s, RowPrefetch{k_ahead, keys_left - j});
     }
     if (j < pv_keys) {
       accumulate_pv_direct(pending.p + j, ld_s, pending.rows, std::min(step, pv_keys - j),
                            pending.v + j * pending.ld_v, pending.ld_v, d_v, pending.acc, ld_acc,
-                           RowPrefetch{decode_prefetch_rows<T>(d_v), pending.keys_left - j});
+                           RowPrefetch{v_ahead, pending.keys_left - j});
     }
   }
   pending.p = nullptr;
+}
+
+/// Decode: runs the pending unit's P·V alone (scores_with_pending_values without scores).
+template <class T>
+void flush_pending_values(PendingValues<T>& pending, Index ld_s, Index d_v, Index ld_acc) {
+  scores_with_pending_values<T>(nullptr, 0, 0, nullptr, 0, 0, 0, nullptr, ld_s, pending, d_v,
+                                ld_acc);
 }
 
 /// Decode: folds one key chunk [k0, k0 + keys) into rows [first, first + rows) of `state` (one
 /// kv head's query rows; q_blk [rows, d] their scaled queries), reading K and V in place
 /// (k_rows, v_rows: the chunk's first rows; keys_left: the task's remaining keys of this head,
 /// which the kernels may prefetch). The chunk's scores are computed together with the pending
-/// unit's P·V; when `pipelined`, its own P·V is left pending (flush with
-/// scores_with_pending_values(keys = 0) at the end of the task), otherwise it runs at once. s: a
-/// score buffer the pending unit does not use.
+/// unit's P·V; when `pipelined`, its own P·V is left pending (flush_pending_values runs it at the
+/// end of the task), otherwise it runs at once. s: a score buffer the pending unit does not use.
 template <class T, class MaskMod, class ScoreMod>
 void attend_chunk_direct(const WorkspaceSlice<T>& ws, T* s, Index ld_s, const T* q_blk, Index rows,
                          Index d, Index d_v, const T* k_rows, Index ld_k, const T* v_rows,
@@ -379,10 +387,7 @@ void attend_chunk_direct(const WorkspaceSlice<T>& ws, T* s, Index ld_s, const T*
   }
   state.update_scores(s, ld_s, first, rows, keys);
   pending = PendingValues<T>{s, rows, keys, v_rows, ld_v, keys_left, state.acc(first)};
-  if (!pipelined) {  // P·V now, as the chunk's own phase
-    scores_with_pending_values<T>(nullptr, 0, d, nullptr, 0, 0, 0, nullptr, ld_s, pending, d_v,
-                                  state.ld_acc());
-  }
+  if (!pipelined) flush_pending_values(pending, ld_s, d_v, state.ld_acc());  // its own phase
 }
 
 /// Prefill: folds keys [k_begin, k_end) (on the key_chunk grid) into the state of one task's
@@ -584,8 +589,7 @@ void attention_forward(const TensorView<const T>& q, const TensorView<const T>& 
                                  n_k, mask_mod, score_mod, pipelined, pending);
         }
       }
-      scores_with_pending_values<T>(nullptr, 0, d, nullptr, 0, 0, 0, nullptr, ld_s, pending, d_v,
-                                    state.ld_acc());
+      flush_pending_values(pending, ld_s, d_v, state.ld_acc());
     }
     if (segments == 1) finalize(state, t);
   });

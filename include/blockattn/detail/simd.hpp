@@ -195,10 +195,11 @@ struct Avx512Float {
   // order of reduce_add: 256-bit halves, 128-bit halves, pairs, neighbours) and packs two inputs
   // into one vector. The tree leaves slot 4l + k in lane 4k + l, so slot s reads v[4(s%4) + s/4].
   BLOCKATTN_ALWAYS_INLINE static V transpose_sum(const V* v) {
+    const auto slot = [v](int s) { return v[4 * (s % 4) + s / 4]; };
     V a[8];
     for (int i = 0; i < 8; ++i) {
-      const V x = v[4 * (2 * i % 4) + 2 * i / 4];
-      const V y = v[4 * ((2 * i + 1) % 4) + (2 * i + 1) / 4];
+      const V x = slot(2 * i);
+      const V y = slot(2 * i + 1);
       a[i] = add(_mm512_mask_shuffle_f32x4(x, kAll, x, y, 0x44),
                  _mm512_mask_shuffle_f32x4(x, kAll, x, y, 0xEE));
     }
@@ -271,10 +272,11 @@ struct Avx512Double {
   // reduce_add_lanes, as in Avx512Float: the tree leaves slot 4l + k in lane 2k + l, so slot s
   // reads v[2(s%4) + s/4].
   BLOCKATTN_ALWAYS_INLINE static V transpose_sum(const V* v) {
+    const auto slot = [v](int s) { return v[2 * (s % 4) + s / 4]; };
     V a[4];
     for (int i = 0; i < 4; ++i) {
-      const V x = v[2 * (2 * i % 4) + 2 * i / 4];
-      const V y = v[2 * ((2 * i + 1) % 4) + (2 * i + 1) / 4];
+      const V x = slot(2 * i);
+      const V y = slot(2 * i + 1);
       a[i] = add(_mm512_mask_shuffle_f64x2(x, kAll, x, y, 0x44),
                  _mm512_mask_shuffle_f64x2(x, kAll, x, y, 0xEE));
     }
@@ -355,10 +357,11 @@ struct Avx2Float {
   // reduce_add_lanes, as in Avx512Float (the halving order of BufferedTail::reduce_add): the
   // tree leaves slot 2l + k in lane 4k + l, so slot s reads v[4(s%2) + s/2].
   BLOCKATTN_ALWAYS_INLINE static V transpose_sum(const V* v) {
+    const auto slot = [v](int s) { return v[4 * (s % 2) + s / 2]; };
     V a[4];
     for (int i = 0; i < 4; ++i) {
-      const V x = v[4 * (2 * i % 2) + 2 * i / 2];
-      const V y = v[4 * ((2 * i + 1) % 2) + (2 * i + 1) / 2];
+      const V x = slot(2 * i);
+      const V y = slot(2 * i + 1);
       a[i] = add(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
     }
     V c[2];
