@@ -11,11 +11,12 @@
 //     query blocks also splits its keys into segments, as decode does);
 //   decode (rows <= kDirectRows): the same steps on unpacked K / V (score_rows_direct,
 //     accumulate_pv_direct: each K / V row is loaded once for all the rows, with software
-//     prefetch ahead; with at most kDecodePipelineRows rows per kv head and contiguous rows, each
-//     chunk's P·V is deferred and interleaved with the next chunk's scores, so that K and V
-//     stream together), and the keys are split into fixed segments (Flash-Decoding) whose partial
-//     states are merged in segment order, so the result does not depend on the threads. Long
-//     caches with several kv heads run all heads in one task, chunk by chunk.
+//     prefetch ahead when the rows are contiguous; with at most kDecodePipelineRows rows per kv
+//     head and contiguous rows, each chunk's P·V is deferred and interleaved with the next
+//     chunk's scores, so that K and V stream together), and the keys are split into fixed
+//     segments (Flash-Decoding) whose partial states are merged in segment order, so the result
+//     does not depend on the threads. Long caches with several kv heads run all heads in one
+//     task, chunk by chunk.
 // Normalised once at the end. No argument checking here: attention.hpp validates first.
 
 #include <algorithm>
@@ -61,6 +62,11 @@ inline constexpr Index kDecodeSegmentKeys = 8192;
 // streaming while the rows are being computed on and across the softmax between the K and V
 // phases. Measured (8 query heads on one kv head, n_k = 262,144, d = 64, one thread, CPU time,
 // loaded machine): no prefetch 11.8 GB/s, 2 KiB 17.0, 4 KiB 17.3, 8 and 16 KiB 16.9–17.5.
+// Only contiguous rows are prefetched: over strided rows ([seq, heads, dim] K and V, 8 kv heads,
+// rows 2 KiB apart) the hardware's stride prefetchers do better alone, 56.2 → 44.5 ms a call
+// without the software prefetch (one thread; 28.1 → 24.1 ms on two; medians of 8 alternating
+// runs of two builds); a scratch read loop in the same order read 20.2–20.4 GB/s with it,
+// 21.5–22.1 without.
 inline constexpr Index kDecodePrefetchBytes = 4096;
 // Decode: keys per step of the interleaved scores / P·V loop (scores_with_pending_values). Two
 // streams read in alternation reach more bandwidth than one, but only when they alternate often:
@@ -297,9 +303,12 @@ void add_non_finite_values(const T* p, Index ld_p, Index rows, Index keys, const
   }
 }
 
-/// Rows of K or V that the direct kernels prefetch ahead: kDecodePrefetchBytes of rows.
+/// Rows of K or V that the direct kernels prefetch ahead: kDecodePrefetchBytes of rows when the
+/// rows are contiguous (row stride ld == row_elements), none when they are strided (see
+/// kDecodePrefetchBytes).
 template <class T>
-Index decode_prefetch_rows(Index row_elements) {
+Index decode_prefetch_rows(Index row_elements, Index ld) {
+  if (ld != row_elements) return 0;
   return std::max<Index>(
       1, kDecodePrefetchBytes / (std::max<Index>(1, row_elements) * static_cast<Index>(sizeof(T))));
 }
@@ -331,8 +340,8 @@ void scores_with_pending_values(const T* q_blk, Index rows, Index d, const T* k_
   const Index pv_keys = pending.p != nullptr ? pending.keys : 0;
   // One stream alone (nothing pending, or a flush) takes one step.
   const Index step = keys > 0 && pv_keys > 0 ? kDecodeInterleaveKeys : std::max(keys, pv_keys);
-  const Index k_ahead = decode_prefetch_rows<T>(d);
-  const Index v_ahead = decode_prefetch_rows<T>(d_v);
+  const Index k_ahead = decode_prefetch_rows<T>(d, ld_k);
+  const Index v_ahead = decode_prefetch_rows<T>(d_v, pending.ld_v);
   for (Index j = 0; j < std::max(keys, pv_keys); j += step) {
     if (j < keys) {
       score_rows_direct(q_blk, d, rows, d, k_rows + j * ld_k, ld_k, std::min(step, keys - j), s + j,
