@@ -141,8 +141,9 @@ void BM_Attention_ChunkedAllThreads(benchmark::State& state) {
 // One new token against a KV cache of n_k tokens: 8 query heads on kv_heads key/value heads
 // (1: MQA, 8: MHA), head dimension d, threads (0: all), and the layout of K and V: [seq, heads,
 // dim] (bhsd 0: one head's rows are strided) or [heads, seq, dim] (bhsd 1: contiguous, where
-// decode interleaves each chunk's P·V with the next chunk's scores). The caller keeps one
-// blockattn::Workspace across calls, as a decode loop does, so no call allocates.
+// decode with at most kDecodePipelineRows rows per kv head interleaves each chunk's P·V with the
+// next chunk's scores). The caller keeps one blockattn::Workspace across calls, as a decode loop
+// does, so no call allocates.
 // kv_bytes_per_second counts K and V once (formula: sizeof(T)·n_k·kv_heads·(d + d_v) per call,
 // what a decode step must stream) and is the figure to read against BM_StreamRead below, run in
 // the same binary; bytes_per_second also counts q and out.

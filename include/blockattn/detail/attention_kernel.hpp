@@ -78,8 +78,9 @@ inline constexpr Index kDecodeInterleaveKeys = 16;
 // Decode: the interleaved schedule is used for at most this many rows per kv head. A/B builds
 // of this constant (0: never, 8: always), [heads, seq, dim] K and V, 8 query heads, n_k = 262,144,
 // d = 64, one thread, ns per key and kv head, medians of 5 alternating runs: 1 row 19.7 → 18.9,
-// 2 rows 24.2 → 22.6, 4 rows 28.7 → 26.2, but 8 rows (MQA) 27.9 → 39.0, where the chunk's own
-// P·V phase stays faster (the interleaved loop stalls on its prefetches there).
+// 2 rows 24.2 → 22.6, 4 rows 28.7 → 26.2, but 8 rows (MQA) 27.9 → 39.0. At 8 rows the loop is
+// bound by compute, not memory: in cache, a step of scores and P·V costs ~26 ns a key against
+// ~22 for the two phases apart, while two streams deliver a key's K and V rows in ~18 ns.
 inline constexpr Index kDecodePipelineRows = 4;
 // Prefill: a call with fewer query blocks than this (batch × kv heads × query chunks) also splits
 // the keys into segments, merged like decode's, so that short single-head calls still have tasks
