@@ -22,6 +22,7 @@
 
 #include "support/counters.hpp"
 #include "support/heap_tracker.hpp"
+#include "support/stream_read.hpp"
 
 namespace {
 
@@ -184,15 +185,12 @@ void BM_Attention_Decode(benchmark::State& state) {
 }
 
 /// Reads a 1 GiB buffer (touched once before timing, so page faults are not in the figure) with
-/// state.range(0) threads, each its contiguous part, as kStreams interleaved streams of 256 bytes
-/// at a time; four vector accumulators per thread. bytes_per_second = bytes per wall-clock second.
+/// state.range(0) threads, each its contiguous part, as kStreams interleaved streams
+/// (bench::sum_streams). bytes_per_second = bytes per wall-clock second.
 template <Index kStreams>
 void stream_read(benchmark::State& state) {
-  using S = blockattn::detail::simd::Simd<float>;
-  using V = S::V;
   constexpr Index kBytes = Index(1) << 30;
   constexpr Index kCount = kBytes / Index(sizeof(float));
-  constexpr Index kRow = 64;  // floats per visit to a stream: 256 bytes, one K or V row at d = 64
   const int threads = static_cast<int>(state.range(0));
   static std::vector<float> buffer;
   if (buffer.empty()) buffer.assign(static_cast<std::size_t>(kCount), 1.0f);
@@ -201,21 +199,8 @@ void stream_read(benchmark::State& state) {
   for (auto _ : state) {
     blockattn::detail::parallel_for(threads, threads, [&](Index part, int) {
       const Index per_stream = kCount / threads / kStreams;
-      const float* base = data + part * per_stream * kStreams;
-      V s0 = S::zero(), s1 = S::zero(), s2 = S::zero(), s3 = S::zero();
-      for (Index i = 0; i + kRow <= per_stream; i += kRow) {
-        for (Index stream = 0; stream < kStreams; ++stream) {
-          const float* p = base + stream * per_stream + i;
-          for (Index c = 0; c < kRow; c += 4 * S::kLanes) {
-            s0 = S::add(s0, S::load(p + c));
-            s1 = S::add(s1, S::load(p + c + S::kLanes));
-            s2 = S::add(s2, S::load(p + c + 2 * S::kLanes));
-            s3 = S::add(s3, S::load(p + c + 3 * S::kLanes));
-          }
-        }
-      }
       totals[static_cast<std::size_t>(part) * 16] =
-          S::reduce_add(S::add(S::add(s0, s1), S::add(s2, s3)));
+          blockattn::bench::sum_streams<kStreams>(data + part * per_stream * kStreams, per_stream);
     });
     benchmark::DoNotOptimize(totals.data());
     benchmark::ClobberMemory();
@@ -225,8 +210,8 @@ void stream_read(benchmark::State& state) {
 }
 
 // The machine's streaming read bandwidth with 1 or 2 threads, measured in this binary so that a
-// decode figure and its ceiling come from the same run (the loop of machine_bench's
-// BM_StreamRead: one stream per thread).
+// decode figure and its ceiling come from the same run (machine_bench's BM_StreamRead loop, one
+// stream per thread).
 void BM_StreamRead(benchmark::State& state) { stream_read<1>(state); }
 
 // The same bytes read as decode reads K and V: each thread's half split into two streams, 256

@@ -30,6 +30,7 @@
 #include <blockattn/types.hpp>
 
 #include "support/heap_tracker.hpp"
+#include "support/stream_read.hpp"
 
 namespace {
 
@@ -191,21 +192,10 @@ std::vector<float>& stream_buffer(int which) {
 }
 
 void BM_StreamRead(benchmark::State& state) {
-  using S = Simd<float>;
-  using V = S::V;
   const std::vector<float>& buffer = stream_buffer(0);
-  const std::size_t count = buffer.size();
   for (auto _ : state) {
-    // Four accumulators: the add latency must not limit the load stream.
-    V s0 = S::zero(), s1 = S::zero(), s2 = S::zero(), s3 = S::zero();
-    const float* p = buffer.data();
-    for (std::size_t i = 0; i + 4 * S::kLanes <= count; i += 4 * S::kLanes) {
-      s0 = S::add(s0, S::load(p + i));
-      s1 = S::add(s1, S::load(p + i + S::kLanes));
-      s2 = S::add(s2, S::load(p + i + 2 * S::kLanes));
-      s3 = S::add(s3, S::load(p + i + 3 * S::kLanes));
-    }
-    float total = S::reduce_add(S::add(S::add(s0, s1), S::add(s2, s3)));
+    float total =
+        blockattn::bench::sum_streams<1>(buffer.data(), static_cast<Index>(buffer.size()));
     benchmark::DoNotOptimize(total);
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) *
