@@ -9,6 +9,7 @@
 
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <benchmark/benchmark.h>
@@ -41,7 +42,17 @@ struct Problem {
         dk(n, d),
         dv(n, d),
         lse(static_cast<std::size_t>(n)) {
-    blockattn::attention<T>(q, k, v, out, options, lse.data());
+    blockattn::attention(q, k, v, out, options, lse);
+  }
+
+  /// attention_backward()'s arguments, by name.
+  std::pair<blockattn::AttentionBackwardInputs<T>, blockattn::AttentionGradients<T>>
+  backward_args() {
+    blockattn::AttentionBackwardInputs<T> in;
+    in.q = q, in.k = k, in.v = v, in.out = out, in.lse = lse, in.dout = dout;
+    blockattn::AttentionGradients<T> grads;
+    grads.dq = dq, grads.dk = dk, grads.dv = dv;
+    return {in, grads};
   }
 };
 
@@ -70,7 +81,7 @@ template <class T>
 void BM_AttentionForward(benchmark::State& state) {
   const AttentionOptions options = bench_options(state);
   Problem<T> p(state.range(0), state.range(1), options);
-  const auto call = [&] { blockattn::attention<T>(p.q, p.k, p.v, p.out, options, p.lse.data()); };
+  const auto call = [&] { blockattn::attention(p.q, p.k, p.v, p.out, options, p.lse); };
   const std::size_t peak = blockattn::bench::measure_extra_heap(call);
   for (auto _ : state) {
     call();
@@ -85,10 +96,8 @@ template <class T>
 void BM_AttentionBackward(benchmark::State& state) {
   const AttentionOptions options = bench_options(state);
   Problem<T> p(state.range(0), state.range(1), options);
-  const auto call = [&] {
-    blockattn::attention_backward<T>(p.q, p.k, p.v, p.out, p.lse.data(), p.dout, p.dq, p.dk, p.dv,
-                                     options);
-  };
+  const auto args = p.backward_args();
+  const auto call = [&] { blockattn::attention_backward(args.first, args.second, options); };
   const std::size_t peak = blockattn::bench::measure_extra_heap(call);
   for (auto _ : state) {
     call();
@@ -103,9 +112,9 @@ template <class T>
 void BM_AttentionBackwardNaive(benchmark::State& state) {
   const AttentionOptions options = bench_options(state);
   Problem<T> p(state.range(0), state.range(1), options);
+  const auto args = p.backward_args();
   const auto call = [&] {
-    blockattn::reference::attention_backward<T>(p.q, p.k, p.v, p.out, p.lse.data(), p.dout, p.dq,
-                                                p.dk, p.dv, options);
+    blockattn::reference::attention_backward(args.first, args.second, options);
   };
   const std::size_t peak = blockattn::bench::measure_extra_heap(call);
   for (auto _ : state) {

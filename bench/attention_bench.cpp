@@ -106,9 +106,9 @@ void run_single_head(benchmark::State& state, const AttentionShape& shape,
   Matrix<T> out(shape.n_q, shape.d_v);
   label_threads(state, options);
   const std::size_t peak =
-      blockattn::bench::measure_extra_heap([&] { blockattn::attention<T>(q, k, v, out, options); });
+      blockattn::bench::measure_extra_heap([&] { blockattn::attention(q, k, v, out, options); });
   for (auto _ : state) {
-    blockattn::attention<T>(q, k, v, out, options);
+    blockattn::attention(q, k, v, out, options);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
@@ -171,10 +171,12 @@ void BM_Attention_Decode(benchmark::State& state) {
   options.threads = static_cast<int>(state.range(3));
   label_threads(state, options);
   blockattn::Workspace workspace;
+  AttentionOptions reused = options;
+  reused.workspace = &workspace;
   const std::size_t peak = blockattn::bench::measure_extra_heap(
-      [&] { blockattn::attention<T>(workspace, q_view, k_view, v_view, out_view, options); });
+      [&] { blockattn::attention(q_view, k_view, v_view, out_view, reused); });
   for (auto _ : state) {
-    blockattn::attention<T>(workspace, q_view, k_view, v_view, out_view, options);
+    blockattn::attention(q_view, k_view, v_view, out_view, reused);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
@@ -240,9 +242,9 @@ void BM_Attention_PrefillThreads(benchmark::State& state) {
   options.causal = shape.causal;
   options.threads = static_cast<int>(state.range(3));
   const std::size_t peak = blockattn::bench::measure_extra_heap(
-      [&] { blockattn::attention<T>(q_view, k_view, v_view, out_view, options); });
+      [&] { blockattn::attention(q_view, k_view, v_view, out_view, options); });
   for (auto _ : state) {
-    blockattn::attention<T>(q_view, k_view, v_view, out_view, options);
+    blockattn::attention(q_view, k_view, v_view, out_view, options);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }

@@ -286,11 +286,10 @@ AttentionOptions options_for(const Problem& p) {
 /// blockattn on ggml's layout: q, k, v BHSD; out [n_q, heads, d_v].
 void run_blockattn(const Problem& p, const float* q, const float* k, const float* v, float* out) {
   const AttentionShape& s = p.shape;
-  blockattn::attention<float>(blockattn::make_tensor_view_bhsd(q, 1, s.n_q, s.heads, s.d),
-                              blockattn::make_tensor_view_bhsd(k, 1, s.n_k, s.kv_heads, s.d),
-                              blockattn::make_tensor_view_bhsd(v, 1, s.n_k, s.kv_heads, s.d_v),
-                              blockattn::make_tensor_view(out, 1, s.n_q, s.heads, s.d_v),
-                              options_for(p));
+  blockattn::attention(blockattn::make_tensor_view_bhsd(q, 1, s.n_q, s.heads, s.d),
+                       blockattn::make_tensor_view_bhsd(k, 1, s.n_k, s.kv_heads, s.d),
+                       blockattn::make_tensor_view_bhsd(v, 1, s.n_k, s.kv_heads, s.d_v),
+                       blockattn::make_tensor_view(out, 1, s.n_q, s.heads, s.d_v), options_for(p));
 }
 
 void set_label(benchmark::State& state, const Problem& p, const std::string& prefix) {

@@ -31,6 +31,7 @@
 
 #include "support/heap_tracker.hpp"
 #include "support/stream_read.hpp"
+#include "support/tile_attention.hpp"
 
 namespace {
 
@@ -237,10 +238,10 @@ void BM_TileAttention(benchmark::State& state) {
     peak = blockattn::bench::measure_extra_heap([&] {
       // The workspace is allocated per call, as attention() would: O(blocks), not O(n).
       std::vector<T> workspace(static_cast<std::size_t>(
-          blockattn::detail::tile_attention_workspace_size<T>(query_block, key_block, d, d)));
-      blockattn::detail::tile_attention_forward(q.data(), d, k.data(), d, v.data(), d, n, n, d, d,
-                                                scale, out.data(), d, query_block, key_block,
-                                                workspace.data());
+          blockattn::bench::tile_attention_workspace_size<T>(query_block, key_block, d, d)));
+      blockattn::bench::tile_attention_forward(q.data(), d, k.data(), d, v.data(), d, n, n, d, d,
+                                               scale, out.data(), d, query_block, key_block,
+                                               workspace.data());
     });
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();

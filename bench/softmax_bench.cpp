@@ -19,6 +19,7 @@
 #include <blockattn/softmax.hpp>
 
 #include "support/heap_tracker.hpp"
+#include "support/softmax_topk_unfused.hpp"
 
 namespace {
 
@@ -174,9 +175,9 @@ void BM_TopK(benchmark::State& state) {
   blockattn::RowVector<Index> indices(k);
   const auto call = [&] {
     if constexpr (Fused) {
-      blockattn::softmax_topk<T>(x, k, values, indices);
+      blockattn::softmax_topk(x, k, values, indices);
     } else {
-      blockattn::softmax_topk_unfused<T>(x, k, values, indices);
+      blockattn::bench::softmax_topk_unfused<T>(x, k, values, indices);
     }
   };
   const std::size_t peak = blockattn::bench::measure_extra_heap(call);

@@ -25,6 +25,7 @@
 #include <blockattn/transformer_block.hpp>
 
 #include "support/heap_tracker.hpp"
+#include "support/transformer_block_unfused_ffn.hpp"
 
 namespace {
 
@@ -86,7 +87,7 @@ void BM_TransformerBlock(benchmark::State& state) {
       if constexpr (V == Variant::Vanilla) {
         blockattn::reference::transformer_block(w, x, y, options);
       } else if constexpr (V == Variant::Unfused) {
-        blockattn::reference::transformer_block_unfused_ffn(w, x, y, options);
+        blockattn::bench::transformer_block_unfused_ffn(w, x, y, options);
       } else {
         blockattn::transformer_block(w, x, y, options);
       }

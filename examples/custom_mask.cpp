@@ -58,15 +58,14 @@ int main(int argc, char** argv) {
   options.causal = true;  // within a document, token i sees tokens up to i
   auto time_ms = [&](Mat& out, const auto& mask) {
     const auto start = std::chrono::steady_clock::now();
-    blockattn::attention(q, k, v, out, options, nullptr, mask, first_token_bonus);
+    blockattn::attention(q, k, v, out, options, {}, mask, first_token_bonus);
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
   };
   // (The classified run goes first, so it also pays for starting the threads.)
   const double fast_ms =
       time_ms(classified, blockattn::classified_mask_mod(same_document, classify));
   const double plain_ms = time_ms(plain, same_document);
-  blockattn::reference::attention<float>(q, k, v, naive, options, nullptr, same_document,
-                                         first_token_bonus);
+  blockattn::reference::attention(q, k, v, naive, options, {}, same_document, first_token_bonus);
 
   double visible = 0;  // pairs the mask lets through, against n(n+1)/2 for plain causal
   for (Index i = 0; i < n; ++i) visible += static_cast<double>(i - first[i] + 1);

@@ -7,6 +7,7 @@
 // them exactly — the online-softmax merge of Milakov & Gimelshein applied to whole results.
 //   kv_cache_decode [prompt tokens] [new tokens] [head dim]     (defaults: 4096 64 128)
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -26,8 +27,11 @@ int main(int argc, char** argv) {
   const Matrix<float> q = Matrix<float>::Random(total, d), k = Matrix<float>::Random(total, d),
                       v = Matrix<float>::Random(total, d);
   Matrix<float> k_cache(total, d), v_cache(total, d);  // allocated once, filled as tokens arrive
+  blockattn::Workspace
+      workspace;  // the tile buffers, reused by every step: no allocation per token
   blockattn::AttentionOptions causal;
   causal.causal = true;
+  causal.workspace = &workspace;
 
   // Prefill: the prompt's keys and values enter the cache.
   k_cache.topRows(prompt) = k.topRows(prompt);
@@ -44,12 +48,12 @@ int main(int argc, char** argv) {
 
     // Split-KV: the same step as two halves of the cache, merged by their log-sum-exps.
     const Index h = n / 2;
-    float lse_a = 0, lse_b = 0;
+    std::array<float, 1> lse_a{}, lse_b{};  // one log-sum-exp per query row
     blockattn::attention(q.middleRows(t, 1), k_cache.topRows(h), v_cache.topRows(h), half_a, causal,
-                         &lse_a);
+                         lse_a);
     blockattn::attention(q.middleRows(t, 1), k_cache.middleRows(h, n - h),
-                         v_cache.middleRows(h, n - h), half_b, causal, &lse_b);
-    blockattn::merge_attention_states(half_a, &lse_a, half_b, &lse_b,
+                         v_cache.middleRows(h, n - h), half_b, causal, lse_b);
+    blockattn::merge_attention_states(half_a, lse_a, half_b, lse_b,
                                       split.middleRows(t - prompt, 1));
   }
   const double step_ms =

@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
   blockattn::attention(blockattn::make_tensor_view<const float>(q.data(), 1, 1, 1, d),
                        blockattn::make_tensor_view<const float>(k.data(), 1, n_k, 1, d),
                        blockattn::make_tensor_view<const float>(v.data(), 1, n_k, 1, 1),
-                       blockattn::make_tensor_view(&out, 1, 1, 1, 1), options, &lse);
+                       blockattn::make_tensor_view(&out, 1, 1, 1, 1), options, {&lse, 1});
   const float score = 16.0F * static_cast<float>(d);
   std::printf("out = %.9g (expected 3), lse = %.9g (expected %.9g)\n", static_cast<double>(out),
               static_cast<double>(lse), static_cast<double>(score));

@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
   for (Index b = 0; b < batch; ++b) lengths[b] = std::max<Index>(1, seq - b * seq / batch);
   blockattn::AttentionOptions options;
   options.causal = true;
-  options.key_lengths = lengths.data();
+  options.key_lengths = lengths;
 
   // make_tensor_view: a contiguous BSHD buffer (make_tensor_view_bhsd for [batch, heads, seq, dim];
   // any other strides via the TensorView constructor). The kv views have fewer heads: that is GQA.

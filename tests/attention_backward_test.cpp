@@ -22,6 +22,7 @@
 #include <blockattn/attention_backward.hpp>
 #include <blockattn/reference.hpp>
 
+#include "support/backward.hpp"
 #include "support/random.hpp"
 #include "support/scalar_types.hpp"
 #include "support/shapes.hpp"
@@ -152,12 +153,12 @@ void run_backward(const Inputs<T>& in, const AttentionOptions& options, Inputs<T
                   const MaskMod& mask_mod = {}) {
   Matrix<T> out(in.q.rows(), in.v.cols());
   std::vector<T> lse(static_cast<std::size_t>(in.q.rows()) + 1);
-  blockattn::attention<T>(in.q, in.k, in.v, out, options, lse.data(), mask_mod);
+  blockattn::attention(in.q, in.k, in.v, out, options, lse, mask_mod);
   grads.q.resize(in.q.rows(), in.q.cols());
   grads.k.resize(in.k.rows(), in.k.cols());
   grads.v.resize(in.v.rows(), in.v.cols());
-  blockattn::attention_backward<T>(in.q, in.k, in.v, out, lse.data(), in.dout, grads.q, grads.k,
-                                   grads.v, options, mask_mod);
+  blockattn::test::backward(in.q, in.k, in.v, out, lse, in.dout, grads.q, grads.k, grads.v, options,
+                            mask_mod);
 }
 
 // Runs attention_backward<T> and reference::attention_backward<long double> on the same inputs
@@ -174,14 +175,13 @@ void expect_matches_reference(const Inputs<T>& in, const AttentionOptions& optio
   const Matrix<Long> dout = in.dout.template cast<Long>();
   Matrix<Long> out(q.rows(), v.cols());
   std::vector<Long> lse(static_cast<std::size_t>(q.rows()) + 1);
-  blockattn::reference::attention<Long>(q, k, v, out, options, lse.data(), mask_mod);
+  blockattn::reference::attention(q, k, v, out, options, lse, mask_mod);
   Matrix<Long> dq(q.rows(), q.cols()), dk(k.rows(), k.cols()), dv(v.rows(), v.cols());
-  blockattn::reference::attention_backward<Long>(q, k, v, out, lse.data(), dout, dq, dk, dv,
-                                                 options, mask_mod);
+  blockattn::test::reference_backward(q, k, v, out, lse, dout, dq, dk, dv, options, mask_mod);
   // P itself: attention with v = I returns the probabilities, every mask and modifier applied.
   const Matrix<Long> identity = Matrix<Long>::Identity(k.rows(), k.rows());
   Matrix<Long> p(q.rows(), k.rows());
-  blockattn::reference::attention<Long>(q, k, identity, p, options, nullptr, mask_mod);
+  blockattn::reference::attention(q, k, identity, p, options, {}, mask_mod);
 
   const double scale = effective_scale(options, in.q.cols());
   const GradientTolerance tol = backward_tolerance<T>(
@@ -244,25 +244,25 @@ TYPED_TEST(AttentionBackwardTest, EveryMaskAndModifierMatchesReference) {
     cases[2].options.causal = true;
     cases[2].options.window_left = 5;
     cases[3].name = "key_lengths";
-    cases[3].options.key_lengths = &key_length;
+    cases[3].options.key_lengths = {&key_length, 1};
     cases[4].name = "block-sparse";
     cases[4].options.block_sparse = &layout;
     cases[5].name = "alibi";
-    cases[5].options.alibi_slopes = &slope;
+    cases[5].options.alibi_slopes = {&slope, 1};
     cases[6].name = "softcap 1.5, scale 2";  // scores up to 2·d: deep in tanh's saturation
     cases[6].options.softcap = 1.5;
     cases[6].options.scale = 2.0 / static_cast<double>(s.d);
     cases[7].name = "softcap + alibi + causal";
     cases[7].options.softcap = 3;
-    cases[7].options.alibi_slopes = &slope;
+    cases[7].options.alibi_slopes = {&slope, 1};
     cases[7].options.causal = true;
     cases[8].name = "everything";
     cases[8].options.causal = true;
     cases[8].options.window_left = 9;
-    cases[8].options.key_lengths = &key_length;
+    cases[8].options.key_lengths = {&key_length, 1};
     cases[8].options.block_sparse = &layout;
     cases[8].options.softcap = 2;
-    cases[8].options.alibi_slopes = &slope;
+    cases[8].options.alibi_slopes = {&slope, 1};
     const Inputs<T> in = random_inputs<T>(rng, s);
     for (Case c : cases) {
       SCOPED_TRACE(describe(s, c.name));
@@ -349,7 +349,7 @@ TYPED_TEST(AttentionBackwardTest, FullyMaskedRowsGetZeroGradientsNeverNan) {
   // Every key padding (key_lengths = 0): all gradients exactly 0.
   const Index none = 0;
   options.causal = false;
-  options.key_lengths = &none;
+  options.key_lengths = {&none, 1};
   run_backward<T>(in, options, grads);
   EXPECT_TRUE((grads.q.array() == T(0)).all());
   EXPECT_TRUE((grads.k.array() == T(0)).all());
@@ -395,17 +395,17 @@ TYPED_TEST(AttentionBackwardTest, ThreadCountDoesNotChangeOneBit) {
   options.key_chunk = 8;
   const Index lengths[2] = {90, 61};
   options.key_lengths = lengths;
-  blockattn::attention<T>(
+  blockattn::attention(
       view(q, n_q, heads, d), view(k, n_k, kv_heads, d), view(v, n_k, kv_heads, d_v),
-      blockattn::make_tensor_view(out.data(), batch, n_q, heads, d_v), options, lse.data());
+      blockattn::make_tensor_view(out.data(), batch, n_q, heads, d_v), options, lse);
   Matrix<T> dq1, dk1, dv1;
   for (const int threads : {1, 2, 3, 4, 7}) {
     SCOPED_TRACE("threads=" + std::to_string(threads) + " " + seed_trace());
     options.threads = threads;
     Matrix<T> dq(q.rows(), q.cols()), dk(k.rows(), k.cols()), dv(v.rows(), v.cols());
-    blockattn::attention_backward<T>(
+    blockattn::test::backward(
         view(q, n_q, heads, d), view(k, n_k, kv_heads, d), view(v, n_k, kv_heads, d_v),
-        view(out, n_q, heads, d_v), lse.data(), view(dout, n_q, heads, d_v),
+        view(out, n_q, heads, d_v), lse, view(dout, n_q, heads, d_v),
         blockattn::make_tensor_view(dq.data(), batch, n_q, heads, d),
         blockattn::make_tensor_view(dk.data(), batch, n_k, kv_heads, d),
         blockattn::make_tensor_view(dv.data(), batch, n_k, kv_heads, d_v), options);
@@ -453,29 +453,26 @@ TYPED_TEST(AttentionBackwardTest, MultiHeadGqaAndMqaMatchReference) {
     const auto mview = [&](auto& m, Index seq, Index h, Index dim) {
       return blockattn::make_tensor_view(m.data(), batch, seq, h, dim);
     };
-    blockattn::attention<T>(cview(q, n_q, heads, d), cview(k, n_k, kv_heads, d),
-                            cview(v, n_k, kv_heads, d_v), mview(out, n_q, heads, d_v), options,
-                            lse.data());
+    blockattn::attention(cview(q, n_q, heads, d), cview(k, n_k, kv_heads, d),
+                         cview(v, n_k, kv_heads, d_v), mview(out, n_q, heads, d_v), options, lse);
     Matrix<T> dq(q.rows(), q.cols()), dk(k.rows(), k.cols()), dv(v.rows(), v.cols());
-    blockattn::attention_backward<T>(cview(q, n_q, heads, d), cview(k, n_k, kv_heads, d),
-                                     cview(v, n_k, kv_heads, d_v), cview(out, n_q, heads, d_v),
-                                     lse.data(), cview(dout, n_q, heads, d_v),
-                                     mview(dq, n_q, heads, d), mview(dk, n_k, kv_heads, d),
-                                     mview(dv, n_k, kv_heads, d_v), options);
+    blockattn::test::backward(cview(q, n_q, heads, d), cview(k, n_k, kv_heads, d),
+                              cview(v, n_k, kv_heads, d_v), cview(out, n_q, heads, d_v), lse,
+                              cview(dout, n_q, heads, d_v), mview(dq, n_q, heads, d),
+                              mview(dk, n_k, kv_heads, d), mview(dv, n_k, kv_heads, d_v), options);
 
     const Matrix<Long> ql = q.template cast<Long>(), kl = k.template cast<Long>();
     const Matrix<Long> vl = v.template cast<Long>(), dol = dout.template cast<Long>();
     Matrix<Long> outl(out.rows(), out.cols());
     std::vector<Long> lsel(lse.size());
-    blockattn::reference::attention<Long>(cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d),
-                                          cview(vl, n_k, kv_heads, d_v),
-                                          mview(outl, n_q, heads, d_v), options, lsel.data());
+    blockattn::reference::attention(cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d),
+                                    cview(vl, n_k, kv_heads, d_v), mview(outl, n_q, heads, d_v),
+                                    options, lsel);
     Matrix<Long> dql(q.rows(), q.cols()), dkl(k.rows(), k.cols()), dvl(v.rows(), v.cols());
-    blockattn::reference::attention_backward<Long>(
+    blockattn::test::reference_backward(
         cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d), cview(vl, n_k, kv_heads, d_v),
-        cview(outl, n_q, heads, d_v), lsel.data(), cview(dol, n_q, heads, d_v),
-        mview(dql, n_q, heads, d), mview(dkl, n_k, kv_heads, d), mview(dvl, n_k, kv_heads, d_v),
-        options);
+        cview(outl, n_q, heads, d_v), lsel, cview(dol, n_q, heads, d_v), mview(dql, n_q, heads, d),
+        mview(dkl, n_k, kv_heads, d), mview(dvl, n_k, kv_heads, d_v), options);
     // P of every head: attention with v = I per kv head.
     Matrix<Long> eye = Matrix<Long>::Zero(batch * n_k, kv_heads * n_k);
     for (Index b = 0; b < batch; ++b) {
@@ -484,9 +481,9 @@ TYPED_TEST(AttentionBackwardTest, MultiHeadGqaAndMqaMatchReference) {
       }
     }
     Matrix<Long> p(batch * n_q, heads * n_k);
-    blockattn::reference::attention<Long>(cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d),
-                                          cview(eye, n_k, kv_heads, n_k), mview(p, n_q, heads, n_k),
-                                          options, nullptr);
+    blockattn::reference::attention(cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d),
+                                    cview(eye, n_k, kv_heads, n_k), mview(p, n_q, heads, n_k),
+                                    options, {});
     for (Index b = 0; b < batch; ++b) {
       for (Index kh = 0; kh < kv_heads; ++kh) {
         std::vector<double> tol_dk(static_cast<std::size_t>(n_k), 0.0);
@@ -496,7 +493,7 @@ TYPED_TEST(AttentionBackwardTest, MultiHeadGqaAndMqaMatchReference) {
         for (Index h = kh * group; h < (kh + 1) * group; ++h) {
           SCOPED_TRACE("b=" + std::to_string(b) + " h=" + std::to_string(h));
           AttentionOptions head_options = options;
-          head_options.alibi_slopes = slopes + h;
+          head_options.alibi_slopes = {slopes + h, 1};
           const GradientTolerance tol = backward_tolerance<T>(
               ql.block(b * n_q, h * d, n_q, d).template cast<double>(), k_head, v_head,
               dol.block(b * n_q, h * d_v, n_q, d_v).template cast<double>(),
@@ -533,21 +530,21 @@ TYPED_TEST(AttentionBackwardTest, BothCallFormsAndHeadSlicesAgree) {
   Matrix<T> dq2(n, d), dk2(n, d), dv2(n, d);
   const AttentionOptions options;
   blockattn::attention(q.middleCols(d, d), k.middleCols(d, d), v.middleCols(d, d),
-                       out.middleCols(d, d), options, lse.data());
+                       out.middleCols(d, d), options, lse);
   // Non-template overload (T deduced from the float/double argument types).
-  blockattn::attention_backward(q.middleCols(d, d), k.middleCols(d, d), v.middleCols(d, d),
-                                out.middleCols(d, d), lse.data(), dout.middleCols(d, d),
-                                dq.middleCols(d, d), dk.middleCols(d, d), dv.middleCols(d, d));
+  blockattn::test::backward(q.middleCols(d, d), k.middleCols(d, d), v.middleCols(d, d),
+                            out.middleCols(d, d), lse, dout.middleCols(d, d), dq.middleCols(d, d),
+                            dk.middleCols(d, d), dv.middleCols(d, d));
   // Template form on contiguous copies.
   const Matrix<T> qc = q.middleCols(d, d), kc = k.middleCols(d, d), vc = v.middleCols(d, d);
   const Matrix<T> oc = out.middleCols(d, d), dc = dout.middleCols(d, d);
-  blockattn::attention_backward<T>(qc, kc, vc, oc, lse.data(), dc, dq2, dk2, dv2, options);
+  blockattn::test::backward(qc, kc, vc, oc, lse, dc, dq2, dk2, dv2, options);
   EXPECT_TRUE((dq.middleCols(d, d).array() == dq2.array()).all());
   EXPECT_TRUE((dk.middleCols(d, d).array() == dk2.array()).all());
   EXPECT_TRUE((dv.middleCols(d, d).array() == dv2.array()).all());
   // The reference's non-template overload agrees within the T tolerance of the kernel.
   Matrix<T> dq3(n, d), dk3(n, d), dv3(n, d);
-  blockattn::reference::attention_backward(qc, kc, vc, oc, lse.data(), dc, dq3, dk3, dv3);
+  blockattn::test::reference_backward(qc, kc, vc, oc, lse, dc, dq3, dk3, dv3);
   Inputs<T> in{qc, kc, vc, dc};
   expect_matches_reference<T>(in, options);
 }
@@ -566,10 +563,10 @@ TYPED_TEST(AttentionBackwardTest, TileLoopMakesNoEigenAllocation) {
   options.softcap = 5;
   Matrix<T> out(s.n_q, s.d_v);
   std::vector<T> lse(static_cast<std::size_t>(s.n_q));
-  blockattn::attention<T>(in.q, in.k, in.v, out, options, lse.data());
+  blockattn::attention(in.q, in.k, in.v, out, options, lse);
   Matrix<T> dq(s.n_q, s.d), dk(s.n_k, s.d), dv(s.n_k, s.d_v);
   Eigen::internal::set_is_malloc_allowed(false);
-  blockattn::attention_backward<T>(in.q, in.k, in.v, out, lse.data(), in.dout, dq, dk, dv, options);
+  blockattn::test::backward(in.q, in.k, in.v, out, lse, in.dout, dq, dk, dv, options);
   Eigen::internal::set_is_malloc_allowed(true);
   EXPECT_TRUE(dq.allFinite() && dk.allFinite() && dv.allFinite());
 }
@@ -593,12 +590,12 @@ TEST(AttentionBackwardFiniteDifferenceTest, MatchesCentralDifferencesOfTheForwar
   cases[1].first = "causal + softcap + alibi";
   cases[1].second.causal = true;
   cases[1].second.softcap = 1.25;
-  cases[1].second.alibi_slopes = &slope;
+  cases[1].second.alibi_slopes = {&slope, 1};
   cases[1].second.scale = 1.5;
   cases[2].first = "window + key_lengths";
   cases[2].second.window_left = 2;
   cases[2].second.window_right = 1;
-  cases[2].second.key_lengths = &key_length;
+  cases[2].second.key_lengths = {&key_length, 1};
   cases[3].first = "causal, n_q > n_k (masked rows)";
   cases[3].second.causal = true;
   for (auto& entry : cases) {
@@ -613,13 +610,13 @@ TEST(AttentionBackwardFiniteDifferenceTest, MatchesCentralDifferencesOfTheForwar
     const Matrix<double> r = in.dout;
     const auto loss = [&](const Inputs<double>& x) {
       Matrix<double> out(x.q.rows(), x.v.cols());
-      blockattn::attention<double>(x.q, x.k, x.v, out, options);
+      blockattn::attention(x.q, x.k, x.v, out, options);
       return (out.array() * r.array()).sum();
     };
     Inputs<double> grads;
     run_backward<double>(in, options, grads);
     Matrix<double> out(in.q.rows(), in.v.cols());
-    blockattn::attention<double>(in.q, in.k, in.v, out, options);
+    blockattn::attention(in.q, in.k, in.v, out, options);
     const double u = static_cast<double>(unit_roundoff<double>());
     const std::vector<double> out_tol = blockattn::test::attention_tolerance<double>(
         in.q, in.k, in.v, effective_scale(options, shape.d),
@@ -687,49 +684,42 @@ TYPED_TEST(AttentionBackwardErrorTest, BadArgumentsThrowNamingSizesAndWriteNothi
     for (const auto& part : parts) EXPECT_THAT(message, HasSubstr(part));
     EXPECT_TRUE(untouched());
   };
-  using blockattn::attention_backward;
+  using blockattn::test::backward;
   Matrix<T> dq_bad = Matrix<T>::Constant(n_q, d + 1, nan);
-  throws([&] { attention_backward<T>(q, k, v, out, lse.data(), dout, dq_bad, dk, dv); },
-         {"dq.cols()", "5", "4"});
+  throws([&] { backward(q, k, v, out, lse, dout, dq_bad, dk, dv); }, {"dq.cols()", "5", "4"});
   Matrix<T> dk_bad = Matrix<T>::Constant(n_k - 1, d, nan);
-  throws([&] { attention_backward<T>(q, k, v, out, lse.data(), dout, dq, dk_bad, dv); },
-         {"dk.rows()", "4", "5"});
+  throws([&] { backward(q, k, v, out, lse, dout, dq, dk_bad, dv); }, {"dk.rows()", "4", "5"});
   Matrix<T> dv_bad = Matrix<T>::Constant(n_k, d_v + 2, nan);
-  throws([&] { attention_backward<T>(q, k, v, out, lse.data(), dout, dq, dk, dv_bad); },
-         {"dv.cols()", "5", "3"});
+  throws([&] { backward(q, k, v, out, lse, dout, dq, dk, dv_bad); }, {"dv.cols()", "5", "3"});
   const Matrix<T> dout_bad = random_matrix<T>(rng, n_q + 1, d_v);
-  throws([&] { attention_backward<T>(q, k, v, out, lse.data(), dout_bad, dq, dk, dv); },
-         {"dout.rows()", "7", "6"});
+  throws([&] { backward(q, k, v, out, lse, dout_bad, dq, dk, dv); }, {"dout.rows()", "7", "6"});
   const Matrix<T> k_bad = random_matrix<T>(rng, n_k, d + 3);
-  throws([&] { attention_backward<T>(q, k_bad, v, out, lse.data(), dout, dq, dk, dv); },
-         {"k.cols()", "7", "4"});
-  throws([&] { attention_backward<T>(q, k, v, out, nullptr, dout, dq, dk, dv); },
-         {"lse is null", "6"});
+  throws([&] { backward(q, k_bad, v, out, lse, dout, dq, dk, dv); }, {"k.cols()", "7", "4"});
+  throws([&] { backward(q, k, v, out, blockattn::Span<const T>(), dout, dq, dk, dv); },
+         {"lse is empty but q.rows() is 6"});
   AttentionOptions bad_chunk;
   bad_chunk.key_chunk = -2;
-  throws([&] { attention_backward<T>(q, k, v, out, lse.data(), dout, dq, dk, dv, bad_chunk); },
+  throws([&] { backward(q, k, v, out, lse, dout, dq, dk, dv, bad_chunk); },
          {"options.key_chunk", "-2"});
   // Outputs aliasing inputs or each other.
   Matrix<T> q_copy = q;
-  throws([&] { attention_backward<T>(q_copy, k, v, out, lse.data(), dout, q_copy, dk, dv); },
+  throws([&] { backward(q_copy, k, v, out, lse, dout, q_copy, dk, dv); },
          {"dq overlaps the memory of q"});
   Matrix<T> shared = Matrix<T>::Constant(n_k, d, nan);
-  throws(
-      [&] {
-        attention_backward<T>(q, k, v, out, lse.data(), dout, dq, shared, shared.leftCols(d_v));
-      },
-      {"dk overlaps the memory of dv"});
+  throws([&] { backward(q, k, v, out, lse, dout, dq, shared, shared.leftCols(d_v)); },
+         {"dk overlaps the memory of dv"});
   Matrix<T> out_copy = out;
   throws(
-      [&] {
-        attention_backward<T>(q, k, v, out_copy, lse.data(), dout, dq, dk,
-                              out_copy.leftCols(d_v).topRows(n_k));
-      },
+      [&] { backward(q, k, v, out_copy, lse, dout, dq, dk, out_copy.leftCols(d_v).topRows(n_k)); },
       {"dv overlaps the memory of out"});
   // lse aliasing dq: lse read, dq written.
   Matrix<T> lse_in_dq = Matrix<T>::Constant(n_q, d, nan);
-  throws([&] { attention_backward<T>(q, k, v, out, lse_in_dq.data(), dout, lse_in_dq, dk, dv); },
-         {"dq overlaps the memory of lse"});
+  throws(
+      [&] {
+        backward(q, k, v, out, blockattn::Span<const T>(lse_in_dq.data(), n_q), dout, lse_in_dq, dk,
+                 dv);
+      },
+      {"dq overlaps the memory of lse"});
   // TensorView: head count and GQA mismatch, named with both sizes.
   const auto tv = [](const Matrix<T>& m, Index seq, Index heads, Index dim) {
     return blockattn::make_tensor_view<const T>(m.data(), 1, seq, heads, dim);
@@ -737,11 +727,10 @@ TYPED_TEST(AttentionBackwardErrorTest, BadArgumentsThrowNamingSizesAndWriteNothi
   Matrix<T> dq_t = Matrix<T>::Constant(n_q, d, nan);
   throws(
       [&] {
-        attention_backward<T>(tv(q, n_q, 1, d), tv(k, n_k, 1, d), tv(v, n_k, 1, d_v),
-                              tv(out, n_q, 1, d_v), lse.data(), tv(dout, n_q, 1, d_v),
-                              blockattn::make_tensor_view(dq_t.data(), 1, n_q / 2, 2, d),
-                              blockattn::make_tensor_view(dk.data(), 1, n_k, 1, d),
-                              blockattn::make_tensor_view(dv.data(), 1, n_k, 1, d_v));
+        backward(tv(q, n_q, 1, d), tv(k, n_k, 1, d), tv(v, n_k, 1, d_v), tv(out, n_q, 1, d_v), lse,
+                 tv(dout, n_q, 1, d_v), blockattn::make_tensor_view(dq_t.data(), 1, n_q / 2, 2, d),
+                 blockattn::make_tensor_view(dk.data(), 1, n_k, 1, d),
+                 blockattn::make_tensor_view(dv.data(), 1, n_k, 1, d_v));
       },
       {"dq.seq", "3", "6"});
   EXPECT_TRUE(dq_t.array().isNaN().all());

@@ -41,10 +41,10 @@ TYPED_TEST(AttentionNoMallocTest, TileLoopNeverAllocates) {
       options.causal = causal;
       options.window_left = causal ? 100 : -1;
       options.softcap = 30;
-      blockattn::attention<T>(q, k, v, out, options, lse.data());  // aborts on an allocation
+      blockattn::attention(q, k, v, out, options, lse);  // aborts on an allocation
       EXPECT_TRUE(out.allFinite());
       const auto user_mask = [](Index, Index, Index i, Index j) { return (i ^ j) % 7 != 0; };
-      blockattn::attention<T>(q, k, v, out, options, lse.data(), user_mask);
+      blockattn::attention(q, k, v, out, options, lse, user_mask);
       EXPECT_TRUE(out.allFinite());
     }
   }
@@ -52,7 +52,7 @@ TYPED_TEST(AttentionNoMallocTest, TileLoopNeverAllocates) {
   const Matrix<T> q = random_matrix<T>(rng, 2 * 100 * 4, 32);
   const Matrix<T> kv = random_matrix<T>(rng, 2 * 120 * 2, 64);
   Matrix<T> out(2 * 100 * 4, 32);
-  blockattn::attention<T>(
+  blockattn::attention(
       blockattn::make_tensor_view(q.data(), 2, 100, 4, 32),
       blockattn::TensorView<const T>(kv.data(), 2, 120, 2, 32, 120 * 2 * 64, 2 * 64, 64),
       blockattn::TensorView<const T>(kv.data() + 32, 2, 120, 2, 32, 120 * 2 * 64, 2 * 64, 64),
@@ -102,32 +102,29 @@ TYPED_TEST(AttentionNoMallocTest, SecondCallWithAWorkspaceAllocatesNothing) {
   };
   AttentionOptions options;
   options.threads = 1;
-  blockattn::attention<T>(view(q, 1), view(k, n_k), view(v, n_k),
-                          blockattn::make_tensor_view(expected.data(), 1, 1, heads, d), options);
+  blockattn::attention(view(q, 1), view(k, n_k), view(v, n_k),
+                       blockattn::make_tensor_view(expected.data(), 1, 1, heads, d), options);
   blockattn::Workspace workspace;
-  blockattn::attention<T>(workspace, view(q, 1), view(k, n_k), view(v, n_k),
-                          blockattn::make_tensor_view(out.data(), 1, 1, heads, d), options,
-                          lse.data());
+  AttentionOptions reused = options;  // the same options, with the caller's workspace
+  reused.workspace = &workspace;
+  blockattn::attention(view(q, 1), view(k, n_k), view(v, n_k),
+                       blockattn::make_tensor_view(out.data(), 1, 1, heads, d), reused, lse);
   EXPECT_GT(workspace.capacity(), 0u);
   {
     const blockattn::detail::NoMallocScope no_malloc;  // aborts on an allocation
-    blockattn::attention<T>(workspace, view(q, 1), view(k, n_k), view(v, n_k),
-                            blockattn::make_tensor_view(out.data(), 1, 1, heads, d), options,
-                            lse.data());
+    blockattn::attention(view(q, 1), view(k, n_k), view(v, n_k),
+                         blockattn::make_tensor_view(out.data(), 1, 1, heads, d), reused, lse);
   }
   EXPECT_TRUE(out == expected);
   // A prefill call grows the workspace once; afterwards prefill and decode both fit.
   Matrix<T> out_prefill(100, d);
   const Matrix<T> q_prefill = random_matrix<T>(rng, 100, d);
-  blockattn::attention<T>(workspace, q_prefill, k.topRows(300), v.topRows(300), out_prefill,
-                          options);
+  blockattn::attention(q_prefill, k.topRows(300), v.topRows(300), out_prefill, reused);
   {
     const blockattn::detail::NoMallocScope no_malloc;
-    blockattn::attention<T>(workspace, q_prefill, k.topRows(300), v.topRows(300), out_prefill,
-                            options);
-    blockattn::attention<T>(workspace, view(q, 1), view(k, n_k), view(v, n_k),
-                            blockattn::make_tensor_view(out.data(), 1, 1, heads, d), options,
-                            lse.data());
+    blockattn::attention(q_prefill, k.topRows(300), v.topRows(300), out_prefill, reused);
+    blockattn::attention(view(q, 1), view(k, n_k), view(v, n_k),
+                         blockattn::make_tensor_view(out.data(), 1, 1, heads, d), reused, lse);
   }
   EXPECT_TRUE(out == expected);
   EXPECT_TRUE(out_prefill.allFinite());

@@ -57,15 +57,15 @@ void expect_matches_reference(const Matrix<T>& q, const Matrix<T>& k, const Matr
                               const ScoreMod& score_mod = {}, double extra = 0) {
   Matrix<T> out(q.rows(), v.cols());
   std::vector<T> lse(static_cast<std::size_t>(q.rows()));
-  blockattn::attention<T>(q, k, v, out, options, lse.data(), mask_mod, score_mod);
+  blockattn::attention(q, k, v, out, options, lse, mask_mod, score_mod);
 
   const Matrix<Long> q_l = q.template cast<Long>();
   const Matrix<Long> k_l = k.template cast<Long>();
   const Matrix<Long> v_l = v.template cast<Long>();
   Matrix<Long> expected(q.rows(), v.cols());
   std::vector<Long> expected_lse(static_cast<std::size_t>(q.rows()));
-  blockattn::reference::attention<Long>(q_l, k_l, v_l, expected, options, expected_lse.data(),
-                                        mask_mod, score_mod);
+  blockattn::reference::attention(q_l, k_l, v_l, expected, options, expected_lse, mask_mod,
+                                  score_mod);
 
   const double scale = effective_scale(options, q.cols());
   extra += modifier_magnitude(options, q.rows(), k.rows());
@@ -96,10 +96,10 @@ void expect_matches_reference_for_any_threads(const Matrix<T>& q, const Matrix<T
   Matrix<T> one(q.rows(), v.cols());
   Matrix<T> many(q.rows(), v.cols());
   options.threads = 1;
-  blockattn::attention<T>(q, k, v, one, options);
+  blockattn::attention(q, k, v, one, options);
   for (const int threads : thread_counts) {
     options.threads = threads;
-    blockattn::attention<T>(q, k, v, many, options);
+    blockattn::attention(q, k, v, many, options);
     ASSERT_TRUE(one == many) << "threads=" << threads;
   }
 }
@@ -164,20 +164,21 @@ TYPED_TEST(AttentionTest, EveryBuiltInMaskAloneAndCombined) {
   add("window_right", [](AttentionOptions& o) { o.window_right = 3; });
   add("window_both", [](AttentionOptions& o) { o.window_left = 4, o.window_right = 2; });
   add("window_zero", [](AttentionOptions& o) { o.window_left = 0, o.window_right = 0; });
-  add("key_lengths", [&](AttentionOptions& o) { o.key_lengths = &key_length; });
+  add("key_lengths", [&](AttentionOptions& o) { o.key_lengths = {&key_length, 1}; });
   add("block_sparse", [&](AttentionOptions& o) { o.block_sparse = &layout; });
-  add("alibi", [&](AttentionOptions& o) { o.alibi_slopes = &slope; });
+  add("alibi", [&](AttentionOptions& o) { o.alibi_slopes = {&slope, 1}; });
   add("softcap", [](AttentionOptions& o) { o.softcap = 0.75, o.scale = 4.0; });
   add("scale", [](AttentionOptions& o) { o.scale = -0.5; });
   add("causal+window", [](AttentionOptions& o) { o.causal = true, o.window_left = 6; });
-  add("causal+key_lengths",
-      [&](AttentionOptions& o) { o.causal = true, o.key_lengths = &key_length; });
+  add("causal+key_lengths", [&](AttentionOptions& o) {
+    o.causal = true, o.key_lengths = {&key_length, 1};
+  });
   add("causal+block_sparse+alibi", [&](AttentionOptions& o) {
-    o.causal = true, o.block_sparse = &layout, o.alibi_slopes = &slope;
+    o.causal = true, o.block_sparse = &layout, o.alibi_slopes = {&slope, 1};
   });
   add("all", [&](AttentionOptions& o) {
-    o.causal = true, o.window_left = 20, o.key_lengths = &key_length, o.block_sparse = &layout,
-    o.alibi_slopes = &slope, o.softcap = 2.0;
+    o.causal = true, o.window_left = 20, o.key_lengths = {&key_length, 1}, o.block_sparse = &layout,
+    o.alibi_slopes = {&slope, 1}, o.softcap = 2.0;
   });
   const Matrix<T> q = random_matrix<T>(rng, n_q, 16);
   const Matrix<T> k = random_matrix<T>(rng, n_k, 16);
@@ -336,10 +337,10 @@ void expect_heads_match_reference(const View& view, const Matrix<T>& q, const Ma
   const Matrix<Long> v_l = v.template cast<Long>();
   std::vector<Long> expected(out.size());
   std::vector<Long> expected_lse(lse.size());
-  blockattn::reference::attention<Long>(
+  blockattn::reference::attention(
       view(q_l.data(), n_q, heads, d), view(k_l.data(), n_k, kv_heads, d),
       view(v_l.data(), n_k, kv_heads, d_v), view(expected.data(), n_q, heads, d_v), options,
-      expected_lse.data(), mask);
+      expected_lse, mask);
   const auto out_view = view(out.data(), n_q, heads, d_v);
   const auto expected_view = view(expected.data(), n_q, heads, d_v);
   for (Index b = 0; b < batch; ++b) {
@@ -400,9 +401,9 @@ TYPED_TEST(AttentionTest, MultiHeadGqaAndMqaMatchReference) {
         }
         std::vector<T> out(static_cast<std::size_t>(batch * n_q * heads * d_v));
         std::vector<T> lse(static_cast<std::size_t>(batch * heads * n_q));
-        blockattn::attention<T>(view(q.data(), n_q, heads, d), view(k.data(), n_k, kv_heads, d),
-                                view(v.data(), n_k, kv_heads, d_v),
-                                view(out.data(), n_q, heads, d_v), options, lse.data());
+        blockattn::attention(view(q.data(), n_q, heads, d), view(k.data(), n_k, kv_heads, d),
+                             view(v.data(), n_k, kv_heads, d_v), view(out.data(), n_q, heads, d_v),
+                             options, lse);
         // ALiBi adds at most slope·(n_q + n_k) in magnitude to a score of head h.
         const auto extra = [&](Index h) {
           return masked ? slopes[h] * static_cast<double>(n_q + n_k) : 0.0;
@@ -448,9 +449,9 @@ TYPED_TEST(AttentionTest, GroupedHeadsKeepTheirOwnMasks) {
   std::vector<T> lse(static_cast<std::size_t>(heads * n));
   const TensorView<const T> k_view(kv.data(), 1, n, 1, d, 0, 2 * d, 0);
   const TensorView<const T> v_view(kv.data() + d, 1, n, 1, d, 0, 2 * d, 0);
-  blockattn::attention<T>(blockattn::make_tensor_view(q.data(), 1, n, heads, d), k_view, v_view,
-                          blockattn::make_tensor_view(out.data(), 1, n, heads, d), options,
-                          lse.data(), mask, score);
+  blockattn::attention(blockattn::make_tensor_view(q.data(), 1, n, heads, d), k_view, v_view,
+                       blockattn::make_tensor_view(out.data(), 1, n, heads, d), options, lse, mask,
+                       score);
   for (Index h = 0; h < heads; ++h) {
     SCOPED_TRACE("head " + std::to_string(h) + " " + seed_trace());
     const Matrix<T> q_h = blockattn::detail::head_slice(
@@ -470,9 +471,9 @@ TYPED_TEST(AttentionTest, GroupedHeadsKeepTheirOwnMasks) {
     };
     Matrix<Long> expected(n, d);
     std::vector<Long> expected_lse(static_cast<std::size_t>(n));
-    blockattn::reference::attention<Long>(q_h.template cast<Long>(), k_h.template cast<Long>(),
-                                          v_h.template cast<Long>(), expected, single,
-                                          expected_lse.data(), mask_h, score_h);
+    blockattn::reference::attention(q_h.template cast<Long>(), k_h.template cast<Long>(),
+                                    v_h.template cast<Long>(), expected, single, expected_lse,
+                                    mask_h, score_h);
     const auto tol =
         blockattn::test::attention_tolerance<T>(q_h, k_h, v_h, 1.0 / std::sqrt(8.0), /*extra=*/1.0);
     const auto lse_tol = blockattn::test::lse_tolerance<T>(q_h, k_h, 1.0 / std::sqrt(8.0), 1.0);
@@ -508,7 +509,7 @@ TYPED_TEST(AttentionTest, FullyMaskedRowsAreZeroWithLseMinusInfinity) {
   const auto count_empty_rows = [&](const AttentionOptions& options, auto mask_mod) {
     Matrix<T> out = Matrix<T>::Constant(20, 3, std::numeric_limits<T>::quiet_NaN());
     std::vector<T> lse(20, std::numeric_limits<T>::quiet_NaN());
-    blockattn::attention<T>(q, k, v, out, options, lse.data(), mask_mod);
+    blockattn::attention(q, k, v, out, options, lse, mask_mod);
     Index empty = 0;
     for (Index i = 0; i < 20; ++i) {
       EXPECT_FALSE(out.row(i).hasNaN()) << "row " << i;
@@ -531,7 +532,7 @@ TYPED_TEST(AttentionTest, FullyMaskedRowsAreZeroWithLseMinusInfinity) {
   EXPECT_EQ(count_empty_rows(causal, everything), 14);  // query i sees keys j <= i − 14
   const Index zero = 0;
   AttentionOptions padded;
-  padded.key_lengths = &zero;
+  padded.key_lengths = {&zero, 1};
   EXPECT_EQ(count_empty_rows(padded, everything), 20);
   AttentionOptions window;
   window.window_left = 0;
@@ -547,7 +548,7 @@ TYPED_TEST(AttentionTest, FullyMaskedRowsAreZeroWithLseMinusInfinity) {
   // n_k = 0: every row is empty.
   Matrix<T> out(20, 3);
   std::vector<T> lse(20);
-  blockattn::attention<T>(q, Matrix<T>(0, 4), Matrix<T>(0, 3), out, {}, lse.data());
+  blockattn::attention(q, Matrix<T>(0, 4), Matrix<T>(0, 3), out, {}, lse);
   EXPECT_TRUE(out.isZero(0));
   EXPECT_TRUE(std::all_of(lse.begin(), lse.end(), [](T x) { return x == -kInf<T>; }));
 }
@@ -567,7 +568,7 @@ TYPED_TEST(AttentionTest, HugeLogitsStayFiniteAndMatch) {
     options.causal = causal;
     SCOPED_TRACE(std::string(causal ? "causal " : "full ") + seed_trace());
     Matrix<T> out(33, 7);
-    blockattn::attention<T>(q, k, v, out, options);
+    blockattn::attention(q, k, v, out, options);
     EXPECT_TRUE(out.allFinite());
     expect_matches_reference(q, k, v, options);
   }
@@ -586,14 +587,14 @@ TYPED_TEST(AttentionTest, ChunkSizesChangeRoundingOnly) {
     AttentionOptions options;
     options.causal = causal;
     Matrix<T> first(n, 16);
-    blockattn::attention<T>(q, k, v, first, options);
+    blockattn::attention(q, k, v, first, options);
     for (const Index qc : {1, 3, 16, 96, 97, 98, 500}) {
       for (const Index kc : {1, 16, 97, 500}) {
         SCOPED_TRACE(describe({n, n, 24, 16, qc, kc}, causal ? "causal" : "full"));
         options.query_chunk = qc;
         options.key_chunk = kc;
         Matrix<T> out(n, 16);
-        blockattn::attention<T>(q, k, v, out, options);
+        blockattn::attention(q, k, v, out, options);
         for (Index i = 0; i < n; ++i) {
           for (Index c = 0; c < 16; ++c) {
             ASSERT_NEAR(out(i, c), first(i, c), 2 * tol[static_cast<std::size_t>(i)]);
@@ -622,11 +623,10 @@ TYPED_TEST(AttentionTest, ThreadCountDoesNotChangeOneBit) {
     options.query_chunk = 16;
     std::vector<T> out(static_cast<std::size_t>(batch * n * heads * d));
     std::vector<T> lse(static_cast<std::size_t>(batch * heads * n));
-    blockattn::attention<T>(blockattn::make_tensor_view(q.data(), batch, n, heads, d),
-                            blockattn::make_tensor_view(k.data(), batch, n, heads, d),
-                            blockattn::make_tensor_view(v.data(), batch, n, heads, d),
-                            blockattn::make_tensor_view(out.data(), batch, n, heads, d), options,
-                            lse.data());
+    blockattn::attention(blockattn::make_tensor_view(q.data(), batch, n, heads, d),
+                         blockattn::make_tensor_view(k.data(), batch, n, heads, d),
+                         blockattn::make_tensor_view(v.data(), batch, n, heads, d),
+                         blockattn::make_tensor_view(out.data(), batch, n, heads, d), options, lse);
     out.insert(out.end(), lse.begin(), lse.end());
     return out;
   };
@@ -659,7 +659,7 @@ TYPED_TEST(AttentionTest, DecodeKeySplitMatchesReferenceAndIgnoresThreads) {
       options.causal = mask != 0;
       if (mask == 1) options.window_left = 9000;  // keys from ~7.9k on: segments 0 and 1 partial
       const Index length = n_k - 500;
-      if (mask == 2) options.key_lengths = &length;
+      if (mask == 2) options.key_lengths = {&length, 1};
       expect_matches_reference_for_any_threads(q, k, v, options, {2});
     }
   }
@@ -669,10 +669,10 @@ TYPED_TEST(AttentionTest, DecodeKeySplitMatchesReferenceAndIgnoresThreads) {
   const Matrix<T> v = random_matrix<T>(rng, n_k, 4);
   const Index none = 0;
   AttentionOptions options;
-  options.key_lengths = &none;
+  options.key_lengths = {&none, 1};
   Matrix<T> out = Matrix<T>::Constant(1, 4, std::numeric_limits<T>::quiet_NaN());
   T lse = 0;
-  blockattn::attention<T>(q, k, v, out, options, &lse);
+  blockattn::attention(q, k, v, out, options, {&lse, 1});
   EXPECT_TRUE(out.isZero(0));
   EXPECT_EQ(lse, -kInf<T>);
 }
@@ -696,7 +696,7 @@ TYPED_TEST(AttentionTest, ShortPrefillKeySplitMatchesReferenceAndIgnoresThreads)
       options.causal = mask == 1 || mask == 2;
       if (mask == 2) options.window_left = 300;  // each row sees some segments only
       const Index length = n_k - 301;            // ends inside the last segment but one
-      if (mask == 3) options.key_lengths = &length;
+      if (mask == 3) options.key_lengths = {&length, 1};
       expect_matches_reference_for_any_threads(q, k, v, options, {2, 3});
     }
   }
@@ -735,9 +735,9 @@ TYPED_TEST(AttentionTest, MultiHeadDecodeOverLongCacheMatchesReferenceAndIgnores
           lse.assign(static_cast<std::size_t>(batch * heads * n_q), T(0));
           AttentionOptions o = options;
           o.threads = threads;
-          blockattn::attention<T>(view(q.data(), n_q, heads, d), view(k.data(), n_k, kv_heads, d),
-                                  view(v.data(), n_k, kv_heads, d_v),
-                                  view(out.data(), n_q, heads, d_v), o, lse.data(), mask);
+          blockattn::attention(view(q.data(), n_q, heads, d), view(k.data(), n_k, kv_heads, d),
+                               view(v.data(), n_k, kv_heads, d_v),
+                               view(out.data(), n_q, heads, d_v), o, lse, mask);
         };
         std::vector<T> out;
         std::vector<T> lse;
@@ -766,11 +766,11 @@ TYPED_TEST(AttentionTest, ConcurrentCallsAreIndependent) {
   options.causal = true;
   options.threads = 2;
   Matrix<T> expected(70, 16);
-  blockattn::attention<T>(q, k, v, expected, options);
+  blockattn::attention(q, k, v, expected, options);
   std::vector<Matrix<T>> outs(4, Matrix<T>(70, 16));
   std::vector<std::thread> callers;
   for (auto& out : outs) {
-    callers.emplace_back([&] { blockattn::attention<T>(q, k, v, out, options); });
+    callers.emplace_back([&] { blockattn::attention(q, k, v, out, options); });
   }
   for (auto& caller : callers) caller.join();
   for (const auto& out : outs) EXPECT_EQ(out, expected);
@@ -798,8 +798,8 @@ TYPED_TEST(AttentionTest, KeyPermutationDoesNotChangeTheResult) {
   options.key_chunk = 10;
   Matrix<T> out(40, 9);
   Matrix<T> out_perm(40, 9);
-  blockattn::attention<T>(q, k, v, out, options);
-  blockattn::attention<T>(q, k_perm, v_perm, out_perm, options);
+  blockattn::attention(q, k, v, out, options);
+  blockattn::attention(q, k_perm, v_perm, out_perm, options);
   const auto tol = blockattn::test::attention_tolerance<T>(q, k, v, 1.0 / std::sqrt(12.0));
   for (Index i = 0; i < 40; ++i) {
     for (Index c = 0; c < 9; ++c) {
@@ -819,7 +819,7 @@ TYPED_TEST(AttentionTest, OutputsLieInsideEachColumnsRange) {
     AttentionOptions options;
     options.causal = causal;
     Matrix<T> out(60, 10);
-    blockattn::attention<T>(q, k, v, out, options);
+    blockattn::attention(q, k, v, out, options);
     // Rounding can step outside by the tolerance at most; with u-scale errors and values that are
     // multiples of 1/64, an extra 2·n_k·u·max|v| is ample.
     const T slack = T(2 * 75) * blockattn::test::unit_roundoff<T>() * T(4);
@@ -845,7 +845,7 @@ TYPED_TEST(AttentionTest, MergeOfRandomKeySplitsEqualsTheWhole) {
   AttentionOptions options;
   Matrix<T> whole(n_q, 8);
   std::vector<T> whole_lse(n_q);
-  blockattn::attention<T>(q, k, v, whole, options, whole_lse.data());
+  blockattn::attention(q, k, v, whole, options, whole_lse);
   std::uniform_int_distribution<Index> split_at(0, n_k);
   for (int trial = 0; trial < 8; ++trial) {
     const Index split = trial == 0 ? 0 : split_at(rng);
@@ -854,20 +854,19 @@ TYPED_TEST(AttentionTest, MergeOfRandomKeySplitsEqualsTheWhole) {
     Matrix<T> b(n_q, 8);
     std::vector<T> lse_a(n_q);
     std::vector<T> lse_b(n_q);
-    blockattn::attention<T>(q, k.topRows(split), v.topRows(split), a, options, lse_a.data());
-    blockattn::attention<T>(q, k.bottomRows(n_k - split), v.bottomRows(n_k - split), b, options,
-                            lse_b.data());
+    blockattn::attention(q, k.topRows(split), v.topRows(split), a, options, lse_a);
+    blockattn::attention(q, k.bottomRows(n_k - split), v.bottomRows(n_k - split), b, options,
+                         lse_b);
     Matrix<T> merged(n_q, 8);
     std::vector<T> merged_lse(n_q);
-    blockattn::merge_attention_states<T>(a, lse_a.data(), b, lse_b.data(), merged,
-                                         merged_lse.data());
+    blockattn::merge_attention_states(a, lse_a, b, lse_b, merged, merged_lse);
     for (Index i = 0; i < n_q; ++i) {
       const auto row = static_cast<std::size_t>(i);
       for (Index c = 0; c < 8; ++c) ASSERT_NEAR(merged(i, c), whole(i, c), 3 * tol[row]);
       ASSERT_NEAR(merged_lse[row], whole_lse[row], 3 * lse_tol[row]);
     }
     // In place: out is out_a, lse is lse_a.
-    blockattn::merge_attention_states<T>(a, lse_a.data(), b, lse_b.data(), a, lse_a.data());
+    blockattn::merge_attention_states(a, lse_a, b, lse_b, a, lse_a);
     EXPECT_EQ(a, merged);
     EXPECT_EQ(lse_a, merged_lse);
   }
@@ -876,17 +875,191 @@ TYPED_TEST(AttentionTest, MergeOfRandomKeySplitsEqualsTheWhole) {
   std::vector<T> empty_lse(n_q, -kInf<T>);
   Matrix<T> merged(n_q, 8);
   std::vector<T> merged_lse(n_q);
-  blockattn::merge_attention_states<T>(whole, whole_lse.data(), junk, empty_lse.data(), merged,
-                                       merged_lse.data());
+  blockattn::merge_attention_states(whole, whole_lse, junk, empty_lse, merged, merged_lse);
   EXPECT_EQ(merged, whole);
   EXPECT_EQ(merged_lse, whole_lse);
-  blockattn::merge_attention_states<T>(junk, empty_lse.data(), whole, whole_lse.data(), merged,
-                                       merged_lse.data());
+  blockattn::merge_attention_states(junk, empty_lse, whole, whole_lse, merged, merged_lse);
   EXPECT_EQ(merged, whole);
-  blockattn::merge_attention_states<T>(junk, empty_lse.data(), junk, empty_lse.data(), merged,
-                                       merged_lse.data());
+  blockattn::merge_attention_states(junk, empty_lse, junk, empty_lse, merged, merged_lse);
   EXPECT_TRUE(merged.isZero(0));
   EXPECT_EQ(merged_lse, empty_lse);
+}
+
+// The N-way merge: the keys split into five segments (one of them empty), each attended with its
+// lse, merged in one call — the whole within tolerance; grouped as (0 1) (2 3 4) and merged again
+// — the same up to rounding (associativity); bitwise the same for 1 and 2 threads; an extra empty
+// part (lse −inf, out NaN junk) changes no bit; N = 1 is a copy; a NaN lse poisons its row only;
+// a part of the wrong shape throws naming it.
+TYPED_TEST(AttentionTest, MergeOfManyPartsIsAssociativeAndIgnoresThreads) {
+  using T = TypeParam;
+  using State = blockattn::AttentionState<T>;
+  auto rng = make_rng(15);
+  const Index n_q = 23;
+  const Index n_k = 90;
+  const Matrix<T> q = random_matrix<T>(rng, n_q, 8);
+  const Matrix<T> k = random_matrix<T>(rng, n_k, 8);
+  const Matrix<T> v = random_matrix<T>(rng, n_k, 5);
+  const auto tol = blockattn::test::attention_tolerance<T>(q, k, v, 0.25);
+  const auto lse_tol = blockattn::test::lse_tolerance<T>(q, k, 0.25);
+  Matrix<T> whole(n_q, 5);
+  std::vector<T> whole_lse(n_q);
+  blockattn::attention(q, k, v, whole, {}, whole_lse);
+  const std::vector<Index> cuts = {0, 17, 17, 40, 71, n_k};  // segment 1 is empty
+  std::vector<Matrix<T>> outs;
+  std::vector<std::vector<T>> lses;
+  for (std::size_t s = 0; s + 1 < cuts.size(); ++s) {
+    const Index n = cuts[s + 1] - cuts[s];
+    outs.emplace_back(n_q, 5);
+    lses.emplace_back(static_cast<std::size_t>(n_q));
+    blockattn::attention(q, k.middleRows(cuts[s], n), v.middleRows(cuts[s], n), outs.back(), {},
+                         lses.back());
+  }
+  const auto parts_of = [&](std::initializer_list<std::size_t> which) {
+    std::vector<State> parts;
+    for (const std::size_t s : which) parts.push_back(State{outs[s], lses[s]});
+    return parts;
+  };
+  Matrix<T> merged(n_q, 5);
+  std::vector<T> merged_lse(n_q);
+  blockattn::merge_attention_states(parts_of({0, 1, 2, 3, 4}), merged, merged_lse, 1);
+  for (Index i = 0; i < n_q; ++i) {
+    const auto row = static_cast<std::size_t>(i);
+    for (Index c = 0; c < 5; ++c) ASSERT_NEAR(merged(i, c), whole(i, c), 3 * tol[row]);
+    ASSERT_NEAR(merged_lse[row], whole_lse[row], 3 * lse_tol[row]);
+  }
+  // Associativity: ((0 1) (2 3 4)) against (0 1 2 3 4), a few rounding steps apart.
+  Matrix<T> left(n_q, 5);
+  Matrix<T> right(n_q, 5);
+  std::vector<T> left_lse(n_q);
+  std::vector<T> right_lse(n_q);
+  blockattn::merge_attention_states(parts_of({0, 1}), left, left_lse);
+  blockattn::merge_attention_states(parts_of({2, 3, 4}), right, right_lse);
+  Matrix<T> grouped(n_q, 5);
+  std::vector<T> grouped_lse(n_q);
+  blockattn::merge_attention_states(left, left_lse, right, right_lse, grouped, grouped_lse);
+  for (Index i = 0; i < n_q; ++i) {
+    const auto row = static_cast<std::size_t>(i);
+    for (Index c = 0; c < 5; ++c) ASSERT_NEAR(grouped(i, c), merged(i, c), tol[row]);
+    ASSERT_NEAR(grouped_lse[row], merged_lse[row], lse_tol[row]);
+  }
+  // Threads: rows are independent, so the bits do not depend on the count.
+  Matrix<T> threaded(n_q, 5);
+  std::vector<T> threaded_lse(n_q);
+  blockattn::merge_attention_states(parts_of({0, 1, 2, 3, 4}), threaded, threaded_lse, 2);
+  EXPECT_EQ(threaded, merged);
+  EXPECT_EQ(threaded_lse, merged_lse);
+  // An empty part anywhere is the identity, whatever its out holds.
+  const Matrix<T> junk = Matrix<T>::Constant(n_q, 5, std::numeric_limits<T>::quiet_NaN());
+  const std::vector<T> empty_lse(n_q, -kInf<T>);
+  std::vector<State> with_empty = parts_of({0});  // (AttentionState holds Refs: append only)
+  with_empty.push_back(State{junk, empty_lse});
+  for (const State& part : parts_of({1, 2, 3, 4})) with_empty.push_back(part);
+  blockattn::merge_attention_states(with_empty, threaded, threaded_lse);
+  EXPECT_EQ(threaded, merged);
+  EXPECT_EQ(threaded_lse, merged_lse);
+  // N = 1: the part itself.
+  blockattn::merge_attention_states(parts_of({3}), threaded, threaded_lse);
+  EXPECT_EQ(threaded, outs[3]);
+  EXPECT_EQ(threaded_lse, lses[3]);
+  // A NaN lse makes its row NaN (out and lse) and leaves the others alone.
+  lses[2][4] = std::numeric_limits<T>::quiet_NaN();
+  blockattn::merge_attention_states(parts_of({0, 1, 2, 3, 4}), threaded, threaded_lse);
+  EXPECT_TRUE(threaded.row(4).array().isNaN().all());
+  EXPECT_TRUE(std::isnan(threaded_lse[4]));
+  for (const Index i : {Index(0), Index(3), Index(5), n_q - 1}) {
+    EXPECT_EQ(threaded.row(i), merged.row(i)) << "row " << i;
+  }
+  // Shapes are checked part by part.
+  const Matrix<T> short_out(n_q - 1, 5);
+  std::vector<State> bad = parts_of({0, 1});
+  bad.push_back(State{short_out, lses[2]});
+  EXPECT_THAT([&] { blockattn::merge_attention_states(bad, threaded); },
+              ThrowsMessage<std::invalid_argument>(
+                  HasSubstr("parts[2].out.rows() is 22 but parts[0].out.rows() is 23")));
+  EXPECT_THAT([&] { blockattn::merge_attention_states(std::vector<State>{}, threaded); },
+              ThrowsMessage<std::invalid_argument>(HasSubstr("parts is empty")));
+}
+
+// The multi-head merge: three key segments of a GQA problem (batch 2, 4 query heads over 2 kv
+// heads), merged per (batch, head) and row — the whole within tolerance, bitwise the same for 1
+// and 2 threads, and in place into the first part.
+TYPED_TEST(AttentionTest, TensorMergeOfKeySegmentsEqualsTheWhole) {
+  using T = TypeParam;
+  using State = blockattn::TensorAttentionState<T>;
+  auto rng = make_rng(16);
+  const Index batch = 2, heads = 4, kv_heads = 2, n_q = 9, n_k = 50, d = 8, d_v = 6;
+  const Matrix<T> q = random_matrix<T>(rng, batch * n_q * heads, d);
+  const Matrix<T> k = random_matrix<T>(rng, batch * n_k * kv_heads, d);
+  const Matrix<T> v = random_matrix<T>(rng, batch * n_k * kv_heads, d_v);
+  const auto kv_segment = [&](const Matrix<T>& x, Index first, Index count, Index dim) {
+    TensorView<const T> t = blockattn::make_tensor_view(x.data(), batch, n_k, kv_heads, dim);
+    t.data = t.at(0, first, 0);
+    t.seq = count;
+    return t;
+  };
+  const auto q_view = blockattn::make_tensor_view(q.data(), batch, n_q, heads, d);
+  const auto count = static_cast<std::size_t>(batch * heads * n_q);
+  Matrix<T> whole(batch * n_q * heads, d_v);
+  std::vector<T> whole_lse(count);
+  blockattn::attention(q_view, kv_segment(k, 0, n_k, d), kv_segment(v, 0, n_k, d_v),
+                       blockattn::make_tensor_view(whole.data(), batch, n_q, heads, d_v), {},
+                       whole_lse);
+  const std::vector<Index> cuts = {0, 13, 31, n_k};
+  std::vector<Matrix<T>> outs;
+  std::vector<std::vector<T>> lses;
+  std::vector<State> parts;
+  for (std::size_t s = 0; s + 1 < cuts.size(); ++s) {
+    outs.emplace_back(batch * n_q * heads, d_v);
+    lses.emplace_back(count);
+  }
+  for (std::size_t s = 0; s + 1 < cuts.size(); ++s) {
+    const Index n = cuts[s + 1] - cuts[s];
+    const auto out = blockattn::make_tensor_view(outs[s].data(), batch, n_q, heads, d_v);
+    blockattn::attention(q_view, kv_segment(k, cuts[s], n, d), kv_segment(v, cuts[s], n, d_v), out,
+                         {}, lses[s]);
+    parts.push_back(State{out, lses[s]});
+  }
+  Matrix<T> merged(batch * n_q * heads, d_v);
+  std::vector<T> merged_lse(count);
+  const auto merged_view = blockattn::make_tensor_view(merged.data(), batch, n_q, heads, d_v);
+  blockattn::merge_attention_states(parts, merged_view, merged_lse, 1);
+  double worst = 0;
+  double worst_lse = 0;
+  for (Index r = 0; r < merged.rows(); ++r) {
+    worst =
+        std::max(worst, static_cast<double>((merged.row(r) - whole.row(r)).cwiseAbs().maxCoeff()));
+  }
+  for (std::size_t i = 0; i < count; ++i) {
+    worst_lse = std::max(worst_lse, std::abs(static_cast<double>(merged_lse[i] - whole_lse[i])));
+  }
+  // Inputs in [-1, 1], d = 8: per-row tolerances of the single-head test are ~1e3·eps here.
+  const double eps = static_cast<double>(std::numeric_limits<T>::epsilon());
+  EXPECT_LT(worst, 1e3 * eps);
+  EXPECT_LT(worst_lse, 1e3 * eps);
+  Matrix<T> threaded(batch * n_q * heads, d_v);
+  std::vector<T> threaded_lse(count);
+  blockattn::merge_attention_states(
+      parts, blockattn::make_tensor_view(threaded.data(), batch, n_q, heads, d_v), threaded_lse, 2);
+  EXPECT_EQ(threaded, merged);
+  EXPECT_EQ(threaded_lse, merged_lse);
+  // In place into part 0 (out and lse): the same bits.
+  blockattn::merge_attention_states(
+      parts, blockattn::make_tensor_view(outs[0].data(), batch, n_q, heads, d_v), lses[0]);
+  EXPECT_EQ(outs[0], merged);
+  EXPECT_EQ(lses[0], merged_lse);
+}
+
+// FlashInfer keeps log2 Σ exp(s); the helpers convert both ways, leaving −inf and NaN alone.
+TEST(LseBase2Test, ConvertsBothWays) {
+  EXPECT_DOUBLE_EQ(blockattn::lse_to_base2(std::log(8.0)), 3.0);
+  EXPECT_DOUBLE_EQ(blockattn::lse_from_base2(3.0), std::log(8.0));
+  EXPECT_EQ(blockattn::lse_to_base2(-kInf<float>), -kInf<float>);
+  EXPECT_TRUE(std::isnan(blockattn::lse_from_base2(std::numeric_limits<float>::quiet_NaN())));
+  std::vector<float> lse = {0.0F, 1.0F, -kInf<float>};
+  blockattn::lse_to_base2(blockattn::Span<float>(lse));
+  blockattn::lse_from_base2(blockattn::Span<float>(lse));
+  EXPECT_NEAR(lse[1], 1.0F, 1e-6F);
+  EXPECT_EQ(lse[2], -kInf<float>);
 }
 
 // Plain Matrix arguments compile without spelling T, as do head slices (middleCols of a packed
@@ -899,8 +1072,8 @@ TYPED_TEST(AttentionTest, BothCallFormsAndHeadSlicesAgree) {
   Matrix<T> out_explicit(40, 16);
   std::vector<T> lse(40);
   blockattn::attention(qkv.middleCols(0, 16), qkv.middleCols(16, 16), qkv.middleCols(32, 16), out);
-  blockattn::attention<T>(qkv.middleCols(0, 16), qkv.middleCols(16, 16), qkv.middleCols(32, 16),
-                          out_explicit, {}, lse.data());
+  blockattn::attention(qkv.middleCols(0, 16), qkv.middleCols(16, 16), qkv.middleCols(32, 16),
+                       out_explicit, {}, lse);
   EXPECT_EQ(out, out_explicit);
   // The same heads as strided TensorViews into the packed buffer: same kernel, same bits.
   const T* base = qkv.data();
@@ -926,14 +1099,14 @@ TYPED_TEST(AttentionTest, BothCallFormsAndHeadSlicesAgree) {
   const auto full = [](Index, Index, Index, Index, Index, Index) { return BlockVisibility::Full; };
   Matrix<T> masked(40, 16);
   blockattn::attention(qkv.middleCols(0, 16), qkv.middleCols(16, 16), qkv.middleCols(32, 16),
-                       masked, {}, nullptr, everything);
+                       masked, {}, {}, everything);
   for (Index i = 0; i < 40; ++i) {
     for (Index c = 0; c < 16; ++c) {
       ASSERT_NEAR(masked(i, c), out(i, c), 2 * tol[static_cast<std::size_t>(i)]);
     }
   }
   blockattn::attention(qkv.middleCols(0, 16), qkv.middleCols(16, 16), qkv.middleCols(32, 16),
-                       masked, {}, nullptr, blockattn::classified_mask_mod(everything, full));
+                       masked, {}, {}, blockattn::classified_mask_mod(everything, full));
   EXPECT_EQ(masked, out);
 }
 
@@ -968,57 +1141,53 @@ TYPED_TEST(AttentionErrorTest, BadArgumentsThrowNamingSizesAndWriteNothing) {
     }
     untouched();
   };
-  throws([&] { blockattn::attention<T>(q, k_bad, v, out, {}, lse.data()); },
+  throws([&] { blockattn::attention(q, k_bad, v, out, {}, lse); },
          {"k.cols() is 63 but q.cols() is 64 (head dimensions must match)"});
-  throws([&] { blockattn::attention<T>(q, k, v.topRows(11), out, {}, lse.data()); },
+  throws([&] { blockattn::attention(q, k, v.topRows(11), out, {}, lse); },
          {"v.rows() is 11 but k.rows() is 12"});
   Matrix<T> out_short = Matrix<T>::Constant(9, 8, nan);
-  throws([&] { blockattn::attention<T>(q, k, v, out_short, {}, lse.data()); },
+  throws([&] { blockattn::attention(q, k, v, out_short, {}, lse); },
          {"out.rows() is 9 but q.rows() is 10"});
   Matrix<T> out_narrow = Matrix<T>::Constant(10, 7, nan);
-  throws([&] { blockattn::attention<T>(q, k, v, out_narrow, {}, lse.data()); },
+  throws([&] { blockattn::attention(q, k, v, out_narrow, {}, lse); },
          {"out.cols() is 7 but v.cols() is 8"});
   AttentionOptions bad;
   bad.query_chunk = -1;
-  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
-         {"options.query_chunk is -1"});
+  throws([&] { blockattn::attention(q, k, v, out, bad, lse); }, {"options.query_chunk is -1"});
   bad = {};
   bad.key_chunk = -3;
-  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
-         {"options.key_chunk is -3"});
+  throws([&] { blockattn::attention(q, k, v, out, bad, lse); }, {"options.key_chunk is -3"});
   bad = {};
   bad.window_left = -2;
-  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
-         {"options.window_left is -2"});
+  throws([&] { blockattn::attention(q, k, v, out, bad, lse); }, {"options.window_left is -2"});
   bad = {};
   bad.window_right = -5;
-  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
-         {"options.window_right is -5"});
+  throws([&] { blockattn::attention(q, k, v, out, bad, lse); }, {"options.window_right is -5"});
   bad = {};
   bad.threads = -1;
-  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
-         {"options.threads is -1"});
+  throws([&] { blockattn::attention(q, k, v, out, bad, lse); }, {"options.threads is -1"});
   bad = {};
   bad.softcap = -1;
-  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
-         {"options.softcap is -1"});
+  throws([&] { blockattn::attention(q, k, v, out, bad, lse); }, {"options.softcap is -1"});
   const Index too_long = 13;
   bad = {};
-  bad.key_lengths = &too_long;
-  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
+  bad.key_lengths = {&too_long, 1};
+  throws([&] { blockattn::attention(q, k, v, out, bad, lse); },
          {"options.key_lengths[0] is 13", "[0, 12]"});
   const BlockSparseLayout small(1, 1, 2, 8, 8);
   bad = {};
   bad.block_sparse = &small;
-  throws([&] { blockattn::attention<T>(q, k, v, out, bad, lse.data()); },
-         {"covers 8 queries but n_q is 10"});
+  throws([&] { blockattn::attention(q, k, v, out, bad, lse); }, {"covers 8 queries but n_q is 10"});
   // out aliasing an input; lse aliasing out.
   Matrix<T> qv = random_matrix<T>(rng, 10, 64 + 8);
-  throws([&] { blockattn::attention<T>(qv.leftCols(64), k, v, qv.rightCols(8), {}, lse.data()); },
+  throws([&] { blockattn::attention(qv.leftCols(64), k, v, qv.rightCols(8), {}, lse); },
          {"out overlaps the memory of q"});
   Matrix<T> kv = random_matrix<T>(rng, 12, 64);
-  throws([&] { blockattn::attention<T>(q, kv, v, out, {}, kv.data()); },
-         {"lse overlaps the memory of k"});
+  throws(
+      [&] {
+        blockattn::attention(q, kv, v, out, {}, {kv.data(), 10});
+      },
+      {"lse overlaps the memory of k"});
 
   // TensorView: heads that do not divide, shape mismatches.
   std::vector<T> q4(static_cast<std::size_t>(2 * 10 * 3 * 64));
@@ -1032,26 +1201,26 @@ TYPED_TEST(AttentionErrorTest, BadArgumentsThrowNamingSizesAndWriteNothing) {
   };
   tensor_throws(
       [&] {
-        blockattn::attention<T>(blockattn::make_tensor_view(q4.data(), 2, 10, 3, 64),
-                                blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
-                                blockattn::make_tensor_view(v4.data(), 2, 12, 2, 8),
-                                blockattn::make_tensor_view(out4.data(), 2, 10, 3, 8));
+        blockattn::attention(blockattn::make_tensor_view(q4.data(), 2, 10, 3, 64),
+                             blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
+                             blockattn::make_tensor_view(v4.data(), 2, 12, 2, 8),
+                             blockattn::make_tensor_view(out4.data(), 2, 10, 3, 8));
       },
       "q.heads is 3 but k.heads is 2");
   tensor_throws(
       [&] {
-        blockattn::attention<T>(blockattn::make_tensor_view(q4.data(), 2, 10, 2, 64),
-                                blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
-                                blockattn::make_tensor_view(v4.data(), 1, 12, 2, 8),
-                                blockattn::make_tensor_view(out4.data(), 2, 10, 2, 8));
+        blockattn::attention(blockattn::make_tensor_view(q4.data(), 2, 10, 2, 64),
+                             blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
+                             blockattn::make_tensor_view(v4.data(), 1, 12, 2, 8),
+                             blockattn::make_tensor_view(out4.data(), 2, 10, 2, 8));
       },
       "v.batch is 1 but q.batch is 2");
   tensor_throws(
       [&] {
-        blockattn::attention<T>(blockattn::make_tensor_view(q4.data(), 2, 10, 2, 64),
-                                blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
-                                blockattn::make_tensor_view(v4.data(), 2, 11, 2, 8),
-                                blockattn::make_tensor_view(out4.data(), 2, 10, 2, 8));
+        blockattn::attention(blockattn::make_tensor_view(q4.data(), 2, 10, 2, 64),
+                             blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
+                             blockattn::make_tensor_view(v4.data(), 2, 11, 2, 8),
+                             blockattn::make_tensor_view(out4.data(), 2, 10, 2, 8));
       },
       "v.seq is 11 but k.seq is 12");
   const Index lengths[2] = {12, -1};
@@ -1059,21 +1228,23 @@ TYPED_TEST(AttentionErrorTest, BadArgumentsThrowNamingSizesAndWriteNothing) {
   padded.key_lengths = lengths;
   tensor_throws(
       [&] {
-        blockattn::attention<T>(blockattn::make_tensor_view(q4.data(), 2, 10, 2, 64),
-                                blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
-                                blockattn::make_tensor_view(v4.data(), 2, 12, 2, 8),
-                                blockattn::make_tensor_view(out4.data(), 2, 10, 2, 8), padded);
+        blockattn::attention(blockattn::make_tensor_view(q4.data(), 2, 10, 2, 64),
+                             blockattn::make_tensor_view(k4.data(), 2, 12, 2, 64),
+                             blockattn::make_tensor_view(v4.data(), 2, 12, 2, 8),
+                             blockattn::make_tensor_view(out4.data(), 2, 10, 2, 8), padded);
       },
       "options.key_lengths[1] is -1");
 
   // merge_attention_states: sizes and missing lse.
   Matrix<T> a(10, 8);
   Matrix<T> b(9, 8);
-  EXPECT_THAT([&] { blockattn::merge_attention_states<T>(a, lse.data(), b, lse.data(), out); },
-              ThrowsMessage<std::invalid_argument>(AllOf(HasSubstr(
-                  "blockattn::merge_attention_states: out_b.rows() is 9 but out_a.rows() is 10"))));
-  EXPECT_THAT([&] { blockattn::merge_attention_states<T>(a, nullptr, a, lse.data(), out); },
-              ThrowsMessage<std::invalid_argument>(HasSubstr("lse_a and lse_b are required")));
+  EXPECT_THAT([&] { blockattn::merge_attention_states(a, lse, b, lse, out); },
+              ThrowsMessage<std::invalid_argument>(
+                  AllOf(HasSubstr("blockattn::merge_attention_states: parts[1].out.rows() is 9 but "
+                                  "parts[0].out.rows() is 10"))));
+  EXPECT_THAT([&] { blockattn::merge_attention_states(a, {}, a, lse, out); },
+              ThrowsMessage<std::invalid_argument>(
+                  HasSubstr("parts[0].lse is empty but parts[0].out.rows() is 10")));
   untouched();
 }
 

@@ -44,8 +44,8 @@ struct Problem {
     options.causal = variant % 2 == 0;
     options.query_chunk = 8 + variant;
     options.key_chunk = 16 - variant;
-    if (variant % 3 == 1) options.key_lengths = key_lengths.data();
-    if (variant % 3 == 2) options.alibi_slopes = slopes.data();
+    if (variant % 3 == 1) options.key_lengths = key_lengths;
+    if (variant % 3 == 2) options.alibi_slopes = slopes;
     if (variant == 3) {
       for (Index i = 0; i < 4; ++i) {
         layout.set(0, i, i);
@@ -61,10 +61,10 @@ struct Problem {
     Matrix<T> out(2 * n_q, 4 * 12);
     AttentionOptions o = options;
     o.threads = threads;
-    blockattn::attention<T>(blockattn::make_tensor_view(q.data(), 2, n_q, 4, 16),
-                            blockattn::make_tensor_view(k.data(), 2, n_k, 2, 16),
-                            blockattn::make_tensor_view(v.data(), 2, n_k, 2, 12),
-                            blockattn::make_tensor_view(out.data(), 2, n_q, 4, 12), o);
+    blockattn::attention(blockattn::make_tensor_view(q.data(), 2, n_q, 4, 16),
+                         blockattn::make_tensor_view(k.data(), 2, n_k, 2, 16),
+                         blockattn::make_tensor_view(v.data(), 2, n_k, 2, 12),
+                         blockattn::make_tensor_view(out.data(), 2, n_q, 4, 12), o);
     return out;
   }
 };

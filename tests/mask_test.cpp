@@ -90,7 +90,7 @@ TEST(TileMaskerTest, RandomCombinationsAgreeWithThePairwiseDefinition) {
     options.window_left = window(rng);
     options.window_right = window(rng);
     const Index key_length = std::uniform_int_distribution<Index>(0, n_k)(rng);
-    if (coin(rng)) options.key_lengths = &key_length;
+    if (coin(rng)) options.key_lengths = {&key_length, 1};
     const Index qb = chunk(rng);
     const Index kb = chunk(rng);
     BlockSparseLayout layout(2, (n_q + qb - 1) / qb, (n_k + kb - 1) / kb, qb, kb);

@@ -14,6 +14,7 @@
 #include <blockattn/detail/attention_kernel.hpp>
 #include <blockattn/reference.hpp>
 
+#include "support/backward.hpp"
 #include "support/random.hpp"
 #include "support/scalar_types.hpp"
 #include "support/tolerance.hpp"
@@ -38,7 +39,8 @@ class NumericsTest : public ::testing::Test {
                        const AttentionOptions& o, std::vector<T>* lse = nullptr) {
     Matrix<T> out(q.rows(), v.cols());
     if (lse != nullptr) lse->assign(static_cast<std::size_t>(q.rows()), T(0));
-    blockattn::attention<T>(q, k, v, out, o, lse != nullptr ? lse->data() : nullptr);
+    blockattn::attention(q, k, v, out, o,
+                         lse != nullptr ? blockattn::Span<T>(*lse) : blockattn::Span<T>());
     return out;
   }
 
@@ -214,10 +216,9 @@ TYPED_TEST(NumericsTest, ARowOfOnlyNaNScoresIsNaN) {
     std::vector<T> merged_lse(3);
     for (const bool nan_first : {true, false}) {
       SCOPED_TRACE(nan_first ? "merge(NaN part, empty part)" : "merge(empty part, NaN part)");
-      blockattn::merge_attention_states<T>(
-          nan_first ? got : empty, nan_first ? lse.data() : empty_lse.data(),
-          nan_first ? empty : got, nan_first ? empty_lse.data() : lse.data(), merged,
-          merged_lse.data());
+      blockattn::merge_attention_states(nan_first ? got : empty, nan_first ? lse : empty_lse,
+                                        nan_first ? empty : got, nan_first ? empty_lse : lse,
+                                        merged, merged_lse);
       EXPECT_TRUE(std::isnan(merged(1, 0)));
       EXPECT_TRUE(std::isnan(merged_lse[1]));
       if (in_q) {
@@ -267,8 +268,7 @@ TYPED_TEST(NumericsTest, NaNInTheBackwardReachesTheAffectedGradientRowsOnly) {
     std::vector<T> lse;
     const Matrix<T> out = this->run(q_in, k_in, v_in, o, &lse);
     Grads g{Matrix<T>(n, 6), Matrix<T>(n, 6), Matrix<T>(n, 5)};
-    blockattn::attention_backward<T>(q_in, k_in, v_in, out, lse.data(), dout_in, g.dq, g.dk, g.dv,
-                                     o);
+    blockattn::test::backward(q_in, k_in, v_in, out, lse, dout_in, g.dq, g.dk, g.dv, o);
     return g;
   };
   const auto expect_rows = [&](const Matrix<T>& got, const Matrix<T>& clean, auto reached,
@@ -386,8 +386,8 @@ TYPED_TEST(NumericsTest, DenormalInputs) {
   const Matrix<T> got = this->run(q, k, v, o);
   using LD = long double;
   Matrix<LD> want(9, 3);
-  blockattn::reference::attention<LD>(q.template cast<LD>(), k.template cast<LD>(),
-                                      v.template cast<LD>(), want);
+  blockattn::reference::attention(q.template cast<LD>(), k.template cast<LD>(),
+                                  v.template cast<LD>(), want);
   const auto tol = blockattn::test::attention_tolerance<T>(q, k, v, 0.5);
   for (Index i = 0; i < 9; ++i) {
     for (Index c = 0; c < 3; ++c) {
@@ -413,12 +413,12 @@ TYPED_TEST(NumericsTest, FullyMaskedRowsAreZeroWithMinusInfinityLse) {
   for (int which = 0; which < 3; ++which) {
     SCOPED_TRACE("mask " + std::to_string(which));
     AttentionOptions o;
-    if (which == 0) o.key_lengths = &zero;
+    if (which == 0) o.key_lengths = {&zero, 1};
     if (which == 1) {
       o.window_left = 0;
       o.window_right = 0;
       o.causal = true;
-      o.key_lengths = &zero;
+      o.key_lengths = {&zero, 1};
     }
     if (which == 2) o.block_sparse = &empty_layout;
     std::vector<T> lse;

@@ -19,6 +19,7 @@
 #include <blockattn/detail/simd.hpp>
 #include <blockattn/types.hpp>
 
+#include "../bench/support/tile_attention.hpp"
 #include "support/random.hpp"
 #include "support/scalar_types.hpp"
 #include "support/tolerance.hpp"
@@ -677,11 +678,11 @@ TYPED_TEST(MicroKernelTest, TileAttentionForwardMatchesNaiveAttention) {
     const T scale = T(1) / std::sqrt(static_cast<T>(c.d));
     Matrix<T> out(c.n_q, c.d_v);
     std::vector<T> workspace(
-        static_cast<std::size_t>(blockattn::detail::tile_attention_workspace_size<T>(
+        static_cast<std::size_t>(blockattn::bench::tile_attention_workspace_size<T>(
             c.query_block, c.key_block, c.d, c.d_v)));
-    blockattn::detail::tile_attention_forward(q.data(), c.d, k.data(), c.d, v.data(), c.d_v, c.n_q,
-                                              c.n_k, c.d, c.d_v, scale, out.data(), c.d_v,
-                                              c.query_block, c.key_block, workspace.data());
+    blockattn::bench::tile_attention_forward(q.data(), c.d, k.data(), c.d, v.data(), c.d_v, c.n_q,
+                                             c.n_k, c.d, c.d_v, scale, out.data(), c.d_v,
+                                             c.query_block, c.key_block, workspace.data());
     for (Index i = 0; i < c.n_q; ++i) {
       std::vector<LongDouble> x(static_cast<std::size_t>(c.n_k));
       LongDouble a = 0;

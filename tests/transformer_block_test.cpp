@@ -18,6 +18,7 @@
 #include <blockattn/reference.hpp>
 #include <blockattn/transformer_block.hpp>
 
+#include "../bench/support/transformer_block_unfused_ffn.hpp"
 #include "support/random.hpp"
 #include "support/scalar_types.hpp"
 #include "support/tolerance.hpp"
@@ -312,7 +313,7 @@ Case<T> make_case(const Shape& s, std::uint64_t salt) {
   const auto w_long = cast_weights<Long>(c.weights);
   const Matrix<Long> x_long = c.x.template cast<Long>();
   c.exact.resize(s.n, s.model);
-  blockattn::reference::transformer_block<Long>(w_long, x_long, c.exact, s.options);
+  blockattn::reference::transformer_block(w_long, x_long, c.exact, s.options);
   c.tol = layer_error_bound<T>(w_long, x_long, s.options.causal);
   return c;
 }
@@ -324,12 +325,12 @@ void expect_matches_reference(const Shape& s, std::uint64_t salt, bool all_varia
   SCOPED_TRACE(describe(s));
   const Case<T> c = make_case<T>(s, salt);
   Matrix<T> y(s.n, s.model);
-  blockattn::transformer_block<T>(c.weights, c.x, y, s.options);
+  blockattn::transformer_block(c.weights, c.x, y, s.options);
   expect_within(y, c.exact, c.tol, "transformer_block");
   if (!all_variants) return;
-  blockattn::reference::transformer_block_unfused_ffn<T>(c.weights, c.x, y, s.options);
+  blockattn::bench::transformer_block_unfused_ffn(c.weights, c.x, y, s.options);
   expect_within(y, c.exact, c.tol, "reference::transformer_block_unfused_ffn");
-  blockattn::reference::transformer_block<T>(c.weights, c.x, y, s.options);
+  blockattn::reference::transformer_block(c.weights, c.x, y, s.options);
   expect_within(y, c.exact, c.tol, "reference::transformer_block in T");
 }
 
@@ -407,7 +408,7 @@ TYPED_TEST(TransformerBlockTest, BlockSizesChangeRoundingOnly) {
     SCOPED_TRACE(describe(s));
     const Case<TypeParam> c = make_case<TypeParam>(s, causal ? 11 : 12);
     Matrix<TypeParam> base(s.n, s.model);
-    blockattn::transformer_block<TypeParam>(c.weights, c.x, base, s.options);
+    blockattn::transformer_block(c.weights, c.x, base, s.options);
     for (const Index qb : {1, 16, 44, 46}) {
       for (const Index kb : {1, 7, 64}) {
         for (const Index fc : {1, 10, 40}) {
@@ -416,7 +417,7 @@ TYPED_TEST(TransformerBlockTest, BlockSizesChangeRoundingOnly) {
           o.key_block = kb;
           o.ffn_chunk = fc;
           Matrix<TypeParam> y(s.n, s.model);
-          blockattn::transformer_block<TypeParam>(c.weights, c.x, y, o);
+          blockattn::transformer_block(c.weights, c.x, y, o);
           const Matrix<Long> twice = 2 * c.tol;
           expect_within(y, base.template cast<Long>(), twice,
                         "query_block=" + std::to_string(qb) + " key_block=" + std::to_string(kb) +
@@ -441,12 +442,12 @@ TYPED_TEST(TransformerBlockTest, ThreadCountChangesNothing) {
     const Matrix<TypeParam> x = random_matrix<TypeParam>(rng, s.n, s.model);
     Matrix<TypeParam> one(s.n, s.model);
     s.options.threads = 1;
-    blockattn::transformer_block<TypeParam>(w, x, one, s.options);
+    blockattn::transformer_block(w, x, one, s.options);
     for (const int threads : {2, 3, 8, 0}) {
       s.options.threads = threads;
       SCOPED_TRACE(describe(s));
       Matrix<TypeParam> many(s.n, s.model);
-      blockattn::transformer_block<TypeParam>(w, x, many, s.options);
+      blockattn::transformer_block(w, x, many, s.options);
       for (Index r = 0; r < s.n; ++r) {
         for (Index c = 0; c < s.model; ++c) ASSERT_EQ(many(r, c), one(r, c)) << r << ", " << c;
       }
@@ -467,13 +468,13 @@ TYPED_TEST(TransformerBlockTest, InPlaceMatchesOutOfPlace) {
     const auto w = random_weights<TypeParam>(rng, s);
     Matrix<TypeParam> x = random_matrix<TypeParam>(rng, s.n, s.model);
     Matrix<TypeParam> y(s.n, s.model);
-    blockattn::transformer_block<TypeParam>(w, x, y, s.options);
+    blockattn::transformer_block(w, x, y, s.options);
     Matrix<TypeParam> ref_y(s.n, s.model);
-    blockattn::reference::transformer_block<TypeParam>(w, x, ref_y, s.options);
+    blockattn::reference::transformer_block(w, x, ref_y, s.options);
     Matrix<TypeParam> ref_in_place = x;
-    blockattn::reference::transformer_block<TypeParam>(w, ref_in_place, ref_in_place, s.options);
+    blockattn::reference::transformer_block(w, ref_in_place, ref_in_place, s.options);
     EXPECT_TRUE(ref_in_place == ref_y);
-    blockattn::transformer_block<TypeParam>(w, x, x, s.options);
+    blockattn::transformer_block(w, x, x, s.options);
     EXPECT_TRUE(x == y);
   }
 }
@@ -486,10 +487,10 @@ TYPED_TEST(TransformerBlockTest, NonTemplateOverloadsCompileAndAgree) {
   const Matrix<TypeParam> x = random_matrix<TypeParam>(rng, s.n, s.model);
   Matrix<TypeParam> a(s.n, s.model), b(s.n, s.model), c(s.n, s.model), d(s.n, s.model);
   blockattn::transformer_block(w, x, a);
-  blockattn::transformer_block<TypeParam>(w, x, b, BlockOptions{});
+  blockattn::transformer_block(w, x, b, BlockOptions{});
   EXPECT_TRUE(a == b);
   blockattn::reference::transformer_block(w, x, c);
-  blockattn::reference::transformer_block_unfused_ffn(w, x, d);
+  blockattn::bench::transformer_block_unfused_ffn(w, x, d);
   const Matrix<Long> tol = Matrix<Long>::Constant(s.n, s.model, 1);  // both finite, same layer
   expect_within(c, a.template cast<Long>(), tol, "overloads");
   expect_within(d, a.template cast<Long>(), tol, "overloads");
@@ -500,9 +501,9 @@ TYPED_TEST(TransformerBlockTest, EmptySequenceIsANoOp) {
   auto rng = make_rng(51);
   const auto w = random_weights<TypeParam>(rng, s);
   Matrix<TypeParam> x(0, 8), y(0, 8);
-  EXPECT_NO_THROW(blockattn::transformer_block<TypeParam>(w, x, y));
-  EXPECT_NO_THROW(blockattn::reference::transformer_block<TypeParam>(w, x, y));
-  EXPECT_NO_THROW(blockattn::reference::transformer_block_unfused_ffn<TypeParam>(w, x, y));
+  EXPECT_NO_THROW(blockattn::transformer_block(w, x, y));
+  EXPECT_NO_THROW(blockattn::reference::transformer_block(w, x, y));
+  EXPECT_NO_THROW(blockattn::bench::transformer_block_unfused_ffn(w, x, y));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -616,7 +617,7 @@ TEST(TransformerBlockReferenceTest, MatchesIndependentDefinition) {
         const auto w = random_weights<Long>(rng, s);
         const Matrix<Long> x = random_matrix<Long>(rng, s.n, s.model);
         Matrix<Long> y(s.n, s.model);
-        blockattn::reference::transformer_block<Long>(w, x, y, s.options);
+        blockattn::reference::transformer_block(w, x, y, s.options);
         const Matrix<Long> tol = 2 * layer_error_bound<Long>(w, x, causal);
         expect_within(y, independent_layer(w, x, causal), tol, "reference vs independent");
       }
@@ -680,11 +681,11 @@ void expect_rejected(Mutate mutate, const std::vector<std::string>& parts, Index
     }
   };
   expect_message("blockattn::transformer_block: ",
-                 [&] { blockattn::transformer_block<T>(w, x, y, options); });
+                 [&] { blockattn::transformer_block(w, x, y, options); });
   expect_message("blockattn::reference::transformer_block: ",
-                 [&] { blockattn::reference::transformer_block<T>(w, x, y, options); });
-  expect_message("blockattn::reference::transformer_block_unfused_ffn: ",
-                 [&] { blockattn::reference::transformer_block_unfused_ffn<T>(w, x, y, options); });
+                 [&] { blockattn::reference::transformer_block(w, x, y, options); });
+  expect_message("blockattn::bench::transformer_block_unfused_ffn: ",
+                 [&] { blockattn::bench::transformer_block_unfused_ffn(w, x, y, options); });
   // Nothing written: the NaN sentinel (or, for in-place mutations, the old contents) stays.
   for (Index r = 0; r < y.rows(); ++r) {
     for (Index c = 0; c < y.cols(); ++c) {
@@ -768,7 +769,7 @@ TYPED_TEST(TransformerBlockErrorTest, InputsOutputsAndAliasingAreChecked) {
     Matrix<T> buffer = random_matrix<T>(rng, 7, 64);
     const Matrix<T> before = buffer;
     const auto call = [&] {
-      blockattn::transformer_block<T>(w, buffer.topRows(6), buffer.bottomRows(6));
+      blockattn::transformer_block(w, buffer.topRows(6), buffer.bottomRows(6));
     };
     EXPECT_THAT(call,
                 ThrowsMessage<std::invalid_argument>(HasSubstr("y overlaps the memory of x")));
@@ -781,7 +782,7 @@ TYPED_TEST(TransformerBlockErrorTest, InputsOutputsAndAliasingAreChecked) {
     auto w = random_weights<T>(rng, s);
     const Matrix<T> x = random_matrix<T>(rng, 2, 64);
     Eigen::Map<Matrix<T>> y(w.w1.data(), 2, 64);
-    EXPECT_THAT([&] { blockattn::transformer_block<T>(w, x, y); },
+    EXPECT_THAT([&] { blockattn::transformer_block(w, x, y); },
                 ThrowsMessage<std::invalid_argument>(HasSubstr("y overlaps the memory of w1")));
   }
 }

@@ -20,6 +20,7 @@
 #include <gtest/gtest.h>
 
 #include <blockattn/attention.hpp>
+#include <blockattn/attention_backward.hpp>
 #include <blockattn/softmax.hpp>
 
 #include "support/scalar_types.hpp"
@@ -45,6 +46,10 @@ class Buffers {
   }
   /// A vector output of n values prefilled with NaN.
   T* out_ptr(Index n) { return out(1, std::max<Index>(n, 1)).data(); }
+  /// The same as a sized view (an lse output).
+  blockattn::Span<T> out_span(Index n) { return {out_ptr(n), n}; }
+  /// An input of n values (an lse input), as a sized view.
+  blockattn::Span<const T> in_span(Index n) { return {in(1, std::max<Index>(n, 1)).data(), n}; }
   /// An index output of n entries prefilled with -7.
   Index* index_ptr(Index n) {
     index_outputs_.emplace_back(static_cast<std::size_t>(std::max<Index>(n, 1)), Index{-7});
@@ -122,20 +127,21 @@ void softmax_rows(Table<T>& table) {
   add<T>(table, "softmax/y.rows", {"blockattn::softmax", "y.rows() is 4 but x.rows() is 3"},
          [](Buffers<T>& b) { blockattn::softmax(b.in(3, 5), b.out(4, 5)); });
   add<T>(table, "softmax/y.cols", {"blockattn::softmax", "y.cols() is 6 but x.cols() is 5"},
-         [](Buffers<T>& b) { blockattn::softmax<T>(b.in(3, 5), b.out(3, 6)); });
+         [](Buffers<T>& b) { blockattn::softmax(b.in(3, 5), b.out(3, 6)); });
   add<T>(table, "softmax/algorithm", {"blockattn::softmax", "algorithm is 7"},
          [=](Buffers<T>& b) { blockattn::softmax(b.in(3, 5), b.out(3, 5), bad_algorithm); });
   add<T>(table, "softmax/overlap", {"blockattn::softmax", "y overlaps the memory of x"},
          [](Buffers<T>& b) {
            Matrix<T>& x = b.in(4, 5);  // y = rows 1..3 of x: a partial overlap
-           blockattn::softmax<T>(x.topRows(3), x.bottomRows(3));
+           blockattn::softmax(x.topRows(3), x.bottomRows(3));
          });
   add<T>(table, "softmax[n]/n", {"blockattn::softmax", "n is -1"},
          [](Buffers<T>& b) { blockattn::softmax(b.in(1, 4).data(), -1, b.out_ptr(4)); });
+  add<T>(
+      table, "softmax[n]/null", {"blockattn::softmax", "x or y is null but n is 4"},
+      [](Buffers<T>& b) { blockattn::softmax(static_cast<const T*>(nullptr), 4, b.out_ptr(4)); });
   add<T>(table, "softmax[n]/null", {"blockattn::softmax", "x or y is null but n is 4"},
-         [](Buffers<T>& b) { blockattn::softmax<T>(nullptr, 4, b.out_ptr(4)); });
-  add<T>(table, "softmax[n]/null", {"blockattn::softmax", "x or y is null but n is 4"},
-         [](Buffers<T>& b) { blockattn::softmax<T>(b.in(1, 4).data(), 4, nullptr); });
+         [](Buffers<T>& b) { blockattn::softmax(b.in(1, 4).data(), 4, static_cast<T*>(nullptr)); });
   add<T>(table, "softmax[n]/algorithm", {"blockattn::softmax", "algorithm is 7"},
          [=](Buffers<T>& b) {
            blockattn::softmax(b.in(1, 4).data(), 4, b.out_ptr(4), bad_algorithm);
@@ -166,7 +172,7 @@ void softmax_topk_rows(Table<T>& table) {
            const Values x = b.in(1, 6).row(0);
            Eigen::Map<Values> values(b.out_ptr(2), 2);
            Eigen::Map<Indices> indices(b.index_ptr(3), 3);
-           blockattn::softmax_topk<T>(x, 3, values, indices);
+           blockattn::softmax_topk(x, 3, values, indices);
          });
   add<T>(table, "softmax_topk/indices.size",
          {"blockattn::softmax_topk", "indices.size() is 1 but min(k, x.size()) is 3"},
@@ -174,7 +180,7 @@ void softmax_topk_rows(Table<T>& table) {
            const Values x = b.in(1, 6).row(0);
            Eigen::Map<Values> values(b.out_ptr(3), 3);
            Eigen::Map<Indices> indices(b.index_ptr(1), 1);
-           blockattn::softmax_topk<T>(x, 3, values, indices);
+           blockattn::softmax_topk(x, 3, values, indices);
          });
   add<T>(table, "softmax_topk/values overlap x",
          {"blockattn::softmax_topk", "values overlaps the memory of x"}, [](Buffers<T>& b) {
@@ -182,7 +188,7 @@ void softmax_topk_rows(Table<T>& table) {
            Eigen::Map<const Values> xs(x.data(), 6);
            Eigen::Map<Values> values(x.data() + 3, 3);
            Eigen::Map<Indices> indices(b.index_ptr(3), 3);
-           blockattn::softmax_topk<T>(xs, 3, values, indices);
+           blockattn::softmax_topk(xs, 3, values, indices);
          });
   add<T>(table, "softmax_topk[n]/n", {"blockattn::softmax_topk", "n is -1"}, [](Buffers<T>& b) {
     blockattn::softmax_topk(b.in(1, 4).data(), -1, 2, b.out_ptr(2), b.index_ptr(2));
@@ -192,33 +198,35 @@ void softmax_topk_rows(Table<T>& table) {
   });
   add<T>(table, "softmax_topk[n]/x null", {"blockattn::softmax_topk", "x is null but n is 4"},
          [](Buffers<T>& b) {
-           blockattn::softmax_topk<T>(nullptr, 4, 2, b.out_ptr(2), b.index_ptr(2));
+           blockattn::softmax_topk(static_cast<const T*>(nullptr), 4, 2, b.out_ptr(2),
+                                   b.index_ptr(2));
          });
   add<T>(table, "softmax_topk[n]/outputs null",
          {"blockattn::softmax_topk", "values or indices is null but min(k, n) is 2"},
          [](Buffers<T>& b) {
-           blockattn::softmax_topk<T>(b.in(1, 4).data(), 4, 2, nullptr, b.index_ptr(2));
+           blockattn::softmax_topk(b.in(1, 4).data(), 4, 2, static_cast<T*>(nullptr),
+                                   b.index_ptr(2));
          });
   add<T>(table, "softmax_topk[n]/outputs null",
          {"blockattn::softmax_topk", "values or indices is null but min(k, n) is 2"},
          [](Buffers<T>& b) {
-           blockattn::softmax_topk<T>(b.in(1, 4).data(), 4, 2, b.out_ptr(2), nullptr);
+           blockattn::softmax_topk(b.in(1, 4).data(), 4, 2, b.out_ptr(2), nullptr);
          });
   add<T>(table, "softmax_topk[n]/values overlap x",
          {"blockattn::softmax_topk", "values overlaps the memory of x"}, [](Buffers<T>& b) {
            T* x = b.in(1, 6).data();
-           blockattn::softmax_topk<T>(x, 6, 2, x + 5, b.index_ptr(2));
+           blockattn::softmax_topk(x, 6, 2, x + 5, b.index_ptr(2));
          });
   add<T>(table, "softmax_topk[n]/indices overlap x",
          {"blockattn::softmax_topk", "indices overlaps the memory of x"}, [](Buffers<T>& b) {
            T* x = b.in(1, 16).data();  // the first bytes of x reinterpreted as indices
-           blockattn::softmax_topk<T>(x + 8, 8, 2, b.out_ptr(2), reinterpret_cast<Index*>(x + 7));
+           blockattn::softmax_topk(x + 8, 8, 2, b.out_ptr(2), reinterpret_cast<Index*>(x + 7));
          });
   add<T>(table, "softmax_topk[n]/indices overlap values",
          {"blockattn::softmax_topk", "indices overlaps the memory of values"}, [](Buffers<T>& b) {
            T* values = b.out_ptr(8);
-           blockattn::softmax_topk<T>(b.in(1, 6).data(), 6, 2, values,
-                                      reinterpret_cast<Index*>(values));
+           blockattn::softmax_topk(b.in(1, 6).data(), 6, 2, values,
+                                   reinterpret_cast<Index*>(values));
          });
 }
 
@@ -311,12 +319,42 @@ void option_rows(Table<T>& table, const std::string& form, Index batch, Index he
   static const Index negative[2] = {-1, 3};
   row("key_lengths",
       {"options.key_lengths[" + std::to_string(batch - 1) + "] is ", "but must be in [0, 7] (n_k"},
-      [batch](AttentionOptions& o) { o.key_lengths = batch == 1 ? too_long + 1 : too_long; });
+      [batch](AttentionOptions& o) {
+        o.key_lengths = batch == 1 ? blockattn::Span<const Index>(too_long + 1, 1) : too_long;
+      });
   row("key_lengths", {"options.key_lengths[0] is -1 but must be in [0, 7]"},
       [](AttentionOptions& o) { o.key_lengths = negative; });
   static const double slopes[3] = {0.5, 0.25, std::numeric_limits<double>::quiet_NaN()};
   row("alibi_slopes", {"options.alibi_slopes[" + std::to_string(heads - 1) + "] is nan"},
-      [heads](AttentionOptions& o) { o.alibi_slopes = slopes + (3 - heads); });
+      [heads](AttentionOptions& o) {
+        o.alibi_slopes = {slopes + (3 - heads), heads};
+      });
+  row("key_lengths null",
+      {"options.key_lengths.data() is null but options.key_lengths.size() is 2"},
+      [](AttentionOptions& o) {
+        o.key_lengths = {nullptr, 2};
+      });
+  row("alibi_slopes null",
+      {"options.alibi_slopes.data() is null but options.alibi_slopes.size() is 1"},
+      [](AttentionOptions& o) {
+        o.alibi_slopes = {nullptr, 1};
+      });
+  if (batch > 1) {
+    row("key_lengths short",
+        {"options.key_lengths.size() is " + std::to_string(batch - 1) + " but the batch size is " +
+         std::to_string(batch) + " (one key length per sequence)"},
+        [batch](AttentionOptions& o) {
+          o.key_lengths = {too_long, batch - 1};
+        });
+  }
+  if (heads > 1) {
+    row("alibi_slopes short",
+        {"options.alibi_slopes.size() is " + std::to_string(heads - 1) +
+         " but the number of query heads is " + std::to_string(heads) + " (one slope per query"},
+        [heads](AttentionOptions& o) {
+          o.alibi_slopes = {slopes, heads - 1};
+        });
+  }
   static const BlockSparseLayout two_heads(2, 2, 2, 4, 4);
   static const BlockSparseLayout few_queries(1, 1, 2, 4, 4);
   static const BlockSparseLayout few_keys(1, 3, 3, 2, 2);
@@ -353,18 +391,28 @@ void attention_rows(Table<T>& table) {
     add<T>(table, "attention/" + message[0].substr(0, message[0].find(" is")), m,
            [s = s](Buffers<T>& b) {
              attention(b.in(s[0], s[1]), b.in(s[2], s[3]), b.in(s[4], s[5]), b.out(s[6], s[7]), {},
-                       b.out_ptr(s[0]));
+                       b.out_span(s[0]));
            });
   }
   option_rows<T>(table, "attention", 1, 1, [](Buffers<T>& b, const AttentionOptions& o) {
-    attention<T>(b.in(5, 4), b.in(7, 4), b.in(7, 3), b.out(5, 3), o, b.out_ptr(5));
+    attention(b.in(5, 4), b.in(7, 4), b.in(7, 3), b.out(5, 3), o, b.out_span(5));
   });
+  add<T>(table, "attention/lse short",
+         {"blockattn::attention: lse.size() is 4 but q.rows() is 5 (one log-sum-exp per query)"},
+         [](Buffers<T>& b) {
+           attention(b.in(5, 4), b.in(7, 4), b.in(7, 3), b.out(5, 3), {}, b.out_span(4));
+         });
+  add<T>(table, "attention/lse null",
+         {"blockattn::attention: lse.data() is null but lse.size() is 5"}, [](Buffers<T>& b) {
+           attention(b.in(5, 4), b.in(7, 4), b.in(7, 3), b.out(5, 3), {},
+                     blockattn::Span<T>(nullptr, 5));
+         });
   add<T>(table, "attention/out self-overlap",
          {"blockattn::attention: out.outerStride() is 2 but out.cols() is 3"}, [](Buffers<T>& b) {
            Matrix<T>& out = b.out(1, 16);
            Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> rows(out.data(), 5, 3,
                                                                Eigen::OuterStride<>(2));
-           attention<T>(b.in(5, 4), b.in(7, 4), b.in(7, 3), rows);
+           attention(b.in(5, 4), b.in(7, 4), b.in(7, 3), rows);
          });
   // Aliasing: out or lse inside q, k, v (or lse inside out).
   for (const char* input : {"q", "k", "v"}) {
@@ -375,7 +423,7 @@ void attention_rows(Table<T>& table) {
              Matrix<T>& k = b.in(7, 4);
              Matrix<T>& v = b.in(7, 4);
              Matrix<T>& target = name == "q" ? q : name == "k" ? k : v;
-             attention(q, k, v, target.topRows(5), {}, b.out_ptr(5));
+             attention(q, k, v, target.topRows(5), {}, b.out_span(5));
            });
     add<T>(table, "attention/lse aliases " + name,
            {"blockattn::attention: lse overlaps the memory of " + name}, [name](Buffers<T>& b) {
@@ -383,13 +431,14 @@ void attention_rows(Table<T>& table) {
              Matrix<T>& k = b.in(7, 4);
              Matrix<T>& v = b.in(7, 4);
              Matrix<T>& target = name == "q" ? q : name == "k" ? k : v;
-             attention(q, k, v, b.out(5, 4), {}, target.data() + 2);
+             attention(q, k, v, b.out(5, 4), {}, blockattn::Span<T>(target.data() + 2, 5));
            });
   }
   add<T>(table, "attention/lse aliases out",
          {"blockattn::attention: lse overlaps the memory of out"}, [](Buffers<T>& b) {
            Matrix<T>& out = b.out(5, 3);
-           attention<T>(b.in(5, 4), b.in(7, 4), b.in(7, 3), out, {}, out.data() + 9);
+           attention(b.in(5, 4), b.in(7, 4), b.in(7, 3), out, {},
+                     blockattn::Span<T>(out.data() + 9, 5));
          });
 }
 
@@ -441,9 +490,9 @@ void tensor_attention_rows(Table<T>& table) {
                t.batch = d[0], t.seq = d[1], t.heads = d[2], t.dim = d[3];
                return t;
              };
-             blockattn::attention<T>(as_const(make(false, c.q)), as_const(make(false, c.k)),
-                                     as_const(make(false, c.v)), make(true, c.out), {},
-                                     b.out_ptr(2 * 3 * 5));
+             blockattn::attention(as_const(make(false, c.q)), as_const(make(false, c.k)),
+                                  as_const(make(false, c.v)), make(true, c.out), {},
+                                  b.out_span(2 * 3 * 5));
            });
   }
   add<T>(table, "attention[tensor]/null q or out",
@@ -487,11 +536,19 @@ void tensor_attention_rows(Table<T>& table) {
   }
   option_rows<T>(
       table, "attention[tensor]", 2, 3, [q, k, v, o](Buffers<T>& b, const AttentionOptions& opt) {
-        blockattn::attention<T>(as_const(tensor<T>(b, false, q[0], q[1], q[2], q[3])),
+        blockattn::attention(as_const(tensor<T>(b, false, q[0], q[1], q[2], q[3])),
+                             as_const(tensor<T>(b, false, k[0], k[1], k[2], k[3])),
+                             as_const(tensor<T>(b, false, v[0], v[1], v[2], v[3])),
+                             tensor<T>(b, true, o[0], o[1], o[2], o[3]), opt, b.out_span(30));
+      });
+  add<T>(table, "attention[tensor]/lse short",
+         {"blockattn::attention: lse.size() is 29 but batch·heads·n_q is 30"},
+         [q, k, v, o](Buffers<T>& b) {
+           blockattn::attention(as_const(tensor<T>(b, false, q[0], q[1], q[2], q[3])),
                                 as_const(tensor<T>(b, false, k[0], k[1], k[2], k[3])),
                                 as_const(tensor<T>(b, false, v[0], v[1], v[2], v[3])),
-                                tensor<T>(b, true, o[0], o[1], o[2], o[3]), opt, b.out_ptr(30));
-      });
+                                tensor<T>(b, true, o[0], o[1], o[2], o[3]), {}, b.out_span(29));
+         });
   // Aliasing, with q, k, v and out all views into one input buffer (a fused QKV + out).
   for (int target = 0; target < 4; ++target) {
     const char* names[] = {"q", "k", "v", "out"};
@@ -508,9 +565,10 @@ void tensor_attention_rows(Table<T>& table) {
                };
                const Index offsets[] = {0, 120, 176, 260};
                TensorView<T> out = view(lse ? 260 : offsets[target] + 1, o);
-               T* lse_ptr = lse ? fused + offsets[target] + 3 : nullptr;
-               blockattn::attention<T>(as_const(view(0, q)), as_const(view(120, k)),
-                                       as_const(view(176, v)), out, {}, lse_ptr);
+               const blockattn::Span<T> lse_span =
+                   lse ? blockattn::Span<T>(fused + offsets[target] + 3, 30) : blockattn::Span<T>();
+               blockattn::attention(as_const(view(0, q)), as_const(view(120, k)),
+                                    as_const(view(176, v)), out, {}, lse_span);
              });
     }
   }
@@ -522,31 +580,42 @@ template <class T>
 void merge_rows(Table<T>& table) {
   using blockattn::merge_attention_states;
   const auto merge = [](Buffers<T>& b, Index rows_b, Index cols_b, Index rows, Index cols) {
-    merge_attention_states(b.in(4, 3), b.in(1, 4).data(), b.in(rows_b, cols_b), b.in(1, 4).data(),
-                           b.out(rows, cols), b.out_ptr(4));
+    merge_attention_states(b.in(4, 3), b.in_span(4), b.in(rows_b, cols_b), b.in_span(4),
+                           b.out(rows, cols), b.out_span(4));
   };
-  add<T>(table, "merge_attention_states/out_b.rows",
-         {"blockattn::merge_attention_states: out_b.rows() is 5 but out_a.rows() is 4"},
-         [=](Buffers<T>& b) { merge(b, 5, 3, 4, 3); });
-  add<T>(table, "merge_attention_states/out_b.cols",
-         {"blockattn::merge_attention_states: out_b.cols() is 2 but out_a.cols() is 3"},
-         [=](Buffers<T>& b) { merge(b, 4, 2, 4, 3); });
+  add<T>(
+      table, "merge_attention_states/out_b.rows",
+      {"blockattn::merge_attention_states: parts[1].out.rows() is 5 but parts[0].out.rows() is 4"},
+      [=](Buffers<T>& b) { merge(b, 5, 3, 4, 3); });
+  add<T>(
+      table, "merge_attention_states/out_b.cols",
+      {"blockattn::merge_attention_states: parts[1].out.cols() is 2 but parts[0].out.cols() is 3"},
+      [=](Buffers<T>& b) { merge(b, 4, 2, 4, 3); });
   add<T>(table, "merge_attention_states/out.rows",
-         {"blockattn::merge_attention_states: out.rows() is 3 but out_a.rows() is 4"},
+         {"blockattn::merge_attention_states: out.rows() is 3 but parts[0].out.rows() is 4"},
          [=](Buffers<T>& b) { merge(b, 4, 3, 3, 3); });
   add<T>(table, "merge_attention_states/out.cols",
-         {"blockattn::merge_attention_states: out.cols() is 4 but out_a.cols() is 3"},
+         {"blockattn::merge_attention_states: out.cols() is 4 but parts[0].out.cols() is 3"},
          [=](Buffers<T>& b) { merge(b, 4, 3, 4, 4); });
   for (const bool null_a : {true, false}) {
-    add<T>(table, "merge_attention_states/lse null",
-           {"blockattn::merge_attention_states: lse_a and lse_b are required (4 entries each)"},
+    const std::string name = null_a ? "parts[0].lse" : "parts[1].lse";
+    const std::string rows = null_a ? "parts[0].out.rows()" : "parts[1].out.rows()";
+    add<T>(table, "merge_attention_states/lse empty",
+           {"blockattn::merge_attention_states: " + name + " is empty but " + rows + " is 4"},
            [=](Buffers<T>& b) {
-             merge_attention_states<T>(b.in(4, 3), null_a ? nullptr : b.in(1, 4).data(), b.in(4, 3),
-                                       null_a ? b.in(1, 4).data() : nullptr, b.out(4, 3));
+             using Span = blockattn::Span<const T>;
+             merge_attention_states(b.in(4, 3), null_a ? Span() : b.in_span(4), b.in(4, 3),
+                                    null_a ? b.in_span(4) : Span(), b.out(4, 3));
+           });
+    add<T>(table, "merge_attention_states/lse short",
+           {"blockattn::merge_attention_states: " + name + ".size() is 3 but " + rows + " is 4"},
+           [=](Buffers<T>& b) {
+             merge_attention_states(b.in(4, 3), b.in_span(null_a ? 3 : 4), b.in(4, 3),
+                                    b.in_span(null_a ? 4 : 3), b.out(4, 3));
            });
   }
   for (const bool side_a : {true, false}) {
-    const std::string name = side_a ? "out_a" : "out_b";
+    const std::string name = side_a ? "parts[0].out" : "parts[1].out";
     add<T>(table, "merge_attention_states/out overlaps " + name,
            {"blockattn::merge_attention_states: out overlaps the memory of " + name},
            [=](Buffers<T>& b) {
@@ -555,24 +624,80 @@ void merge_rows(Table<T>& table) {
              using View = blockattn::ConstMatrixView<T>;
              const View top(shared.topRows(4));
              const View rest(other);
-             merge_attention_states<T>(side_a ? top : rest, b.in(1, 4).data(), side_a ? rest : top,
-                                       b.in(1, 4).data(), shared.bottomRows(4));
+             merge_attention_states(side_a ? top : rest, b.in_span(4), side_a ? rest : top,
+                                    b.in_span(4), shared.bottomRows(4));
            });
-    const std::string lse_name = side_a ? "lse_a" : "lse_b";
+    const std::string lse_name = side_a ? "parts[0].lse" : "parts[1].lse";
     add<T>(table, "merge_attention_states/lse overlaps " + lse_name,
            {"blockattn::merge_attention_states: lse overlaps the memory of " + lse_name},
            [=](Buffers<T>& b) {
              T* shared = b.in(1, 6).data();
              T* other = b.in(1, 4).data();
-             merge_attention_states<T>(b.in(4, 3), side_a ? shared : other, b.in(4, 3),
-                                       side_a ? other : shared, b.out(4, 3), shared + 1);
+             using Span = blockattn::Span<const T>;
+             merge_attention_states(b.in(4, 3), Span(side_a ? shared : other, 4), b.in(4, 3),
+                                    Span(side_a ? other : shared, 4), b.out(4, 3),
+                                    blockattn::Span<T>(shared + 1, 4));
            });
   }
   add<T>(table, "merge_attention_states/lse overlaps out",
          {"blockattn::merge_attention_states: lse overlaps the memory of out"}, [](Buffers<T>& b) {
            Matrix<T>& out = b.out(4, 3);
-           merge_attention_states<T>(b.in(4, 3), b.in(1, 4).data(), b.in(4, 3), b.in(1, 4).data(),
-                                     out, out.data() + 5);
+           merge_attention_states(b.in(4, 3), b.in_span(4), b.in(4, 3), b.in_span(4), out,
+                                  blockattn::Span<T>(out.data() + 5, 4));
+         });
+  add<T>(table, "merge_attention_states[N]/no parts",
+         {"blockattn::merge_attention_states: parts is empty"}, [](Buffers<T>& b) {
+           merge_attention_states(std::vector<blockattn::AttentionState<T>>{}, b.out(4, 3));
+         });
+  add<T>(table, "merge_attention_states[tensor]/lse short",
+         {"blockattn::merge_attention_states: parts[1].lse.size() is 5 but batch·heads·n_q is 6"},
+         [](Buffers<T>& b) {
+           std::vector<blockattn::TensorAttentionState<T>> parts;
+           parts.push_back({as_const(tensor<T>(b, false, 2, 3, 1, 4)), b.in_span(6)});
+           parts.push_back({as_const(tensor<T>(b, false, 2, 3, 1, 4)), b.in_span(5)});
+           merge_attention_states(parts, tensor<T>(b, true, 2, 3, 1, 4), b.out_span(6));
+         });
+  add<T>(table, "merge_attention_states/lse out short",
+         {"blockattn::merge_attention_states: lse.size() is 3 but out.rows() is 4"},
+         [](Buffers<T>& b) {
+           merge_attention_states(b.in(4, 3), b.in_span(4), b.in(4, 3), b.in_span(4), b.out(4, 3),
+                                  b.out_span(3));
+         });
+}
+
+// --- attention_backward: the lse it requires ----------------------------------------------------
+
+template <class T>
+void backward_rows(Table<T>& table) {
+  const auto run = [](Buffers<T>& b, blockattn::Span<const T> lse) {
+    blockattn::AttentionBackwardInputs<T> in;
+    in.q = b.in(5, 4), in.k = b.in(7, 4), in.v = b.in(7, 3), in.out = b.in(5, 3);
+    in.dout = b.in(5, 3), in.lse = lse;
+    blockattn::AttentionGradients<T> grads;
+    grads.dq = b.out(5, 4), grads.dk = b.out(7, 4), grads.dv = b.out(7, 3);
+    blockattn::attention_backward(in, grads);
+  };
+  add<T>(table, "attention_backward/lse empty",
+         {"blockattn::attention_backward: lse is empty but q.rows() is 5"},
+         [=](Buffers<T>& b) { run(b, {}); });
+  add<T>(table, "attention_backward/lse short",
+         {"blockattn::attention_backward: lse.size() is 4 but q.rows() is 5"},
+         [=](Buffers<T>& b) { run(b, b.in_span(4)); });
+  add<T>(table, "attention_backward[tensor]/lse short",
+         {"blockattn::attention_backward: lse.size() is 5 but batch·heads·n_q is 6"},
+         [](Buffers<T>& b) {
+           const auto in = [&](Index seq, Index dim) {
+             return as_const(tensor<T>(b, false, 2, seq, 1, dim));
+           };
+           const auto out = [&](Index seq, Index dim) {
+             return tensor<T>(b, true, 2, seq, 1, dim);
+           };
+           blockattn::TensorBackwardInputs<T> args;
+           args.q = in(3, 4), args.k = in(7, 4), args.v = in(7, 3), args.out = in(3, 3);
+           args.dout = in(3, 3), args.lse = b.in_span(5);
+           blockattn::TensorGradients<T> grads;
+           grads.dq = out(3, 4), grads.dk = out(7, 4), grads.dv = out(7, 3);
+           blockattn::attention_backward(args, grads);
          });
 }
 
@@ -586,6 +711,7 @@ Table<T> validation_table() {
   attention_rows(table);
   tensor_attention_rows(table);
   merge_rows(table);
+  backward_rows(table);
   return table;
 }
 

@@ -4,9 +4,11 @@
 // log-sum-exp, and merge_attention_states() for results over disjoint key sets.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <iterator>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #include <Eigen/Core>
@@ -14,6 +16,7 @@
 #include <blockattn/detail/attention_kernel.hpp>
 #include <blockattn/detail/check.hpp>
 #include <blockattn/detail/online_state.hpp>
+#include <blockattn/detail/parallel.hpp>
 #include <blockattn/detail/workspace.hpp>
 #include <blockattn/mask.hpp>
 #include <blockattn/types.hpp>
@@ -79,18 +82,18 @@ inline void validate_attention_options(const char* function, const AttentionOpti
           " but must be finite");
   require(std::isfinite(options.softcap) && options.softcap >= 0, function, "options.softcap is ",
           options.softcap, " but must be finite and >= 0 (0 turns it off)");
-  if (options.key_lengths != nullptr) {
-    for (Index b = 0; b < batch; ++b) {
-      const Index length = options.key_lengths[b];
-      require(length >= 0 && length <= n_k, function, "options.key_lengths[", b, "] is ", length,
-              " but must be in [0, ", n_k, "] (n_k, the keys' sequence length)");
-    }
+  require_span(function, "options.key_lengths", options.key_lengths, "the batch size", batch,
+               "one key length per sequence", /*required=*/false);
+  for (Index b = 0; b < (options.key_lengths.empty() ? 0 : batch); ++b) {
+    const Index length = options.key_lengths[b];
+    require(length >= 0 && length <= n_k, function, "options.key_lengths[", b, "] is ", length,
+            " but must be in [0, ", n_k, "] (n_k, the keys' sequence length)");
   }
-  if (options.alibi_slopes != nullptr) {
-    for (Index h = 0; h < q_heads; ++h) {
-      require(std::isfinite(options.alibi_slopes[h]), function, "options.alibi_slopes[", h, "] is ",
-              options.alibi_slopes[h], " but must be finite");
-    }
+  require_span(function, "options.alibi_slopes", options.alibi_slopes, "the number of query heads",
+               q_heads, "one slope per query head", /*required=*/false);
+  for (Index h = 0; h < (options.alibi_slopes.empty() ? 0 : q_heads); ++h) {
+    require(std::isfinite(options.alibi_slopes[h]), function, "options.alibi_slopes[", h, "] is ",
+            options.alibi_slopes[h], " but must be finite");
   }
   if (const BlockSparseLayout* layout = options.block_sparse) {
     require(layout->heads() == 1 || layout->heads() == q_heads, function,
@@ -106,10 +109,11 @@ inline void validate_attention_options(const char* function, const AttentionOpti
 }
 
 /// Checks every argument of the single-head attention() before anything is written.
-template <class T>
+template <class T, class L>
 void validate_attention(const char* function, const ConstMatrixView<T>& q,
                         const ConstMatrixView<T>& k, const ConstMatrixView<T>& v,
-                        const MatrixView<T>& out, const AttentionOptions& options, const T* lse) {
+                        const MatrixView<T>& out, const AttentionOptions& options, Span<L> lse,
+                        bool lse_required = false) {
   require(q.cols() > 0, function, "q.cols() is 0 (the head dimension must be positive)");
   require_size(function, "k.cols()", k.cols(), "q.cols()", q.cols(), "head dimensions must match");
   require_size(function, "v.rows()", v.rows(), "k.rows()", k.rows(), "every key needs one value");
@@ -125,8 +129,10 @@ void validate_attention(const char* function, const ConstMatrixView<T>& q,
   require_disjoint(function, "out", out_range, "q", view_range(q));
   require_disjoint(function, "out", out_range, "k", view_range(k));
   require_disjoint(function, "out", out_range, "v", view_range(v));
-  if (lse != nullptr) {
-    const AddressRange lse_range = address_range(lse, 1, q.rows(), q.rows());
+  require_span(function, "lse", lse, "q.rows()", q.rows(), "one log-sum-exp per query",
+               lse_required);
+  if (!lse.empty()) {
+    const AddressRange lse_range = address_range(lse.data(), 1, q.rows(), q.rows());
     require_disjoint(function, "lse", lse_range, "q", view_range(q));
     require_disjoint(function, "lse", lse_range, "k", view_range(k));
     require_disjoint(function, "lse", lse_range, "v", view_range(v));
@@ -135,10 +141,11 @@ void validate_attention(const char* function, const ConstMatrixView<T>& q,
 }
 
 /// Checks every argument of the TensorView attention() before anything is written.
-template <class T>
+template <class T, class L>
 void validate_attention(const char* function, const TensorView<const T>& q,
                         const TensorView<const T>& k, const TensorView<const T>& v,
-                        const TensorView<T>& out, const AttentionOptions& options, const T* lse) {
+                        const TensorView<T>& out, const AttentionOptions& options, Span<L> lse,
+                        bool lse_required = false) {
   for (const auto& [name, t] :
        {std::pair<const char*, const TensorView<const T>*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     require(t->batch >= 0 && t->seq >= 0 && t->heads >= 0 && t->dim >= 0, function, name,
@@ -173,9 +180,11 @@ void validate_attention(const char* function, const TensorView<const T>& q,
   require_disjoint(function, "out", out_range, "q", tensor_range(q));
   require_disjoint(function, "out", out_range, "k", tensor_range(k));
   require_disjoint(function, "out", out_range, "v", tensor_range(v));
-  if (lse != nullptr) {
-    const Index count = q.batch * q.heads * q.seq;
-    const AddressRange lse_range = address_range(lse, 1, count, count);
+  const Index count = q.batch * q.heads * q.seq;
+  require_span(function, "lse", lse, "batch·heads·n_q", count,
+               "one log-sum-exp per query row, [batch, heads, n_q]", lse_required);
+  if (!lse.empty()) {
+    const AddressRange lse_range = address_range(lse.data(), 1, count, count);
     require_disjoint(function, "lse", lse_range, "q", tensor_range(q));
     require_disjoint(function, "lse", lse_range, "k", tensor_range(k));
     require_disjoint(function, "lse", lse_range, "v", tensor_range(v));
@@ -183,11 +192,43 @@ void validate_attention(const char* function, const TensorView<const T>& q,
   }
 }
 
+/// The raw pointer of an optional array for the kernels: null when the Span is empty.
+template <class T>
+T* data_or_null(Span<T> s) {
+  return s.empty() ? nullptr : s.data();
+}
+
+/// Compile-time checks of the TensorView forms: one element type (const or not), a writable out.
+template <class T, class... Views>
+constexpr void check_tensor_arguments() {
+  static_assert((std::is_same_v<std::remove_const_t<Views>, T> && ...),
+                "blockattn: every tensor argument must have the same element type");
+}
+
 /// A single-head view as a [1, rows, 1, cols] tensor (no copy).
 template <class T, class View>
 TensorView<T> as_tensor(const View& x) {
   return TensorView<T>(const_cast<T*>(x.data()), 1, x.rows(), 1, x.cols(), /*batch_stride=*/0,
                        x.outerStride(), /*head_stride=*/0);
+}
+
+/// The one body of both attention() forms, on ConstMatrixView/MatrixView or TensorView: validates,
+/// then runs the kernel in options.workspace or a workspace of its own.
+template <class T, class MaskMod, class ScoreMod, class In, class Out>
+void attention_impl(const In& q, const In& k, const In& v, const Out& out,
+                    const AttentionOptions& options, Span<accumulator_t<T>> lse,
+                    const MaskMod& mask_mod, const ScoreMod& score_mod) {
+  check_mods<T, MaskMod, ScoreMod>();
+  validate_attention<T>("attention", q, k, v, out, options, lse);
+  Workspace own;
+  Workspace& workspace = options.workspace != nullptr ? *options.workspace : own;
+  if constexpr (std::is_same_v<In, TensorView<const T>>) {
+    attention_forward<T>(q, k, v, out, options, data_or_null(lse), mask_mod, score_mod, workspace);
+  } else {
+    attention_forward<T>(as_tensor<const T>(q), as_tensor<const T>(k), as_tensor<const T>(v),
+                         as_tensor<T>(out), options, data_or_null(lse), mask_mod, score_mod,
+                         workspace);
+  }
 }
 
 }  // namespace detail
@@ -200,91 +241,40 @@ TensorView<T> as_tensor(const View& x) {
 /// mask and modifier of AttentionOptions applies (see mask.hpp for their exact meaning); the
 /// optional mask_mod(b, h, i, j) -> bool and score_mod(s, b, h, i, j) -> s are called with
 /// b = h = 0. Tiles the masks hide entirely cost nothing.
-/// Shapes: q [n_q, d], k [n_k, d], v [n_k, d_v], out [n_q, d_v], lse (optional) [n_q] receives
-/// log Σ_j exp(s_ij) over the visible keys. A query with no visible key gets out = 0, lse = −inf.
+/// Element types: float or double (deduced from q; k, v and out must match); anything else is a
+/// compile-time error (long double: use reference::attention). q, k, v and out must be row-major
+/// storage with contiguous rows (a Matrix, its blocks, a Map with OuterStride<>), so that nothing
+/// is copied; a column-major matrix or an expression is a compile-time error. out may be a
+/// temporary block (out.middleRows(...)) but not a const object.
+/// Shapes: q [n_q, d], k [n_k, d], v [n_k, d_v], out [n_q, d_v], lse (optional, empty = not
+/// wanted) [n_q] receives log Σ_j exp(s_ij) over the visible keys. A query with no visible key
+/// gets out = 0, lse = −inf.
 /// Time O(n_q·n_k·(d + d_v)) for the visible tiles; extra memory
 /// O(threads·query_chunk·(key_chunk + d + d_v)), independent of n, plus for decode (at most 8
 /// query rows per kv head) O(n_k/8192·rows·d_v) partial states, and for prefill with under 4
-/// query blocks at most 8 blocks' partial outputs, O(query_chunk·d_v) (an input that does not bind
-/// to ConstMatrixView without a copy — column-major, an expression — costs a copy; see types.hpp).
-/// Throws std::invalid_argument naming the argument and both sizes, before writing anything.
+/// query blocks at most 8 blocks' partial outputs, O(query_chunk·d_v); taken from
+/// options.workspace when given (then repeated calls of one shape allocate nothing).
+/// Throws std::invalid_argument naming the argument and both sizes (also a too-short lse, key
+/// lengths or slopes), before writing anything.
 /// out and lse must not alias q, k, v or each other. Bitwise identical for any thread count;
-/// chunk sizes change rounding only. Safe to call concurrently (no shared state). mask_mod and
-/// score_mod are called from several threads at once and must not throw; a mask_mod that also
-/// has classify_block() (see classified_mask_mod) lets whole tiles be skipped or left unchecked.
-template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
-void attention(ConstMatrixView<T> q, ConstMatrixView<T> k, ConstMatrixView<T> v, MatrixView<T> out,
-               const AttentionOptions& options = {}, T* lse = nullptr, const MaskMod& mask_mod = {},
+/// chunk sizes change rounding only. Safe to call concurrently (no shared state; one Workspace
+/// per concurrent call). mask_mod and score_mod are called from several threads at once and must
+/// not throw; a mask_mod that also has classify_block() (see classified_mask_mod) lets whole
+/// tiles be skipped or left unchecked.
+template <class Q, class K, class V, class O, class MaskMod = NoMaskMod,
+          class ScoreMod = NoScoreMod>
+void attention(const Eigen::MatrixBase<Q>& q, const Eigen::MatrixBase<K>& k,
+               const Eigen::MatrixBase<V>& v, const Eigen::MatrixBase<O>& out,
+               const AttentionOptions& options = {},
+               Span<accumulator_t<typename Q::Scalar>> lse = {}, const MaskMod& mask_mod = {},
                const ScoreMod& score_mod = {}) {
-  Workspace workspace;
-  attention<T, MaskMod, ScoreMod>(workspace, q, k, v, out, options, lse, mask_mod, score_mod);
-}
-
-/// attention() with a caller-supplied blockattn::Workspace (detail/workspace.hpp): the same result,
-/// bitwise; the tile buffers come from `workspace`, which grows to fit on the first call (or when a
-/// call needs more) and is reused afterwards, so repeated calls of the same shape — decode, one
-/// token at a time — allocate nothing. One Workspace per concurrent call.
-template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
-void attention(Workspace& workspace, ConstMatrixView<T> q, ConstMatrixView<T> k,
-               ConstMatrixView<T> v, MatrixView<T> out, const AttentionOptions& options = {},
-               T* lse = nullptr, const MaskMod& mask_mod = {}, const ScoreMod& score_mod = {}) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "blockattn: attention() runs on float and double (its SIMD micro-kernels); use "
-                "reference::attention for long double");
-  detail::check_mods<T, MaskMod, ScoreMod>();
-  detail::validate_attention<T>("attention", q, k, v, out, options, lse);
-  detail::attention_forward<T>(detail::as_tensor<const T>(q), detail::as_tensor<const T>(k),
-                               detail::as_tensor<const T>(v), detail::as_tensor<T>(out), options,
-                               lse, mask_mod, score_mod, workspace);
-}
-
-// float/double overloads: `template <int = 0>`, instantiated only where called (detail/config.hpp).
-/// attention() with a Workspace on float arguments without spelling T.
-template <int = 0>
-inline void attention(Workspace& workspace, ConstMatrixView<float> q, ConstMatrixView<float> k,
-                      ConstMatrixView<float> v, MatrixView<float> out,
-                      const AttentionOptions& options = {}, float* lse = nullptr) {
-  attention<float>(workspace, q, k, v, out, options, lse);
-}
-
-/// attention() with a Workspace on double arguments without spelling T.
-template <int = 0>
-inline void attention(Workspace& workspace, ConstMatrixView<double> q, ConstMatrixView<double> k,
-                      ConstMatrixView<double> v, MatrixView<double> out,
-                      const AttentionOptions& options = {}, double* lse = nullptr) {
-  attention<double>(workspace, q, k, v, out, options, lse);
-}
-
-/// attention() on float arguments without spelling T (see STYLE §2.3).
-template <int = 0>
-inline void attention(ConstMatrixView<float> q, ConstMatrixView<float> k, ConstMatrixView<float> v,
-                      MatrixView<float> out, const AttentionOptions& options = {},
-                      float* lse = nullptr) {
-  attention<float>(q, k, v, out, options, lse);
-}
-
-/// attention() on double arguments without spelling T.
-template <int = 0>
-inline void attention(ConstMatrixView<double> q, ConstMatrixView<double> k,
-                      ConstMatrixView<double> v, MatrixView<double> out,
-                      const AttentionOptions& options = {}, double* lse = nullptr) {
-  attention<double>(q, k, v, out, options, lse);
-}
-
-/// attention() with user functors on float arguments without spelling T.
-template <class MaskMod, class ScoreMod = NoScoreMod>
-void attention(ConstMatrixView<float> q, ConstMatrixView<float> k, ConstMatrixView<float> v,
-               MatrixView<float> out, const AttentionOptions& options, float* lse,
-               const MaskMod& mask_mod, const ScoreMod& score_mod = {}) {
-  attention<float, MaskMod, ScoreMod>(q, k, v, out, options, lse, mask_mod, score_mod);
-}
-
-/// attention() with user functors on double arguments without spelling T.
-template <class MaskMod, class ScoreMod = NoScoreMod>
-void attention(ConstMatrixView<double> q, ConstMatrixView<double> k, ConstMatrixView<double> v,
-               MatrixView<double> out, const AttentionOptions& options, double* lse,
-               const MaskMod& mask_mod, const ScoreMod& score_mod = {}) {
-  attention<double, MaskMod, ScoreMod>(q, k, v, out, options, lse, mask_mod, score_mod);
+  using T = typename Q::Scalar;
+  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  detail::check_matrix_arguments<T, Q, K, V, O>();
+  detail::check_matrix_outputs<O>();
+  detail::attention_impl<T>(ConstMatrixView<T>(q.derived()), ConstMatrixView<T>(k.derived()),
+                            ConstMatrixView<T>(v.derived()), detail::writable_view(out), options,
+                            lse, mask_mod, score_mod);
 }
 
 // --- multi-head, batched -----------------------------------------------------------------------
@@ -294,174 +284,321 @@ void attention(ConstMatrixView<double> q, ConstMatrixView<double> k, ConstMatrix
 /// h / (q.heads / k.heads) (GQA; MQA when k.heads == 1), without copies. options.key_lengths
 /// ([batch]) marks padding; options.alibi_slopes is [q.heads]; mask_mod / score_mod receive the
 /// batch index and the query head. Work is split over batch × heads × query chunks.
+/// Element types: float or double, deduced (q, k, v may be TensorView<T> or TensorView<const T>;
+/// out is TensorView<T>).
 /// Shapes: q [B, n_q, H, d], k [B, n_k, H_kv, d], v [B, n_k, H_kv, d_v], out [B, n_q, H, d_v],
 /// lse (optional) [B, H, n_q] contiguous. Otherwise as the single-head attention(): same cost per
 /// head, same extra memory, same errors (also: H not a multiple of H_kv), same guarantees.
-template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
-void attention(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v,
-               TensorView<T> out, const AttentionOptions& options = {}, T* lse = nullptr,
-               const MaskMod& mask_mod = {}, const ScoreMod& score_mod = {}) {
-  Workspace workspace;
-  attention<T, MaskMod, ScoreMod>(workspace, q, k, v, out, options, lse, mask_mod, score_mod);
-}
-
-/// TensorView attention() with a caller-supplied Workspace (reused across calls; see the
-/// single-head overload).
-template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
-void attention(Workspace& workspace, TensorView<const T> q, TensorView<const T> k,
-               TensorView<const T> v, TensorView<T> out, const AttentionOptions& options = {},
-               T* lse = nullptr, const MaskMod& mask_mod = {}, const ScoreMod& score_mod = {}) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "blockattn: attention() runs on float and double (its SIMD micro-kernels); use "
-                "reference::attention for long double");
-  detail::check_mods<T, MaskMod, ScoreMod>();
-  detail::validate_attention<T>("attention", q, k, v, out, options, lse);
-  detail::attention_forward<T>(q, k, v, out, options, lse, mask_mod, score_mod, workspace);
-}
-
-/// TensorView attention() with a Workspace on float arguments without spelling T.
-template <int = 0>
-inline void attention(Workspace& workspace, TensorView<const float> q, TensorView<const float> k,
-                      TensorView<const float> v, TensorView<float> out,
-                      const AttentionOptions& options = {}, float* lse = nullptr) {
-  attention<float>(workspace, q, k, v, out, options, lse);
-}
-
-/// TensorView attention() with a Workspace on double arguments without spelling T.
-template <int = 0>
-inline void attention(Workspace& workspace, TensorView<const double> q, TensorView<const double> k,
-                      TensorView<const double> v, TensorView<double> out,
-                      const AttentionOptions& options = {}, double* lse = nullptr) {
-  attention<double>(workspace, q, k, v, out, options, lse);
-}
-
-/// TensorView attention() on float arguments without spelling T.
-template <int = 0>
-inline void attention(TensorView<const float> q, TensorView<const float> k,
-                      TensorView<const float> v, TensorView<float> out,
-                      const AttentionOptions& options = {}, float* lse = nullptr) {
-  attention<float>(q, k, v, out, options, lse);
-}
-
-/// TensorView attention() on double arguments without spelling T.
-template <int = 0>
-inline void attention(TensorView<const double> q, TensorView<const double> k,
-                      TensorView<const double> v, TensorView<double> out,
-                      const AttentionOptions& options = {}, double* lse = nullptr) {
-  attention<double>(q, k, v, out, options, lse);
-}
-
-/// TensorView attention() with user functors on float arguments without spelling T.
-template <class MaskMod, class ScoreMod = NoScoreMod>
-void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
-               TensorView<float> out, const AttentionOptions& options, float* lse,
-               const MaskMod& mask_mod, const ScoreMod& score_mod = {}) {
-  attention<float, MaskMod, ScoreMod>(q, k, v, out, options, lse, mask_mod, score_mod);
-}
-
-/// TensorView attention() with user functors on double arguments without spelling T.
-template <class MaskMod, class ScoreMod = NoScoreMod>
-void attention(TensorView<const double> q, TensorView<const double> k, TensorView<const double> v,
-               TensorView<double> out, const AttentionOptions& options, double* lse,
-               const MaskMod& mask_mod, const ScoreMod& score_mod = {}) {
-  attention<double, MaskMod, ScoreMod>(q, k, v, out, options, lse, mask_mod, score_mod);
+template <class QT, class KT, class VT, class OT, class MaskMod = NoMaskMod,
+          class ScoreMod = NoScoreMod>
+void attention(TensorView<QT> q, TensorView<KT> k, TensorView<VT> v, TensorView<OT> out,
+               const AttentionOptions& options = {},
+               Span<accumulator_t<std::remove_const_t<QT>>> lse = {}, const MaskMod& mask_mod = {},
+               const ScoreMod& score_mod = {}) {
+  using T = std::remove_const_t<QT>;
+  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  detail::check_tensor_arguments<T, KT, VT, OT>();
+  static_assert(!std::is_const_v<OT>, "blockattn: out must be a writable TensorView<T>");
+  detail::attention_impl<T>(TensorView<const T>(q), TensorView<const T>(k), TensorView<const T>(v),
+                            out, options, lse, mask_mod, score_mod);
 }
 
 // --- merging partial results -------------------------------------------------------------------
 
-/// Exact merge of two attention results over disjoint key sets A and B of the same queries:
-/// (out_a, lse_a) and (out_b, lse_b) give the (out, lse) of attention over A ∪ B, as
-/// w_a = exp(lse_a − lse), w_b = exp(lse_b − lse), out = w_a·out_a + w_b·out_b,
-/// lse = log(exp(lse_a) + exp(lse_b)). A side with lse −inf (no visible key) contributes nothing;
-/// both −inf gives out 0, lse −inf. NaN follows the README's policy: a NaN lse_a[i] or lse_b[i]
-/// gives a NaN row i (out and lse), and a NaN in out_a or out_b reaches out even when its side's
-/// weight underflows to 0. The basis of split-KV decode and of distributed attention.
-/// Shapes: out_a, out_b, out [n_q, d_v]; lse_a, lse_b [n_q] (required); lse [n_q] or null.
-/// Time O(n_q·d_v), no extra memory. Throws std::invalid_argument on a shape mismatch or a null
-/// lse_a / lse_b, before writing. out may be exactly out_a or out_b (same data and stride) and lse
-/// exactly lse_a or lse_b; any other overlap is rejected.
+/// One partial attention result over a subset of the keys: the output rows `out` [n_q, d_v] and
+/// their log-sum-exp `lse` [n_q] (natural log, attention()'s). The element type P of the parts
+/// may differ from the merged output's (float partials for every storage type); lse is
+/// accumulator_t<P>. A row with lse −inf (no visible key) is an empty part: its out is not read.
+template <class P>
+struct AttentionState {
+  using value_type = P;              ///< the parts' element type
+  ConstMatrixView<P> out;            ///< [n_q, d_v]
+  Span<const accumulator_t<P>> lse;  ///< [n_q]
+};
+
+/// One partial multi-head result: out [batch, n_q, heads, d_v] and lse [batch, heads, n_q]
+/// contiguous (the layouts of the TensorView attention()).
+template <class P>
+struct TensorAttentionState {
+  using value_type = P;              ///< the parts' element type
+  TensorView<const P> out;           ///< [batch, n_q, heads, d_v]
+  Span<const accumulator_t<P>> lse;  ///< [batch, heads, n_q]
+};
+
+/// Natural-log log-sum-exp to base 2 (FlashInfer's convention: its merge_state and its lse
+/// outputs hold log2 Σ exp(s)): lse / ln 2. −inf and NaN stay as they are. O(1).
 template <class T>
-void merge_attention_states(ConstMatrixView<T> out_a, const T* lse_a, ConstMatrixView<T> out_b,
-                            const T* lse_b, MatrixView<T> out, T* lse = nullptr) {
-  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
-  const char* function = "merge_attention_states";
-  detail::require_size(function, "out_b.rows()", out_b.rows(), "out_a.rows()", out_a.rows(),
-                       "both parts hold the same queries");
-  detail::require_size(function, "out_b.cols()", out_b.cols(), "out_a.cols()", out_a.cols(),
-                       "both parts have the same head dimension");
-  detail::require_size(function, "out.rows()", out.rows(), "out_a.rows()", out_a.rows(),
-                       "one output row per query");
-  detail::require_size(function, "out.cols()", out.cols(), "out_a.cols()", out_a.cols(),
-                       "the same head dimension");
-  const Index n_q = out.rows();
-  detail::require(n_q == 0 || (lse_a != nullptr && lse_b != nullptr), function,
-                  "lse_a and lse_b are required (", n_q, " entries each)");
-  const auto same_view = [&](const ConstMatrixView<T>& x) {
-    return x.data() == out.data() && (x.outerStride() == out.outerStride() || x.rows() <= 1);
-  };
-  const detail::AddressRange out_range = detail::view_range(out);
-  if (!same_view(out_a)) {
-    detail::require_disjoint(function, "out", out_range, "out_a", detail::view_range(out_a));
-  }
-  if (!same_view(out_b)) {
-    detail::require_disjoint(function, "out", out_range, "out_b", detail::view_range(out_b));
-  }
-  if (lse != nullptr) {
-    const detail::AddressRange lse_range = detail::address_range(lse, 1, n_q, n_q);
-    if (lse != lse_a) {
-      detail::require_disjoint(function, "lse", lse_range, "lse_a",
-                               detail::address_range(lse_a, 1, n_q, n_q));
-    }
-    if (lse != lse_b) {
-      detail::require_disjoint(function, "lse", lse_range, "lse_b",
-                               detail::address_range(lse_b, 1, n_q, n_q));
-    }
-    detail::require_disjoint(function, "lse", lse_range, "out", out_range);
-  }
-  constexpr T kEmpty = detail::kNegativeInfinity<T>;
-  for (Index i = 0; i < n_q; ++i) {
-    if (std::isnan(lse_a[i]) || std::isnan(lse_b[i])) {  // a NaN row stays NaN (README policy)
-      out.row(i).setConstant(std::numeric_limits<T>::quiet_NaN());
-      if (lse != nullptr) lse[i] = std::numeric_limits<T>::quiet_NaN();
-      continue;
-    }
-    const T m = detail::running_max(lse_a[i], lse_b[i]);
-    const T w_a = detail::rescale_factor(lse_a[i], m);  // exp(lse_a − m); 0 for an empty side
-    const T w_b = detail::rescale_factor(lse_b[i], m);
-    const T sum = w_a + w_b;
-    if (sum == T(0) || m == kEmpty) {
-      out.row(i).setZero();
-      if (lse != nullptr) lse[i] = kEmpty;
-      continue;
-    }
-    // An empty side (lse −inf) may hold anything (even NaN from a caller's buffer): skip it, do
-    // not scale it. A side whose weight merely underflows to 0 is skipped only when its row is
-    // finite, so that a NaN in it still reaches the merged row (0·NaN = NaN).
-    if (lse_b[i] == kEmpty || (w_b == T(0) && out_b.row(i).allFinite())) {
-      out.row(i) = out_a.row(i) * (w_a / sum);
-    } else if (lse_a[i] == kEmpty || (w_a == T(0) && out_a.row(i).allFinite())) {
-      out.row(i) = out_b.row(i) * (w_b / sum);
+constexpr T lse_to_base2(T lse) {
+  return lse * T(1.44269504088896340735992468100189214L);  // log2(e)
+}
+
+/// Base-2 log-sum-exp (FlashInfer's) to the natural log that blockattn uses: lse2 · ln 2.
+template <class T>
+constexpr T lse_from_base2(T lse2) {
+  return lse2 * T(0.693147180559945309417232121458176568L);  // ln 2
+}
+
+/// lse_to_base2() on every element of `lse`, in place. O(n), no extra memory.
+template <class T>
+void lse_to_base2(Span<T> lse) {
+  for (T& x : lse) x = lse_to_base2(x);
+}
+
+/// lse_from_base2() on every element of `lse`, in place. O(n), no extra memory.
+template <class T>
+void lse_from_base2(Span<T> lse) {
+  for (T& x : lse) x = lse_from_base2(x);
+}
+
+namespace detail {
+
+/// A view of the parts of a merge (a std::vector, std::array or Span of AttentionState /
+/// TensorAttentionState).
+template <class Parts>
+auto parts_span(const Parts& parts) {
+  using Part = std::remove_cv_t<std::remove_reference_t<decltype(*parts.data())>>;
+  return Span<const Part>(parts.data(), static_cast<Index>(parts.size()));
+}
+
+/// Merges row i of every part into out_row (d_v values of type O) and lse_out (may be null):
+/// the state starts as part `first` (the one out aliases, if any, else 0) and takes the others in
+/// order through merge_row(), then is finalised. `row(p)` gives part p's out row, `lse(p)` its
+/// lse for this row. A part with lse −inf is the empty state (m −inf, l 0), a finite one is
+/// (m = lse, l = 1, acc = out); NaN makes the row NaN. O(parts·d_v), no extra memory: the
+/// running output lives in out_row.
+template <class A, class O, class Row, class Lse>
+void merge_parts_row(Index parts, Index first, const Row& row, const Lse& lse, O* out_row,
+                     Index d_v, A* lse_out) {
+  A m = kNegativeInfinity<A>;
+  A l = A(0);
+  // The first part: out_row := its out (nothing to copy when out aliases it).
+  {
+    const A part_lse = lse(first);
+    const auto* src = row(first);
+    if (part_lse == kNegativeInfinity<A>) {
+      for (Index c = 0; c < d_v; ++c) out_row[c] = O(0);
     } else {
-      out.row(i) = (out_a.row(i) * w_a + out_b.row(i) * w_b) / sum;
+      if (static_cast<const void*>(src) != static_cast<const void*>(out_row)) {
+        for (Index c = 0; c < d_v; ++c) out_row[c] = static_cast<O>(src[c]);
+      }
+      m = part_lse;
+      l = std::isnan(part_lse) ? part_lse : A(1);
     }
-    if (lse != nullptr) lse[i] = m + std::log(sum);
   }
+  for (Index p = 0; p < parts; ++p) {
+    const A part_lse = lse(p);
+    if (p == first || part_lse == kNegativeInfinity<A>) continue;  // empty: the identity
+    merge_row(m, l, out_row, part_lse, A(1), row(p), d_v);
+  }
+  finalize_row(m, l, out_row, out_row, d_v, lse_out);
 }
 
-/// merge_attention_states() on float arguments without spelling T.
-template <int = 0>
-inline void merge_attention_states(ConstMatrixView<float> out_a, const float* lse_a,
-                                   ConstMatrixView<float> out_b, const float* lse_b,
-                                   MatrixView<float> out, float* lse = nullptr) {
-  merge_attention_states<float>(out_a, lse_a, out_b, lse_b, out, lse);
+}  // namespace detail
+
+/// Exact merge of N attention results over disjoint key sets of the same queries: the (out, lse)
+/// of attention over the union of the keys. With m = max_p lse_p, out = Σ_p exp(lse_p − m)·out_p
+/// / Σ_p exp(lse_p − m) and lse = m + log Σ_p exp(lse_p − m), computed part by part through the
+/// one online-softmax merge rule (detail/online_state.hpp), so the result is independent of the
+/// order of the parts up to rounding (associative and commutative). An empty part (lse −inf, out
+/// anything: no visible key) is the identity; all parts empty gives out 0, lse −inf. NaN follows
+/// the README's policy: a NaN lse_p[i] gives a NaN row i (out and lse), and a NaN in a part's out
+/// reaches out even when that part's weight underflows to 0. The basis of split-KV decode and of
+/// distributed attention. lse is natural-log (lse_to_base2 / lse_from_base2 convert FlashInfer's).
+/// `parts`: a std::vector, std::array or Span of AttentionState<P>, at least one.
+/// Element types: out float or double, deduced; the parts' P float or double.
+/// Shapes: every parts[p].out [n_q, d_v], parts[p].lse [n_q] (required); out [n_q, d_v]; lse
+/// [n_q] or empty. Time O(N·n_q·d_v) over `threads` threads (0: all; rows are independent, so
+/// the result is bitwise the same for any count), no extra memory.
+/// Throws std::invalid_argument naming the part, the argument and both sizes (shape mismatch, a
+/// missing or too-short lse, no parts, an overlap), before writing. out may be exactly one part's
+/// out (same data and stride; it then starts the merge), lse exactly one part's lse; any other
+/// overlap is rejected.
+template <class Parts, class O>
+void merge_attention_states(const Parts& parts_, const Eigen::MatrixBase<O>& out_,
+                            Span<accumulator_t<typename O::Scalar>> lse = {}, int threads = 0) {
+  using T = typename O::Scalar;
+  using A = accumulator_t<T>;
+  const auto parts = detail::parts_span(parts_);
+  using P = typename std::remove_const_t<typename decltype(parts)::element_type>::value_type;
+  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  static_assert(detail::kKernelScalar<P>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  detail::check_matrix_arguments<T, O>();
+  detail::check_matrix_outputs<O>();
+  MatrixView<T> out = detail::writable_view(out_);
+  const char* function = "merge_attention_states";
+  detail::require(!parts.empty(), function, "parts is empty (at least one part to merge)");
+  detail::require(threads >= 0, function, "threads is ", threads, " but must be >= 0 (0: all)");
+  const Index n_q = parts[0].out.rows();
+  const Index d_v = parts[0].out.cols();
+  Index aliased = -1;
+  const detail::AddressRange out_range = detail::view_range(out);
+  for (Index p = 0; p < parts.size(); ++p) {
+    const auto& part = parts[p];
+    const std::string name = detail::concat("parts[", p, "]");
+    detail::require_size(function, (name + ".out.rows()").c_str(), part.out.rows(),
+                         "parts[0].out.rows()", n_q, "every part holds the same queries");
+    detail::require_size(function, (name + ".out.cols()").c_str(), part.out.cols(),
+                         "parts[0].out.cols()", d_v, "every part has the same head dimension");
+    detail::require_span(function, (name + ".lse").c_str(), part.lse,
+                         (name + ".out.rows()").c_str(), n_q, "one log-sum-exp per query",
+                         /*required=*/true);
+  }
+  detail::require_size(function, "out.rows()", out.rows(), "parts[0].out.rows()", n_q,
+                       "one output row per query");
+  detail::require_size(function, "out.cols()", out.cols(), "parts[0].out.cols()", d_v,
+                       "the parts' head dimension");
+  detail::require_span(function, "lse", lse, "out.rows()", n_q, "one log-sum-exp per query",
+                       /*required=*/false);
+  for (Index p = 0; p < parts.size(); ++p) {
+    const auto& part = parts[p];
+    const std::string name = detail::concat("parts[", p, "].out");
+    const bool same =
+        static_cast<const void*>(part.out.data()) == static_cast<const void*>(out.data()) &&
+        std::is_same_v<P, T> && (part.out.outerStride() == out.outerStride() || n_q <= 1);
+    if (same && aliased < 0) {
+      aliased = p;
+    } else {
+      detail::require_disjoint(function, "out", out_range, name.c_str(),
+                               detail::view_range(part.out));
+    }
+    if (!lse.empty()) {
+      const detail::AddressRange lse_range = detail::address_range(lse.data(), 1, n_q, n_q);
+      const bool same_lse =
+          static_cast<const void*>(part.lse.data()) == static_cast<const void*>(lse.data());
+      if (!same_lse) {
+        detail::require_disjoint(function, "lse", lse_range,
+                                 detail::concat("parts[", p, "].lse").c_str(),
+                                 detail::address_range(part.lse.data(), 1, n_q, n_q));
+      }
+      detail::require_disjoint(function, "lse", lse_range, name.c_str(),
+                               detail::view_range(part.out));
+    }
+  }
+  if (!lse.empty()) {
+    detail::require_disjoint(function, "lse", detail::address_range(lse.data(), 1, n_q, n_q), "out",
+                             out_range);
+  }
+  const Index first = aliased >= 0 ? aliased : 0;
+  detail::parallel_for(n_q, detail::resolve_threads(threads, n_q), [&](Index i, int) {
+    detail::merge_parts_row<A>(
+        parts.size(), first, [&](Index p) { return parts[p].out.row(i).data(); },
+        [&](Index p) { return static_cast<A>(parts[p].lse[i]); }, out.row(i).data(), d_v,
+        lse.empty() ? static_cast<A*>(nullptr) : lse.data() + i);
+  });
 }
 
-/// merge_attention_states() on double arguments without spelling T.
-template <int = 0>
-inline void merge_attention_states(ConstMatrixView<double> out_a, const double* lse_a,
-                                   ConstMatrixView<double> out_b, const double* lse_b,
-                                   MatrixView<double> out, double* lse = nullptr) {
-  merge_attention_states<double>(out_a, lse_a, out_b, lse_b, out, lse);
+/// merge_attention_states() of two parts: (out_a, lse_a) ⊕ (out_b, lse_b) → (out, lse), as
+/// merge_attention_states({{out_a, lse_a}, {out_b, lse_b}}, out, lse) (messages name the parts
+/// parts[0] and parts[1]). out may be exactly out_a or out_b, lse exactly lse_a or lse_b. Single
+/// thread; O(n_q·d_v), no extra memory.
+template <class A_, class B, class O>
+void merge_attention_states(const Eigen::MatrixBase<A_>& out_a,
+                            Span<const accumulator_t<typename A_::Scalar>> lse_a,
+                            const Eigen::MatrixBase<B>& out_b,
+                            Span<const accumulator_t<typename A_::Scalar>> lse_b,
+                            const Eigen::MatrixBase<O>& out,
+                            Span<accumulator_t<typename O::Scalar>> lse = {}) {
+  using P = typename A_::Scalar;
+  static_assert(detail::kKernelScalar<typename O::Scalar>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  detail::check_matrix_arguments<P, A_, B>();
+  const std::array<AttentionState<P>, 2> parts = {
+      AttentionState<P>{ConstMatrixView<P>(out_a.derived()), lse_a},
+      AttentionState<P>{ConstMatrixView<P>(out_b.derived()), lse_b}};
+  merge_attention_states(parts, out, lse, /*threads=*/1);
+}
+
+/// Exact merge of N multi-head attention results over disjoint key sets (split-KV over segments,
+/// threads or processes): merge_attention_states() applied to every (batch, head) and query row.
+/// `parts`: a std::vector, std::array or Span of TensorAttentionState<P>, at least one.
+/// Shapes: every parts[p].out [B, n_q, H, d_v] (any strides), parts[p].lse [B, H, n_q]
+/// contiguous (required); out [B, n_q, H, d_v]; lse [B, H, n_q] or empty. Time O(N·B·H·n_q·d_v)
+/// over `threads` threads (0: all), bitwise the same for any count; no extra memory. Same
+/// rules as the single-head form otherwise (out may be exactly one part's out).
+template <class Parts, class OT>
+void merge_attention_states(const Parts& parts_, TensorView<OT> out,
+                            Span<accumulator_t<OT>> lse = {}, int threads = 0) {
+  using T = OT;
+  using A = accumulator_t<T>;
+  const auto parts = detail::parts_span(parts_);
+  using P = typename std::remove_const_t<typename decltype(parts)::element_type>::value_type;
+  static_assert(detail::kKernelScalar<std::remove_const_t<T>>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  static_assert(!std::is_const_v<T>, "blockattn: out must be a writable TensorView<T>");
+  static_assert(detail::kKernelScalar<P>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  const char* function = "merge_attention_states";
+  detail::require(!parts.empty(), function, "parts is empty (at least one part to merge)");
+  detail::require(threads >= 0, function, "threads is ", threads, " but must be >= 0 (0: all)");
+  const TensorView<const P>& first_out = parts[0].out;
+  const std::array<Index, 4> dims = {first_out.batch, first_out.seq, first_out.heads,
+                                     first_out.dim};
+  const char* const axes[4] = {"batch", "seq", "heads", "dim"};
+  const auto check_dims = [&](const std::string& name, const std::array<Index, 4>& actual) {
+    for (std::size_t a = 0; a < 4; ++a) {
+      detail::require(actual[a] >= 0, function, name, ".", axes[a], " is ", actual[a],
+                      " but must be >= 0");
+      detail::require_size(function, (name + "." + axes[a]).c_str(), actual[a],
+                           (std::string("parts[0].out.") + axes[a]).c_str(), dims[a],
+                           "every part and the output have the same shape");
+    }
+  };
+  const Index count = dims[0] * dims[1] * dims[2];
+  const bool empty = count == 0 || dims[3] == 0;
+  const detail::AddressRange out_range = detail::tensor_range(out);
+  check_dims("out", {out.batch, out.seq, out.heads, out.dim});
+  detail::require(empty || out.data != nullptr, function, "out.data is null for a non-empty merge");
+  detail::require(empty || detail::elements_distinct(out), function, "out's strides make ",
+                  "elements of out share memory (every output element needs its own address)");
+  detail::require_span(function, "lse", lse, "batch·heads·n_q", count,
+                       "one log-sum-exp per query row, [batch, heads, n_q]", /*required=*/false);
+  Index aliased = -1;
+  for (Index p = 0; p < parts.size(); ++p) {
+    const auto& part = parts[p];
+    const std::string name = detail::concat("parts[", p, "]");
+    check_dims(name + ".out", {part.out.batch, part.out.seq, part.out.heads, part.out.dim});
+    detail::require(empty || part.out.data != nullptr, function, name,
+                    ".out.data is null for a non-empty merge");
+    detail::require_span(function, (name + ".lse").c_str(), part.lse, "batch·heads·n_q", count,
+                         "one log-sum-exp per query row, [batch, heads, n_q]", /*required=*/true);
+    const bool same =
+        static_cast<const void*>(part.out.data) == static_cast<const void*>(out.data) &&
+        std::is_same_v<P, T> && part.out.batch_stride == out.batch_stride &&
+        part.out.seq_stride == out.seq_stride && part.out.head_stride == out.head_stride;
+    if (same && aliased < 0) {
+      aliased = p;
+    } else {
+      detail::require_disjoint(function, "out", out_range, (name + ".out").c_str(),
+                               detail::tensor_range(part.out));
+    }
+    if (!lse.empty()) {
+      const detail::AddressRange lse_range = detail::address_range(lse.data(), 1, count, count);
+      if (static_cast<const void*>(part.lse.data()) != static_cast<const void*>(lse.data())) {
+        detail::require_disjoint(function, "lse", lse_range, (name + ".lse").c_str(),
+                                 detail::address_range(part.lse.data(), 1, count, count));
+      }
+      detail::require_disjoint(function, "lse", lse_range, (name + ".out").c_str(),
+                               detail::tensor_range(part.out));
+    }
+  }
+  if (!lse.empty()) {
+    detail::require_disjoint(function, "lse", detail::address_range(lse.data(), 1, count, count),
+                             "out", out_range);
+  }
+  if (empty) return;
+  const Index first = aliased >= 0 ? aliased : 0;
+  const Index heads = dims[2];
+  const Index n_q = dims[1];
+  const Index d_v = dims[3];
+  const Index slices = dims[0] * heads;
+  detail::parallel_for(slices, detail::resolve_threads(threads, slices), [&](Index bh, int) {
+    const Index b = bh / heads;
+    const Index h = bh % heads;
+    for (Index i = 0; i < n_q; ++i) {
+      const Index at = bh * n_q + i;  // lse index [b, h, i]
+      detail::merge_parts_row<A>(
+          parts.size(), first, [&](Index p) { return parts[p].out.at(b, i, h); },
+          [&](Index p) { return static_cast<A>(parts[p].lse[at]); }, out.at(b, i, h), d_v,
+          lse.empty() ? static_cast<A*>(nullptr) : lse.data() + at);
+    }
+  });
 }
 
 }  // namespace blockattn

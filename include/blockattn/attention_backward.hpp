@@ -44,19 +44,18 @@ inline void require_disjoint_outputs(
 /// Checks every argument of the single-head attention_backward() before anything is written:
 /// the forward's checks on q, k, v, out, lse and the options, then dout, dq, dk, dv, a required
 /// lse, and no output overlapping an input or another output.
-template <class T>
+template <class T, class L>
 void validate_attention_backward(const char* function, const ConstMatrixView<T>& q,
                                  const ConstMatrixView<T>& k, const ConstMatrixView<T>& v,
-                                 const ConstMatrixView<T>& out, const T* lse,
+                                 const ConstMatrixView<T>& out, Span<L> lse,
                                  const ConstMatrixView<T>& dout, const MatrixView<T>& dq,
                                  const MatrixView<T>& dk, const MatrixView<T>& dv,
                                  const AttentionOptions& options) {
   // The forward's validation only reads `out`; it takes a writable view, so give it one.
   Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> out_view(
       const_cast<T*>(out.data()), out.rows(), out.cols(), Eigen::OuterStride<>(out.outerStride()));
-  validate_attention<T>(function, q, k, v, MatrixView<T>(out_view), options, lse);
-  require(q.rows() == 0 || lse != nullptr, function, "lse is null but q has ", q.rows(),
-          " rows (the backward pass needs the forward's log-sum-exp, one per query)");
+  validate_attention<T>(function, q, k, v, MatrixView<T>(out_view), options, lse,
+                        /*lse_required=*/true);
   require_size(function, "dout.rows()", dout.rows(), "out.rows()", out.rows(),
                "one output gradient per output row");
   require_size(function, "dout.cols()", dout.cols(), "out.cols()", out.cols(),
@@ -75,23 +74,21 @@ void validate_attention_backward(const char* function, const ConstMatrixView<T>&
                             {"v", view_range(v)},
                             {"out", view_range(out)},
                             {"dout", view_range(dout)},
-                            {"lse", address_range(lse, 1, n_q, n_q)}});
+                            {"lse", address_range(lse.data(), 1, n_q, n_q)}});
 }
 
 /// Checks every argument of the TensorView attention_backward() before anything is written.
-template <class T>
+template <class T, class L>
 void validate_attention_backward(const char* function, const TensorView<const T>& q,
                                  const TensorView<const T>& k, const TensorView<const T>& v,
-                                 const TensorView<const T>& out, const T* lse,
+                                 const TensorView<const T>& out, Span<L> lse,
                                  const TensorView<const T>& dout, const TensorView<T>& dq,
                                  const TensorView<T>& dk, const TensorView<T>& dv,
                                  const AttentionOptions& options) {
   const TensorView<T> out_view(const_cast<T*>(out.data), out.batch, out.seq, out.heads, out.dim,
                                out.batch_stride, out.seq_stride, out.head_stride);
-  validate_attention<T>(function, q, k, v, out_view, options, lse);
+  validate_attention<T>(function, q, k, v, out_view, options, lse, /*lse_required=*/true);
   const Index count = q.batch * q.heads * q.seq;
-  require(count == 0 || lse != nullptr, function, "lse is null but q has ", count,
-          " query rows (the backward pass needs the forward's log-sum-exp, [batch, heads, n_q])");
   const auto sizes = [](const auto& t) {
     return std::array<Index, 4>{t.batch, t.seq, t.heads, t.dim};
   };
@@ -121,7 +118,7 @@ void validate_attention_backward(const char* function, const TensorView<const T>
        {"v", tensor_range(v)},
        {"out", tensor_range(out)},
        {"dout", tensor_range(dout)},
-       {"lse", address_range(lse, 1, count, count)}});
+       {"lse", address_range(lse.data(), 1, count, count)}});
 }
 
 template <class ScoreMod>
@@ -130,6 +127,88 @@ constexpr void check_backward_score_mod() {
                 "blockattn: attention_backward does not support a user score_mod (its derivative "
                 "is unknown; user score mods are forward-only). Soft-capping and ALiBi are built "
                 "into AttentionOptions and are supported.");
+}
+
+}  // namespace detail
+
+// --- the arguments, by name ---------------------------------------------------------------------
+
+/// The inputs of the single-head attention_backward(), set field by field:
+///   blockattn::AttentionBackwardInputs<float> in;
+///   in.q = q;  in.k = k;  in.v = v;  in.out = out;  in.lse = lse;  in.dout = dout;
+/// There is no positional initialisation (the constructor is user-provided), so two views of the
+/// same type cannot be swapped without the swap being spelled out.
+template <class T>
+struct AttentionBackwardInputs {
+  MatrixRef<const T> q;              ///< [n_q, d]: the forward's queries
+  MatrixRef<const T> k;              ///< [n_k, d]: its keys
+  MatrixRef<const T> v;              ///< [n_k, d_v]: its values
+  MatrixRef<const T> out;            ///< [n_q, d_v]: its output
+  Span<const accumulator_t<T>> lse;  ///< [n_q]: its log-sum-exp (required)
+  MatrixRef<const T> dout;           ///< [n_q, d_v]: ∂L/∂out
+
+  AttentionBackwardInputs() {}  // NOLINT(modernize-use-equals-default): no aggregate init
+};
+
+/// The outputs of the single-head attention_backward(), set by name (grads.dq = dq; ...): dq, dk
+/// and dv have the shapes of q, k and v and are overwritten entirely.
+template <class T>
+struct AttentionGradients {
+  MatrixRef<T> dq;  ///< [n_q, d]: ∂L/∂q
+  MatrixRef<T> dk;  ///< [n_k, d]: ∂L/∂k
+  MatrixRef<T> dv;  ///< [n_k, d_v]: ∂L/∂v
+
+  AttentionGradients() {}  // NOLINT(modernize-use-equals-default): no aggregate init
+};
+
+/// The inputs of the multi-head attention_backward(), set by name as AttentionBackwardInputs.
+template <class T>
+struct TensorBackwardInputs {
+  TensorView<const T> q;             ///< [B, n_q, H, d]
+  TensorView<const T> k;             ///< [B, n_k, H_kv, d]
+  TensorView<const T> v;             ///< [B, n_k, H_kv, d_v]
+  TensorView<const T> out;           ///< [B, n_q, H, d_v]
+  Span<const accumulator_t<T>> lse;  ///< [B, H, n_q] contiguous (required)
+  TensorView<const T> dout;          ///< [B, n_q, H, d_v]
+
+  TensorBackwardInputs() {}  // NOLINT(modernize-use-equals-default): no aggregate init
+};
+
+/// The outputs of the multi-head attention_backward(), set by name.
+template <class T>
+struct TensorGradients {
+  TensorView<T> dq;  ///< [B, n_q, H, d]
+  TensorView<T> dk;  ///< [B, n_k, H_kv, d]: summed over the query heads of each kv head
+  TensorView<T> dv;  ///< [B, n_k, H_kv, d_v]: likewise
+
+  TensorGradients() {}  // NOLINT(modernize-use-equals-default): no aggregate init
+};
+
+namespace detail {
+
+/// The Eigen view of a MatrixRef (no copy).
+template <class T>
+Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>> eigen_view(const MatrixRef<const T>& x) {
+  return {x.data(), x.rows(), x.cols(), Eigen::OuterStride<>(std::max<Index>(x.outerStride(), 0))};
+}
+template <class T>
+Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> eigen_view(const MatrixRef<T>& x) {
+  return {x.data(), x.rows(), x.cols(), Eigen::OuterStride<>(std::max<Index>(x.outerStride(), 0))};
+}
+
+/// The checks of the single-head form, on the structs.
+template <class T>
+void validate_attention_backward(const char* function, const AttentionBackwardInputs<T>& in,
+                                 const AttentionGradients<T>& grads,
+                                 const AttentionOptions& options) {
+  auto dq = eigen_view(grads.dq);
+  auto dk = eigen_view(grads.dk);
+  auto dv = eigen_view(grads.dv);
+  validate_attention_backward<T>(
+      function, ConstMatrixView<T>(eigen_view(in.q)), ConstMatrixView<T>(eigen_view(in.k)),
+      ConstMatrixView<T>(eigen_view(in.v)), ConstMatrixView<T>(eigen_view(in.out)), in.lse,
+      ConstMatrixView<T>(eigen_view(in.dout)), MatrixView<T>(dq), MatrixView<T>(dk),
+      MatrixView<T>(dv), options);
 }
 
 }  // namespace detail
@@ -143,72 +222,31 @@ constexpr void check_backward_score_mod() {
 /// soft-capping (∂ = 1 − tanh²) and ALiBi as the forward, and the same mask_mod(b, h, i, j) with
 /// b = h = 0; a user score_mod is forward-only and rejected at compile time. A query with no
 /// visible key (lse = −inf) gets dq = 0 and contributes nothing to dk, dv: never NaN.
+/// Arguments by name: AttentionBackwardInputs<T> (q, k, v, out, lse, dout) and
+/// AttentionGradients<T> (dq, dk, dv). Element types: float or double (T of the structs).
 /// Shapes: q [n_q, d], k [n_k, d], v [n_k, d_v], out and dout [n_q, d_v], lse [n_q]; dq, dk, dv
 /// have the shapes of q, k, v and are overwritten entirely.
 /// Time O(n_q·n_k·(d + d_v)) for the visible tiles (5 tile products against the forward's 2);
 /// extra memory O(threads·query_chunk·(d + 3·key_chunk)) plus one integer per query chunk,
 /// independent of n otherwise.
-/// Throws std::invalid_argument naming the argument and both sizes (bad shapes, null lse, an
-/// output overlapping an input or another output), before writing anything.
+/// Throws std::invalid_argument naming the argument and both sizes (bad shapes, an empty or
+/// too-short lse, an output overlapping an input or another output), before writing anything.
 /// Deterministic: bitwise identical for any thread count (dk, dv: one owner per key chunk; dq:
 /// summed in key-chunk order); chunk sizes change rounding only.
 template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
-void attention_backward(ConstMatrixView<T> q, ConstMatrixView<T> k, ConstMatrixView<T> v,
-                        ConstMatrixView<T> out, const T* lse, ConstMatrixView<T> dout,
-                        MatrixView<T> dq, MatrixView<T> dk, MatrixView<T> dv,
+void attention_backward(const AttentionBackwardInputs<T>& in, const AttentionGradients<T>& grads,
                         const AttentionOptions& options = {}, const MaskMod& mask_mod = {},
                         const ScoreMod& /*score_mod*/ = {}) {
-  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
   detail::check_mods<T, MaskMod, NoScoreMod>();
   detail::check_backward_score_mod<ScoreMod>();
-  detail::validate_attention_backward<T>("attention_backward", q, k, v, out, lse, dout, dq, dk, dv,
-                                         options);
+  detail::validate_attention_backward<T>("attention_backward", in, grads, options);
   detail::attention_backward_kernel<T>(
-      detail::as_tensor<const T>(q), detail::as_tensor<const T>(k), detail::as_tensor<const T>(v),
-      detail::as_tensor<const T>(out), lse, detail::as_tensor<const T>(dout),
-      detail::as_tensor<T>(dq), detail::as_tensor<T>(dk), detail::as_tensor<T>(dv), options,
-      mask_mod);
-}
-
-// float/double overloads: `template <int = 0>`, instantiated only where called (detail/config.hpp).
-/// attention_backward() on float arguments without spelling T (see STYLE §2.3).
-template <int = 0>
-inline void attention_backward(ConstMatrixView<float> q, ConstMatrixView<float> k,
-                               ConstMatrixView<float> v, ConstMatrixView<float> out,
-                               const float* lse, ConstMatrixView<float> dout, MatrixView<float> dq,
-                               MatrixView<float> dk, MatrixView<float> dv,
-                               const AttentionOptions& options = {}) {
-  attention_backward<float>(q, k, v, out, lse, dout, dq, dk, dv, options);
-}
-
-/// attention_backward() on double arguments without spelling T.
-template <int = 0>
-inline void attention_backward(ConstMatrixView<double> q, ConstMatrixView<double> k,
-                               ConstMatrixView<double> v, ConstMatrixView<double> out,
-                               const double* lse, ConstMatrixView<double> dout,
-                               MatrixView<double> dq, MatrixView<double> dk, MatrixView<double> dv,
-                               const AttentionOptions& options = {}) {
-  attention_backward<double>(q, k, v, out, lse, dout, dq, dk, dv, options);
-}
-
-/// attention_backward() with a user mask on float arguments without spelling T.
-template <class MaskMod>
-void attention_backward(ConstMatrixView<float> q, ConstMatrixView<float> k,
-                        ConstMatrixView<float> v, ConstMatrixView<float> out, const float* lse,
-                        ConstMatrixView<float> dout, MatrixView<float> dq, MatrixView<float> dk,
-                        MatrixView<float> dv, const AttentionOptions& options,
-                        const MaskMod& mask_mod) {
-  attention_backward<float, MaskMod>(q, k, v, out, lse, dout, dq, dk, dv, options, mask_mod);
-}
-
-/// attention_backward() with a user mask on double arguments without spelling T.
-template <class MaskMod>
-void attention_backward(ConstMatrixView<double> q, ConstMatrixView<double> k,
-                        ConstMatrixView<double> v, ConstMatrixView<double> out, const double* lse,
-                        ConstMatrixView<double> dout, MatrixView<double> dq, MatrixView<double> dk,
-                        MatrixView<double> dv, const AttentionOptions& options,
-                        const MaskMod& mask_mod) {
-  attention_backward<double, MaskMod>(q, k, v, out, lse, dout, dq, dk, dv, options, mask_mod);
+      detail::as_tensor<const T>(in.q), detail::as_tensor<const T>(in.k),
+      detail::as_tensor<const T>(in.v), detail::as_tensor<const T>(in.out),
+      detail::data_or_null(in.lse), detail::as_tensor<const T>(in.dout),
+      detail::as_tensor<T>(grads.dq), detail::as_tensor<T>(grads.dk),
+      detail::as_tensor<T>(grads.dv), options, mask_mod);
 }
 
 // --- multi-head, batched -----------------------------------------------------------------------
@@ -217,62 +255,21 @@ void attention_backward(ConstMatrixView<double> q, ConstMatrixView<double> k,
 /// GQA/MQA: query head h read kv head h / (q.heads / k.heads), so dk and dv of a kv head are the
 /// sums over the query heads that share it — accumulated in place, without copies, in a fixed
 /// order. options.key_lengths, alibi_slopes, block_sparse and mask_mod(b, h, i, j) as in the
-/// forward.
+/// forward. Arguments by name: TensorBackwardInputs<T> and TensorGradients<T>.
 /// Shapes: q, dq [B, n_q, H, d]; k, dk [B, n_k, H_kv, d]; v, dv [B, n_k, H_kv, d_v];
 /// out, dout [B, n_q, H, d_v]; lse [B, H, n_q] contiguous (the forward's). Otherwise as the
 /// single-head attention_backward(): same cost per head, extra memory, errors and guarantees.
 template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
-void attention_backward(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v,
-                        TensorView<const T> out, const T* lse, TensorView<const T> dout,
-                        TensorView<T> dq, TensorView<T> dk, TensorView<T> dv,
+void attention_backward(const TensorBackwardInputs<T>& in, const TensorGradients<T>& grads,
                         const AttentionOptions& options = {}, const MaskMod& mask_mod = {},
                         const ScoreMod& /*score_mod*/ = {}) {
-  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
   detail::check_mods<T, MaskMod, NoScoreMod>();
   detail::check_backward_score_mod<ScoreMod>();
-  detail::validate_attention_backward<T>("attention_backward", q, k, v, out, lse, dout, dq, dk, dv,
-                                         options);
-  detail::attention_backward_kernel<T>(q, k, v, out, lse, dout, dq, dk, dv, options, mask_mod);
-}
-
-/// TensorView attention_backward() on float arguments without spelling T.
-template <int = 0>
-inline void attention_backward(TensorView<const float> q, TensorView<const float> k,
-                               TensorView<const float> v, TensorView<const float> out,
-                               const float* lse, TensorView<const float> dout, TensorView<float> dq,
-                               TensorView<float> dk, TensorView<float> dv,
-                               const AttentionOptions& options = {}) {
-  attention_backward<float>(q, k, v, out, lse, dout, dq, dk, dv, options);
-}
-
-/// TensorView attention_backward() on double arguments without spelling T.
-template <int = 0>
-inline void attention_backward(TensorView<const double> q, TensorView<const double> k,
-                               TensorView<const double> v, TensorView<const double> out,
-                               const double* lse, TensorView<const double> dout,
-                               TensorView<double> dq, TensorView<double> dk, TensorView<double> dv,
-                               const AttentionOptions& options = {}) {
-  attention_backward<double>(q, k, v, out, lse, dout, dq, dk, dv, options);
-}
-
-/// TensorView attention_backward() with a user mask on float arguments without spelling T.
-template <class MaskMod>
-void attention_backward(TensorView<const float> q, TensorView<const float> k,
-                        TensorView<const float> v, TensorView<const float> out, const float* lse,
-                        TensorView<const float> dout, TensorView<float> dq, TensorView<float> dk,
-                        TensorView<float> dv, const AttentionOptions& options,
-                        const MaskMod& mask_mod) {
-  attention_backward<float, MaskMod>(q, k, v, out, lse, dout, dq, dk, dv, options, mask_mod);
-}
-
-/// TensorView attention_backward() with a user mask on double arguments without spelling T.
-template <class MaskMod>
-void attention_backward(TensorView<const double> q, TensorView<const double> k,
-                        TensorView<const double> v, TensorView<const double> out, const double* lse,
-                        TensorView<const double> dout, TensorView<double> dq, TensorView<double> dk,
-                        TensorView<double> dv, const AttentionOptions& options,
-                        const MaskMod& mask_mod) {
-  attention_backward<double, MaskMod>(q, k, v, out, lse, dout, dq, dk, dv, options, mask_mod);
+  detail::validate_attention_backward<T>("attention_backward", in.q, in.k, in.v, in.out, in.lse,
+                                         in.dout, grads.dq, grads.dk, grads.dv, options);
+  detail::attention_backward_kernel<T>(in.q, in.k, in.v, in.out, detail::data_or_null(in.lse),
+                                       in.dout, grads.dq, grads.dk, grads.dv, options, mask_mod);
 }
 
 }  // namespace blockattn

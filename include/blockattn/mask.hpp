@@ -8,7 +8,7 @@
 // Order of operations on one score (every kernel and reference::attention):
 //   s = scale · q_i·k_j                                   (scale 0: 1/sqrt(d))
 //   s = softcap · tanh(s / softcap)                       (softcap > 0)
-//   s = s − alibi_slopes[h] · |i + (n_k − n_q) − j|       (alibi_slopes != nullptr)
+//   s = s − alibi_slopes[h] · |i + (n_k − n_q) − j|       (alibi_slopes not empty)
 //   s = score_mod(s, b, h, i, j)                          (user functor)
 //   s = −inf unless visible(b, h, i, j)                   (every mask below, AND-ed)
 // visible(b, h, i, j) = j < key_lengths[b]
@@ -33,6 +33,8 @@
 #include <blockattn/types.hpp>
 
 namespace blockattn {
+
+class Workspace;
 
 /// How much of a (query block, key block) tile a mask lets through.
 enum class BlockVisibility {
@@ -132,10 +134,13 @@ struct AttentionOptions {
   Index query_chunk = 0;  ///< queries per tile; 0: chosen by the library
   Index key_chunk = 0;    ///< keys per tile; 0: chosen by the library
   int threads = 0;        ///< 0: omp_get_max_threads() (all, unless OMP_NUM_THREADS says less)
-  const Index* key_lengths = nullptr;  ///< [batch]: keys j >= key_lengths[b] are padding
+  Span<const Index> key_lengths;  ///< [batch] or empty: keys j >= key_lengths[b] are padding
   const BlockSparseLayout* block_sparse = nullptr;  ///< BlockBERT layout; not owned
-  const double* alibi_slopes = nullptr;  ///< [query heads]: s −= slope_h·|i + (n_k − n_q) − j|
-  double softcap = 0;                    ///< > 0: s = softcap·tanh(s / softcap) (Gemma 2)
+  Span<const double> alibi_slopes;  ///< [query heads] or empty: s −= slope_h·|i + (n_k − n_q) − j|
+  double softcap = 0;               ///< > 0: s = softcap·tanh(s / softcap) (Gemma 2)
+  /// Caller's reusable scratch (not owned; one per concurrent call): with it, repeated calls of
+  /// the same shape allocate nothing. nullptr: the call allocates its own.
+  Workspace* workspace = nullptr;
 };
 
 /// The default user mask: no per-pair mask at all (compiled out).
@@ -212,7 +217,7 @@ class TileMasker {
   TileMasker(const AttentionOptions& options, Index n_q, Index n_k, Index b, Index h,
              const MaskMod& mask_mod)
       : offset_(n_k - n_q),
-        key_length_(options.key_lengths != nullptr ? options.key_lengths[b] : n_k),
+        key_length_(!options.key_lengths.empty() ? options.key_lengths[b] : n_k),
         causal_(options.causal),
         window_left_(options.window_left),
         window_right_(options.window_right),
@@ -341,9 +346,9 @@ class ScoreModifier {
                 const ScoreMod& score_mod)
       : offset_(n_k - n_q),
         softcap_(static_cast<T>(options.softcap)),
-        alibi_slope_(options.alibi_slopes != nullptr ? static_cast<T>(options.alibi_slopes[h])
-                                                     : T(0)),
-        has_alibi_(options.alibi_slopes != nullptr),
+        alibi_slope_(!options.alibi_slopes.empty() ? static_cast<T>(options.alibi_slopes[h])
+                                                   : T(0)),
+        has_alibi_(!options.alibi_slopes.empty()),
         b_(b),
         h_(h),
         score_mod_(score_mod) {}

@@ -81,13 +81,26 @@ void softmax_topk(const RowVector<T>& x, Index k, RowVector<T>& values, RowVecto
 
 namespace detail {
 
+/// The compile-time checks of a reference entry point's Eigen arguments: one element type, the
+/// outputs writable row-major storage (inputs may be anything: the reference copies them).
+template <class T, class... Inputs>
+constexpr void check_reference_arguments_of() {
+  static_assert((std::is_same_v<typename Inputs::Scalar, T> && ...),
+                "blockattn: every matrix argument must have the same element type");
+}
+template <class T, class Q, class K, class V, class O>
+constexpr void check_reference_arguments() {
+  check_reference_arguments_of<T, Q, K, V, O>();
+  blockattn::detail::check_matrix_outputs<O>();
+}
+
 /// Whether query i of (batch b, head h) may see key j: the definition at the top of mask.hpp,
 /// written out pair by pair (independently of the kernels' tile classification).
 template <class MaskMod>
 bool attention_visible(const AttentionOptions& o, Index n_q, Index n_k, Index b, Index h, Index i,
                        Index j, const MaskMod& mask_mod) {
   const Index aligned = i + (n_k - n_q);
-  if (o.key_lengths != nullptr && j >= o.key_lengths[b]) return false;
+  if (!o.key_lengths.empty() && j >= o.key_lengths[b]) return false;
   if (o.causal && j > aligned) return false;
   if (o.window_left >= 0 && j < aligned - o.window_left) return false;
   if (o.window_right >= 0 && j > aligned + o.window_right) return false;
@@ -106,7 +119,8 @@ bool attention_visible(const AttentionOptions& o, Index n_q, Index n_k, Index b,
 /// Naive attention of one (batch b, query head h): the n_q×n_k scores materialised.
 template <class T, class MaskMod, class ScoreMod, class Q, class K, class V, class Out>
 void attention_head(const Q& q, const K& k, const V& v, Out&& out, const AttentionOptions& o,
-                    T* lse, const MaskMod& mask_mod, const ScoreMod& score_mod, Index b, Index h) {
+                    accumulator_t<T>* lse, const MaskMod& mask_mod, const ScoreMod& score_mod,
+                    Index b, Index h) {
   const Index n_q = q.rows();
   const Index n_k = k.rows();
   const T scale =
@@ -117,7 +131,7 @@ void attention_head(const Q& q, const K& k, const V& v, Out&& out, const Attenti
     for (Index j = 0; j < n_k; ++j) {
       T x = s(i, j);
       if (o.softcap > 0) x = static_cast<T>(o.softcap) * std::tanh(x / static_cast<T>(o.softcap));
-      if (o.alibi_slopes != nullptr) {
+      if (!o.alibi_slopes.empty()) {
         x -= static_cast<T>(o.alibi_slopes[h]) * static_cast<T>(std::abs(i + (n_k - n_q) - j));
       }
       if constexpr (blockattn::detail::kHasScoreMod<ScoreMod>) x = score_mod(x, b, h, i, j);
@@ -135,8 +149,9 @@ void attention_head(const Q& q, const K& k, const V& v, Out&& out, const Attenti
     out.row(i).setZero();
     for (Index j = 0; j < n_k; ++j) {
       if (s(i, j) == -inf) continue;
-      // exp(s − m), with +inf scores sharing the weight equally (the library's one rule).
-      const T p = blockattn::detail::softmax_weight(s(i, j), m);
+      // exp(s − m), with +inf scores sharing the weight equally (the library's one rule, written
+      // out here again so that the oracle does not share the kernels' code).
+      const T p = s(i, j) == m ? T(1) : std::exp(s(i, j) - m);
       l += p;
       out.row(i) += p * v.row(j);
     }
@@ -149,47 +164,52 @@ void attention_head(const Q& q, const K& k, const V& v, Out&& out, const Attenti
 
 /// Naive single-head attention with the semantics of blockattn::attention() (every option, mask
 /// and functor): the n_q×n_k scores are materialised. Time O(n_q·n_k·(d + d_v)), extra memory
-/// O(n_q·n_k). Same shapes, errors and aliasing rules as attention(). For tests (instantiate with
-/// long double) and for users who want to check a result.
-template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
-void attention(ConstMatrixView<T> q, ConstMatrixView<T> k, ConstMatrixView<T> v, MatrixView<T> out,
-               const AttentionOptions& options = {}, T* lse = nullptr, const MaskMod& mask_mod = {},
+/// O(n_q·n_k). Same shapes, errors and aliasing rules as attention(). Element types: float,
+/// double or long double, deduced from q (k, v, out must match; inputs may be expressions, which
+/// are copied). For tests (instantiate with long double) and for users who want to check a result.
+template <class Q, class K, class V, class O, class MaskMod = NoMaskMod,
+          class ScoreMod = NoScoreMod>
+void attention(const Eigen::MatrixBase<Q>& q, const Eigen::MatrixBase<K>& k,
+               const Eigen::MatrixBase<V>& v, const Eigen::MatrixBase<O>& out,
+               const AttentionOptions& options = {},
+               Span<accumulator_t<typename Q::Scalar>> lse = {}, const MaskMod& mask_mod = {},
                const ScoreMod& score_mod = {}) {
+  using T = typename Q::Scalar;
+  static_assert(blockattn::detail::kReferenceScalar<T>, BLOCKATTN_REFERENCE_SCALAR_MESSAGE);
+  detail::check_reference_arguments<T, Q, K, V, O>();
   blockattn::detail::check_mods<T, MaskMod, ScoreMod>();
-  blockattn::detail::validate_attention<T>("reference::attention", q, k, v, out, options, lse);
-  detail::attention_head<T>(q, k, v, out, options, lse, mask_mod, score_mod, 0, 0);
-}
-
-// float/double overloads: `template <int = 0>`, instantiated only where called (detail/config.hpp).
-/// reference::attention() on float arguments without spelling T.
-template <int = 0>
-inline void attention(ConstMatrixView<float> q, ConstMatrixView<float> k, ConstMatrixView<float> v,
-                      MatrixView<float> out, const AttentionOptions& options = {},
-                      float* lse = nullptr) {
-  reference::attention<float>(q, k, v, out, options, lse);
-}
-
-/// reference::attention() on double arguments without spelling T.
-template <int = 0>
-inline void attention(ConstMatrixView<double> q, ConstMatrixView<double> k,
-                      ConstMatrixView<double> v, MatrixView<double> out,
-                      const AttentionOptions& options = {}, double* lse = nullptr) {
-  reference::attention<double>(q, k, v, out, options, lse);
+  const ConstMatrixView<T> q_view(q.derived());
+  const ConstMatrixView<T> k_view(k.derived());
+  const ConstMatrixView<T> v_view(v.derived());
+  MatrixView<T> out_view = blockattn::detail::writable_view(out);
+  blockattn::detail::validate_attention<T>("reference::attention", q_view, k_view, v_view, out_view,
+                                           options, lse);
+  detail::attention_head<T>(q_view, k_view, v_view, out_view, options,
+                            blockattn::detail::data_or_null(lse), mask_mod, score_mod, 0, 0);
 }
 
 /// Naive batched multi-head attention (GQA) with the semantics of the TensorView
-/// blockattn::attention(); O(n_q·n_k) extra memory per head.
-template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
-void attention(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v,
-               TensorView<T> out, const AttentionOptions& options = {}, T* lse = nullptr,
-               const MaskMod& mask_mod = {}, const ScoreMod& score_mod = {}) {
+/// blockattn::attention(); O(n_q·n_k) extra memory per head. Element types as the 2-D form.
+template <class QT, class KT, class VT, class OT, class MaskMod = NoMaskMod,
+          class ScoreMod = NoScoreMod>
+void attention(TensorView<QT> q_, TensorView<KT> k_, TensorView<VT> v_, TensorView<OT> out,
+               const AttentionOptions& options = {},
+               Span<accumulator_t<std::remove_const_t<QT>>> lse = {}, const MaskMod& mask_mod = {},
+               const ScoreMod& score_mod = {}) {
+  using T = std::remove_const_t<QT>;
+  static_assert(blockattn::detail::kReferenceScalar<T>, BLOCKATTN_REFERENCE_SCALAR_MESSAGE);
+  blockattn::detail::check_tensor_arguments<T, KT, VT, OT>();
+  static_assert(!std::is_const_v<OT>, "blockattn: out must be a writable TensorView<T>");
   blockattn::detail::check_mods<T, MaskMod, ScoreMod>();
+  const TensorView<const T> q(q_);
+  const TensorView<const T> k(k_);
+  const TensorView<const T> v(v_);
   blockattn::detail::validate_attention<T>("reference::attention", q, k, v, out, options, lse);
   if (q.heads == 0) return;
   const Index group = q.heads / k.heads;
   for (Index b = 0; b < q.batch; ++b) {
     for (Index h = 0; h < q.heads; ++h) {
-      T* lse_head = lse != nullptr ? lse + (b * q.heads + h) * q.seq : nullptr;
+      accumulator_t<T>* lse_head = !lse.empty() ? lse.data() + (b * q.heads + h) * q.seq : nullptr;
       detail::attention_head<T>(blockattn::detail::head_slice(q, b, h),
                                 blockattn::detail::head_slice(k, b, h / group),
                                 blockattn::detail::head_slice(v, b, h / group),
@@ -197,22 +217,6 @@ void attention(TensorView<const T> q, TensorView<const T> k, TensorView<const T>
                                 mask_mod, score_mod, b, h);
     }
   }
-}
-
-/// TensorView reference::attention() on float arguments without spelling T.
-template <int = 0>
-inline void attention(TensorView<const float> q, TensorView<const float> k,
-                      TensorView<const float> v, TensorView<float> out,
-                      const AttentionOptions& options = {}, float* lse = nullptr) {
-  reference::attention<float>(q, k, v, out, options, lse);
-}
-
-/// TensorView reference::attention() on double arguments without spelling T.
-template <int = 0>
-inline void attention(TensorView<const double> q, TensorView<const double> k,
-                      TensorView<const double> v, TensorView<double> out,
-                      const AttentionOptions& options = {}, double* lse = nullptr) {
-  reference::attention<double>(q, k, v, out, options, lse);
 }
 
 // --- transformer block ---------------------------------------------------------------------
@@ -255,9 +259,14 @@ T activation_value(Activation activation, T x) {
 /// full n×ffn hidden layer. Only options.causal matters (blocks and threads are ignored).
 /// Time O(n·model·(model + ffn) + n²·model); extra memory O(heads·n² + n·(model + ffn)).
 /// Same shapes, errors and aliasing rules as transformer_block() (y may be exactly x).
-template <class T>
-void transformer_block(const TransformerBlockWeights<T>& w, ConstMatrixView<T> x, MatrixView<T> y,
-                       const BlockOptions& options = {}) {
+template <class T, class X, class Y>
+void transformer_block(const TransformerBlockWeights<T>& w, const Eigen::MatrixBase<X>& x_,
+                       const Eigen::MatrixBase<Y>& y_, const BlockOptions& options = {}) {
+  static_assert(blockattn::detail::kReferenceScalar<T>, BLOCKATTN_REFERENCE_SCALAR_MESSAGE);
+  detail::check_reference_arguments_of<T, X, Y>();
+  blockattn::detail::check_matrix_outputs<Y>();
+  const ConstMatrixView<T> x(x_.derived());
+  MatrixView<T> y = blockattn::detail::writable_view(y_);
   blockattn::detail::validate_transformer_block<T>("reference::transformer_block", w, x, y,
                                                    options);
   const Index n = x.rows();
@@ -313,99 +322,6 @@ void transformer_block(const TransformerBlockWeights<T>& w, ConstMatrixView<T> x
   y = out;
 }
 
-/// reference::transformer_block() on float arguments without spelling T.
-template <int = 0>
-inline void transformer_block(const TransformerBlockWeights<float>& w, ConstMatrixView<float> x,
-                              MatrixView<float> y, const BlockOptions& options = {}) {
-  reference::transformer_block<float>(w, x, y, options);
-}
-
-/// reference::transformer_block() on double arguments without spelling T.
-template <int = 0>
-inline void transformer_block(const TransformerBlockWeights<double>& w, ConstMatrixView<double> x,
-                              MatrixView<double> y, const BlockOptions& options = {}) {
-  reference::transformer_block<double>(w, x, y, options);
-}
-
-/// The middle variant of the BPT paper's memory comparison: memory-efficient attention
-/// (blockattn::attention over full Q, K, V, options.query_block / key_block as its chunks,
-/// options.threads threads) followed by an unfused FFN over all tokens at once. Each buffer is
-/// freed when no longer needed and the activation is applied in place, so the peak is the FFN's:
-/// h, LN2(h) and the n×ffn hidden layer, O(n·(2·model + ffn)). Same results as
-/// transformer_block() up to rounding; same shapes, errors and aliasing rules.
-template <class T>
-void transformer_block_unfused_ffn(const TransformerBlockWeights<T>& w, ConstMatrixView<T> x,
-                                   MatrixView<T> y, const BlockOptions& options = {}) {
-  blockattn::detail::validate_transformer_block<T>("reference::transformer_block_unfused_ffn", w, x,
-                                                   y, options);
-  const Index n = x.rows();
-  if (n == 0) return;
-  const Index model = w.wq.rows();
-  const Index heads = w.heads;
-  const Index kv_heads = w.resolved_kv_heads();
-  const Index head_dim = model / heads;
-  const Index kv_dim = kv_heads * head_dim;
-  const T eps = static_cast<T>(w.ln_eps);
-
-  Matrix<T> h(n, model);
-  {
-    Matrix<T> q(n, model);
-    Matrix<T> k(n, kv_dim);
-    Matrix<T> v(n, kv_dim);
-    {
-      Matrix<T> ln1(n, model);
-      blockattn::detail::layer_norm_rows<T>(x, ln1, w.ln1_gamma, w.ln1_beta, eps);
-      q.noalias() = ln1 * w.wq;
-      q.rowwise() += w.bq;
-      k.noalias() = ln1 * w.wk;
-      k.rowwise() += w.bk;
-      v.noalias() = ln1 * w.wv;
-      v.rowwise() += w.bv;
-    }
-    Matrix<T> attn(n, model);
-    AttentionOptions attention_options;
-    attention_options.causal = options.causal;
-    attention_options.query_chunk = options.query_block;
-    attention_options.key_chunk = options.key_block;
-    attention_options.threads = options.threads;
-    blockattn::attention<T>(make_tensor_view<const T>(q.data(), 1, n, heads, head_dim),
-                            make_tensor_view<const T>(k.data(), 1, n, kv_heads, head_dim),
-                            make_tensor_view<const T>(v.data(), 1, n, kv_heads, head_dim),
-                            make_tensor_view<T>(attn.data(), 1, n, heads, head_dim),
-                            attention_options);
-    h.noalias() = attn * w.wo;
-    h += x;
-    h.rowwise() += w.bo;
-  }
-  Matrix<T> hidden(n, w.w1.cols());
-  {
-    Matrix<T> ln2(n, model);
-    blockattn::detail::layer_norm_rows<T>(h, ln2, w.ln2_gamma, w.ln2_beta, eps);
-    hidden.noalias() = ln2 * w.w1;
-  }
-  hidden.rowwise() += w.b1;
-  blockattn::detail::activate_in_place(w.activation, hidden);
-  y = h;
-  y.rowwise() += w.b2;
-  y.noalias() += hidden * w.w2;
-}
-
-/// reference::transformer_block_unfused_ffn() on float arguments without spelling T.
-template <int = 0>
-inline void transformer_block_unfused_ffn(const TransformerBlockWeights<float>& w,
-                                          ConstMatrixView<float> x, MatrixView<float> y,
-                                          const BlockOptions& options = {}) {
-  reference::transformer_block_unfused_ffn<float>(w, x, y, options);
-}
-
-/// reference::transformer_block_unfused_ffn() on double arguments without spelling T.
-template <int = 0>
-inline void transformer_block_unfused_ffn(const TransformerBlockWeights<double>& w,
-                                          ConstMatrixView<double> x, MatrixView<double> y,
-                                          const BlockOptions& options = {}) {
-  reference::transformer_block_unfused_ffn<double>(w, x, y, options);
-}
-
 }  // namespace blockattn::reference
 
 // --- attention backward ------------------------------------------------------------------------
@@ -441,7 +357,7 @@ void attention_backward_head(const Q& q, const K& k, const V& v, const DOut& dou
         s = c * t;
         slope(i, j) = 1 - t * t;
       }
-      if (o.alibi_slopes != nullptr) {
+      if (!o.alibi_slopes.empty()) {
         s -= static_cast<T>(o.alibi_slopes[h]) * static_cast<T>(std::abs(i + (n_k - n_q) - j));
       }
       p(i, j) = attention_visible(o, n_q, n_k, b, h, i, j, mask_mod) ? s : -inf;
@@ -476,55 +392,43 @@ void attention_backward_head(const Q& q, const K& k, const V& v, const DOut& dou
 /// blockattn::attention_backward() (every option and mask; soft-capping and ALiBi; no user
 /// score_mod): the softmax P [n_q, n_k] is materialised and recomputed from q and k, so `out` and
 /// `lse` are validated but not read (D = rowsum(dO ∘ O) is taken as rowsum(P ∘ dP), the same
-/// quantity). Time O(n_q·n_k·(d + d_v)), extra memory O(n_q·n_k). Same shapes, errors and
-/// aliasing rules as attention_backward(). For tests (instantiate with long double) and users.
+/// quantity). Time O(n_q·n_k·(d + d_v)), extra memory O(n_q·n_k). Same arguments (by name),
+/// shapes, errors and aliasing rules as attention_backward(). Element types: float, double or
+/// long double. For tests (instantiate with long double) and users.
 template <class T, class MaskMod = NoMaskMod>
-void attention_backward(ConstMatrixView<T> q, ConstMatrixView<T> k, ConstMatrixView<T> v,
-                        ConstMatrixView<T> out, const T* lse, ConstMatrixView<T> dout,
-                        MatrixView<T> dq, MatrixView<T> dk, MatrixView<T> dv,
+void attention_backward(const AttentionBackwardInputs<T>& in, const AttentionGradients<T>& grads,
                         const AttentionOptions& options = {}, const MaskMod& mask_mod = {}) {
+  static_assert(blockattn::detail::kReferenceScalar<T>, BLOCKATTN_REFERENCE_SCALAR_MESSAGE);
   blockattn::detail::check_mods<T, MaskMod, NoScoreMod>();
-  blockattn::detail::validate_attention_backward<T>("reference::attention_backward", q, k, v, out,
-                                                    lse, dout, dq, dk, dv, options);
+  blockattn::detail::validate_attention_backward<T>("reference::attention_backward", in, grads,
+                                                    options);
+  auto dq = blockattn::detail::eigen_view(grads.dq);
+  auto dk = blockattn::detail::eigen_view(grads.dk);
+  auto dv = blockattn::detail::eigen_view(grads.dv);
   dk.setZero();
   dv.setZero();
-  detail::attention_backward_head<T>(q, k, v, dout, dq, dk, dv, options, mask_mod, 0, 0);
-}
-
-/// reference::attention_backward() on float arguments without spelling T.
-template <int = 0>
-inline void attention_backward(ConstMatrixView<float> q, ConstMatrixView<float> k,
-                               ConstMatrixView<float> v, ConstMatrixView<float> out,
-                               const float* lse, ConstMatrixView<float> dout, MatrixView<float> dq,
-                               MatrixView<float> dk, MatrixView<float> dv,
-                               const AttentionOptions& options = {}) {
-  reference::attention_backward<float>(q, k, v, out, lse, dout, dq, dk, dv, options);
-}
-
-/// reference::attention_backward() on double arguments without spelling T.
-template <int = 0>
-inline void attention_backward(ConstMatrixView<double> q, ConstMatrixView<double> k,
-                               ConstMatrixView<double> v, ConstMatrixView<double> out,
-                               const double* lse, ConstMatrixView<double> dout,
-                               MatrixView<double> dq, MatrixView<double> dk, MatrixView<double> dv,
-                               const AttentionOptions& options = {}) {
-  reference::attention_backward<double>(q, k, v, out, lse, dout, dq, dk, dv, options);
+  detail::attention_backward_head<T>(
+      blockattn::detail::eigen_view(in.q), blockattn::detail::eigen_view(in.k),
+      blockattn::detail::eigen_view(in.v), blockattn::detail::eigen_view(in.dout), dq, dk, dv,
+      options, mask_mod, 0, 0);
 }
 
 /// Naive batched multi-head gradients (GQA: dk, dv summed over the query heads of a kv head) with
 /// the semantics of the TensorView blockattn::attention_backward(); O(n_q·n_k) extra memory.
 template <class T, class MaskMod = NoMaskMod>
-void attention_backward(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v,
-                        TensorView<const T> out, const T* lse, TensorView<const T> dout,
-                        TensorView<T> dq, TensorView<T> dk, TensorView<T> dv,
+void attention_backward(const TensorBackwardInputs<T>& in, const TensorGradients<T>& grads,
                         const AttentionOptions& options = {}, const MaskMod& mask_mod = {}) {
+  static_assert(blockattn::detail::kReferenceScalar<T>, BLOCKATTN_REFERENCE_SCALAR_MESSAGE);
   blockattn::detail::check_mods<T, MaskMod, NoScoreMod>();
-  blockattn::detail::validate_attention_backward<T>("reference::attention_backward", q, k, v, out,
-                                                    lse, dout, dq, dk, dv, options);
+  const TensorView<const T>& q = in.q;
+  const TensorView<const T>& k = in.k;
+  blockattn::detail::validate_attention_backward<T>("reference::attention_backward", q, k, in.v,
+                                                    in.out, in.lse, in.dout, grads.dq, grads.dk,
+                                                    grads.dv, options);
   for (Index b = 0; b < k.batch; ++b) {
     for (Index h = 0; h < k.heads; ++h) {
-      blockattn::detail::mutable_head_slice(dk, b, h).setZero();
-      blockattn::detail::mutable_head_slice(dv, b, h).setZero();
+      blockattn::detail::mutable_head_slice(grads.dk, b, h).setZero();
+      blockattn::detail::mutable_head_slice(grads.dv, b, h).setZero();
     }
   }
   if (q.heads == 0) return;
@@ -533,32 +437,13 @@ void attention_backward(TensorView<const T> q, TensorView<const T> k, TensorView
     for (Index h = 0; h < q.heads; ++h) {
       detail::attention_backward_head<T>(
           blockattn::detail::head_slice(q, b, h), blockattn::detail::head_slice(k, b, h / group),
-          blockattn::detail::head_slice(v, b, h / group), blockattn::detail::head_slice(dout, b, h),
-          blockattn::detail::mutable_head_slice(dq, b, h),
-          blockattn::detail::mutable_head_slice(dk, b, h / group),
-          blockattn::detail::mutable_head_slice(dv, b, h / group), options, mask_mod, b, h);
+          blockattn::detail::head_slice(in.v, b, h / group),
+          blockattn::detail::head_slice(in.dout, b, h),
+          blockattn::detail::mutable_head_slice(grads.dq, b, h),
+          blockattn::detail::mutable_head_slice(grads.dk, b, h / group),
+          blockattn::detail::mutable_head_slice(grads.dv, b, h / group), options, mask_mod, b, h);
     }
   }
-}
-
-/// TensorView reference::attention_backward() on float arguments without spelling T.
-template <int = 0>
-inline void attention_backward(TensorView<const float> q, TensorView<const float> k,
-                               TensorView<const float> v, TensorView<const float> out,
-                               const float* lse, TensorView<const float> dout, TensorView<float> dq,
-                               TensorView<float> dk, TensorView<float> dv,
-                               const AttentionOptions& options = {}) {
-  reference::attention_backward<float>(q, k, v, out, lse, dout, dq, dk, dv, options);
-}
-
-/// TensorView reference::attention_backward() on double arguments without spelling T.
-template <int = 0>
-inline void attention_backward(TensorView<const double> q, TensorView<const double> k,
-                               TensorView<const double> v, TensorView<const double> out,
-                               const double* lse, TensorView<const double> dout,
-                               TensorView<double> dq, TensorView<double> dk, TensorView<double> dv,
-                               const AttentionOptions& options = {}) {
-  reference::attention_backward<double>(q, k, v, out, lse, dout, dq, dk, dv, options);
 }
 
 }  // namespace blockattn::reference

@@ -84,10 +84,8 @@ struct OnlineSoftmax {
 
   /// Combines with the state of a disjoint set of values: the state of their union. O(1).
   OnlineSoftmax& merge(const OnlineSoftmax& other) {
-    const T new_max = detail::running_max(max, other.max);
-    sum = sum * detail::rescale_factor(max, new_max) +
-          other.sum * detail::rescale_factor(other.max, new_max);
-    max = new_max;
+    detail::merge_row(max, sum, static_cast<T*>(nullptr), other.max, other.sum,
+                      static_cast<const T*>(nullptr), 0);  // the one merge rule, without output
     return *this;
   }
 
@@ -454,26 +452,6 @@ Index topk_fused(const T* x, Index n, Index k, T* values, Index* indices) {
   return top.kept;
 }
 
-/// The unfused baseline: Safe softmax into an n-element buffer, then std::partial_sort of an
-/// n-element index array by (probability descending, index ascending).
-template <class T>
-Index topk_unfused(const T* x, Index n, Index k, T* values, Index* indices) {
-  const Index kept = std::min(k, n);
-  std::vector<T> probabilities(static_cast<std::size_t>(n));
-  softmax_row(x, n, probabilities.data(), SoftmaxAlgorithm::Safe);
-  std::vector<Index> order(static_cast<std::size_t>(n));
-  std::iota(order.begin(), order.end(), Index(0));
-  const auto probability = [&](Index j) { return probabilities[static_cast<std::size_t>(j)]; };
-  std::partial_sort(order.begin(), order.begin() + kept, order.end(), [&](Index a, Index b) {
-    return probability(a) > probability(b) || (probability(a) == probability(b) && a < b);
-  });
-  for (Index i = 0; i < kept; ++i) {
-    indices[i] = order[static_cast<std::size_t>(i)];
-    values[i] = probability(indices[i]);
-  }
-  return kept;
-}
-
 template <class T>
 void require_topk_arguments(const char* function, const T* x, Index n, Index k, const T* values,
                             const Index* indices) {
@@ -491,9 +469,9 @@ void require_topk_arguments(const char* function, const T* x, Index n, Index k, 
   require_disjoint(function, "indices", indices_range, "values", values_range);
 }
 
-/// The checks of the Eigen forms of softmax_topk() and softmax_topk_unfused(): k >= 0, values
-/// and indices long enough for min(k, x.size()) entries, then require_topk_arguments(). Returns
-/// min(k, x.size()).
+/// The checks of the Eigen form of softmax_topk() (and of bench/support's unfused baseline): k >=
+/// 0, values and indices long enough for min(k, x.size()) entries, then require_topk_arguments().
+/// Returns min(k, x.size()).
 template <class T>
 Index require_topk_views(const char* function, const Eigen::Ref<const RowVector<T>>& x, Index k,
                          const Eigen::Ref<RowVector<T>>& values,
@@ -508,22 +486,43 @@ Index require_topk_views(const char* function, const Eigen::Ref<const RowVector<
   return kept;
 }
 
+/// The compile-time checks of softmax_topk()'s Eigen arguments: contiguous vectors of T (x,
+/// values) and of Index (indices), values and indices writable.
+template <class T, class X, class V, class I>
+constexpr void check_topk_arguments() {
+  static_assert(std::is_same_v<typename V::Scalar, T>,
+                "blockattn: every matrix argument must have the same element type");
+  static_assert(std::is_same_v<typename I::Scalar, Index>,
+                "blockattn: softmax_topk's indices must hold blockattn::Index");
+  static_assert(X::IsVectorAtCompileTime && V::IsVectorAtCompileTime && I::IsVectorAtCompileTime &&
+                    kIsRowMajorStorage<X> && kIsWritableRowMajorStorage<V> &&
+                    kIsWritableRowMajorStorage<I>,
+                "blockattn: softmax_topk takes contiguous vectors (a RowVector, a row of a "
+                "row-major Matrix); values and indices writable");
+}
+
 }  // namespace detail::softmax_kernel
 
 /// Row-wise softmax: y(i, j) = exp(x(i, j) − m_i) / Σ_j' exp(x(i, j') − m_i), m_i = max_j x(i, j),
 /// computed by `algorithm` (see SoftmaxAlgorithm for accesses per element and Naive's overflow).
 /// Special values: −inf entries give 0, a row of only −inf gives all zeros, +inf entries share
 /// the row's probability equally (others 0), a NaN makes its whole row NaN.
+/// Element types: float or double, deduced from x (y must match); x and y row-major storage with
+/// contiguous rows (anything else is a compile-time error, as for attention()).
 /// Shapes: x [rows, cols], y [rows, cols]; any row strides. Time O(rows·cols), vectorised, single
-/// thread; no allocation (a column-major or expression x is copied by Eigen::Ref first: pass
-/// row-major storage).
+/// thread; no allocation.
 /// Throws std::invalid_argument naming the argument and both sizes if y's shape differs from x's,
 /// if y partially overlaps x, or for an invalid algorithm; nothing is written then.
 /// In place is supported: y may be x itself (same data and row stride); any other overlap throws.
-template <class T>
-void softmax(ConstMatrixView<T> x, MatrixView<T> y,
+template <class X, class Y>
+void softmax(const Eigen::MatrixBase<X>& x_, const Eigen::MatrixBase<Y>& y_,
              SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
-  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  using T = typename X::Scalar;
+  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  detail::check_matrix_arguments<T, X, Y>();
+  detail::check_matrix_outputs<Y>();
+  const ConstMatrixView<T> x(x_.derived());
+  MatrixView<T> y = detail::writable_view(y_);
   detail::require_size("softmax", "y.rows()", y.rows(), "x.rows()", x.rows(),
                        "y must have x's shape");
   detail::require_size("softmax", "y.cols()", y.cols(), "x.cols()", x.cols(),
@@ -539,28 +538,12 @@ void softmax(ConstMatrixView<T> x, MatrixView<T> y,
   }
 }
 
-// float/double overloads: `template <int = 0>`, instantiated only where called (detail/config.hpp).
-/// softmax() for float matrices, so that plain Matrix<float> arguments deduce.
-template <int = 0>
-inline void softmax(ConstMatrixView<float> x, MatrixView<float> y,
-                    SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
-  softmax<float>(x, y, algorithm);
-}
-
-/// softmax() for double matrices, so that plain Matrix<double> arguments deduce.
-template <int = 0>
-inline void softmax(ConstMatrixView<double> x, MatrixView<double> y,
-                    SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
-  softmax<double>(x, y, algorithm);
-}
-
 /// Softmax of one vector of n contiguous values, x[0..n) → y[0..n); the same contract as the
-/// matrix form (a single row). T deduces from the pointers, so no float/double overloads are
-/// needed. Throws std::invalid_argument if n < 0, a pointer is null with n > 0, or y partially
-/// overlaps x (y == x, in place, is fine).
+/// matrix form (a single row), T deduced from the pointers. Throws std::invalid_argument if n < 0,
+/// a pointer is null with n > 0, or y partially overlaps x (y == x, in place, is fine).
 template <class T>
 void softmax(const T* x, Index n, T* y, SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
-  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
   detail::require(n >= 0, "softmax", "n is ", n, " but must be >= 0");
   detail::require(n == 0 || (x != nullptr && y != nullptr), "softmax", "x or y is null but n is ",
                   n);
@@ -577,35 +560,27 @@ void softmax(const T* x, Index n, T* y, SoftmaxAlgorithm algorithm = SoftmaxAlgo
 /// the exact probability), equal values by lower index. k = 0 writes nothing; k > n writes all n
 /// (a full sort). Special values as softmax(); with a NaN in x every returned value is NaN and
 /// the indices are unspecified (but distinct and in range).
+/// Element types: float or double, deduced from x (values must match; indices hold Index); x,
+/// values and indices are contiguous vectors (a RowVector, a row of a row-major Matrix).
 /// Returns the number of entries written, min(k, n).
 /// Time O(n + r·k), r = the number of times the running top-k changes (expected O(k·log(n/k)) for
 /// values in random order, n in the worst case: ascending input); no allocation.
 /// Throws std::invalid_argument if k < 0, or values or indices is shorter than min(k, n), or
 /// values / indices overlap x or each other; nothing is written then.
-template <class T>
-Index softmax_topk(Eigen::Ref<const RowVector<T>> x, Index k, Eigen::Ref<RowVector<T>> values,
-                   Eigen::Ref<RowVector<Index>> indices) {
-  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
-  const Index kept =
-      detail::softmax_kernel::require_topk_views("softmax_topk", x, k, values, indices);
+template <class X, class V, class I>
+Index softmax_topk(const Eigen::MatrixBase<X>& x, Index k, const Eigen::MatrixBase<V>& values,
+                   const Eigen::MatrixBase<I>& indices) {
+  using T = typename X::Scalar;
+  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  detail::softmax_kernel::check_topk_arguments<T, X, V, I>();
+  const Eigen::Ref<const RowVector<T>> x_view(x.derived());
+  Eigen::Ref<RowVector<T>> values_view(const_cast<Eigen::MatrixBase<V>&>(values).derived());
+  Eigen::Ref<RowVector<Index>> indices_view(const_cast<Eigen::MatrixBase<I>&>(indices).derived());
+  const Index kept = detail::softmax_kernel::require_topk_views("softmax_topk", x_view, k,
+                                                                values_view, indices_view);
   if (kept == 0) return 0;
-  return detail::softmax_kernel::topk_fused(x.data(), x.size(), k, values.data(), indices.data());
-}
-
-/// softmax_topk() for float, so that plain RowVector<float> arguments deduce.
-template <int = 0>
-inline Index softmax_topk(Eigen::Ref<const RowVector<float>> x, Index k,
-                          Eigen::Ref<RowVector<float>> values,
-                          Eigen::Ref<RowVector<Index>> indices) {
-  return softmax_topk<float>(x, k, values, indices);
-}
-
-/// softmax_topk() for double, so that plain RowVector<double> arguments deduce.
-template <int = 0>
-inline Index softmax_topk(Eigen::Ref<const RowVector<double>> x, Index k,
-                          Eigen::Ref<RowVector<double>> values,
-                          Eigen::Ref<RowVector<Index>> indices) {
-  return softmax_topk<double>(x, k, values, indices);
+  return detail::softmax_kernel::topk_fused(x_view.data(), x_view.size(), k, values_view.data(),
+                                            indices_view.data());
 }
 
 /// softmax_topk() on raw buffers: x[0..n), values and indices with room for min(k, n) entries
@@ -613,41 +588,10 @@ inline Index softmax_topk(Eigen::Ref<const RowVector<double>> x, Index k,
 /// pointer that would be used.
 template <class T>
 Index softmax_topk(const T* x, Index n, Index k, T* values, Index* indices) {
-  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
+  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
   detail::softmax_kernel::require_topk_arguments("softmax_topk", x, n, k, values, indices);
   if (std::min(k, n) == 0) return 0;
   return detail::softmax_kernel::topk_fused(x, n, k, values, indices);
-}
-
-/// The unfused baseline of softmax_topk(), for comparison: Safe softmax of the whole row into a
-/// buffer, then std::partial_sort of all n indices by probability (ties by lower index). Same
-/// outputs and validation as softmax_topk(), except that entries whose probabilities round to the
-/// same value are ordered by index rather than by x. Costs O(n log k) time and O(n) extra memory
-/// (two allocations per call).
-template <class T>
-Index softmax_topk_unfused(Eigen::Ref<const RowVector<T>> x, Index k,
-                           Eigen::Ref<RowVector<T>> values, Eigen::Ref<RowVector<Index>> indices) {
-  static_assert(detail::kIsSupportedScalar<T>, "blockattn: T must be float, double or long double");
-  const Index kept =
-      detail::softmax_kernel::require_topk_views("softmax_topk_unfused", x, k, values, indices);
-  if (kept == 0) return 0;
-  return detail::softmax_kernel::topk_unfused(x.data(), x.size(), k, values.data(), indices.data());
-}
-
-/// softmax_topk_unfused() for float.
-template <int = 0>
-inline Index softmax_topk_unfused(Eigen::Ref<const RowVector<float>> x, Index k,
-                                  Eigen::Ref<RowVector<float>> values,
-                                  Eigen::Ref<RowVector<Index>> indices) {
-  return softmax_topk_unfused<float>(x, k, values, indices);
-}
-
-/// softmax_topk_unfused() for double.
-template <int = 0>
-inline Index softmax_topk_unfused(Eigen::Ref<const RowVector<double>> x, Index k,
-                                  Eigen::Ref<RowVector<double>> values,
-                                  Eigen::Ref<RowVector<Index>> indices) {
-  return softmax_topk_unfused<double>(x, k, values, indices);
 }
 
 }  // namespace blockattn

@@ -243,11 +243,12 @@ void activate_in_place(Activation activation, M& m) {
 /// One thread's buffers for a query block of up to `rows` tokens; allocated once per call.
 template <class T>
 struct BlockBuffers {
-  Matrix<T> normed;  ///< [rows, model]: LN1(x), later LN2(h)
-  Matrix<T> q;       ///< [rows, model]: the block's queries
-  Matrix<T> attn;    ///< [rows, model]: attention output, heads side by side
-  Matrix<T> h;       ///< [rows, model]: x + attn·wo + bo
-  Matrix<T> hidden;  ///< [rows, ffn_chunk]: one chunk of the FFN's hidden layer
+  Matrix<T> normed;               ///< [rows, model]: LN1(x), later LN2(h)
+  Matrix<T> q;                    ///< [rows, model]: the block's queries
+  Matrix<T> attn;                 ///< [rows, model]: attention output, heads side by side
+  Matrix<T> h;                    ///< [rows, model]: x + attn·wo + bo
+  Matrix<T> hidden;               ///< [rows, ffn_chunk]: one chunk of the FFN's hidden layer
+  Workspace attention_workspace;  ///< attention()'s tiles, grown by the thread's first block
 
   BlockBuffers(Index rows, Index model, Index ffn_chunk)
       : normed(rows, model),
@@ -323,11 +324,12 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
     AttentionOptions block_options = attention_options;
     block_options.causal = options.causal;
     block_options.query_chunk = rows;
-    attention<T>(TensorView<const T>(q.data(), 1, rows, heads, head_dim, 0, model, head_dim),
-                 TensorView<const T>(k.data(), 1, n_keys, kv_heads, head_dim, 0, kv_dim, head_dim),
-                 TensorView<const T>(v.data(), 1, n_keys, kv_heads, head_dim, 0, kv_dim, head_dim),
-                 TensorView<T>(attn.data(), 1, rows, heads, head_dim, 0, model, head_dim),
-                 block_options);
+    block_options.workspace = &buf.attention_workspace;
+    attention(TensorView<const T>(q.data(), 1, rows, heads, head_dim, 0, model, head_dim),
+              TensorView<const T>(k.data(), 1, n_keys, kv_heads, head_dim, 0, kv_dim, head_dim),
+              TensorView<const T>(v.data(), 1, n_keys, kv_heads, head_dim, 0, kv_dim, head_dim),
+              TensorView<T>(attn.data(), 1, rows, heads, head_dim, 0, model, head_dim),
+              block_options);
 
     h.noalias() = attn * w.wo;
     h += x_blk;
@@ -366,31 +368,18 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
 /// expected 64x64"), before writing anything.
 /// y may be exactly x (in place: same data and row stride); any other overlap of y with x or a
 /// weight is rejected. Bitwise identical for any thread count; block sizes change rounding only.
-template <class T>
-void transformer_block(const TransformerBlockWeights<T>& weights, ConstMatrixView<T> x,
-                       MatrixView<T> y, const BlockOptions& options = {}) {
-  static_assert(
-      std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, long double>,
-      "blockattn: T must be float, double or long double");
-  detail::validate_transformer_block<T>("transformer_block", weights, x, y, options);
-  detail::transformer_block_forward<T>(weights, x, y, options);
-}
-
-// float/double overloads: `template <int = 0>`, instantiated only where called (detail/config.hpp).
-/// transformer_block() on float arguments without spelling T.
-template <int = 0>
-inline void transformer_block(const TransformerBlockWeights<float>& weights,
-                              ConstMatrixView<float> x, MatrixView<float> y,
-                              const BlockOptions& options = {}) {
-  transformer_block<float>(weights, x, y, options);
-}
-
-/// transformer_block() on double arguments without spelling T.
-template <int = 0>
-inline void transformer_block(const TransformerBlockWeights<double>& weights,
-                              ConstMatrixView<double> x, MatrixView<double> y,
-                              const BlockOptions& options = {}) {
-  transformer_block<double>(weights, x, y, options);
+/// Element types: float or double (T of the weights; x and y must match, as row-major storage);
+/// long double: use reference::transformer_block.
+template <class T, class X, class Y>
+void transformer_block(const TransformerBlockWeights<T>& weights, const Eigen::MatrixBase<X>& x,
+                       const Eigen::MatrixBase<Y>& y, const BlockOptions& options = {}) {
+  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  detail::check_matrix_arguments<T, X, Y>();
+  detail::check_matrix_outputs<Y>();
+  const ConstMatrixView<T> x_view(x.derived());
+  MatrixView<T> y_view = detail::writable_view(y);
+  detail::validate_transformer_block<T>("transformer_block", weights, x_view, y_view, options);
+  detail::transformer_block_forward<T>(weights, x_view, y_view, options);
 }
 
 }  // namespace blockattn

@@ -8,9 +8,14 @@
 //   m          running maximum of the scores seen      l        running sum Σ exp(s − m)
 //   acc        running output Σ exp(s − m)·v_j         lse      log-sum-exp, m + log(l)
 
+#include <array>
+#include <cstddef>
 #include <type_traits>
+#include <vector>
 
 #include <Eigen/Core>
+
+#include <blockattn/detail/config.hpp>
 
 /// Exact attention kernels for the CPU that never form the n×n score matrix.
 namespace blockattn {
@@ -38,6 +43,137 @@ using ConstMatrixView = Eigen::Ref<const Matrix<T>, 0, Eigen::OuterStride<>>;
 /// row-major storage binds to it (there is no silent copy for a mutable Ref).
 template <class T>
 using MatrixView = Eigen::Ref<Matrix<T>, 0, Eigen::OuterStride<>>;
+
+namespace detail {
+
+/// Whether E (cv-ref removed) is an Eigen vector expression with direct access and unit inner
+/// stride whose scalar is U: a RowVector, a VectorX, a segment of one, a row of a row-major Matrix.
+template <class E, class U, class = void>
+struct IsContiguousEigenVector : std::false_type {};
+template <class E, class U>
+struct IsContiguousEigenVector<E, U, std::enable_if_t<std::is_base_of_v<Eigen::DenseBase<E>, E>>>
+    : std::bool_constant<E::IsVectorAtCompileTime && (E::Flags & Eigen::DirectAccessBit) != 0 &&
+                         E::InnerStrideAtCompileTime == 1 &&
+                         std::is_same_v<typename E::Scalar, std::remove_const_t<U>>> {};
+
+}  // namespace detail
+
+/// A sized view of a 1-D array: a pointer and a number of elements, never owning. Every array
+/// argument of blockattn (lse, key lengths, ALiBi slopes, merge inputs) is one, so that its length
+/// is checked. Binds without a copy to (pointer, size), a std::vector, a std::array, a C array and
+/// a contiguous Eigen vector (RowVector, VectorX, a segment or a row of a row-major Matrix);
+/// Span<T> converts to Span<const T>. A default-constructed Span is empty, which means "not given"
+/// for an optional array.
+template <class T>
+class Span {
+ public:
+  using element_type = T;
+  using value_type = std::remove_cv_t<T>;
+
+  /// Empty: no data, size 0.
+  constexpr Span() noexcept = default;
+  /// `size` elements from `data`.
+  constexpr Span(T* data, Index size) noexcept : data_(data), size_(size) {}
+  /// The elements of a C array.
+  template <std::size_t N>
+  constexpr Span(T (&array)[N]) noexcept  // NOLINT(google-explicit-constructor): as std::span
+      : data_(array), size_(static_cast<Index>(N)) {}
+  /// The elements of a std::vector (Span<const T> also binds to a const one).
+  template <class U, class A,
+            class = std::enable_if_t<std::is_same_v<U, value_type> && !std::is_const_v<U>>>
+  Span(std::vector<U, A>& v) noexcept  // NOLINT(google-explicit-constructor): as std::span
+      : data_(v.data()), size_(static_cast<Index>(v.size())) {}
+  template <class U, class A,
+            class = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
+  Span(const std::vector<U, A>& v) noexcept  // NOLINT(google-explicit-constructor)
+      : data_(v.data()), size_(static_cast<Index>(v.size())) {}
+  /// The elements of a std::array.
+  template <class U, std::size_t N,
+            class = std::enable_if_t<std::is_same_v<U, value_type> && !std::is_const_v<U>>>
+  constexpr Span(std::array<U, N>& a) noexcept  // NOLINT(google-explicit-constructor)
+      : data_(a.data()), size_(static_cast<Index>(N)) {}
+  template <class U, std::size_t N,
+            class = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
+  constexpr Span(const std::array<U, N>& a) noexcept  // NOLINT(google-explicit-constructor)
+      : data_(a.data()), size_(static_cast<Index>(N)) {}
+  /// The coefficients of a contiguous Eigen vector (no copy; expressions do not bind).
+  template <class E,
+            class = std::enable_if_t<
+                detail::IsContiguousEigenVector<std::remove_cv_t<std::remove_reference_t<E>>,
+                                                T>::value &&
+                (std::is_const_v<T> || !std::is_const_v<std::remove_reference_t<E>>)>>
+  Span(E&& e) noexcept  // NOLINT(google-explicit-constructor,
+                        // bugprone-forwarding-reference-overload)
+      : data_(const_cast<T*>(e.data())), size_(e.size()) {}
+  /// The read-only view of a writable one.
+  template <class U, class = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
+  constexpr Span(Span<U> other) noexcept  // NOLINT(google-explicit-constructor)
+      : data_(other.data()), size_(other.size()) {}
+
+  constexpr T* data() const noexcept { return data_; }
+  constexpr Index size() const noexcept { return size_; }
+  constexpr bool empty() const noexcept { return size_ == 0; }
+  /// Element i, unchecked (0 <= i < size()).
+  constexpr T& operator[](Index i) const noexcept { return data_[i]; }
+  constexpr T* begin() const noexcept { return data_; }
+  constexpr T* end() const noexcept { return data_ + size_; }
+
+ private:
+  T* data_ = nullptr;
+  Index size_ = 0;
+};
+
+/// A default-constructible, assignable view of a row-major matrix with contiguous rows (data,
+/// rows, cols, row stride): the named fields of the backward pass's argument structs. Binds
+/// without a copy to whatever binds to ConstMatrixView / MatrixView without one (a Matrix, its
+/// blocks and rows, a Map with OuterStride<>); anything else is a compile-time error.
+/// MatrixRef<T> writes through a non-const T (the caller's object must not be const);
+/// MatrixRef<T> converts to MatrixRef<const T>.
+template <class T>
+class MatrixRef {
+ public:
+  using Scalar = std::remove_const_t<T>;
+
+  /// Empty: 0×0, no data.
+  MatrixRef() = default;
+  /// A view of `m` (Eigen's const& idiom for writable temporaries such as m.middleRows()).
+  template <class D>
+  MatrixRef(const Eigen::MatrixBase<D>& m)  // NOLINT(google-explicit-constructor): a view
+      : data_(const_cast<T*>(m.derived().data())),
+        rows_(m.rows()),
+        cols_(m.cols()),
+        stride_(m.derived().outerStride()) {
+    static_assert(std::is_same_v<typename D::Scalar, Scalar>,
+                  "blockattn: every matrix argument must have the same element type");
+    static_assert(
+        (D::Flags & Eigen::DirectAccessBit) != 0 && (D::Flags & Eigen::RowMajorBit) != 0 &&
+            D::InnerStrideAtCompileTime == 1,
+        "blockattn: pass row-major storage with contiguous rows (a blockattn::Matrix, a "
+        "block or row of one, an Eigen::Map with OuterStride<>); a column-major matrix or "
+        "an expression would be copied into a temporary");
+    static_assert(std::is_const_v<T> || (D::Flags & Eigen::LvalueBit) != 0,
+                  "blockattn: an output must be writable row-major storage (not const, not an "
+                  "expression)");
+  }
+  /// The read-only view of a writable one.
+  template <class U, class = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
+  MatrixRef(const MatrixRef<U>& other)  // NOLINT(google-explicit-constructor)
+      : data_(other.data()),
+        rows_(other.rows()),
+        cols_(other.cols()),
+        stride_(other.outerStride()) {}
+
+  T* data() const { return data_; }
+  Index rows() const { return rows_; }
+  Index cols() const { return cols_; }
+  Index outerStride() const { return stride_; }
+
+ private:
+  T* data_ = nullptr;
+  Index rows_ = 0;
+  Index cols_ = 0;
+  Index stride_ = 0;
+};
 
 /// A strided 4-D view [batch, seq, heads, dim] with `dim` contiguous. Strides are in elements, so
 /// a BSHD buffer, a BHSD buffer or one slice of a fused QKV buffer are all views without a copy.
@@ -93,9 +229,47 @@ TensorView<T> make_tensor_view_bhsd(T* data, Index batch, Index seq, Index heads
 
 namespace detail {
 
-template <class T>
-inline constexpr bool kIsSupportedScalar =
-    std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, long double>;
+/// Whether an Eigen argument binds to ConstMatrixView / MatrixView without a copy: real storage
+/// (direct access), row-major, contiguous rows (unit inner stride). A column-major matrix or an
+/// expression (2*q, q.transpose()) is not: Eigen would copy it into a heap temporary.
+template <class Derived>
+inline constexpr bool kIsRowMajorStorage =
+    (Derived::Flags & Eigen::DirectAccessBit) != 0 &&
+    (Derived::Flags & Eigen::RowMajorBit) != 0 && Derived::InnerStrideAtCompileTime == 1;
+
+/// Whether an output argument is writable storage of that kind.
+template <class Derived>
+inline constexpr bool kIsWritableRowMajorStorage = kIsRowMajorStorage<Derived> &&
+                                                   (Derived::Flags & Eigen::LvalueBit) != 0;
+
+/// The compile-time checks of a 2-D entry point's Eigen arguments, each one readable
+/// static_assert: every argument holds T, and binds without a copy (kIsRowMajorStorage).
+template <class T, class... Args>
+constexpr void check_matrix_arguments() {
+  static_assert((std::is_same_v<typename Args::Scalar, T> && ...),
+                "blockattn: every matrix argument must have the same element type");
+  static_assert((kIsRowMajorStorage<Args> && ...),
+                "blockattn: pass row-major storage with contiguous rows (a blockattn::Matrix, a "
+                "block or row of one, an Eigen::Map with OuterStride<>); a column-major matrix or "
+                "an expression would be copied into a temporary");
+}
+
+/// The compile-time check of a 2-D entry point's outputs: writable row-major storage.
+template <class... Outs>
+constexpr void check_matrix_outputs() {
+  static_assert((kIsWritableRowMajorStorage<Outs> && ...),
+                "blockattn: an output must be writable row-major storage (not const, not an "
+                "expression)");
+}
+
+/// The writable view of an output taken as `const Eigen::MatrixBase<Derived>&`: Eigen's documented
+/// idiom ("Writing Functions Taking Eigen Types as Parameters") for outputs that may be
+/// temporaries such as out.middleRows(r, n); the caller's object must not be const. No copy.
+template <class Derived>
+MatrixView<typename Derived::Scalar> writable_view(const Eigen::MatrixBase<Derived>& out) {
+  return MatrixView<typename Derived::Scalar>(
+      const_cast<Eigen::MatrixBase<Derived>&>(out).derived());
+}
 
 /// The 2-D [seq, dim] view of one (batch, head) slice of a TensorView; no copy.
 template <class T>

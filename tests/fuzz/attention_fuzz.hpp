@@ -101,7 +101,7 @@ void check_one(ByteReader& in) {
   if (option_bits & 4) o.window_right = in.range(0, n_k);
   if (option_bits & 8) {
     for (auto& length : key_lengths) length = in.range(0, n_k);
-    o.key_lengths = key_lengths.data();
+    o.key_lengths = key_lengths;
   }
   if (option_bits & 16) {
     const Index qbs = in.range(1, 4);
@@ -121,7 +121,7 @@ void check_one(ByteReader& in) {
   if (option_bits & 32) o.softcap = static_cast<double>(in.range(1, 64)) / 4;
   if (option_bits & 64) {
     for (auto& slope : slopes) slope = static_cast<double>(in.range(0, 16)) / 16;
-    o.alibi_slopes = slopes.data();
+    o.alibi_slopes = slopes;
   }
   const bool specials = (option_bits & 128) != 0;
   o.query_chunk = in.range(0, n_q + 1);
@@ -162,8 +162,8 @@ void check_one(ByteReader& in) {
                 "causal=%d wl=%td wr=%td kl=%d sparse=%d softcap=%g alibi=%d qc=%td kc=%td "
                 "threads=%d scale=%g lse=%d specials=%d invalid=%d",
                 sizeof(T) == 4 ? "float" : "double", batch, n_q, n_k, heads, kv_heads, d, d_v, pad,
-                single_head_form, o.causal, o.window_left, o.window_right, o.key_lengths != nullptr,
-                o.block_sparse != nullptr, o.softcap, o.alibi_slopes != nullptr, o.query_chunk,
+                single_head_form, o.causal, o.window_left, o.window_right, !o.key_lengths.empty(),
+                o.block_sparse != nullptr, o.softcap, !o.alibi_slopes.empty(), o.query_chunk,
                 o.key_chunk, o.threads, o.scale, want_lse, specials, invalid);
 
   const auto run = [&](const TensorView<T>& qq, const TensorView<T>& kk, const TensorView<T>& vv,
@@ -174,9 +174,9 @@ void check_one(ByteReader& in) {
       Map km(kk.data, kk.seq, kk.dim, Eigen::OuterStride<>(std::max<Index>(1, kk.seq_stride)));
       Map vm(vv.data, vv.seq, vv.dim, Eigen::OuterStride<>(std::max<Index>(1, vv.seq_stride)));
       Map om(oo.data, oo.seq, oo.dim, Eigen::OuterStride<>(oo.seq_stride));
-      attention<T>(qm, km, vm, om, opt, l);
+      attention(qm, km, vm, om, opt, l);
     } else {
-      attention<T>(qq, kk, vv, oo, opt, l);
+      attention(qq, kk, vv, oo, opt, l);
     }
   };
 
@@ -213,12 +213,12 @@ void check_one(ByteReader& in) {
       case 7:
         bad_lengths[static_cast<std::size_t>(in.range(0, batch - 1))] =
             in.flag() ? -1 : n_k + 1 + in.range(0, 3);
-        bad.key_lengths = bad_lengths.data();
+        bad.key_lengths = bad_lengths;
         break;
       case 8:
         bad_slopes[static_cast<std::size_t>(in.range(0, heads - 1))] =
             std::numeric_limits<double>::infinity();
-        bad.alibi_slopes = bad_slopes.data();
+        bad.alibi_slopes = bad_slopes;
         break;
       case 9:  // a layout with the wrong number of heads and too few blocks
         bad.block_sparse = &small_layout;
@@ -238,7 +238,7 @@ void check_one(ByteReader& in) {
     }
     const std::vector<T> q_before = q_buf;
     try {
-      run(bq, bk, bv, bout, bad, want_lse ? lse.data() : nullptr);
+      run(bq, bk, bv, bout, bad, want_lse ? lse : nullptr);
     } catch (const std::invalid_argument&) {
       for (const T x : out_buf) {
         if (!(x == sentinel)) fail("out written before a validation error", shape);
@@ -258,7 +258,7 @@ void check_one(ByteReader& in) {
   }
 
   try {
-    run(q, k, v, out, o, want_lse ? lse.data() : nullptr);
+    run(q, k, v, out, o, want_lse ? lse : nullptr);
   } catch (const std::exception& e) {
     fail(std::string("a valid problem threw: ") + e.what(), shape);
   }
@@ -267,7 +267,7 @@ void check_one(ByteReader& in) {
   using LD = long double;
   const double scale = o.scale != 0 ? o.scale : 1.0 / std::sqrt(static_cast<double>(d));
   double extra = o.softcap;
-  if (o.alibi_slopes != nullptr) {
+  if (!o.alibi_slopes.empty()) {
     for (const double s : slopes) extra = std::max(extra, s * static_cast<double>(n_q + n_k));
   }
   const Index group = heads / kv_heads;
@@ -284,11 +284,11 @@ void check_one(ByteReader& in) {
       std::vector<LD> ref_lse(static_cast<std::size_t>(n_q));
       // reference::attention's single-head form with this head's options (b and h fixed).
       AttentionOptions ho = o;
-      const Index length =
-          o.key_lengths != nullptr ? key_lengths[static_cast<std::size_t>(b)] : n_k;
-      ho.key_lengths = &length;
-      const double slope = o.alibi_slopes != nullptr ? slopes[static_cast<std::size_t>(h)] : 0;
-      ho.alibi_slopes = o.alibi_slopes != nullptr ? &slope : nullptr;
+      const Index length = !o.key_lengths.empty() ? key_lengths[static_cast<std::size_t>(b)] : n_k;
+      ho.key_lengths = {&length, 1};
+      const double slope = !o.alibi_slopes.empty() ? slopes[static_cast<std::size_t>(h)] : 0;
+      ho.alibi_slopes = !o.alibi_slopes.empty() ? blockattn::Span<const double>(&slope, 1)
+                                                : blockattn::Span<const double>();
       BlockSparseLayout head_layout;
       if (o.block_sparse != nullptr) {
         const Index lh = layout.heads() == 1 ? 0 : h;
@@ -301,7 +301,7 @@ void check_one(ByteReader& in) {
         }
         ho.block_sparse = &head_layout;
       }
-      reference::attention<LD>(q_ld, k_ld, v_ld, want, ho, ref_lse.data());
+      reference::attention(q_ld, k_ld, v_ld, want, ho, ref_lse);
       // Tolerances only where every input is finite; with specials, close() compares the
       // non-finite pattern exactly and the finite entries with the finite rows' formula.
       const std::vector<double> tol = test::attention_tolerance<T>(qs, ks, vs, scale, extra);

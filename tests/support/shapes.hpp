@@ -53,7 +53,7 @@ inline double effective_scale(const AttentionOptions& options, Index d) {
 /// |slope|·(n_q + n_k) for ALiBi (the largest distance times the first head's slope).
 inline double modifier_magnitude(const AttentionOptions& options, Index n_q, Index n_k) {
   double extra = options.softcap;
-  if (options.alibi_slopes != nullptr) {
+  if (!options.alibi_slopes.empty()) {
     extra += std::abs(options.alibi_slopes[0]) * static_cast<double>(n_q + n_k);
   }
   return extra;

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include <blockattn/detail/config.hpp>
+#include <blockattn/types.hpp>
 
 namespace blockattn::detail {
 
@@ -45,6 +46,29 @@ inline void require_size(const char* function, const char* what, Eigen::Index ac
   if (actual != expected) {
     throw_invalid_argument(concat("blockattn::", function, ": ", what, " is ", actual, " but ",
                                   expected_what, " is ", expected, " (", why, ")"));
+  }
+}
+
+/// Checks a Span argument named `name` that must hold at least `expected` elements (named
+/// `expected_what`) when given: a Span with size > 0 needs data; `required` makes an empty one an
+/// error too (when expected > 0). Longer spans are fine (only the first `expected` are used).
+template <class T>
+void require_span(const char* function, const char* name, Span<T> span, const char* expected_what,
+                  Eigen::Index expected, const char* why, bool required) {
+  if (span.empty()) {
+    if (required && expected > 0) {
+      throw_invalid_argument(concat("blockattn::", function, ": ", name, " is empty but ",
+                                    expected_what, " is ", expected, " (", why, ")"));
+    }
+    return;
+  }
+  if (span.data() == nullptr) {
+    throw_invalid_argument(concat("blockattn::", function, ": ", name, ".data() is null but ", name,
+                                  ".size() is ", span.size()));
+  }
+  if (span.size() < expected) {
+    throw_invalid_argument(concat("blockattn::", function, ": ", name, ".size() is ", span.size(),
+                                  " but ", expected_what, " is ", expected, " (", why, ")"));
   }
 }
 

@@ -3,15 +3,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 
 #include <Eigen/Core>
-
-// Convenience overloads. Every public function template also has float and double overloads so
-// that plain Matrix<float> arguments need no explicit <float> (STYLE 2.3). They are written as
-// `template <int = 0> inline ...`, a template with nothing to deduce: overload resolution is the
-// same as for a plain inline function, but the body is instantiated only where it is called. A
-// plain inline overload would instantiate the whole float and double kernel stack in every
-// translation unit that includes the header (measured: ~30 s of compile time for an empty main).
 
 #define BLOCKATTN_VERSION_MAJOR 0
 #define BLOCKATTN_VERSION_MINOR 1
@@ -44,3 +38,47 @@
 #else
 #define BLOCKATTN_HAS_EXCEPTIONS 0
 #endif
+
+// The scalar policy, decided here once. Every fast entry point (softmax, softmax_topk, attention,
+// attention_backward, merge_attention_states, transformer_block) deduces its element type and
+// checks it with
+//   static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+// at the call; blockattn::reference checks kReferenceScalar the same way. Adding an element type
+// is one entry in kKernelScalar's list (and, if it is not float or double, its SIMD kernels).
+#define BLOCKATTN_KERNEL_SCALAR_MESSAGE                                                 \
+  "blockattn: the element type must be float or double (long double runs only through " \
+  "blockattn::reference)"
+#define BLOCKATTN_REFERENCE_SCALAR_MESSAGE \
+  "blockattn::reference: the element type must be float, double or long double"
+
+namespace blockattn {
+namespace detail {
+
+template <class T, class... List>
+inline constexpr bool kIsOneOf = (std::is_same_v<T, List> || ...);
+
+/// The element types of the fast kernels (SIMD micro-kernels exist for them).
+template <class T>
+inline constexpr bool kKernelScalar = kIsOneOf<T, float, double>;
+
+/// The element types of blockattn::reference: the kernels' types plus long double (the tests'
+/// oracle precision).
+template <class T>
+inline constexpr bool kReferenceScalar = kKernelScalar<T> || std::is_same_v<T, long double>;
+
+}  // namespace detail
+
+/// The type in which sums, the online-softmax state and the log-sum-exp are kept for element type
+/// T: double for double (and long double in the reference), float for everything else (float
+/// today; bfloat16 and half storage accumulate in float).
+template <class T>
+struct AccumulatorOf {
+  using type =
+      std::conditional_t<std::is_same_v<T, double> || std::is_same_v<T, long double>, T, float>;
+};
+
+/// Shorthand for AccumulatorOf<T>::type; the element type of every lse array.
+template <class T>
+using accumulator_t = typename AccumulatorOf<T>::type;
+
+}  // namespace blockattn

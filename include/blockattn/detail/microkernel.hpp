@@ -456,7 +456,7 @@ inline void accumulate_pv_direct(const T* p, Index ld_p, Index rows, Index n_key
   }
 }
 
-/// Rows of the score tile that tile_attention_forward computes at a time: a query block shares
+/// Rows of the score tile that the prefill loop computes at a time: a query block shares
 /// one packed K/V chunk (packing K costs about 40% of one 96×256×64 score tile, so it has to be
 /// amortised over several hundred query rows), but each S tile stays small enough for L1/L2.
 /// 96 = 16 register blocks of 6 rows.
@@ -465,62 +465,5 @@ inline constexpr Index kTileRows = 96;
 // Decode: blocks of at most this many rows (query heads × queries) read K and V in place instead
 // of packing them (packing costs ~0.3 ns per element, the dot products of one row ~0.02 ns).
 inline constexpr Index kDirectRows = 8;
-
-/// Elements of the workspace that tile_attention_forward needs: the packed K and V chunks, one
-/// score tile, and acc, m and l for one query block. Independent of n_q and n_k.
-template <class T>
-constexpr Index tile_attention_workspace_size(Index query_block, Index key_block, Index d,
-                                              Index d_v) {
-  return packed_k_size<T>(key_block, d) + packed_v_size<T>(key_block, d_v) +
-         std::min(query_block, kTileRows) * padded_stride<T>(key_block) +
-         query_block * padded_stride<T>(d_v) + 2 * query_block;
-}
-
-/// Prototype single-head forward pass built only from the kernels above (no masks, one thread),
-/// for machine_bench's measurement of the building blocks (its unmasked ceiling) and as the
-/// worked example of how they compose; the public attention() runs the same kernels through its
-/// own loop in detail/attention_kernel.hpp (masks, modifiers, GQA, threads, decode split). out =
-/// softmax(scale·q·kᵀ)·v with q [n_q, d], k [n_k, d], v [n_k, d_v], out [n_q, d_v], all row-major
-/// with the given row strides. Query blocks of query_block rows, key chunks of key_block keys (both
-/// >= 1); each (query block, key chunk) packs K and V once and runs the tile step on kTileRows rows
-/// at a time. workspace: tile_attention_workspace_size elements. A row with l = 0 (possible only
-/// with n_k = 0) gets 0; NaN propagates.
-template <class T>
-inline void tile_attention_forward(const T* q, Index ld_q, const T* k, Index ld_k, const T* v,
-                                   Index ld_v, Index n_q, Index n_k, Index d, Index d_v, T scale,
-                                   T* out, Index ld_out, Index query_block, Index key_block,
-                                   T* workspace) {
-  const Index ld_s = padded_stride<T>(key_block);
-  const Index ld_acc = padded_stride<T>(d_v);
-  T* packed_k = workspace;
-  T* packed_v = packed_k + packed_k_size<T>(key_block, d);
-  T* s = packed_v + packed_v_size<T>(key_block, d_v);
-  T* acc = s + std::min(query_block, kTileRows) * ld_s;
-  T* m = acc + query_block * ld_acc;
-  T* l = m + query_block;
-  for (Index q0 = 0; q0 < n_q; q0 += query_block) {
-    const Index rows = std::min(query_block, n_q - q0);
-    std::fill(m, m + rows, kNegativeInfinity<T>);
-    std::fill(l, l + rows, T(0));
-    std::fill(acc, acc + rows * ld_acc, T(0));
-    for (Index k0 = 0; k0 < n_k; k0 += key_block) {
-      const Index keys = std::min(key_block, n_k - k0);
-      pack_k(k + k0 * ld_k, ld_k, keys, d, packed_k);
-      pack_v(v + k0 * ld_v, ld_v, keys, d_v, packed_v);
-      for (Index t0 = 0; t0 < rows; t0 += kTileRows) {
-        const Index tile = std::min(kTileRows, rows - t0);
-        T* acc_tile = acc + t0 * ld_acc;
-        score_tile(q + (q0 + t0) * ld_q, ld_q, tile, d, packed_k, keys, s, ld_s);
-        softmax_tile_update(s, ld_s, tile, keys, scale, m + t0, l + t0, acc_tile, ld_acc, d_v);
-        accumulate_pv(s, ld_s, tile, keys, packed_v, d_v, acc_tile, ld_acc);
-      }
-    }
-    // Deferred normalisation: one division per row.
-    for (Index i = 0; i < rows; ++i) {
-      const T inv = l[i] == T(0) ? T(0) : T(1) / l[i];
-      for (Index c = 0; c < d_v; ++c) out[(q0 + i) * ld_out + c] = acc[i * ld_acc + c] * inv;
-    }
-  }
-}
 
 }  // namespace blockattn::detail

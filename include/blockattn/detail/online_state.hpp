@@ -134,6 +134,56 @@ inline void softmax_tile_update(T* s, Index ld_s, Index rows, Index n_keys, T sc
   }
 }
 
+/// The one merge rule (the ⊕ of Milakov & Gimelshein, section 3.1, extended to the output): the
+/// state (m_a, l_a, acc_a) of one row becomes the state of the union of its keys and the disjoint
+/// keys of (m_b, l_b, acc_b): m = max(m_a, m_b), l = α·l_a + β·l_b, acc = α·acc_a + β·acc_b with
+/// α = exp(m_a − m), β = exp(m_b − m) (rescale_factor: an empty side, m = −inf, gets factor 0).
+/// A side whose factor is 0 is skipped only when it is finite (l and acc); otherwise the full
+/// formula runs, so that a NaN it holds — a NaN value seen with an underflowed weight, or a row
+/// whose scores there were all NaN (m −inf, l NaN) — reaches the merged row (0·NaN = NaN).
+/// acc_a and acc_b hold d_v values each (d_v = 0: the softmax state alone, acc unused); they may
+/// be of another floating type than T (the output's), converted on the way. O(d_v).
+/// OnlineSoftmax::merge, RowBlockState::merge and merge_attention_states all call this.
+template <class T, class AccA, class AccB>
+void merge_row(T& m_a, T& l_a, AccA* acc_a, T m_b, T l_b, const AccB* acc_b, Index d_v) {
+  const T m_new = running_max(m_a, m_b);
+  const T alpha = rescale_factor(m_a, m_new);
+  const T beta = rescale_factor(m_b, m_new);
+  const auto finite = [d_v](T l, const auto* acc) {
+    return std::isfinite(l) && (d_v == 0 || row_is_finite(acc, d_v));
+  };
+  if (beta == T(0) && finite(l_b, acc_b)) {
+    if (alpha != T(1)) {
+      for (Index c = 0; c < d_v; ++c)
+        acc_a[c] = static_cast<AccA>(alpha * static_cast<T>(acc_a[c]));
+    }
+    l_a *= alpha;
+  } else if (alpha == T(0) && finite(l_a, acc_a)) {
+    for (Index c = 0; c < d_v; ++c) acc_a[c] = static_cast<AccA>(beta * static_cast<T>(acc_b[c]));
+    l_a = beta * l_b;
+  } else {
+    for (Index c = 0; c < d_v; ++c) {
+      acc_a[c] =
+          static_cast<AccA>(alpha * static_cast<T>(acc_a[c]) + beta * static_cast<T>(acc_b[c]));
+    }
+    l_a = alpha * l_a + beta * l_b;
+  }
+  m_a = m_new;
+}
+
+/// The output and log-sum-exp of a finished state: out = acc / l, lse = m + log(l); a state with
+/// l = 0 (no visible key) gives out 0 and lse −inf, never NaN.
+template <class T, class Acc, class Out>
+void finalize_row(T m, T l, const Acc* acc, Out* out, Index d_v, T* lse) {
+  if (l == T(0)) {
+    for (Index c = 0; c < d_v; ++c) out[c] = Out(0);
+    if (lse != nullptr) *lse = kNegativeInfinity<T>;
+    return;
+  }
+  for (Index c = 0; c < d_v; ++c) out[c] = static_cast<Out>(static_cast<T>(acc[c]) / l);
+  if (lse != nullptr) *lse = m + std::log(l);
+}
+
 /// The online-softmax state of a block of query rows (Rabe & Staats 2021, section 3; the deferred
 /// normalisation of Milakov & Gimelshein's Algorithm 3 applied to the output). Non-owning: m, l
 /// and acc live in the caller's workspace (acc row-major with row stride ld_acc >= d_v). After
@@ -164,32 +214,11 @@ class RowBlockState {
                         d_v_);
   }
 
-  /// The one merge rule: this ⊕ other for two states of the same rows over disjoint key sets,
-  /// m = max(m_a, m_b), l = α·l_a + β·l_b, acc = α·acc_a + β·acc_b with α = exp(m_a − m),
-  /// β = exp(m_b − m) (rescale_factor: an empty side gets factor 0). A side whose factor is 0 is
-  /// skipped only when it is finite (l and acc); otherwise the full formula runs, so a NaN it
-  /// holds — a NaN value seen with an underflowed weight, or a row whose scores there were all
-  /// NaN (m −inf, l NaN) — reaches the merged row (0·NaN = NaN). O(rows·d_v).
+  /// this ⊕ other for two states of the same rows over disjoint key sets: merge_row() on every
+  /// row. O(rows·d_v).
   void merge(const RowBlockState& other) {
     for (Index r = 0; r < rows_; ++r) {
-      const T m_new = running_max(m_[r], other.m_[r]);
-      const T alpha = rescale_factor(m_[r], m_new);
-      const T beta = rescale_factor(other.m_[r], m_new);
-      T* a = acc(r);
-      const T* b = other.acc_ + r * other.ld_acc_;
-      if (beta == T(0) && row_is_finite(other.l_[r], b, d_v_)) {
-        if (alpha != T(1)) {
-          for (Index c = 0; c < d_v_; ++c) a[c] *= alpha;
-        }
-        l_[r] *= alpha;
-      } else if (alpha == T(0) && row_is_finite(l_[r], a, d_v_)) {
-        for (Index c = 0; c < d_v_; ++c) a[c] = beta * b[c];
-        l_[r] = beta * other.l_[r];
-      } else {
-        for (Index c = 0; c < d_v_; ++c) a[c] = alpha * a[c] + beta * b[c];
-        l_[r] = alpha * l_[r] + beta * other.l_[r];
-      }
-      m_[r] = m_new;
+      merge_row(m_[r], l_[r], acc(r), other.m_[r], other.l_[r], other.acc(r), d_v_);
     }
   }
 
@@ -207,23 +236,12 @@ class RowBlockState {
   void finalize(Index first, Index count, Out&& out, T* lse) const {
     for (Index r = 0; r < count; ++r) {
       const Index row = first + r;
-      if (l_[row] == T(0)) {
-        out.row(r).setZero();
-        if (lse != nullptr) lse[r] = kNegativeInfinity<T>;
-        continue;
-      }
-      const T* a = acc(row);
-      for (Index c = 0; c < d_v_; ++c) out(r, c) = a[c] / l_[row];
-      if (lse != nullptr) lse[r] = m_[row] + std::log(l_[row]);
+      finalize_row(m_[row], l_[row], acc(row), out.row(r).data(), d_v_,
+                   lse != nullptr ? lse + r : nullptr);
     }
   }
 
  private:
-  /// Whether a row's sum l and its d_v accumulators are all finite.
-  static bool row_is_finite(T l, const T* a, Index d_v) {
-    return std::isfinite(l) && detail::row_is_finite(a, d_v);
-  }
-
   T* m_;
   T* l_;
   T* acc_;
