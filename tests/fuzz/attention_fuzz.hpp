@@ -167,7 +167,7 @@ void check_one(ByteReader& in) {
                 o.key_chunk, o.threads, o.scale, want_lse, specials, invalid);
 
   const auto run = [&](const TensorView<T>& qq, const TensorView<T>& kk, const TensorView<T>& vv,
-                       const TensorView<T>& oo, const AttentionOptions& opt, T* l) {
+                       const TensorView<T>& oo, const AttentionOptions& opt, blockattn::Span<T> l) {
     if (single_head_form) {
       using Map = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;
       Map qm(qq.data, qq.seq, qq.dim, Eigen::OuterStride<>(qq.seq_stride));
@@ -238,7 +238,7 @@ void check_one(ByteReader& in) {
     }
     const std::vector<T> q_before = q_buf;
     try {
-      run(bq, bk, bv, bout, bad, want_lse ? lse : nullptr);
+      run(bq, bk, bv, bout, bad, want_lse ? blockattn::Span<T>(lse) : blockattn::Span<T>());
     } catch (const std::invalid_argument&) {
       for (const T x : out_buf) {
         if (!(x == sentinel)) fail("out written before a validation error", shape);
@@ -258,7 +258,7 @@ void check_one(ByteReader& in) {
   }
 
   try {
-    run(q, k, v, out, o, want_lse ? lse : nullptr);
+    run(q, k, v, out, o, want_lse ? blockattn::Span<T>(lse) : blockattn::Span<T>());
   } catch (const std::exception& e) {
     fail(std::string("a valid problem threw: ") + e.what(), shape);
   }
