@@ -128,8 +128,14 @@ inline void softmax_tile_update(T* s, Index ld_s, Index rows, Index n_keys, T sc
     l[i] = alpha * l[i] + row_sum;
     m[i] = m_new;
     if (alpha != T(1)) {
+      // Whole vectors explicitly: GCC -O2 does not vectorise a loop of unknown count.
       T* acc_row = acc + i * ld_acc;
-      for (Index c = 0; c < d_v; ++c) acc_row[c] *= alpha;
+      const V valpha = S::set1(alpha);
+      const Index acc_full = d_v / kLanes * kLanes;
+      for (Index c = 0; c < acc_full; c += kLanes) {
+        S::store(acc_row + c, S::mul(S::load(acc_row + c), valpha));
+      }
+      for (Index c = acc_full; c < d_v; ++c) acc_row[c] *= alpha;
     }
   }
 }
@@ -212,8 +218,8 @@ class RowBlockState {
         if (lse != nullptr) lse[r] = kNegativeInfinity<T>;
         continue;
       }
-      const T* a = acc(row);
-      for (Index c = 0; c < d_v_; ++c) out(r, c) = a[c] / l_[row];
+      // Eigen's own vectorised quotient: GCC -O2 does not vectorise a loop of unknown count.
+      out.row(r) = Eigen::Map<const RowVector<T>>(acc(row), d_v_) / l_[row];
       if (lse != nullptr) lse[r] = m_[row] + std::log(l_[row]);
     }
   }
