@@ -28,6 +28,22 @@
 #define BLOCKATTN_RESTRICT
 #endif
 
+// BLOCKATTN_UNROLL(n): unroll the next loop n times, n an integer literal (GCC 12 rejects a
+// template parameter there); with n >= the loop's fixed trip count the loop is unrolled
+// completely. For the register blocks: their arrays of accumulator vectors become registers
+// only when every loop that indexes them is unrolled, and GCC -O2 unrolls no loop whose body it
+// would have to copy (only -O3 does), so without the pragma the accumulators live on the stack:
+// a load and a store around every FMA, 2-5x the instructions (docs/tuning.md, "Optimisation
+// levels"). Nothing on compilers without the pragma.
+#define BLOCKATTN_PRAGMA(text) _Pragma(#text)
+#if defined(__clang__)
+#define BLOCKATTN_UNROLL(n) BLOCKATTN_PRAGMA(unroll n)
+#elif defined(__GNUC__) && __GNUC__ >= 8
+#define BLOCKATTN_UNROLL(n) BLOCKATTN_PRAGMA(GCC unroll n)
+#else
+#define BLOCKATTN_UNROLL(n)
+#endif
+
 // Internal invariants only (debug builds); user input is validated by detail/check.hpp, always.
 #ifndef BLOCKATTN_ASSERT
 #define BLOCKATTN_ASSERT(cond) eigen_assert(cond)

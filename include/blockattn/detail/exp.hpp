@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <limits>
 
+#include <blockattn/detail/config.hpp>
 #include <blockattn/detail/simd.hpp>
 
 namespace blockattn::detail {
@@ -60,6 +61,21 @@ struct ExpConstants<double> {
 /// k! for 0 <= k <= 20, exact.
 constexpr std::int64_t factorial(int k) { return k <= 1 ? 1 : k * factorial(k - 1); }
 
+/// The Taylor coefficients c[k] = 1/k!, k <= kDegree: each one correctly rounded division of
+/// exact integers (14! < 2^63). A table built at compile time, because a loop that computes them
+/// is folded only where the optimiser unrolls it (not at GCC -O2: there every vector paid for
+/// factorial() and a scalar division per coefficient).
+template <class T>
+struct ExpCoefficients {
+  static constexpr int kDegree = ExpConstants<T>::kDegree;
+  T c[kDegree + 1];
+  constexpr ExpCoefficients() : c() {
+    for (int k = 0; k <= kDegree; ++k) c[k] = T(1) / static_cast<T>(factorial(k));
+  }
+};
+template <class T>
+inline constexpr ExpCoefficients<T> kExpCoefficients{};
+
 /// exp of every lane of `x`; the error bound and special values are documented at the top of
 /// this header. Pure register arithmetic: no tables, no memory access, no branches.
 template <class T>
@@ -73,12 +89,12 @@ inline typename simd::Simd<T>::V simd_exp(typename simd::Simd<T>::V x) {
   const V n = S::round_to_int(S::mul(x, S::set1(C::kLog2e)));
   V r = S::fma(n, S::set1(-C::kLn2Hi), x);
   r = S::fma(n, S::set1(-C::kLn2Lo), r);
-  // Horner on the Taylor coefficients 1/k!, highest degree first; each is one correctly rounded
-  // division of exact integers (14! < 2^63), folded at compile time.
-  V p = S::set1(T(1) / static_cast<T>(factorial(C::kDegree)));
-  for (int k = C::kDegree - 1; k >= 0; --k) {
-    p = S::fma(p, r, S::set1(T(1) / static_cast<T>(factorial(k))));
-  }
+  // Horner on the Taylor coefficients 1/k!, highest degree first.
+  static_assert(C::kDegree <= 16, "blockattn: BLOCKATTN_UNROLL(16) must cover the degree");
+  constexpr const T* kC = kExpCoefficients<T>.c;
+  V p = S::set1(kC[C::kDegree]);
+  BLOCKATTN_UNROLL(16)  // unrolled, so the coefficients are constants at -O2 too
+  for (int k = C::kDegree - 1; k >= 0; --k) p = S::fma(p, r, S::set1(kC[k]));
   return S::ldexp(p, n);
 }
 

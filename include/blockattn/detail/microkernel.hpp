@@ -142,16 +142,20 @@ inline void pack_k(const T* k, Index ld_k, Index n_keys, Index d, T* packed) {
 /// elements) in the V panel layout described at the top of this header.
 template <class T, int ValueVectors = RegisterBlock<T>::kValueVectors>
 inline void pack_v(const T* v, Index ld_v, Index n_keys, Index d_v, T* packed) {
-  constexpr Index kLanes = simd::Simd<T>::kLanes;
+  using S = simd::Simd<T>;
+  constexpr Index kLanes = S::kLanes;
   constexpr Index kPanel = ValueVectors * kLanes;
   for (Index c0 = 0; c0 < d_v; c0 += kPanel) {
     const Index cols = std::min(kPanel, d_v - c0);
     const Index width = round_up(cols, kLanes);
+    const Index full = cols / kLanes * kLanes;
     T* dst = packed + c0 * n_keys;
     for (Index j = 0; j < n_keys; ++j) {
       const T* src = v + j * ld_v + c0;
       T* row = dst + j * width;
-      for (Index cc = 0; cc < cols; ++cc) row[cc] = src[cc];
+      // Whole vectors explicitly: GCC -O2 does not vectorise a loop of unknown count.
+      for (Index cc = 0; cc < full; cc += kLanes) S::store(row + cc, S::load(src + cc));
+      for (Index cc = full; cc < cols; ++cc) row[cc] = src[cc];
       for (Index cc = cols; cc < width; ++cc) row[cc] = T(0);
     }
   }
@@ -165,19 +169,28 @@ inline void score_block(const T* BLOCKATTN_RESTRICT q, Index ld_q, Index d,
   using S = simd::Simd<T>;
   using V = typename S::V;
   constexpr int kLanes = S::kLanes;
+  static_assert(Rows <= 16 && Vectors <= 16, "blockattn: BLOCKATTN_UNROLL(16) must cover them");
+  // Every loop over r and t unrolled, so acc is registers at -O2 too (BLOCKATTN_UNROLL).
   V acc[Rows][Vectors];
+  BLOCKATTN_UNROLL(16)
   for (int r = 0; r < Rows; ++r) {
+    BLOCKATTN_UNROLL(16)
     for (int t = 0; t < Vectors; ++t) acc[r][t] = S::zero();
   }
   for (Index c = 0; c < d; ++c) {
     V kv[Vectors];
+    BLOCKATTN_UNROLL(16)
     for (int t = 0; t < Vectors; ++t) kv[t] = S::load(panel + c * (Vectors * kLanes) + t * kLanes);
+    BLOCKATTN_UNROLL(16)
     for (int r = 0; r < Rows; ++r) {
       const V qb = S::set1(q[r * ld_q + c]);
+      BLOCKATTN_UNROLL(16)
       for (int t = 0; t < Vectors; ++t) acc[r][t] = S::fma(qb, kv[t], acc[r][t]);
     }
   }
+  BLOCKATTN_UNROLL(16)
   for (int r = 0; r < Rows; ++r) {
+    BLOCKATTN_UNROLL(16)
     for (int t = 0; t < Vectors; ++t) S::store(s + r * ld_s + t * kLanes, acc[r][t]);
   }
 }
@@ -213,19 +226,28 @@ inline void pv_block(const T* BLOCKATTN_RESTRICT p, Index ld_p, Index n_keys,
   using S = simd::Simd<T>;
   using V = typename S::V;
   constexpr int kLanes = S::kLanes;
+  static_assert(Rows <= 16 && Vectors <= 16, "blockattn: BLOCKATTN_UNROLL(16) must cover them");
+  // Every loop over r and t unrolled, so a is registers at -O2 too (BLOCKATTN_UNROLL).
   V a[Rows][Vectors];
+  BLOCKATTN_UNROLL(16)
   for (int r = 0; r < Rows; ++r) {
+    BLOCKATTN_UNROLL(16)
     for (int t = 0; t < Vectors; ++t) a[r][t] = S::load(acc + r * ld_acc + t * kLanes);
   }
   for (Index j = 0; j < n_keys; ++j) {
     V vv[Vectors];
+    BLOCKATTN_UNROLL(16)
     for (int t = 0; t < Vectors; ++t) vv[t] = S::load(panel + j * (Vectors * kLanes) + t * kLanes);
+    BLOCKATTN_UNROLL(16)
     for (int r = 0; r < Rows; ++r) {
       const V pb = S::set1(p[r * ld_p + j]);
+      BLOCKATTN_UNROLL(16)
       for (int t = 0; t < Vectors; ++t) a[r][t] = S::fma(pb, vv[t], a[r][t]);
     }
   }
+  BLOCKATTN_UNROLL(16)
   for (int r = 0; r < Rows; ++r) {
+    BLOCKATTN_UNROLL(16)
     for (int t = 0; t < Vectors; ++t) S::store(acc + r * ld_acc + t * kLanes, a[r][t]);
   }
 }
@@ -310,29 +332,40 @@ BLOCKATTN_ALWAYS_INLINE void score_rows_block(const T* BLOCKATTN_RESTRICT q, Ind
   using V = typename S::V;
   constexpr int kLanes = S::kLanes;
   constexpr int kCount = Rows * Keys;
+  static_assert(kCount <= 16 && kLanes <= 16, "blockattn: BLOCKATTN_UNROLL(16) must cover them");
+  // Every loop over the accumulators unrolled, so acc is registers at -O2 too (BLOCKATTN_UNROLL).
   V acc[kCount];
+  BLOCKATTN_UNROLL(16)
   for (int a = 0; a < kCount; ++a) acc[a] = S::zero();
   for (Index c = 0; c < full; c += kLanes) {
     V kv[Keys];
+    BLOCKATTN_UNROLL(16)
     for (int t = 0; t < Keys; ++t) kv[t] = S::load(k + t * ld_k + c);
+    BLOCKATTN_UNROLL(16)
     for (int r = 0; r < Rows; ++r) {
       const V qv = S::load(q + r * ld_q + c);
+      BLOCKATTN_UNROLL(16)
       for (int t = 0; t < Keys; ++t) acc[r * Keys + t] = S::fma(qv, kv[t], acc[r * Keys + t]);
     }
   }
   if (rest > 0) {
     V kv[Keys];
+    BLOCKATTN_UNROLL(16)
     for (int t = 0; t < Keys; ++t) kv[t] = S::load_partial(k + t * ld_k + full, rest, T(0));
+    BLOCKATTN_UNROLL(16)
     for (int r = 0; r < Rows; ++r) {
       const V qv = S::load_partial(q + r * ld_q + full, rest, T(0));
+      BLOCKATTN_UNROLL(16)
       for (int t = 0; t < Keys; ++t) acc[r * Keys + t] = S::fma(qv, kv[t], acc[r * Keys + t]);
     }
   }
   if constexpr (kCount == 1) {
     s[0] = S::reduce_add(acc[0]);
   } else {
+    BLOCKATTN_UNROLL(16)
     for (int g = 0; g < kCount; g += kLanes) {
       V group[kLanes];
+      BLOCKATTN_UNROLL(16)
       for (int i = 0; i < kLanes; ++i) group[i] = g + i < kCount ? acc[g + i] : S::zero();
       const V sums = S::reduce_add_lanes(group);
       if constexpr (Rows == 1 && Keys % kLanes == 0) {
@@ -340,8 +373,9 @@ BLOCKATTN_ALWAYS_INLINE void score_rows_block(const T* BLOCKATTN_RESTRICT q, Ind
       } else {
         alignas(64) T lanes[kLanes];
         S::store(lanes, sums);
-        for (int i = 0; i < kLanes && g + i < kCount; ++i) {
-          s[(g + i) / Keys * ld_s + (g + i) % Keys] = lanes[i];
+        BLOCKATTN_UNROLL(16)
+        for (int i = 0; i < kLanes; ++i) {  // one exit: GCC ignores the pragma on two
+          if (g + i < kCount) s[(g + i) / Keys * ld_s + (g + i) % Keys] = lanes[i];
         }
       }
     }
@@ -394,8 +428,12 @@ inline void pv_rows_block(const T* BLOCKATTN_RESTRICT p, Index ld_p, Index n_key
   using V = typename S::V;
   constexpr Index kLanes = S::kLanes;
   constexpr int kLast = Vectors - 1;
+  static_assert(Rows <= 16 && Vectors <= 16, "blockattn: BLOCKATTN_UNROLL(16) must cover them");
+  // Every loop over r and t unrolled, so a is registers at -O2 too (BLOCKATTN_UNROLL).
   V a[Rows][Vectors];
+  BLOCKATTN_UNROLL(16)
   for (int r = 0; r < Rows; ++r) {
+    BLOCKATTN_UNROLL(16)
     for (int t = 0; t < kLast; ++t) a[r][t] = S::load(acc + r * ld_acc + t * kLanes);
     a[r][kLast] = rest > 0 ? S::load_partial(acc + r * ld_acc + kLast * kLanes, rest, T(0))
                            : S::load(acc + r * ld_acc + kLast * kLanes);
@@ -405,15 +443,20 @@ inline void pv_rows_block(const T* BLOCKATTN_RESTRICT p, Index ld_p, Index n_key
       prefetch_row(v + (j + prefetch.ahead) * ld_v, row_elements);
     }
     V vv[Vectors];
+    BLOCKATTN_UNROLL(16)
     for (int t = 0; t < kLast; ++t) vv[t] = S::load(v + j * ld_v + t * kLanes);
     vv[kLast] = rest > 0 ? S::load_partial(v + j * ld_v + kLast * kLanes, rest, T(0))
                          : S::load(v + j * ld_v + kLast * kLanes);
+    BLOCKATTN_UNROLL(16)
     for (int r = 0; r < Rows; ++r) {
       const V pb = S::set1(p[r * ld_p + j]);
+      BLOCKATTN_UNROLL(16)
       for (int t = 0; t < Vectors; ++t) a[r][t] = S::fma(pb, vv[t], a[r][t]);
     }
   }
+  BLOCKATTN_UNROLL(16)
   for (int r = 0; r < Rows; ++r) {
+    BLOCKATTN_UNROLL(16)
     for (int t = 0; t < kLast; ++t) S::store(acc + r * ld_acc + t * kLanes, a[r][t]);
     if (rest > 0) {
       S::store_partial(acc + r * ld_acc + kLast * kLanes, rest, a[r][kLast]);

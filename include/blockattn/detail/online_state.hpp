@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include <Eigen/Core>
@@ -128,8 +129,14 @@ inline void softmax_tile_update(T* s, Index ld_s, Index rows, Index n_keys, T sc
     l[i] = alpha * l[i] + row_sum;
     m[i] = m_new;
     if (alpha != T(1)) {
+      // Whole vectors explicitly: GCC -O2 does not vectorise a loop of unknown count.
       T* acc_row = acc + i * ld_acc;
-      for (Index c = 0; c < d_v; ++c) acc_row[c] *= alpha;
+      const V valpha = S::set1(alpha);
+      const Index acc_full = d_v / kLanes * kLanes;
+      for (Index c = 0; c < acc_full; c += kLanes) {
+        S::store(acc_row + c, S::mul(S::load(acc_row + c), valpha));
+      }
+      for (Index c = acc_full; c < d_v; ++c) acc_row[c] *= alpha;
     }
   }
 }
@@ -180,7 +187,12 @@ void finalize_row(T m, T l, const Acc* acc, Out* out, Index d_v, T* lse) {
     if (lse != nullptr) *lse = kNegativeInfinity<T>;
     return;
   }
-  for (Index c = 0; c < d_v; ++c) out[c] = static_cast<Out>(static_cast<T>(acc[c]) / l);
+  if constexpr (std::is_same_v<Acc, T> && std::is_same_v<Out, T>) {
+    // Eigen's own vectorised quotient: GCC -O2 does not vectorise a loop of unknown count.
+    Eigen::Map<RowVector<T>>(out, d_v) = Eigen::Map<const RowVector<T>>(acc, d_v) / l;
+  } else {
+    for (Index c = 0; c < d_v; ++c) out[c] = static_cast<Out>(static_cast<T>(acc[c]) / l);
+  }
   if (lse != nullptr) *lse = m + std::log(l);
 }
 

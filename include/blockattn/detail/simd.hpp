@@ -104,6 +104,7 @@ struct SimdCommon : Isa {
       return Isa::transpose_sum(v);
     } else {
       alignas(64) T sums[Isa::kLanes];
+      BLOCKATTN_UNROLL(16)  // kLanes <= 16: v stays in registers at -O2 too
       for (int i = 0; i < Isa::kLanes; ++i) sums[i] = Isa::reduce_add(v[i]);
       return Isa::load(sums);
     }
@@ -196,7 +197,9 @@ struct Avx512Float {
   // into one vector. The tree leaves slot 4l + k in lane 4k + l, so slot s reads v[4(s%4) + s/4].
   BLOCKATTN_ALWAYS_INLINE static V transpose_sum(const V* v) {
     const auto slot = [v](int s) { return v[4 * (s % 4) + s / 4]; };
+    // Unrolled (as every loop below), so a, c and f are registers at GCC -O2 too.
     V a[8];
+    BLOCKATTN_UNROLL(8)
     for (int i = 0; i < 8; ++i) {
       const V x = slot(2 * i);
       const V y = slot(2 * i + 1);
@@ -204,6 +207,7 @@ struct Avx512Float {
                  _mm512_mask_shuffle_f32x4(x, kAll, x, y, 0xEE));
     }
     V c[4];
+    BLOCKATTN_UNROLL(4)
     for (int j = 0; j < 4; ++j) {
       const V x = a[2 * j];
       const V y = a[2 * j + 1];
@@ -211,6 +215,7 @@ struct Avx512Float {
                  _mm512_mask_shuffle_f32x4(x, kAll, x, y, 0xDD));
     }
     V f[2];
+    BLOCKATTN_UNROLL(2)
     for (int m = 0; m < 2; ++m) {
       const __m512d x = _mm512_castps_pd(c[2 * m]);
       const __m512d y = _mm512_castps_pd(c[2 * m + 1]);
@@ -273,7 +278,9 @@ struct Avx512Double {
   // reads v[2(s%4) + s/4].
   BLOCKATTN_ALWAYS_INLINE static V transpose_sum(const V* v) {
     const auto slot = [v](int s) { return v[2 * (s % 4) + s / 4]; };
+    // Unrolled (as the loop below), so a and c are registers at GCC -O2 too.
     V a[4];
+    BLOCKATTN_UNROLL(4)
     for (int i = 0; i < 4; ++i) {
       const V x = slot(2 * i);
       const V y = slot(2 * i + 1);
@@ -281,6 +288,7 @@ struct Avx512Double {
                  _mm512_mask_shuffle_f64x2(x, kAll, x, y, 0xEE));
     }
     V c[2];
+    BLOCKATTN_UNROLL(2)
     for (int j = 0; j < 2; ++j) {
       c[j] = add(_mm512_mask_shuffle_f64x2(a[2 * j], kAll, a[2 * j], a[2 * j + 1], 0x88),
                  _mm512_mask_shuffle_f64x2(a[2 * j], kAll, a[2 * j], a[2 * j + 1], 0xDD));
@@ -323,7 +331,13 @@ struct BufferedTail : Isa {
   static T reduce_add(typename Isa::V v) {
     alignas(64) T buf[Isa::kLanes];
     Isa::store(buf, v);
-    for (int w = Isa::kLanes / 2; w > 0; w /= 2) {
+    // Halving widths w = kLanes/2, …, 1 (a counted loop, so that it unrolls to straight code).
+    constexpr int kLevels = Isa::kLanes >= 8 ? 3 : Isa::kLanes >= 4 ? 2 : 1;
+    static_assert(Isa::kLanes == 1 << kLevels, "blockattn: kLanes is 2, 4 or 8 here");
+    BLOCKATTN_UNROLL(4)  // fixed counts, unrolled: buf stays in registers at GCC -O2 too
+    for (int level = 1; level <= kLevels; ++level) {
+      const int w = Isa::kLanes >> level;
+      BLOCKATTN_UNROLL(8)
       for (int t = 0; t < w; ++t) buf[t] += buf[t + w];
     }
     return buf[0];
@@ -332,6 +346,7 @@ struct BufferedTail : Isa {
     alignas(64) T buf[Isa::kLanes];
     Isa::store(buf, v);
     T m = buf[0];
+    BLOCKATTN_UNROLL(8)  // kLanes <= 8: straight code at GCC -O2 too
     for (int t = 1; t < Isa::kLanes; ++t) m = buf[t] > m ? buf[t] : m;
     return m;
   }
@@ -358,13 +373,16 @@ struct Avx2Float {
   // tree leaves slot 2l + k in lane 4k + l, so slot s reads v[4(s%2) + s/2].
   BLOCKATTN_ALWAYS_INLINE static V transpose_sum(const V* v) {
     const auto slot = [v](int s) { return v[4 * (s % 2) + s / 2]; };
+    // Unrolled (as the loop below), so a and c are registers at GCC -O2 too.
     V a[4];
+    BLOCKATTN_UNROLL(4)
     for (int i = 0; i < 4; ++i) {
       const V x = slot(2 * i);
       const V y = slot(2 * i + 1);
       a[i] = add(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
     }
     V c[2];
+    BLOCKATTN_UNROLL(2)
     for (int j = 0; j < 2; ++j) {
       const __m256d x = _mm256_castps_pd(a[2 * j]);
       const __m256d y = _mm256_castps_pd(a[2 * j + 1]);
