@@ -222,6 +222,8 @@ void softmax_gradient(const P& p, DS& ds, const DOut& dout_blk, const Out& out_b
                       const VBlk& v_blk, const T* delta) {
   for (Index r = 0; r < ds.rows(); ++r) {
     ds.row(r) = (p.row(r).array() * (ds.row(r).array() - delta[r])).matrix();
+    // No dominant key in this row (a NaN weight may hide one: the product form then).
+    if (!(p.row(r).maxCoeff() > T(0.5))) continue;
     for (Index c = 0; c < ds.cols(); ++c) {
       if (p(r, c) > T(0.5) && std::isfinite(ds(r, c))) {
         ds(r, c) = p(r, c) * dout_blk.row(r).dot(v_blk.row(c) - out_blk.row(r));
