@@ -995,9 +995,10 @@ namespace {
 
 // The issue's own case: float, batched, 4 query heads on 1 kv head, n_q = 2, n_k = 7,
 // d = d_v = 256, scale 1.845, q and k ~ N(0, 2²) (logits ~120), chunks 8 × 17. Before the fix
-// attention_backward erred by ~1e-4 in dq and dk and ~3e-4 in dv here, where the exact gradients
-// are ~1e-13 and torch's float32 autograd (torch 1.13, same inputs) errs by <= 4e-6 in dq and dk
-// and ~3e-7 in dv. The decode forward (score_rows_direct) computes these scores.
+// attention_backward erred by ~1e-4 in dq and dk and ~3e-4 in dv on such inputs, where the exact
+// gradients can be ~1e-14 and torch 1.13's float32 autograd erred by ~1e-14 to 4e-6 in dq and dk
+// and ~3e-7 in dv (12 draws, the same inputs through both). The decode
+// forward (score_rows_direct) computes these scores.
 TYPED_TEST(AttentionBackwardTest, LargeLogitIssueShape) {
   using T = TypeParam;
   auto rng = make_rng(1701);
