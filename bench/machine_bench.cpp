@@ -1,6 +1,9 @@
 // The machine's own limits, so that every attention figure can be read as a fraction of what is
 // possible, and a prototype of the forward pass built only from the detail/ micro-kernels:
 //   BM_FmaPeak<T>/threads        independent FMA chains in registers: the arithmetic ceiling
+//   BM_Bf16DotPeak/threads       the same with vdpbf16ps (AVX512_BF16): the bf16 ceiling, FLOP
+//                                counted as 2 per bf16 pair (64 per instruction); skipped
+//                                without __AVX512BF16__
 //   BM_EigenGemm_QK<T>/n          Eigen GEMM S = Q·Kᵀ, [n, 64]·[64, n]   (2·n²·64 FLOP)
 //   BM_EigenGemm_PV<T>/n          Eigen GEMM O = P·V,  [n, n]·[n, 64]    (2·n²·64 FLOP)
 //   BM_StreamRead / BM_StreamCopy  bandwidth over a buffer far beyond the last-level cache
@@ -21,6 +24,9 @@
 
 #include <Eigen/Core>
 #include <benchmark/benchmark.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -99,6 +105,62 @@ BENCHMARK_TEMPLATE(BM_FmaPeak, double)->ArgName("threads")->Arg(1);
 #if defined(_OPENMP)
 BENCHMARK_TEMPLATE(BM_FmaPeak, float)->ArgName("threads")->Arg(2)->UseRealTime();
 BENCHMARK_TEMPLATE(BM_FmaPeak, double)->ArgName("threads")->Arg(2)->UseRealTime();
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// bf16 dot-product peak
+
+/// vdpbf16ps: each float lane adds the products of one pair of bf16 values, 2 multiplies and
+/// 2 adds, so 16 lanes × 4 = 64 FLOP per 512-bit instruction (the convention that makes a bf16
+/// GEMM's 2·m·n·k FLOP comparable with the FMA peak's). Same chains and steps as fma_chains.
+constexpr double bf16_dot_flops_per_call() { return 64.0 * kChains * kFmaSteps; }
+
+#if defined(__AVX512BF16__)
+/// Runs kFmaSteps rounds of kChains vdpbf16ps on registers; returns the lanes' sum.
+BLOCKATTN_NOINLINE float bf16_dot_chains(float seed) {
+  __m512 acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = _mm512_set1_ps(seed + static_cast<float>(c));
+  // Pairs of 0.01 (bf16): each step adds 2e-4 a lane, ~13 over the run: finite and normal.
+  const __m512 x = _mm512_set1_ps(0.01f);
+  const __m512bh a = _mm512_cvtne2ps_pbh(x, x);
+  const __m512bh b = _mm512_cvtne2ps_pbh(x, x);
+  for (int step = 0; step < kFmaSteps; ++step) {
+    for (int c = 0; c < kChains; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], a, b);
+  }
+  __m512 sum = acc[0];
+  for (int c = 1; c < kChains; ++c) sum = _mm512_add_ps(sum, acc[c]);
+  return _mm512_reduce_add_ps(sum);
+}
+#endif
+
+void BM_Bf16DotPeak(benchmark::State& state) {
+#if defined(__AVX512BF16__)
+  const int threads = static_cast<int>(state.range(0));
+  for (auto _ : state) {
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+    {
+      float r = bf16_dot_chains(static_cast<float>(omp_get_thread_num()));
+      benchmark::DoNotOptimize(r);
+    }
+#else
+    float r = bf16_dot_chains(1.0f);
+    benchmark::DoNotOptimize(r);
+#endif
+  }
+  state.counters["FLOP/s"] = benchmark::Counter(bf16_dot_flops_per_call() * threads,
+                                                benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel("avx512_bf16 vdpbf16ps, " + std::to_string(kChains) + " chains");
+#else
+  state.SkipWithError(
+      "skipped: built without __AVX512BF16__ (e.g. -march=native on a CPU with "
+      "AVX512_BF16, -march=znver4, -march=sapphirerapids)");
+#endif
+}
+// Timed like BM_FmaPeak, beside it: one thread on CPU time, two on wall-clock time.
+BENCHMARK(BM_Bf16DotPeak)->ArgName("threads")->Arg(1);
+#if defined(_OPENMP)
+BENCHMARK(BM_Bf16DotPeak)->ArgName("threads")->Arg(2)->UseRealTime();
 #endif
 
 /// CPU time of the calling thread, in seconds: the same clock as Google Benchmark's CPU time.

@@ -7,6 +7,10 @@
 //   dQ += scale·dS·K,   dK += scale·dSᵀ·Q   (scale·Q is what the tile holds)
 // No argument checking here: attention_backward.hpp validates first.
 //
+// Rounding at large logits: the scores are the forward's bit for bit (recompute_scores), and a
+// row's dominant key takes dP − D as dO·(v − O) (softmax_gradient), so that near one-hot rows
+// lose no more than float autograd does (issue 17; tests: LargeLogit* in the backward test).
+//
 // Work split and determinism. One task per (batch, kv head, key chunk) owns the rows of dK and
 // dV of its key chunk, so they need no reduction: the task sums over its query heads and query
 // chunks in a fixed order. dQ is the sum over key chunks, which different tasks produce. Rather
@@ -32,6 +36,7 @@
 
 #include <blockattn/detail/attention_kernel.hpp>
 #include <blockattn/detail/finite.hpp>
+#include <blockattn/detail/microkernel.hpp>
 #include <blockattn/detail/online_state.hpp>
 #include <blockattn/detail/parallel.hpp>
 #include <blockattn/detail/workspace.hpp>
@@ -39,6 +44,11 @@
 #include <blockattn/types.hpp>
 
 namespace blockattn::detail {
+
+/// Whether T runs on the forward's SIMD micro-kernels (float, double). Other types (long double,
+/// reachable through the generic entry point) take plain Eigen products.
+template <class T>
+inline constexpr bool kHasMicrokernels = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
 /// One thread's scratch for the backward pass. Every pointer is 64-byte aligned.
 template <class T>
@@ -50,6 +60,8 @@ struct BackwardSlice {
   T* delta;        ///< [query_chunk]: D = rowsum(dO ∘ O)
   T* finite_keys;  ///< [key_chunk, d]: the K chunk, non-finite entries 0 (NaN slow path only)
   T* finite_dout;  ///< [query_chunk, d_v]: the dO tile, non-finite entries 0 (slow path only)
+  T* packed_keys;  ///< packed_k_size(key_chunk, d): the task's K chunk packed (prefill scores)
+  T* tile_scores;  ///< [query_chunk, padded_stride(key_chunk)]: score_tile's output
 };
 
 /// The backward workspace, one slice per thread:
@@ -67,6 +79,10 @@ class BackwardWorkspace {
     delta_ = layout.take(shape.query_chunk);
     finite_keys_ = layout.take(shape.key_chunk * shape.d);
     finite_dout_ = layout.take(shape.query_chunk * shape.d_v);
+    if constexpr (kHasMicrokernels<T>) {
+      packed_keys_ = layout.take(packed_k_size<T>(shape.key_chunk, shape.d));
+      tile_scores_ = layout.take(shape.query_chunk * padded_stride<T>(shape.key_chunk));
+    }
     slice_size_ = layout.size();
     // One allocation per call, before the loop, with operator new: Eigen's EIGEN_RUNTIME_NO_MALLOC
     // check in attention_backward_test then watches the loop's own products and temporaries.
@@ -81,8 +97,9 @@ class BackwardWorkspace {
 
   BackwardSlice<T> slice(int slot) const {
     T* base = base_ + static_cast<Index>(slot) * slice_size_;
-    return {base + queries_, base + probs_,       base + grad_scores_, base + raw_scores_,
-            base + delta_,   base + finite_keys_, base + finite_dout_};
+    return {base + queries_,     base + probs_,       base + grad_scores_,
+            base + raw_scores_,  base + delta_,       base + finite_keys_,
+            base + finite_dout_, base + packed_keys_, base + tile_scores_};
   }
 
  private:
@@ -100,6 +117,8 @@ class BackwardWorkspace {
   Index delta_ = 0;
   Index finite_keys_ = 0;
   Index finite_dout_ = 0;
+  Index packed_keys_ = 0;
+  Index tile_scores_ = 0;
 };
 
 // NaN in the backward pass (README, "Numerical conventions": a NaN reaches the gradient rows it
@@ -160,6 +179,59 @@ TileShape choose_backward_tile_shape(const AttentionOptions& options, Index n_q,
   return choose_tile_shape<T>(tiles, n_q, n_k, d, d_v);
 }
 
+/// p [rows, cols] = q_blk·Kᵀ for the scaled queries q_blk [rows, d] of one tile and the task's
+/// key chunk k_blk, computed by the kernel that the forward pass used for this call (`direct`,
+/// forward_scores_direct), so that every score is the forward's bit for bit. This is what makes
+/// P = exp(s − lse) consistent with the stored lse: where one key dominates a row the forward
+/// stored lse = m = that key's score, and the recomputed weight is exp(0) = 1 exactly. With
+/// scores rounded another way (an Eigen product) it was exp(δ), δ a few ulps of a logit: at
+/// logits ~120 a relative error ~5e-5 in dV, which float autograd does not have (its P divides by
+/// its own row sum). `packed_keys` is pack_k of k_blk (prefill kernel only).
+template <class T, class KBlk>
+void recompute_scores(const T* q_blk, Index rows, Index d, const KBlk& k_blk, bool direct,
+                      const BackwardSlice<T>& ws, Eigen::Map<Matrix<T>>& p) {
+  const Index cols = k_blk.rows();
+  if constexpr (kHasMicrokernels<T>) {
+    if (direct) {
+      score_rows_direct(q_blk, d, rows, d, k_blk.data(), k_blk.outerStride(), cols, p.data(), cols);
+      return;
+    }
+    const Index ld_s = padded_stride<T>(cols);
+    score_tile(q_blk, d, rows, d, ws.packed_keys, cols, ws.tile_scores, ld_s);
+    for (Index r = 0; r < rows; ++r) {
+      for (Index c = 0; c < cols; ++c) p(r, c) = ws.tile_scores[r * ld_s + c];
+    }
+  } else {
+    static_cast<void>(direct);
+    p.noalias() = Eigen::Map<const Matrix<T>>(q_blk, rows, d) * k_blk.transpose();
+  }
+}
+
+/// dS_ij = P_ij·(dP_ij − D_i) for the tile, given p = P and ds = dP = dO·Vᵀ, with D_i = dO_i·O_i.
+/// For a weight above 1/2 (a row's dominant key r; at most one per row) the factor is computed as
+/// dO_i·(v_r − O_i) instead, the same number in exact arithmetic: O_i − v_r = Σ_{j≠r} P_ij·(v_j −
+/// v_r) is small there and computed almost exactly (v_r − O_i subtracts nearby numbers), so the
+/// result carries an error proportional to 1 − P_ir, as float autograd's does (its D_i = Σ_j
+/// P_ij·dP_ij reads 1·dP_ir when the row is one-hot). dP_ir − D_i from two rounded dot products of
+/// length d_v errs by a few ulps of dP_ir instead, independent of 1 − P_ir: at logits ~120 (issue
+/// 17, exact gradients ~1e-13) that made dQ and dK errors ~1e-4 against autograd's ~1e-6. Other
+/// entries keep the product form: their error P_ij·O(u·|dP|) is at most 2·P_ij·(1 −
+/// P_ij)·O(u·|dP|). A non-finite dS keeps the product form (the NaN rules above).
+template <class P, class DS, class DOut, class Out, class VBlk, class T>
+void softmax_gradient(const P& p, DS& ds, const DOut& dout_blk, const Out& out_blk,
+                      const VBlk& v_blk, const T* delta) {
+  for (Index r = 0; r < ds.rows(); ++r) {
+    ds.row(r) = (p.row(r).array() * (ds.row(r).array() - delta[r])).matrix();
+    // No dominant key in this row (a NaN weight may hide one: the product form then).
+    if (!(p.row(r).maxCoeff() > T(0.5))) continue;
+    for (Index c = 0; c < ds.cols(); ++c) {
+      if (p(r, c) > T(0.5) && std::isfinite(ds(r, c))) {
+        ds(r, c) = p(r, c) * dout_blk.row(r).dot(v_blk.row(c) - out_blk.row(r));
+      }
+    }
+  }
+}
+
 /// Rows [first, first + count) of the (batch b, head h) slice of a tensor; no copy.
 template <class T>
 Eigen::Map<const Matrix<std::remove_const_t<T>>, 0, Eigen::OuterStride<>> row_block(
@@ -200,6 +272,7 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
     return;
   }
   const TileShape shape = choose_backward_tile_shape<T>(options, n_q, n_k, d, d_v);
+  const bool direct_scores = forward_scores_direct<T>(options, n_q, n_k, d, d_v, group);
   const T scale = resolve_scale<T>(options, d);
   const Index query_chunks = ceil_div(n_q, shape.query_chunk);
   const Index key_chunks = ceil_div(n_k, shape.key_chunk);
@@ -231,6 +304,9 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
     const bool keys_finite = block_is_finite(k_blk.data(), k_blk.outerStride(), cols, d);
     Eigen::Map<Matrix<T>> finite_keys(ws.finite_keys, cols, d);
     if (!keys_finite) copy_finite(k_blk, finite_keys);
+    if constexpr (kHasMicrokernels<T>) {
+      if (!direct_scores) pack_k(k_blk.data(), k_blk.outerStride(), cols, d, ws.packed_keys);
+    }
 
     for (Index h = kvh * group; h < (kvh + 1) * group; ++h) {
       const TileMasker<MaskMod> masker(options, n_q, n_k, b, h, mask_mod);
@@ -251,7 +327,7 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
           const auto out_blk = row_block(out, b, h, q0, rows);
           Eigen::Map<Matrix<T>> q_blk(ws.queries, rows, d);
           q_blk.noalias() = row_block(q, b, h, q0, rows) * scale;  // as the forward scales it
-          p.noalias() = q_blk * k_blk.transpose();
+          recompute_scores(q_blk.data(), rows, d, k_blk, direct_scores, ws, p);
           Eigen::Map<Matrix<T>> raw(ws.raw_scores, rows, cols);
           if (modifier.scales_gradient()) raw = p;
           if (modifier.active()) modifier.apply(q0, k0, p);
@@ -281,9 +357,7 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
             dv_blk.noalias() += p.transpose() * dout_blk;
           }
           ds.noalias() = dout_blk * v_blk.transpose();  // dP
-          for (Index r = 0; r < rows; ++r) {
-            ds.row(r) = (p.row(r).array() * (ds.row(r).array() - ws.delta[r])).matrix();
-          }
+          softmax_gradient(p, ds, dout_blk, out_blk, v_blk, ws.delta);
           if (modifier.scales_gradient()) modifier.chain_rule(raw, ds);
           // A masked pair's dS is p·(dP − D) = 0·(dP − D): ±0, or NaN when dP or D is not finite.
           if (partial && !block_is_finite(ds.data(), cols, rows, cols)) {

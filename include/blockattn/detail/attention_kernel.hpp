@@ -146,6 +146,17 @@ TileShape choose_tile_shape(const AttentionOptions& options, Index n_q, Index n_
   return shape;
 }
 
+/// Whether the forward pass computes a call's scores with the decode kernel (score_rows_direct:
+/// one FMA chain per lane along d, then a horizontal sum) rather than the prefill one (score_tile
+/// on packed K: one FMA chain along d per score). The two round differently; the backward pass
+/// recomputes the scores with the same kernel, so that they are the forward's bit for bit.
+template <class T>
+bool forward_scores_direct(const AttentionOptions& options, Index n_q, Index n_k, Index d,
+                           Index d_v, Index group) {
+  const TileShape shape = choose_tile_shape<T>(options, n_q, n_k, d, d_v, group);
+  return group * shape.query_chunk <= kDirectRows;
+}
+
 /// The scale that multiplies q·k: options.scale, or 1/sqrt(d) when it is 0.
 template <class T>
 T resolve_scale(const AttentionOptions& options, Index d) {
@@ -471,7 +482,7 @@ void attention_forward(const TensorView<const T>& q, const TensorView<const T>& 
   const TileShape shape = choose_tile_shape<T>(options, n_q, n_k, d, d_v, group);
   const T scale = resolve_scale<T>(options, d);
   const Index query_chunks = ceil_div(n_q, shape.query_chunk);
-  const bool direct = group * shape.query_chunk <= kDirectRows;
+  const bool direct = forward_scores_direct<T>(options, n_q, n_k, d, d_v, group);
   // Long decode with several kv heads whose rows interleave in memory ([seq, heads, dim]: one
   // head's rows are strided): one task covers every kv head of its batch entry and key segment,
   // head after head within each key chunk, so that a run of keys is read from memory in one
