@@ -904,44 +904,40 @@ std::array<double, 3> expect_large_logit_gradients(std::mt19937_64& rng, const L
   };
   Matrix<T> out(batch * n_q, heads * d_v);
   std::vector<T> lse(static_cast<std::size_t>(batch * heads * n_q));
-  blockattn::attention<T>(cview(q, n_q, heads, d), cview(k, n_k, kv_heads, d),
-                          cview(v, n_k, kv_heads, d_v), mview(out, n_q, heads, d_v), c.options,
-                          lse.data());
+  blockattn::attention(cview(q, n_q, heads, d), cview(k, n_k, kv_heads, d),
+                       cview(v, n_k, kv_heads, d_v), mview(out, n_q, heads, d_v), c.options, lse);
   Matrix<T> dq(q.rows(), q.cols()), dk(k.rows(), k.cols()), dv(v.rows(), v.cols());
-  blockattn::attention_backward<T>(cview(q, n_q, heads, d), cview(k, n_k, kv_heads, d),
-                                   cview(v, n_k, kv_heads, d_v), cview(out, n_q, heads, d_v),
-                                   lse.data(), cview(dout, n_q, heads, d_v),
-                                   mview(dq, n_q, heads, d), mview(dk, n_k, kv_heads, d),
-                                   mview(dv, n_k, kv_heads, d_v), c.options);
+  blockattn::test::backward(cview(q, n_q, heads, d), cview(k, n_k, kv_heads, d),
+                            cview(v, n_k, kv_heads, d_v), cview(out, n_q, heads, d_v), lse,
+                            cview(dout, n_q, heads, d_v), mview(dq, n_q, heads, d),
+                            mview(dk, n_k, kv_heads, d), mview(dv, n_k, kv_heads, d_v), c.options);
   // Float autograd: the materialised softmax in T (reference::attention_backward<T>).
   Matrix<T> aq(q.rows(), q.cols()), ak(k.rows(), k.cols()), av(v.rows(), v.cols());
-  blockattn::reference::attention_backward<T>(
+  blockattn::test::reference_backward(
       cview(q, n_q, heads, d), cview(k, n_k, kv_heads, d), cview(v, n_k, kv_heads, d_v),
-      cview(out, n_q, heads, d_v), lse.data(), cview(dout, n_q, heads, d_v),
-      mview(aq, n_q, heads, d), mview(ak, n_k, kv_heads, d), mview(av, n_k, kv_heads, d_v),
-      c.options);
+      cview(out, n_q, heads, d_v), lse, cview(dout, n_q, heads, d_v), mview(aq, n_q, heads, d),
+      mview(ak, n_k, kv_heads, d), mview(av, n_k, kv_heads, d_v), c.options);
 
   const Matrix<Long> ql = q.template cast<Long>(), kl = k.template cast<Long>();
   const Matrix<Long> vl = v.template cast<Long>(), dol = dout.template cast<Long>();
   Matrix<Long> outl(out.rows(), out.cols());
   std::vector<Long> lsel(lse.size());
-  blockattn::reference::attention<Long>(cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d),
-                                        cview(vl, n_k, kv_heads, d_v), mview(outl, n_q, heads, d_v),
-                                        c.options, lsel.data());
+  blockattn::reference::attention(cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d),
+                                  cview(vl, n_k, kv_heads, d_v), mview(outl, n_q, heads, d_v),
+                                  c.options, lsel);
   Matrix<Long> dql(q.rows(), q.cols()), dkl(k.rows(), k.cols()), dvl(v.rows(), v.cols());
-  blockattn::reference::attention_backward<Long>(
+  blockattn::test::reference_backward(
       cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d), cview(vl, n_k, kv_heads, d_v),
-      cview(outl, n_q, heads, d_v), lsel.data(), cview(dol, n_q, heads, d_v),
-      mview(dql, n_q, heads, d), mview(dkl, n_k, kv_heads, d), mview(dvl, n_k, kv_heads, d_v),
-      c.options);
+      cview(outl, n_q, heads, d_v), lsel, cview(dol, n_q, heads, d_v), mview(dql, n_q, heads, d),
+      mview(dkl, n_k, kv_heads, d), mview(dvl, n_k, kv_heads, d_v), c.options);
   Matrix<Long> eye = Matrix<Long>::Zero(batch * n_k, kv_heads * n_k);
   for (Index b = 0; b < batch; ++b) {
     for (Index h = 0; h < kv_heads; ++h) eye.block(b * n_k, h * n_k, n_k, n_k).setIdentity();
   }
   Matrix<Long> p(batch * n_q, heads * n_k);
-  blockattn::reference::attention<Long>(cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d),
-                                        cview(eye, n_k, kv_heads, n_k), mview(p, n_q, heads, n_k),
-                                        c.options, nullptr);
+  blockattn::reference::attention(cview(ql, n_q, heads, d), cview(kl, n_k, kv_heads, d),
+                                  cview(eye, n_k, kv_heads, n_k), mview(p, n_q, heads, n_k),
+                                  c.options);
   const double scale = effective_scale(c.options, d);
   for (Index b = 0; b < batch; ++b) {
     for (Index kh = 0; kh < kv_heads; ++kh) {
