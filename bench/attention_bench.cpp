@@ -21,6 +21,7 @@
 #include <blockattn/detail/simd.hpp>
 
 #include "support/counters.hpp"
+#include "support/hash_inputs.hpp"
 #include "support/heap_tracker.hpp"
 #include "support/stream_read.hpp"
 
@@ -222,25 +223,21 @@ void BM_StreamRead(benchmark::State& state) { stream_read<1>(state); }
 // read against.
 void BM_StreamReadTwoStreams(benchmark::State& state) { stream_read<2>(state); }
 
-// Prefill on [1, n, heads, 64] tensors (MHA) with a given thread count: the thread-scaling case
-// (n = 4096, 8 heads, 1 and 2 threads) and the shapes of bench/compare_pytorch.py. Arguments
-// n, heads, causal, threads; rates per wall-clock second.
+// Prefill on [1, n, heads, d] tensors (MHA) from the given inputs, options.threads = `threads`;
+// rates per wall-clock second.
 template <class T>
-void BM_Attention_PrefillThreads(benchmark::State& state) {
-  const Index n = state.range(0);
-  const Index heads = state.range(1);
-  const AttentionShape shape{1, heads, heads, n, n, 64, 64, state.range(2) != 0};
-  const Matrix<T> q = random_input<T>(n * heads, shape.d, 1);
-  const Matrix<T> k = random_input<T>(n * heads, shape.d, 2);
-  const Matrix<T> v = random_input<T>(n * heads, shape.d_v, 3);
-  Matrix<T> out(n * heads, shape.d_v);
-  const auto q_view = blockattn::make_tensor_view(q.data(), 1, n, heads, shape.d);
-  const auto k_view = blockattn::make_tensor_view(k.data(), 1, n, heads, shape.d);
-  const auto v_view = blockattn::make_tensor_view(v.data(), 1, n, heads, shape.d_v);
-  const auto out_view = blockattn::make_tensor_view(out.data(), 1, n, heads, shape.d_v);
+void run_prefill(benchmark::State& state, const AttentionShape& shape, int threads, const T* q,
+                 const T* k, const T* v) {
+  const Index n = shape.n_q;
+  Matrix<T> out(n * shape.heads, shape.d_v);
+  const auto q_view = blockattn::make_tensor_view(q, 1, n, shape.heads, shape.d);
+  const auto k_view = blockattn::make_tensor_view(k, 1, n, shape.heads, shape.d);
+  const auto v_view = blockattn::make_tensor_view(v, 1, n, shape.heads, shape.d_v);
+  const auto out_view = blockattn::make_tensor_view(out.data(), 1, n, shape.heads, shape.d_v);
   AttentionOptions options;
   options.causal = shape.causal;
-  options.threads = static_cast<int>(state.range(3));
+  options.threads = threads;
+  label_threads(state, options);
   const std::size_t peak = blockattn::bench::measure_extra_heap(
       [&] { blockattn::attention(q_view, k_view, v_view, out_view, options); });
   for (auto _ : state) {
@@ -249,6 +246,42 @@ void BM_Attention_PrefillThreads(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   blockattn::bench::set_attention_counters<T>(state, shape, peak);
+}
+
+// Prefill on [1, n, heads, 64] tensors with a given thread count: the thread-scaling case
+// (n = 4096, 8 heads, 1 and 2 threads) and the shapes of bench/compare_pytorch.py. Arguments
+// n, heads, causal, threads.
+template <class T>
+void BM_Attention_PrefillThreads(benchmark::State& state) {
+  const Index n = state.range(0);
+  const Index heads = state.range(1);
+  const AttentionShape shape{1, heads, heads, n, n, 64, 64, state.range(2) != 0};
+  const Matrix<T> q = random_input<T>(n * heads, shape.d, 1);
+  const Matrix<T> k = random_input<T>(n * heads, shape.d, 2);
+  const Matrix<T> v = random_input<T>(n * heads, shape.d_v, 3);
+  run_prefill<T>(state, shape, static_cast<int>(state.range(3)), q.data(), k.data(), v.data());
+}
+
+// Prefill on [1, n, heads, d] float tensors filled from bench/support/hash_inputs.hpp, the very
+// inputs bench/compare_ort.py gives ONNX Runtime (its output check runs ort_reference_dump on
+// them). Arguments n, heads, d, causal, threads.
+void BM_Attention_Prefill(benchmark::State& state) {
+  using blockattn::bench::HashedTensor;
+  const Index n = state.range(0);
+  const Index heads = state.range(1);
+  const Index d = state.range(2);
+  const AttentionShape shape{1, heads, heads, n, n, d, d, state.range(3) != 0};
+  // In Eigen matrices, aligned as every other input here.
+  const auto hashed = [&](HashedTensor tensor) {
+    Matrix<float> m(n * heads, d);
+    const auto values = blockattn::bench::hashed_values(tensor, n * heads * d);
+    std::copy(values.begin(), values.end(), m.data());
+    return m;
+  };
+  const Matrix<float> q = hashed(HashedTensor::kQuery);
+  const Matrix<float> k = hashed(HashedTensor::kKey);
+  const Matrix<float> v = hashed(HashedTensor::kValue);
+  run_prefill<float>(state, shape, static_cast<int>(state.range(4)), q.data(), k.data(), v.data());
 }
 
 // Block-sparse prefill (BlockBERT layouts) at a fixed density, for several block sizes: a prime
@@ -344,6 +377,14 @@ BENCHMARK_TEMPLATE(BM_Attention_PrefillThreads, float)
     ->Name("Large/Compare/BM_Attention_PrefillThreads<float>")
     ->ArgNames({"n", "heads", "causal", "threads"})
     ->ArgsProduct({{512, 1024, 2048, 4096}, {1, 8}, {0}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+// The prefill shapes of bench/compare_ort.py (run by it with a filter, one shape at a time); its
+// decode shapes are BM_Attention_Decode's n_k = 32768 and 262144, kv_heads = 8, d = 64, bhsd = 0.
+BENCHMARK(BM_Attention_Prefill)
+    ->Name("Large/CompareOrt/BM_Attention_Prefill<float>")
+    ->ArgNames({"n", "heads", "d", "causal", "threads"})
+    ->ArgsProduct({{512, 1024, 2048, 4096}, {8}, {64, 128}, {0, 1}, {1, 2}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 
