@@ -33,10 +33,10 @@ int main(int argc, char** argv) {
     blockattn::AttentionOptions options;
     options.causal = std::atoi(argv[5]) != 0;
     options.threads = 0;  // results are bitwise the same for every thread count
-    blockattn::attention<float>(blockattn::make_tensor_view(q.data(), 1, n_q, heads, d),
-                                blockattn::make_tensor_view(k.data(), 1, n_k, heads, d),
-                                blockattn::make_tensor_view(v.data(), 1, n_k, heads, d),
-                                blockattn::make_tensor_view(out.data(), 1, n_q, heads, d), options);
+    blockattn::attention(blockattn::make_tensor_view(q.data(), 1, n_q, heads, d),
+                         blockattn::make_tensor_view(k.data(), 1, n_k, heads, d),
+                         blockattn::make_tensor_view(v.data(), 1, n_k, heads, d),
+                         blockattn::make_tensor_view(out.data(), 1, n_q, heads, d), options);
     std::FILE* file = std::fopen(argv[6], "wb");
     if (file == nullptr || std::fwrite(out.data(), sizeof(float), out.size(), file) != out.size() ||
         std::fclose(file) != 0) {
