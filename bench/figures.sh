@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Regenerates every measured figure and plot of the README: the machine's limits, throughput vs n
-# (chunked against the naive two-GEMM path), peak memory vs n, threads and decode, softmax, and
-# the PyTorch comparison when /usr/bin/python3 can import torch. Needs a quiet machine (about
-# 15 minutes on 2 cores); results land in build/figures/, plots in docs/.
+# Regenerates every measured figure and plot of the README and docs/performance.md: the machine's
+# limits, throughput vs n (chunked against the naive two-GEMM path), peak memory vs n, threads and
+# decode, softmax, and the peer tables (PyTorch when /usr/bin/python3 can import torch, ggml when
+# bench/fetch_ggml.sh has fetched it). Needs a quiet machine (15-25 minutes on 2 cores). Results
+# land in build/figures/: the JSON, tables.md (every benchmark as Markdown, bench/tables.py),
+# pytorch.txt and ggml.txt (the README's peer tables); the plots in docs/. Figures are per
+# machine: name the CPU, the date and load.txt beside any table taken from here.
 #
 # Usage: bash bench/figures.sh        (after: cmake --preset bench && cmake --build --preset bench)
 set -euo pipefail
@@ -33,6 +36,10 @@ run attention_bench memory \
   '^(Large/)?BM_Attention_Chunked<float>/n:[0-9]+/d:64/causal:1$|^(Large/)?BM_Attention_Naive<float>/n:([0-9]{3,4}|8192|16384)/d:64/causal:1$' \
   --benchmark_min_time=0.01
 run softmax_bench softmax '.' "${reps[@]}"
+lscpu >"$out/cpu.txt" 2>/dev/null || true
+# Every benchmark above as Markdown tables, for docs/performance.md.
+/usr/bin/python3 bench/tables.py "$out"/machine.json "$out"/throughput*.json "$out"/threads.json \
+  "$out"/memory.json "$out"/softmax.json >"$out/tables.md"
 
 # The machine's measured limits, drawn as dashed lines on the throughput plot.
 median() {  # median <json> <benchmark name>: its median FLOP/s in GFLOP/s

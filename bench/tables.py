@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Prints Google Benchmark JSON as Markdown tables: the numbers behind the README's tables.
+"""Prints Google Benchmark JSON as Markdown tables: the numbers behind docs/performance.md.
 
 Usage: python3 bench/tables.py build/figures/*.json
 One table per file: every benchmark (medians when the run had repetitions) with its time and the
