@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include <blockattn/attention.hpp>
+#include <blockattn/detail/attention_plan.hpp>
 #include <blockattn/reference.hpp>
 
 #include "support/random.hpp"
@@ -248,7 +249,10 @@ TYPED_TEST(AttentionTest, PrimeBlockSizesMatchReference) {
     const BlockSparseLayout layout(1, 1, 1, query_block, key_block);
     AttentionOptions options;
     options.block_sparse = &layout;
-    return blockattn::detail::choose_tile_shape<float>(options, 4096, 4096, 16, 16);
+    blockattn::detail::AttentionShapes shapes;
+    shapes.n_q = shapes.n_k = 4096;
+    shapes.d = shapes.d_v = 16;
+    return blockattn::detail::plan_attention<float>(shapes, options).shape;
   };
   EXPECT_EQ(tiles(67, 67).query_chunk, 67);
   EXPECT_EQ(tiles(67, 67).key_chunk, 67);
@@ -753,6 +757,160 @@ TYPED_TEST(AttentionTest, MultiHeadDecodeOverLongCacheMatchesReferenceAndIgnores
       }
     }
   }
+}
+
+// --- the plan of a forward call (detail/attention_plan.hpp), alone -------------------------------
+
+using blockattn::detail::AttentionPlan;
+using blockattn::detail::AttentionShapes;
+using blockattn::detail::ForwardPath;
+using blockattn::detail::plan_attention;
+
+AttentionShapes make_shapes(Index batch, Index heads, Index kv_heads, Index n_q, Index n_k, Index d,
+                            bool rows_interleave) {
+  AttentionShapes x;
+  x.batch = batch;
+  x.heads = heads;
+  x.kv_heads = kv_heads;
+  x.n_q = n_q;
+  x.n_k = n_k;
+  x.d = x.d_v = d;
+  x.k_rows_interleave = x.v_rows_interleave = rows_interleave;
+  return x;
+}
+
+// Every field that the kernels read, for comparing two plans.
+std::vector<Index> plan_fields(const AttentionPlan& p) {
+  return {static_cast<Index>(p.path),
+          p.pipelined,
+          p.shape.query_chunk,
+          p.shape.group,
+          p.shape.key_chunk,
+          p.task_heads,
+          p.query_chunks,
+          p.blocks,
+          p.segment_keys,
+          p.segments,
+          p.tasks};
+}
+
+// Every (batch, query head, query) lies in exactly one block's rows, and the segments of a block
+// cover every key exactly once, whatever the plan.
+void expect_plan_covers_the_call(const AttentionShapes& x, const AttentionPlan& plan) {
+  std::vector<int> seen(static_cast<std::size_t>(x.batch * x.heads * x.n_q), 0);
+  for (Index block = 0; block < plan.blocks; ++block) {
+    const auto t = plan.block_rows(block);
+    EXPECT_EQ(t.group, plan.shape.group * plan.task_heads);
+    EXPECT_EQ(t.h0 % (plan.shape.group * plan.task_heads), 0);  // whole kv heads per block
+    for (Index g = 0; g < t.group; ++g) {
+      for (Index i = t.q0; i < t.q0 + t.rows_per_head; ++i) {
+        ++seen[static_cast<std::size_t>((t.b * x.heads + t.h0 + g) * x.n_q + i)];
+      }
+    }
+  }
+  EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int n) { return n == 1; }));
+  Index next = 0;
+  for (Index segment = 0; segment < plan.segments; ++segment) {
+    const auto keys = plan.task_keys(segment, {0, x.n_k});
+    EXPECT_EQ(keys.begin, next);
+    EXPECT_EQ(keys.begin % plan.shape.key_chunk, 0);
+    next = std::max(keys.begin, keys.end);
+  }
+  EXPECT_EQ(next, x.n_k);
+}
+
+// Decode splits the keys into segments of fixed size: kDecodeSegmentKeys keys per task over one
+// kv head ([heads, seq, dim]: pipelined when at most four rows per kv head), kDecodeSegmentKeys /
+// kv_heads over interleaved heads ([seq, heads, dim]: one task reads every kv head), and MQA's
+// eight stacked rows are too many to pipeline. No field depends on options.threads.
+TEST(AttentionPlanTest, DecodeSplitsKeysIntoFixedSegmentsIndependentOfThreads) {
+  constexpr Index kSegment = blockattn::detail::kDecodeSegmentKeys;
+  const Index n_k = 262144;
+  AttentionOptions options;
+  const auto contiguous = plan_attention<float>(make_shapes(1, 8, 8, 1, n_k, 64, false), options);
+  EXPECT_EQ(contiguous.path, ForwardPath::Decode);
+  EXPECT_TRUE(contiguous.pipelined);
+  EXPECT_EQ(contiguous.task_heads, 1);
+  EXPECT_EQ(contiguous.segment_keys, kSegment);
+  EXPECT_EQ(contiguous.segments, n_k / kSegment);
+  EXPECT_EQ(contiguous.tasks, 8 * n_k / kSegment);
+
+  const auto interleaved = plan_attention<float>(make_shapes(1, 8, 8, 1, n_k, 64, true), options);
+  EXPECT_EQ(interleaved.path, ForwardPath::DecodeInterleaved);
+  EXPECT_FALSE(interleaved.pipelined);
+  EXPECT_EQ(interleaved.task_heads, 8);
+  EXPECT_EQ(interleaved.blocks, 1);
+  EXPECT_EQ(interleaved.segment_keys, kSegment / 8);
+  EXPECT_EQ(interleaved.tasks, n_k / (kSegment / 8));
+
+  const auto mqa = plan_attention<float>(make_shapes(1, 8, 1, 1, n_k, 128, false), options);
+  EXPECT_EQ(mqa.path, ForwardPath::Decode);
+  EXPECT_FALSE(mqa.pipelined);  // 8 rows on one kv head: compute-bound, see kDecodePipelineRows
+  EXPECT_EQ(mqa.shape.group, 8);
+  EXPECT_EQ(mqa.blocks, 1);
+  EXPECT_EQ(mqa.tasks, n_k / kSegment);
+
+  // A short cache keeps one task per kv head even over interleaved rows.
+  EXPECT_EQ(plan_attention<float>(make_shapes(1, 8, 8, 1, kSegment, 64, true), options).path,
+            ForwardPath::Decode);
+
+  for (const auto& x :
+       {make_shapes(1, 8, 8, 1, n_k, 64, false), make_shapes(1, 8, 8, 1, n_k, 64, true),
+        make_shapes(2, 8, 2, 3, 9000, 64, true), make_shapes(1, 1, 1, 512, 512, 64, false)}) {
+    const auto reference = plan_fields(plan_attention<double>(x, options));
+    for (const int threads : {1, 2, 3, 64}) {
+      AttentionOptions o = options;
+      o.threads = threads;
+      EXPECT_EQ(plan_fields(plan_attention<double>(x, o)), reference) << threads << " threads";
+    }
+    expect_plan_covers_the_call(x, plan_attention<double>(x, options));
+  }
+}
+
+// Prefill with fewer than kMinPrefillBlocks query blocks splits its keys so that the call has at
+// least that many tasks when it has enough key chunks (n = 512 at d = 64: two 256-key chunks, two
+// tasks); with enough query blocks the keys stay whole.
+TEST(AttentionPlanTest, ShortPrefillSplitsKeysIntoEnoughTasks) {
+  constexpr Index kMin = blockattn::detail::kMinPrefillBlocks;
+  const AttentionOptions options;
+  for (const Index n : {Index{512}, Index{1000}, Index{2048}, Index{2304}}) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    const auto x = make_shapes(1, 1, 1, n, n, 64, false);
+    const auto plan = plan_attention<float>(x, options);
+    EXPECT_EQ(plan.path, ForwardPath::Prefill);
+    const Index key_chunks = (n + plan.shape.key_chunk - 1) / plan.shape.key_chunk;
+    EXPECT_GE(plan.tasks, std::min(kMin, key_chunks));
+    EXPECT_GT(plan.segments, 1);
+    expect_plan_covers_the_call(x, plan);
+  }
+  const auto many = plan_attention<float>(make_shapes(1, 8, 8, 4096, 4096, 64, false), options);
+  EXPECT_EQ(many.segments, 1);
+  EXPECT_EQ(many.tasks, many.blocks);
+  EXPECT_EQ(many.blocks, 8 * many.query_chunks);
+}
+
+// GQA: a block stacks the query heads of one kv head (query_chunk shrinks so the rows still fit
+// the default block), and decode vs prefill is decided on the stacked rows (kDirectRows = 8).
+TEST(AttentionPlanTest, GqaStacksTheGroupsHeadsIntoOneBlock) {
+  const AttentionOptions options;
+  const auto x = make_shapes(2, 8, 2, 1000, 1000, 64, false);
+  const auto plan = plan_attention<float>(x, options);
+  EXPECT_EQ(plan.path, ForwardPath::Prefill);
+  EXPECT_EQ(plan.shape.group, 4);
+  EXPECT_EQ(plan.shape.query_chunk, 768 / 4);
+  EXPECT_EQ(plan.blocks, 2 * 2 * plan.query_chunks);
+  const auto last = plan.block_rows(plan.blocks - 1);
+  EXPECT_EQ(last.b, 1);
+  EXPECT_EQ(last.h0, 4);
+  EXPECT_EQ(last.q0 + last.rows_per_head, 1000);
+  expect_plan_covers_the_call(x, plan);
+  EXPECT_EQ(plan_attention<float>(make_shapes(1, 4, 1, 2, 5000, 64, false), options).path,
+            ForwardPath::Decode);  // 4 heads × 2 queries = 8 rows
+  EXPECT_EQ(plan_attention<float>(make_shapes(1, 4, 1, 3, 5000, 64, false), options).path,
+            ForwardPath::Prefill);  // 12 rows
+  // Nothing to compute: no tasks.
+  EXPECT_EQ(plan_attention<float>(make_shapes(0, 4, 1, 3, 50, 64, false), options).tasks, 0);
+  EXPECT_EQ(plan_attention<float>(make_shapes(1, 4, 1, 0, 50, 64, false), options).tasks, 0);
 }
 
 // Several user threads calling attention() at once get the same answers as one at a time.

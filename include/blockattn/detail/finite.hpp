@@ -1,7 +1,7 @@
 #pragma once
 // Finiteness checks and the "non-finite → 0" copies of the attention kernels' NaN slow paths
 // (README, "Numerical conventions"; the forward's and the backward's rules are spelled out in
-// detail/attention_kernel.hpp and detail/attention_backward_kernel.hpp). block_is_finite() is the
+// detail/non_finite_values.hpp and detail/attention_backward_kernel.hpp). block_is_finite() is the
 // one check on the fast path (once per chunk or tile, SIMD); the rest is plain scalar code for
 // what is rare: a chunk or tile that failed that check, a merged row whose weight is 0.
 

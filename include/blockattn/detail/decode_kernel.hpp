@@ -1,0 +1,206 @@
+#pragma once
+// Decode: the forward pass for at most kDirectRows query rows per kv head (one new token, or a
+// few, against a KV cache). K and V are read in place, never packed (score_rows_direct,
+// accumulate_pv_direct of detail/microkernel.hpp: each K / V row is loaded once for all the rows,
+// with software prefetch ahead when the rows are contiguous). With at most kDecodePipelineRows
+// rows per kv head and contiguous rows (AttentionPlan::pipelined), each chunk's P·V is deferred
+// and interleaved with the next chunk's scores, so that K and V stream together. The keys are
+// split into fixed segments (Flash-Decoding, AttentionPlan::segments) whose partial states
+// attention_forward() merges in order; a long cache with several interleaved kv heads runs every
+// head in one task, chunk by chunk (ForwardPath::DecodeInterleaved).
+
+#include <algorithm>
+
+#include <blockattn/detail/attention_plan.hpp>
+#include <blockattn/detail/attention_problem.hpp>
+#include <blockattn/detail/microkernel.hpp>
+#include <blockattn/detail/non_finite_values.hpp>
+#include <blockattn/detail/online_state.hpp>
+#include <blockattn/detail/workspace.hpp>
+#include <blockattn/types.hpp>
+
+namespace blockattn::detail {
+
+// Decode: how far ahead (bytes of K or V rows) the direct kernels prefetch, so that memory keeps
+// streaming while the rows are being computed on and across the softmax between the K and V
+// phases. Measured (8 query heads on one kv head, n_k = 262,144, d = 64, one thread, CPU time,
+// loaded machine): no prefetch 11.8 GB/s, 2 KiB 17.0, 4 KiB 17.3, 8 and 16 KiB 16.9–17.5.
+// Only contiguous rows are prefetched: over strided rows ([seq, heads, dim] K and V, 8 kv heads,
+// rows 2 KiB apart) the hardware's stride prefetchers do better alone, 56.2 → 44.5 ms a call
+// without the software prefetch (one thread; 28.1 → 24.1 ms on two; medians of 8 alternating
+// runs of two builds); a scratch read loop in the same order read 20.2–20.4 GB/s with it,
+// 21.5–22.1 without.
+inline constexpr Index kDecodePrefetchBytes = 4096;
+// Decode: keys per step of the interleaved scores / P·V loop (scores_with_pending_values). Two
+// streams read in alternation reach more bandwidth than one, but only when they alternate often:
+// a scratch read loop over 1 GiB, one thread, medians of 5, read 23.2 GB/s from one stream, 28.2
+// from two in turns of 256 bytes (attention_bench's BM_StreamReadTwoStreams), 27.1 in turns of
+// 4 KiB, and 17.9 in turns of 64 KiB (one 256-key chunk of K, then of V, at d = 64). 16 keys is
+// 4 KiB of K or V at d = 64 float, and a multiple of the key blocks of score_rows_direct.
+inline constexpr Index kDecodeInterleaveKeys = 16;
+
+/// Rows of K or V that the direct kernels prefetch ahead: kDecodePrefetchBytes of rows when the
+/// rows are contiguous (row stride ld == row_elements), none when they are strided (see
+/// kDecodePrefetchBytes).
+template <class T>
+Index decode_prefetch_rows(Index row_elements, Index ld) {
+  if (ld != row_elements) return 0;
+  return std::max<Index>(
+      1, kDecodePrefetchBytes / (std::max<Index>(1, row_elements) * static_cast<Index>(sizeof(T))));
+}
+
+/// Decode: the scores s[rows, keys] = q·Kᵀ of one unit (one kv head's rows × one key chunk), K
+/// rows from k, of which keys_left may be prefetched (the task's rest of this head).
+template <class T>
+struct ScoreUnit {
+  const T* q = nullptr;  ///< [rows, d]: the scaled queries
+  Index rows = 0;
+  Index d = 0;
+  StridedRows<T> k;
+  Index keys = 0;
+  Index keys_left = 0;
+  T* s = nullptr;  ///< [rows, keys], row stride ld_s
+  Index ld_s = 0;
+};
+
+/// Decode: a unit whose weights p are ready and whose P·V product is deferred, so that its V rows
+/// stream from memory together with the next unit's K rows (see scores_with_pending_values).
+/// p == nullptr: nothing pending.
+template <class T>
+struct PendingValues {
+  const T* p = nullptr;  ///< [rows, keys], row stride ld_p: the weights
+  Index ld_p = 0;
+  Index rows = 0;
+  Index keys = 0;
+  StridedRows<T> v;     ///< the unit's V rows
+  Index keys_left = 0;  ///< V rows from v that may be prefetched (the task's rest of this head)
+  T* acc = nullptr;     ///< the unit's first row of the running output, row stride ld_acc
+  Index ld_acc = 0;
+  Index d_v = 0;
+};
+
+/// Decode: the scores of `next` (score_rows_direct) and the pending unit's acc += P·V
+/// (accumulate_pv_direct), taken kDecodeInterleaveKeys keys at a time from each, so that K and V
+/// stream from memory together; nothing is pending afterwards. next.keys = 0 only flushes the
+/// pending unit. The results are bitwise those of the two kernels called one after the other
+/// (the same operations in the same order for every score and every accumulator).
+template <class T>
+void scores_with_pending_values(const ScoreUnit<T>& next, PendingValues<T>& pending) {
+  const Index keys = next.keys;
+  const Index pv_keys = pending.p != nullptr ? pending.keys : 0;
+  // One stream alone (nothing pending, or a flush) takes one step.
+  const Index step = keys > 0 && pv_keys > 0 ? kDecodeInterleaveKeys : std::max(keys, pv_keys);
+  const Index k_ahead = decode_prefetch_rows<T>(next.d, next.k.ld);
+  const Index v_ahead = decode_prefetch_rows<T>(pending.d_v, pending.v.ld);
+  for (Index j = 0; j < std::max(keys, pv_keys); j += step) {
+    if (j < keys) {
+      score_rows_direct(next.q, next.d, next.rows, next.d, next.k.row(j), next.k.ld,
+                        std::min(step, keys - j), next.s + j, next.ld_s,
+                        RowPrefetch{k_ahead, next.keys_left - j});
+    }
+    if (j < pv_keys) {
+      accumulate_pv_direct(pending.p + j, pending.ld_p, pending.rows, std::min(step, pv_keys - j),
+                           pending.v.row(j), pending.v.ld, pending.d_v, pending.acc, pending.ld_acc,
+                           RowPrefetch{v_ahead, pending.keys_left - j});
+    }
+  }
+  pending.p = nullptr;
+}
+
+/// Decode: runs the pending unit's P·V alone (scores_with_pending_values without scores).
+template <class T>
+void flush_pending_values(PendingValues<T>& pending) {
+  scores_with_pending_values<T>(ScoreUnit<T>{}, pending);
+}
+
+/// One decode task's running buffers: its scaled queries, its online state, the two score
+/// buffers (the pending unit's weights and the next unit's scores) and the unit whose P·V is
+/// pending.
+template <class T>
+struct DecodeStream {
+  const T* queries;  ///< [task rows, d]: the task's scaled queries, in state row order
+  RowBlockState<T>& state;
+  T* scores[2];      ///< two [rows of one kv head, ld_s] buffers
+  Index ld_s;        ///< row stride of the score buffers
+  T* finite_values;  ///< [key_chunk, d_v]: the slow path's finite copy of a chunk's values
+  bool pipelined;    ///< leave each chunk's P·V pending (AttentionPlan::pipelined)
+  PendingValues<T> pending{};
+
+  /// The score buffer the pending unit does not use.
+  T* free_scores() const { return scores[pending.p == scores[0] ? 1 : 0]; }
+};
+
+/// Keys [k0, k0 + keys) of one unit, and keys_left: the task's remaining keys of its kv head
+/// from k0 on, which the kernels may prefetch.
+struct KeyChunk {
+  Index k0 = 0;
+  Index keys = 0;
+  Index keys_left = 0;
+};
+
+/// Decode: folds one key chunk of one kv head (source `kv`) into rows [first, first + t.rows())
+/// of the stream's state, where `t` holds that kv head's query rows. The chunk's scores are
+/// computed together with the pending unit's P·V; when the stream is pipelined, the chunk's own
+/// P·V is left pending (flush_pending_values runs it at the end of the task), otherwise it runs
+/// at once.
+template <class T, class MaskMod, class ScoreMod, class Source>
+void decode_chunk(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const Source& kv,
+                  const TileRows& t, Index first, const KeyChunk& chunk, DecodeStream<T>& stream) {
+  const Index rows = t.rows();
+  const Index keys = chunk.keys;
+  const Index d_v = problem.d_v;
+  const Index ld_s = stream.ld_s;
+  RowBlockState<T>& state = stream.state;
+  T* const s = stream.free_scores();
+  if (!problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/true)) return;
+  const ScoreUnit<T> unit{stream.queries + first * problem.d,
+                          rows,
+                          problem.d,
+                          kv.keys(chunk.k0),
+                          keys,
+                          chunk.keys_left,
+                          s,
+                          ld_s};
+  scores_with_pending_values(unit, stream.pending);
+  problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
+  const auto v = kv.values(chunk.k0);
+  if (tile_has_hidden_key(s, ld_s, rows, keys) &&
+      !kv.values_finite(chunk.k0, keys)) {  // the NaN slow path, not pipelined
+    poison_underflowed_values(s, ld_s, first, rows, keys, v.data, v.ld, d_v, state);
+    kv.copy_finite_values(chunk.k0, keys, stream.finite_values);
+    state.update_scores(s, ld_s, first, rows, keys);
+    accumulate_pv_direct(s, ld_s, rows, keys, stream.finite_values, d_v, d_v, state.acc(first),
+                         state.ld_acc());
+    add_non_finite_values(s, ld_s, rows, keys, v.data, v.ld, d_v, state.acc(first), state.ld_acc());
+    return;
+  }
+  state.update_scores(s, ld_s, first, rows, keys);
+  stream.pending = PendingValues<T>{
+      s, ld_s, rows, keys, v, chunk.keys_left, state.acc(first), state.ld_acc(), d_v};
+  if (!stream.pipelined) flush_pending_values(stream.pending);  // its own phase
+}
+
+/// Decode: one task, keys `range` of the query rows `t` (every query head of plan.task_heads kv
+/// heads from t.h0 / group on), chunk by chunk on the key_chunk grid and, within a chunk, kv
+/// head after kv head (so that a run of keys of interleaved heads is read in one window).
+template <class T, class MaskMod, class ScoreMod, class Sources>
+void decode_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const AttentionPlan& plan,
+                 const Sources& sources, const TileRows& t, KeyRange range,
+                 DecodeStream<T>& stream) {
+  const Index group = problem.shape.group;
+  const Index kv_h = t.h0 / group;
+  const Index head_rows = group * t.rows_per_head;
+  const Index key_chunk = problem.shape.key_chunk;
+  for (Index k0 = range.begin; k0 < range.end; k0 += key_chunk) {
+    const KeyChunk chunk{k0, std::min(k0 + key_chunk, range.end) - k0, range.end - k0};
+    for (Index h = 0; h < plan.task_heads; ++h) {
+      TileRows head = t;
+      head.h0 = t.h0 + h * group;
+      head.group = group;
+      decode_chunk(problem, sources.head(t.b, kv_h + h), head, h * head_rows, chunk, stream);
+    }
+  }
+  flush_pending_values(stream.pending);
+}
+
+}  // namespace blockattn::detail

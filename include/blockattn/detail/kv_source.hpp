@@ -1,0 +1,98 @@
+#pragma once
+// K/V sources: how the forward kernels read keys and values. The kernels never index K or V
+// themselves; they ask a source, so that a storage format (bf16, half, int8 with scales, a paged
+// cache) is one more source class with the members below, not a new kernel.
+//
+// The contract. A source family (e.g. StridedKVHeads) is built once per call from the caller's
+// K and V and hands out, for one (batch b, kv head h), a source (e.g. StridedKV) with:
+//
+//   using Element = …;  // what the kernels compute in: float or double
+//   using Storage = …;  // what K and V rows hold (Element here; bf16, half, int8 … later)
+//   Index d() const;    // K features (q·k dimension)
+//   Index d_v() const;  // V columns
+//
+//   Prefill (detail/prefill_kernel.hpp): once per K/V tile, then shared by every query row of
+//   the block, so a conversion is paid once per tile and amortised over the block's rows:
+//   void pack_k(Index k0, Index keys, Element* panel) const;
+//       keys [k0, k0 + keys) of K into the score kernel's panel layout (pack_k in
+//       detail/microkernel.hpp: packed_k_size(keys, d) elements), converted to Element;
+//   void pack_v(Index k0, Index keys, Element* panel) const;
+//       their values into the P·V kernel's layout (pack_v: packed_v_size(keys, d_v) elements);
+//   bool values_finite(Index k0, Index keys) const;
+//       whether every value entry of those keys is finite (the NaN slow path's one check,
+//       detail/non_finite_values.hpp; ±inf and NaN of any format count as non-finite);
+//
+//   Decode (detail/decode_kernel.hpp): few query rows, each K and V row read once, in place:
+//   StridedRows<Storage> keys(Index k0) const;    // K rows from key k0 on
+//   StridedRows<Storage> values(Index k0) const;  // V rows from key k0 on
+//       read by score_rows_direct / accumulate_pv_direct, which for Storage ≠ Element are to
+//       load and convert in registers as they stream (no converted copy of the cache);
+//   void copy_finite_values(Index k0, Index keys, Element* dst) const;
+//       the decode slow path's copy: values of those keys as Element, [keys, d_v] contiguous,
+//       every non-finite entry replaced by 0.
+//
+// Rows past the end of the cache are never asked for: 0 <= k0 and k0 + keys <= n_k.
+
+#include <blockattn/detail/attention_problem.hpp>
+#include <blockattn/detail/finite.hpp>
+#include <blockattn/detail/microkernel.hpp>
+#include <blockattn/types.hpp>
+
+namespace blockattn::detail {
+
+/// The K/V source of float or double rows stored as they are computed in, any row stride (one
+/// head of a [seq, heads, dim] or [heads, seq, dim] view, or a single-head matrix): packing is a
+/// copy into the panel layouts, decode reads the rows in place.
+template <class T>
+class StridedKV {
+ public:
+  using Element = T;
+  using Storage = T;
+
+  StridedKV(StridedRows<T> k, StridedRows<T> v, Index d, Index d_v)
+      : k_(k), v_(v), d_(d), d_v_(d_v) {}
+
+  Index d() const { return d_; }
+  Index d_v() const { return d_v_; }
+
+  void pack_k(Index k0, Index keys, T* panel) const {
+    detail::pack_k(k_.row(k0), k_.ld, keys, d_, panel);
+  }
+  void pack_v(Index k0, Index keys, T* panel) const {
+    detail::pack_v(v_.row(k0), v_.ld, keys, d_v_, panel);
+  }
+  bool values_finite(Index k0, Index keys) const {
+    return block_is_finite(v_.row(k0), v_.ld, keys, d_v_);
+  }
+
+  StridedRows<T> keys(Index k0) const { return k_.from(k0); }
+  StridedRows<T> values(Index k0) const { return v_.from(k0); }
+  void copy_finite_values(Index k0, Index keys, T* dst) const {
+    copy_finite(v_.row(k0), v_.ld, keys, d_v_, dst, d_v_);
+  }
+
+ private:
+  StridedRows<T> k_;
+  StridedRows<T> v_;
+  Index d_;
+  Index d_v_;
+};
+
+/// The StridedKV sources of a call's K and V views: head(b, h) is kv head h of batch entry b.
+template <class T>
+class StridedKVHeads {
+ public:
+  using Source = StridedKV<T>;
+
+  StridedKVHeads(const TensorView<const T>& k, const TensorView<const T>& v) : k_(k), v_(v) {}
+
+  StridedKV<T> head(Index b, Index h) const {
+    return {{k_.at(b, 0, h), k_.seq_stride}, {v_.at(b, 0, h), v_.seq_stride}, k_.dim, v_.dim};
+  }
+
+ private:
+  TensorView<const T> k_;
+  TensorView<const T> v_;
+};
+
+}  // namespace blockattn::detail

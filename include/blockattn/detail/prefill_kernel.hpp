@@ -1,0 +1,66 @@
+#pragma once
+// Prefill: the forward pass for query blocks of more than kDirectRows rows. For each key chunk on
+// the key_chunk grid, the K/V source packs K and V once (detail/kv_source.hpp), then every
+// kTileRows-row sub-tile of the block runs score_tile → modifiers and masks (only on Partial
+// tiles; sub-tiles every mask hides are skipped) → softmax_tile_update (scale, max, exp, row sum
+// in one sweep) → accumulate_pv, all in the thread's workspace.
+
+#include <algorithm>
+
+#include <blockattn/detail/attention_plan.hpp>
+#include <blockattn/detail/attention_problem.hpp>
+#include <blockattn/detail/finite.hpp>
+#include <blockattn/detail/microkernel.hpp>
+#include <blockattn/detail/non_finite_values.hpp>
+#include <blockattn/detail/online_state.hpp>
+#include <blockattn/detail/workspace.hpp>
+#include <blockattn/types.hpp>
+
+namespace blockattn::detail {
+
+/// Prefill: folds keys `range` (on the key_chunk grid) of the source `kv` into `state`, the
+/// online state of the query rows `t`, whose scaled queries are ws.queries [t.rows(), d]. K and V
+/// chunks are packed once per chunk and shared by the block's kTileRows-row sub-tiles; ws.scores
+/// holds one sub-tile's scores (row stride ld_s).
+template <class T, class MaskMod, class ScoreMod, class Source>
+void prefill_keys(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const Source& kv,
+                  const WorkspaceSlice<T>& ws, Index ld_s, const TileRows& t, KeyRange range,
+                  RowBlockState<T>& state) {
+  const Index rows = t.rows();
+  const Index d = problem.d;
+  const Index d_v = problem.d_v;
+  const Index key_chunk = problem.shape.key_chunk;
+  for (Index k0 = range.begin; k0 < range.end; k0 += key_chunk) {
+    const Index keys = std::min(k0 + key_chunk, range.end) - k0;
+    bool packed = false;
+    bool values_finite = true;
+    for (Index r0 = 0; r0 < rows; r0 += kTileRows) {
+      const Index count = std::min(kTileRows, rows - r0);
+      if (!problem.mask_rows(ws.scores, ld_s, r0, count, keys, t, k0, /*dry_run=*/true)) {
+        continue;  // every mask hides this sub-tile: no FLOPs
+      }
+      if (!packed) {  // K and V are packed once per chunk, for every sub-tile
+        kv.pack_k(k0, keys, ws.packed_k);
+        kv.pack_v(k0, keys, ws.packed_v);
+        values_finite = kv.values_finite(k0, keys);
+        if (!values_finite) zero_non_finite(ws.packed_v, packed_v_size<T>(keys, d_v));
+        packed = true;
+      }
+      score_tile(ws.queries + r0 * d, d, count, d, ws.packed_k, keys, ws.scores, ld_s);
+      problem.mask_rows(ws.scores, ld_s, r0, count, keys, t, k0, /*dry_run=*/false);
+      if (!values_finite) {  // the slow path of detail/non_finite_values.hpp
+        const auto v = kv.values(k0);
+        poison_underflowed_values(ws.scores, ld_s, r0, count, keys, v.data, v.ld, d_v, state);
+      }
+      state.update_scores(ws.scores, ld_s, r0, count, keys);
+      accumulate_pv(ws.scores, ld_s, count, keys, ws.packed_v, d_v, state.acc(r0), state.ld_acc());
+      if (!values_finite) {
+        const auto v = kv.values(k0);
+        add_non_finite_values(ws.scores, ld_s, count, keys, v.data, v.ld, d_v, state.acc(r0),
+                              state.ld_acc());
+      }
+    }
+  }
+}
+
+}  // namespace blockattn::detail
