@@ -250,10 +250,10 @@ void attention_impl(const In& q, const In& k, const In& v, const Out& out,
 /// wanted) [n_q] receives log Σ_j exp(s_ij) over the visible keys. A query with no visible key
 /// gets out = 0, lse = −inf.
 /// Time O(n_q·n_k·(d + d_v)) for the visible tiles; extra memory
-/// O(threads·query_chunk·(key_chunk + d + d_v)), independent of n, plus for decode (at most 8
-/// query rows per kv head) O(n_k/8192·rows·d_v) partial states, and for prefill with under 4
-/// query blocks at most 8 blocks' partial outputs, O(query_chunk·d_v); taken from
-/// options.workspace when given (then repeated calls of one shape allocate nothing).
+/// O(threads·query_chunk·(key_chunk + d + d_v)), independent of n, plus, when the keys are split
+/// into segments (decode, short prefill), partial outputs of O(n_q·d_v) per fixed-size key
+/// segment; taken from options.workspace when given (then repeated calls of one shape allocate
+/// nothing).
 /// Throws std::invalid_argument naming the argument and both sizes (also a too-short lse, key
 /// lengths or slopes), before writing anything.
 /// out and lse must not alias q, k, v or each other. Bitwise identical for any thread count;

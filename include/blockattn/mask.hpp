@@ -297,9 +297,8 @@ class TileMasker {
       }
       if (tile.layout_partial) {
         // Block by block, not pair by pair: one lookup per key block that the row's [lo, hi)
-        // meets. A division and lookup per pair made block size 257 (every 256-key tile
-        // straddles a block edge) run at 34 ms against 17 ms now, block 256 8.7 ms (n = 4096,
-        // 25% density, attention_bench BM_Attention_BlockSparse, loaded 2-core machine).
+        // meets; a division and lookup per pair was twice as slow
+        // (docs/tuning.md#block-sparse-masking).
         const Index qb = i / layout_->query_block_size();
         const Index size = layout_->key_block_size();
         for (Index kb = (k0 + lo) / size; kb * size < k0 + hi; ++kb) {

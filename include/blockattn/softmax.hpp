@@ -101,11 +101,7 @@ namespace detail::softmax_kernel {
 // tables) — the exp the attention kernels use, so softmax() and attention() agree on every
 // weight. The last partial vector is padded with −inf, so every element of a row goes through
 // the same exp and equal inputs give equal outputs. Long double takes the scalar loops.
-//
-// Measured against Eigen's pexp (which needed a compare and select to make exp(−inf) exactly 0;
-// its double exp divides), one row of n = 2^24, AVX-512 (-march=native), CPU-time medians of
-// `softmax_bench --benchmark_repetitions=5`, on a loaded 2-core machine: float Safe 11.2 → 9.4 ms,
-// Online 10.5 → 8.2 ms; double Safe 38.6 → 24.2 ms, Online 33.0 → 18.9 ms.
+// simd_exp is also faster than Eigen's pexp here (docs/tuning.md#softmax-exp).
 
 template <class T>
 inline constexpr bool kVectorised = std::is_same_v<T, float> || std::is_same_v<T, double>;

@@ -86,10 +86,9 @@ class BackwardWorkspace {
     slice_size_ = layout.size();
     // One allocation per call, before the loop, with operator new: Eigen's EIGEN_RUNTIME_NO_MALLOC
     // check in attention_backward_test then watches the loop's own products and temporaries.
-    // Aligned to a cache line as the slices promise: with plain new[] (16-byte aligned) the
-    // alignment of the tiles changed from call to call, and with it how Eigen's AVX-512 code
-    // peels its loops, so two calls differed in the last bits (ThreadCountDoesNotChangeOneBit
-    // and BothCallFormsAndHeadSlicesAgree failed in the native preset).
+    // Aligned to a cache line as the slices promise, so that Eigen peels its loops the same way
+    // on every call and results are bitwise reproducible
+    // (docs/tuning.md#backward-workspace-alignment).
     const auto bytes = static_cast<std::size_t>(slice_size_ * slots) * sizeof(T);
     storage_.reset(static_cast<T*>(::operator new[](bytes, std::align_val_t{kAlign})));
     base_ = storage_.get();

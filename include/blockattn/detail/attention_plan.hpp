@@ -18,39 +18,29 @@
 
 namespace blockattn::detail {
 
-// Default tile sizes, from the cache hierarchy and the measurements of bench/machine_bench.cpp
-// (BM_TileAttention; AVX-512 host, 48 KiB L1d, 1 MiB L2 per core):
-// - Key chunk: the packed K and V chunks (2·key_chunk·d elements) are re-read by every sub-tile of
-//   the query block, so they must stay in L2 next to the block's queries and running output:
-//   kPackedBlockBytes = 128 KiB per packed operand, at most 256 keys (d = 64 float: 64 KiB each).
-//   Packing K is a scalar transpose costing ~35% of one 96×256×64 score tile, so one packed chunk
-//   must serve several hundred query rows.
-// - Query block: as many rows as keep q and acc (rows·(d + d_v) elements) within
-//   kQueryBlockBytes = 384 KiB of L2, at most 768 rows (d = 64 float: 768 rows, 75–80% of the
-//   FMA peak in the prototype against ~55% at 96 rows, where packing is not amortised).
-// - Sub-tile: kTileRows = 96 rows × key_chunk scores (96 KiB float at 256 keys) is produced and
-//   consumed (exp in place, then P·V) while it is still in L1/L2.
+// Default tile sizes. A tile step packs a K and a V chunk once, then, per sub-tile of kTileRows
+// query rows, computes the scores, exponentiates them in place and adds P·V.
+// Packed K and V chunks are re-read by every sub-tile, so they stay in L2: at most 256 keys
+// (docs/tuning.md#max-default-key-chunk), 128 KiB per packed operand
+// (docs/tuning.md#packed-block-bytes).
 inline constexpr Index kMaxDefaultKeyChunk = 256;
 inline constexpr Index kPackedBlockBytes = 128 * 1024;
+// q and acc of one query block stay in L2, so packing is amortised over many rows
+// (docs/tuning.md#max-default-query-rows, docs/tuning.md#query-block-bytes).
 inline constexpr Index kMaxDefaultQueryRows = 768;
 inline constexpr Index kQueryBlockBytes = 384 * 1024;
-// Decode key segments: a decode task covers at most this many keys (rounded to whole key
-// chunks); segments run in parallel and are merged in order. Fixed, not derived from the thread
-// count, so the result is bitwise the same for any number of threads. 8192 keys × 64 dims ×
-// 4 bytes = 2 MiB of K per segment: the merge (O(rows·d_v) per segment) is negligible.
+// Decode key segments: a decode task covers at most this many keys (whole key chunks); fixed,
+// not derived from the thread count, so results are bitwise the same for any number of threads;
+// the merge is negligible at this size (docs/tuning.md#decode-segment-keys).
 inline constexpr Index kDecodeSegmentKeys = 8192;
 // Decode: the interleaved schedule (detail/decode_kernel.hpp, scores_with_pending_values) is used
-// for at most this many rows per kv head. A/B builds of this constant (0: never, 8: always),
-// [heads, seq, dim] K and V, 8 query heads, n_k = 262,144, d = 64, one thread, ns per key and kv
-// head, medians of 5 alternating runs: 1 row 19.7 → 18.9, 2 rows 24.2 → 22.6, 4 rows 28.7 → 26.2,
-// but 8 rows (MQA) 27.9 → 39.0. At 8 rows the loop is bound by compute, not memory: in cache, a
-// step of scores and P·V costs ~26 ns a key against ~22 for the two phases apart, while two
-// streams deliver a key's K and V rows in ~18 ns.
+// for at most this many rows per kv head; beyond it the loop is compute-bound and the pipeline
+// loses (docs/tuning.md#decode-pipeline-rows).
 inline constexpr Index kDecodePipelineRows = 4;
 // Prefill: a call with fewer query blocks than this (batch × kv heads × query chunks) also splits
 // the keys into segments, merged like decode's, so that short single-head calls still have tasks
-// for two or more threads (n = 512, one head, was one task). Fixed, so results do not depend on
-// the thread count; the partial states cost at most 2·kMinPrefillBlocks query blocks' output.
+// for two or more threads. Fixed, so results do not depend on the thread count; the partial
+// states cost at most 2·kMinPrefillBlocks query blocks' output (docs/tuning.md#min-prefill-blocks).
 inline constexpr Index kMinPrefillBlocks = 4;
 
 constexpr Index ceil_div(Index a, Index b) { return (a + b - 1) / b; }
@@ -67,10 +57,10 @@ constexpr Index largest_divisor_at_most(Index block, Index limit) {
 /// chunk `limit`: the largest divisor of `block` up to `limit`, so that every tile lies inside
 /// one block and is exactly empty or full — unless that divisor is under half of min(block,
 /// limit), which only happens for a block larger than `limit` with no divisor near it (a prime
-/// such as 257 gave 1-key tiles: 169 ms against 8.7 ms for block 256 at the same density, n =
-/// 4096, attention_bench BM_Attention_BlockSparse; 17 ms now). Then the default chunk is kept and
-/// the tiles that straddle two blocks are masked (TileMasker); a tile of `limit` <= block elements
-/// straddles at most one block boundary, so whole tiles are still skipped inside unset blocks.
+/// such as 257 would give 1-key tiles; docs/tuning.md#block-aligned-chunk). Then the default chunk
+/// is kept and the tiles that straddle two blocks are masked (TileMasker); a tile of `limit` <=
+/// block elements straddles at most one block boundary, so whole tiles are still skipped inside
+/// unset blocks.
 constexpr Index block_aligned_chunk(Index block, Index limit) {
   const Index divisor = largest_divisor_at_most(block, limit);
   return 2 * divisor >= std::min(block, limit) ? divisor : limit;
@@ -251,15 +241,11 @@ AttentionPlan plan_attention(const AttentionShapes& x, const AttentionOptions& o
   plan.scale = options.scale != 0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(x.d));
   plan.query_chunks = ceil_div(x.n_q, plan.shape.query_chunk);
   const bool direct = forward_scores_direct<T>(options, x.n_q, x.n_k, x.d, x.d_v, group);
-  // Long decode with several kv heads whose rows interleave in memory ([seq, heads, dim]: one
-  // head's rows are strided): one task covers every kv head of its batch entry and key segment,
-  // head after head within each key chunk, so that a run of keys is read from memory in one
-  // window (head by head over the whole cache measured ~10 GB/s against ~20 GB/s interleaved,
-  // n_k = 262,144, 8 kv heads, d = 64, one thread). Segments then hold kDecodeSegmentKeys /
-  // kv_heads keys, so a task still covers about kDecodeSegmentKeys keys. When each head's rows
-  // are contiguous ([heads, seq, dim]) a task reads one head: two streams, not 2·kv_heads (16
-  // streams measured 11–15 GB/s against ~20 GB/s for two). Short caches keep one task per head
-  // (more tasks to share between threads).
+  // Long decode with several kv heads whose rows interleave in memory ([seq, heads, dim]): one
+  // task covers every kv head of its batch entry and key segment, head after head within each key
+  // chunk, so that a run of keys is read in one window; segments then hold kDecodeSegmentKeys /
+  // kv_heads keys. Contiguous rows ([heads, seq, dim]) keep one head per task (two streams, not
+  // 2·kv_heads), and short caches keep one task per head (docs/tuning.md#decode-head-interleave).
   const bool interleave_heads = direct && x.kv_heads > 1 && x.n_k > kDecodeSegmentKeys &&
                                 x.k_rows_interleave && x.v_rows_interleave;
   plan.path = !direct            ? ForwardPath::Prefill

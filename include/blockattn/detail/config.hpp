@@ -33,8 +33,8 @@
 // completely. For the register blocks: their arrays of accumulator vectors become registers
 // only when every loop that indexes them is unrolled, and GCC -O2 unrolls no loop whose body it
 // would have to copy (only -O3 does), so without the pragma the accumulators live on the stack:
-// a load and a store around every FMA, 2-5x the instructions (docs/tuning.md, "Optimisation
-// levels"). Nothing on compilers without the pragma.
+// a load and a store around every FMA (docs/tuning.md#optimisation-levels). Nothing on compilers
+// without the pragma.
 #define BLOCKATTN_PRAGMA(text) _Pragma(#text)
 #if defined(__clang__)
 #define BLOCKATTN_UNROLL(n) BLOCKATTN_PRAGMA(unroll n)

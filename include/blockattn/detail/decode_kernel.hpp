@@ -22,21 +22,13 @@
 namespace blockattn::detail {
 
 // Decode: how far ahead (bytes of K or V rows) the direct kernels prefetch, so that memory keeps
-// streaming while the rows are being computed on and across the softmax between the K and V
-// phases. Measured (8 query heads on one kv head, n_k = 262,144, d = 64, one thread, CPU time,
-// loaded machine): no prefetch 11.8 GB/s, 2 KiB 17.0, 4 KiB 17.3, 8 and 16 KiB 16.9–17.5.
-// Only contiguous rows are prefetched: over strided rows ([seq, heads, dim] K and V, 8 kv heads,
-// rows 2 KiB apart) the hardware's stride prefetchers do better alone, 56.2 → 44.5 ms a call
-// without the software prefetch (one thread; 28.1 → 24.1 ms on two; medians of 8 alternating
-// runs of two builds); a scratch read loop in the same order read 20.2–20.4 GB/s with it,
-// 21.5–22.1 without.
+// streaming across the softmax between the K and V phases. 4 KiB: best of 2–16 KiB; contiguous
+// rows only, strided rows do better with the hardware prefetchers (docs/tuning.md#decode-prefetch).
 inline constexpr Index kDecodePrefetchBytes = 4096;
-// Decode: keys per step of the interleaved scores / P·V loop (scores_with_pending_values). Two
-// streams read in alternation reach more bandwidth than one, but only when they alternate often:
-// a scratch read loop over 1 GiB, one thread, medians of 5, read 23.2 GB/s from one stream, 28.2
-// from two in turns of 256 bytes (attention_bench's BM_StreamReadTwoStreams), 27.1 in turns of
-// 4 KiB, and 17.9 in turns of 64 KiB (one 256-key chunk of K, then of V, at d = 64). 16 keys is
-// 4 KiB of K or V at d = 64 float, and a multiple of the key blocks of score_rows_direct.
+// Decode: keys per step of the interleaved scores / P·V loop (scores_with_pending_values): two
+// streams read in alternation beat one only when they alternate often; 16 keys is 4 KiB at
+// d = 64 float and a multiple of score_rows_direct's key blocks
+// (docs/tuning.md#decode-interleave-keys).
 inline constexpr Index kDecodeInterleaveKeys = 16;
 
 /// Rows of K or V that the direct kernels prefetch ahead: kDecodePrefetchBytes of rows when the

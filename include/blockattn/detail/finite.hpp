@@ -64,9 +64,8 @@ void copy_finite(const T* src, Index ld_src, Index rows, Index cols, T* dst, Ind
 }
 
 /// dst = src with every non-finite entry replaced by 0, for Eigen blocks of the same shape; dst
-/// may be src itself (an expression evaluated entry by entry). Kept an Eigen expression because
-/// the backward kernel's hot loops compile the same as before with it (the pointer loop above
-/// inlined there costs +2% of that function's own instructions on finite input, callgrind).
+/// may be src itself (an expression evaluated entry by entry). Kept an Eigen expression: the
+/// pointer loop above costs the backward kernel more (docs/tuning.md#copy-finite-expression).
 template <class Src, class Dst>
 void copy_finite(const Src& src, Dst& dst) {
   using T = typename Dst::Scalar;
@@ -74,8 +73,7 @@ void copy_finite(const Src& src, Dst& dst) {
 }
 
 /// Replaces every non-finite entry of x[0..n) by 0 in place (a packed buffer as one row). Stores
-/// only what it changes: with an unconditional store, the prefill kernel around it compiled to
-/// more instructions on finite input (callgrind).
+/// only what it changes, which is cheaper on finite input (docs/tuning.md#zero-non-finite-store).
 template <class T>
 void zero_non_finite(T* x, Index n) {
   for (Index e = 0; e < n; ++e) {

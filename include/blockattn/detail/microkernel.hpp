@@ -2,14 +2,15 @@
 // Register-blocked micro-kernels for one attention tile (a block of query rows against a chunk of
 // keys), written once over the SIMD layer (detail/simd.hpp):
 //
-//   pack_k / pack_v          copy a K chunk / V chunk into the panel layouts below (caller's
-//   buffer) score_tile               S = Q_blk · K_chunkᵀ                      (unscaled dot
-//   products) softmax_tile_update      S ← P = exp(scale·S − m_new), m, l updated, acc rescaled
-//   (one row
+// clang-format off
+//   pack_k / pack_v          copy a K chunk / V chunk into the panel layouts below (caller's buffer)
+//   score_tile               S = Q_blk · K_chunkᵀ  (unscaled dot products)
+//   softmax_tile_update      S ← P = exp(scale·S − m_new), m, l updated, acc rescaled (one row
 //                            sweep; the online-softmax rules of detail/online_state.hpp)
 //   accumulate_pv            acc += P · V_chunk
 //   score_rows_direct,       the same two products on unpacked K / V, for one to a few query rows
 //   accumulate_pv_direct     (decode), where packing would cost as much as the products
+// clang-format on
 //
 // One tile step of the forward pass is therefore
 //   score_tile(q, …, packed_k, kc, s, ld_s);       // then write −inf into masked s entries
@@ -34,7 +35,8 @@
 //
 // Register blocks: Rows query rows × KeyVectors (resp. ValueVectors) vectors of accumulators;
 // tails in rows and in panels are handled by smaller compile-time instantiations (no masking in
-// the inner loop). The defaults per ISA are in RegisterBlock, each with the measurement behind it.
+// the inner loop). The defaults per ISA are in RegisterBlock
+// (docs/tuning.md#register-block-avx512).
 
 #include <algorithm>
 #include <cstddef>
@@ -55,23 +57,20 @@ template <class T>
 struct RegisterBlock {
   static constexpr int kLanes = simd::Simd<T>::kLanes;
 #if defined(BLOCKATTN_SIMD_AVX512)
-  // 32 zmm registers. 8 rows × 2 vectors (16 accumulators, 2 panel loads and 8 broadcasts per 16
-  // FMAs) measured fastest on Zen 5: a 96×256 score tile at d = 64 in 14.9 µs (91% of the FMA
-  // peak), 12×2 15.4 µs, 6×4 17.6 µs, 8×3 18.9 µs, 4×4 41 µs; acc += P·V (d_v = 64) 8×2 15.2 µs,
-  // 12×2 14.6, 6×4 16.4, 8×3 17.3 (median CPU time of 3, loaded machine; g++ 12 -O3
-  // -march=native; a throwaway Google Benchmark over score_tile/accumulate_pv<float, R, V>).
+  // 32 zmm registers: 16 accumulators, 2 panel loads, 8 broadcasts per 16 FMAs; fastest of the
+  // shapes tried (docs/tuning.md#register-block-avx512).
   static constexpr int kRows = 8;
   static constexpr int kKeyVectors = 2;
   static constexpr int kValueVectors = 2;
 #elif defined(BLOCKATTN_SIMD_NEON)
-  // 32 q registers; not measured (no ARM machine here): the AVX-512 choice scaled to 4 lanes.
+  // 32 q registers; not measured: the AVX-512 choice scaled to 4 lanes
+  // (docs/tuning.md#register-block-neon).
   static constexpr int kRows = 8;
   static constexpr int kKeyVectors = 2;
   static constexpr int kValueVectors = 2;
 #elif defined(BLOCKATTN_SIMD_AVX2) || defined(BLOCKATTN_SIMD_SSE2)
   // 16 registers: 6 × 2 = 12 accumulators + 2 panel vectors + 1 broadcast (+1 for SSE2's
-  // separate multiply). With -mavx2 -mfma on the same Zen 5, 96×256×64 score tile: 6×2 28.5 µs
-  // (95% of the 256-bit peak), 5×2 30.6, 8×1 35.6, 4×3 54, 4×2 59 (same method as above).
+  // separate multiply); fastest of the shapes tried (docs/tuning.md#register-block-avx2).
   static constexpr int kRows = 6;
   static constexpr int kKeyVectors = 2;
   static constexpr int kValueVectors = 2;
@@ -281,12 +280,12 @@ inline void accumulate_pv(const T* p, Index ld_p, Index rows, Index n_keys, cons
 // online-softmax rules.
 
 /// Unpacked variants for a few query rows (decode: one token of the query heads that share a kv
-/// head), where packing K would cost as much as the products themselves (pack_k is ~0.3 ns per
-/// element, the dot products of one query row ~0.02 ns): both read K and V in place, row-major,
+/// head), where packing K would cost as much as the products themselves
+/// (docs/tuning.md#direct-rows): both read K and V in place, row-major,
 /// any row stride, no padding required. Each K / V row is loaded into registers once and used
 /// for every query row of a block of up to kDirectBlockRows rows, so a decode step streams the
 /// chunk from memory once, sequentially, instead of once per row from L2 with the memory idle
-/// in between (measured: BM_Attention_Decode, 8 query heads on one kv head).
+/// in between.
 ///
 /// Query rows per register block, and accumulator vectors per block: rows × keys (scores) or
 /// rows × value vectors (P·V) accumulators plus the operand loads fit the ISA's registers.
@@ -499,14 +498,14 @@ inline void accumulate_pv_direct(const T* p, Index ld_p, Index rows, Index n_key
   }
 }
 
-/// Rows of the score tile that the prefill loop computes at a time: a query block shares
-/// one packed K/V chunk (packing K costs about 40% of one 96×256×64 score tile, so it has to be
-/// amortised over several hundred query rows), but each S tile stays small enough for L1/L2.
-/// 96 = 16 register blocks of 6 rows.
+/// Rows of the score tile that the prefill loop computes at a time: a query block shares one
+/// packed K/V chunk (amortising the packing), but each S tile stays small enough for L1/L2.
+/// 96 = 16 register blocks of 6 rows (docs/tuning.md#tile-rows).
 inline constexpr Index kTileRows = 96;
 
 // Decode: blocks of at most this many rows (query heads × queries) read K and V in place instead
-// of packing them (packing costs ~0.3 ns per element, the dot products of one row ~0.02 ns).
+// of packing them: packing costs more per element than one row's products
+// (docs/tuning.md#direct-rows).
 inline constexpr Index kDirectRows = 8;
 
 }  // namespace blockattn::detail

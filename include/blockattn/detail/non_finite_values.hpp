@@ -25,10 +25,8 @@ namespace blockattn::detail {
 //      bit-identical to a run without it;
 //   3. after P·V, each weight p > 0 (visible) adds p·v for the non-finite entries of its key.
 // Decode (the direct path, no packing) checks a chunk's values only when its score tile holds a
-// −inf score, which keeps the per-chunk check off unmasked decode. Cost of the checks, measured
-// as instructions (valgrind --tool=callgrind, one thread, float unless noted, -O3 with -mavx2
-// -mfma / plain SSE2): prefill n = 512, d = 64, causal +0.13% / +0.14%, non-causal +0.11% /
-// +0.12%, double causal +0.23% / +0.26%; decode n_q = 1, n_k = 16384, d = 128 +0.09% / +0.15%.
+// −inf score, which keeps the per-chunk check off unmasked decode. The checks cost well under 1%
+// of the instructions (docs/tuning.md#non-finite-checks).
 
 /// True when some score of the rows × cols tile s (row stride ld_s) is −inf (a hidden key): the
 /// lane-wise minimum (NaN scores are skipped by min's rule), then −max(−min) across lanes.
