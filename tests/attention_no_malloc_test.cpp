@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <blockattn/attention.hpp>
+#include <blockattn/transformer_block.hpp>
 
 #include "support/random.hpp"
 #include "support/scalar_types.hpp"
@@ -128,6 +129,48 @@ TYPED_TEST(AttentionNoMallocTest, SecondCallWithAWorkspaceAllocatesNothing) {
   }
   EXPECT_TRUE(out == expected);
   EXPECT_TRUE(out_prefill.allFinite());
+}
+
+// transformer_block() with a caller's TransformerBlockWorkspace: the first call sizes it (K, V,
+// every thread's buffers and attention workspace, before the loops); a second call of the same
+// shapes then runs whole inside Eigen's no-malloc scope (which also covers Workspace's
+// allocator), holds exactly the same capacity and thread slots (the slot vector is the one
+// allocation Eigen's check cannot see), and gives the bits of a call without a workspace.
+TYPED_TEST(AttentionNoMallocTest, SecondTransformerBlockCallAllocatesNothing) {
+  using T = TypeParam;
+  auto rng = make_rng(35);
+  const Index n = 70;
+  const Index model = 32;
+  const Index ffn = 48;
+  for (const bool causal : {false, true}) {
+    SCOPED_TRACE(causal ? "causal" : "full");
+    auto w = blockattn::make_transformer_block_weights<T>(model, 4, ffn, 2);
+    const auto fill = [&](auto& m) { m = random_matrix<T>(rng, m.rows(), m.cols()); };
+    for (Matrix<T>* m : {&w.wq, &w.wk, &w.wv, &w.wo, &w.w1, &w.w2}) fill(*m);
+    const Matrix<T> x = random_matrix<T>(rng, n, model);
+    blockattn::BlockOptions options;
+    options.causal = causal;
+    options.query_block = 16;
+    options.ffn_chunk = 20;
+    options.threads = 2;
+    Matrix<T> expected(n, model);
+    blockattn::transformer_block(w, x, expected, options);
+    blockattn::TransformerBlockWorkspace workspace;
+    options.workspace = &workspace;
+    Matrix<T> y(n, model);
+    blockattn::transformer_block(w, x, y, options);
+    const std::size_t capacity = workspace.capacity();
+    const std::size_t slots = workspace.slots();
+    EXPECT_GT(capacity, 0u);
+    y.setZero();
+    {
+      const blockattn::detail::NoMallocScope no_malloc;  // aborts on an allocation
+      blockattn::transformer_block(w, x, y, options);
+    }
+    EXPECT_EQ(workspace.capacity(), capacity);
+    EXPECT_EQ(workspace.slots(), slots);
+    EXPECT_TRUE(y == expected);
+  }
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 // invariance; in-place; validation.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <random>
 #include <stdexcept>
@@ -477,6 +478,42 @@ TYPED_TEST(TransformerBlockTest, InPlaceMatchesOutOfPlace) {
     blockattn::transformer_block(w, x, x, s.options);
     EXPECT_TRUE(x == y);
   }
+}
+
+// A caller's TransformerBlockWorkspace changes no bit: the same y as without one, on the first
+// call (it grows), on a repeated call (reused as is), after a larger call and after a smaller one
+// of other shapes, for any thread count.
+TYPED_TEST(TransformerBlockTest, AWorkspaceChangesNoBit) {
+  blockattn::TransformerBlockWorkspace workspace;
+  for (const bool causal : {false, true}) {
+    for (const Index n : {Index{40}, Index{67}, Index{23}}) {
+      for (const int threads : {1, 2}) {
+        Shape s{n, 30, 5, 0, 41, {}, Activation::GeluTanh};
+        s.options.causal = causal;
+        s.options.query_block = 9;
+        s.options.key_block = 13;
+        s.options.ffn_chunk = 16;
+        s.options.threads = threads;
+        SCOPED_TRACE(describe(s) + " threads=" + std::to_string(threads));
+        auto rng = make_rng(static_cast<std::uint64_t>(n) + (causal ? 100 : 0));
+        const auto w = random_weights<TypeParam>(rng, s);
+        const Matrix<TypeParam> x = random_matrix<TypeParam>(rng, s.n, s.model);
+        Matrix<TypeParam> expected(s.n, s.model);
+        blockattn::transformer_block(w, x, expected, s.options);
+        BlockOptions with = s.options;
+        with.workspace = &workspace;
+        for (int repeat = 0; repeat < 2; ++repeat) {
+          Matrix<TypeParam> y(s.n, s.model);
+          blockattn::transformer_block(w, x, y, with);
+          EXPECT_TRUE(y == expected) << "repeat " << repeat;
+        }
+      }
+    }
+  }
+  EXPECT_GT(workspace.capacity(), 0u);
+  workspace.release();
+  EXPECT_EQ(workspace.capacity(), 0u);
+  EXPECT_EQ(workspace.slots(), 0u);
 }
 
 // The non-template overloads: plain Matrix<float> / Matrix<double> arguments, no T spelled.

@@ -9,13 +9,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <vector>
 
 #include <Eigen/Core>
 
 #include <blockattn/attention.hpp>
+#include <blockattn/detail/attention_plan.hpp>
 #include <blockattn/detail/check.hpp>
 #include <blockattn/detail/parallel.hpp>
+#include <blockattn/detail/workspace.hpp>
 #include <blockattn/types.hpp>
 
 namespace blockattn {
@@ -85,6 +88,51 @@ TransformerBlockWeights<T> make_transformer_block_weights(Index model, Index hea
   return w;
 }
 
+namespace detail {
+struct TransformerBlockWorkspaceAccess;
+}  // namespace detail
+
+/// Reusable memory for transformer_block(): K and V of every token, and per thread its block
+/// buffers and its attention() workspace. Pass the same object to repeated calls
+/// (BlockOptions::workspace) and only the first call, or one that needs more, allocates: every
+/// part is sized before the parallel loops, grows to fit and never shrinks (release() frees it).
+/// Its size is 2·n·kv_dim elements plus O(threads·query_block·(4·model + ffn_chunk + key_block
+/// + head_dim)). Not thread-safe: one per concurrent call. Move-only.
+class TransformerBlockWorkspace {
+ public:
+  TransformerBlockWorkspace() = default;
+  TransformerBlockWorkspace(TransformerBlockWorkspace&&) noexcept = default;
+  TransformerBlockWorkspace& operator=(TransformerBlockWorkspace&&) noexcept = default;
+  TransformerBlockWorkspace(const TransformerBlockWorkspace&) = delete;
+  TransformerBlockWorkspace& operator=(const TransformerBlockWorkspace&) = delete;
+
+  /// Bytes currently held by every part (0 before the first call).
+  std::size_t capacity() const {
+    std::size_t bytes = kv_.capacity();
+    for (const Workspace& w : buffers_) bytes += w.capacity();
+    for (const Workspace& w : attention_) bytes += w.capacity();
+    return bytes;
+  }
+
+  /// Thread slots prepared so far (0 before the first call).
+  std::size_t slots() const { return buffers_.size(); }
+
+  /// Frees the memory; the next call allocates again.
+  void release() {
+    kv_.release();
+    buffers_.clear();
+    buffers_.shrink_to_fit();
+    attention_.clear();
+    attention_.shrink_to_fit();
+  }
+
+ private:
+  friend struct detail::TransformerBlockWorkspaceAccess;
+  Workspace kv_;                      ///< K and V, [n, kv_dim] each
+  std::vector<Workspace> buffers_;    ///< per thread slot: its BlockBuffers
+  std::vector<Workspace> attention_;  ///< per thread slot: attention()'s workspace
+};
+
 /// How transformer_block() runs. Block sizes change rounding only; threads change nothing.
 struct BlockOptions {
   bool causal = false;    ///< token i attends to tokens j <= i only
@@ -92,6 +140,11 @@ struct BlockOptions {
   Index key_block = 0;    ///< keys per attention tile; 0: attention()'s default
   Index ffn_chunk = 0;    ///< hidden units per FFN chunk; 0: chosen by the library (512)
   int threads = 0;        ///< query blocks run in parallel; 0: all hardware threads
+  /// The caller's reusable memory for the call (K, V, per-thread buffers and attention
+  /// workspaces), grown to fit before the loops; then a second call of the same shapes and
+  /// threads allocates nothing. nullptr: the call allocates its own. Results are the same bits
+  /// either way.
+  TransformerBlockWorkspace* workspace = nullptr;
 };
 
 namespace detail {
@@ -240,22 +293,55 @@ void activate_in_place(Activation activation, M& m) {
   }
 }
 
-/// One thread's buffers for a query block of up to `rows` tokens; allocated once per call.
+/// One thread's buffers for a query block of up to `rows` tokens, carved out of one Workspace
+/// (each part starts on a cache line).
 template <class T>
 struct BlockBuffers {
-  Matrix<T> normed;               ///< [rows, model]: LN1(x), later LN2(h)
-  Matrix<T> q;                    ///< [rows, model]: the block's queries
-  Matrix<T> attn;                 ///< [rows, model]: attention output, heads side by side
-  Matrix<T> h;                    ///< [rows, model]: x + attn·wo + bo
-  Matrix<T> hidden;               ///< [rows, ffn_chunk]: one chunk of the FFN's hidden layer
-  Workspace attention_workspace;  ///< attention()'s tiles, grown by the thread's first block
+  using Buffer = Eigen::Map<Matrix<T>>;
+  Buffer normed;  ///< [rows, model]: LN1(x), later LN2(h)
+  Buffer q;       ///< [rows, model]: the block's queries
+  Buffer attn;    ///< [rows, model]: attention output, heads side by side
+  Buffer h;       ///< [rows, model]: x + attn·wo + bo
+  Buffer hidden;  ///< [rows, ffn_chunk]: one chunk of the FFN's hidden layer
 
-  BlockBuffers(Index rows, Index model, Index ffn_chunk)
-      : normed(rows, model),
-        q(rows, model),
-        attn(rows, model),
-        h(rows, model),
-        hidden(rows, ffn_chunk) {}
+  /// Elements of T that the buffers take (cache-line padded).
+  static Index size(Index rows, Index model, Index ffn_chunk) {
+    return 4 * SliceLayout<T>::padded(rows * model) + SliceLayout<T>::padded(rows * ffn_chunk);
+  }
+
+  /// The buffers over `base` (size() elements, 64-byte aligned).
+  BlockBuffers(T* base, Index rows, Index model, Index ffn_chunk)
+      : normed(base, rows, model),
+        q(base + SliceLayout<T>::padded(rows * model), rows, model),
+        attn(base + 2 * SliceLayout<T>::padded(rows * model), rows, model),
+        h(base + 3 * SliceLayout<T>::padded(rows * model), rows, model),
+        hidden(base + 4 * SliceLayout<T>::padded(rows * model), rows, ffn_chunk) {}
+};
+
+/// transformer_block()'s access to a TransformerBlockWorkspace: grows every part to a call's
+/// needs, before the parallel loops.
+struct TransformerBlockWorkspaceAccess {
+  /// K and V, [n, kv_dim] each: K at the returned pointer, V at kv_offset(n, kv_dim) after it.
+  template <class T>
+  static T* reserve_kv(TransformerBlockWorkspace& w, Index n, Index kv_dim) {
+    return static_cast<T*>(w.kv_.reserve(2 * kv_offset<T>(n, kv_dim) * sizeof(T)));
+  }
+  template <class T>
+  static Index kv_offset(Index n, Index kv_dim) {
+    return SliceLayout<T>::padded(n * kv_dim);
+  }
+  /// At least `slots` thread slots.
+  static void reserve_slots(TransformerBlockWorkspace& w, int slots) {
+    const auto count = static_cast<std::size_t>(slots);
+    if (w.buffers_.size() < count) w.buffers_.resize(count);
+    if (w.attention_.size() < count) w.attention_.resize(count);
+  }
+  static Workspace& buffers(TransformerBlockWorkspace& w, int slot) {
+    return w.buffers_[static_cast<std::size_t>(slot)];
+  }
+  static Workspace& attention(TransformerBlockWorkspace& w, int slot) {
+    return w.attention_[static_cast<std::size_t>(slot)];
+  }
 };
 
 /// The fused layer; arguments are valid.
@@ -278,15 +364,64 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
   const T eps = static_cast<T>(w.ln_eps);
   const int threads = resolve_threads(options.threads, blocks);
 
+  // Every buffer of the call, sized before the loops: the caller's workspace or one of our own.
+  TransformerBlockWorkspace own;
+  TransformerBlockWorkspace& memory = options.workspace != nullptr ? *options.workspace : own;
+  using Access = TransformerBlockWorkspaceAccess;
+  Access::reserve_slots(memory, threads);
   // K and V for every token: the only O(n) storage of the layer.
-  Matrix<T> k(n, kv_dim);
-  Matrix<T> v(n, kv_dim);
-  std::vector<BlockBuffers<T>> buffers;
-  buffers.reserve(static_cast<std::size_t>(threads));
-  for (int t = 0; t < threads; ++t) buffers.emplace_back(block, model, ffn_chunk);
+  T* const kv = Access::reserve_kv<T>(memory, n, kv_dim);
+  Eigen::Map<Matrix<T>> k(kv, n, kv_dim);
+  Eigen::Map<Matrix<T>> v(kv + Access::kv_offset<T>(n, kv_dim), n, kv_dim);
+  const auto buffer_bytes =
+      static_cast<std::size_t>(BlockBuffers<T>::size(block, model, ffn_chunk)) * sizeof(T);
+  for (int t = 0; t < threads; ++t) {
+    static_cast<void>(Access::buffers(memory, t).reserve(buffer_bytes));
+  }
+  // Slot `slot`'s buffers (its Workspace fits them already: nothing allocates).
+  const auto slot_buffers = [&](int slot) {
+    return BlockBuffers<T>(static_cast<T*>(Access::buffers(memory, slot).reserve(buffer_bytes)),
+                           block, model, ffn_chunk);
+  };
+
+  AttentionOptions attention_options;
+  attention_options.key_chunk = options.key_block;
+  attention_options.threads = 1;  // one block per thread: bit-identical for any thread count
+  attention_options.causal = options.causal;
+  const auto block_attention = [&](Index b, T* q, T* attn, int slot) {
+    const Index q0 = b * block;
+    const Index rows = std::min(block, n - q0);
+    // Causal: keys [0, q0 + rows) with the bottom-right-aligned mask give exactly j <= i.
+    const Index n_keys = options.causal ? q0 + rows : n;
+    struct Call {
+      TensorView<const T> q, k, v;
+      TensorView<T> out;
+      AttentionOptions options;
+    };
+    Call call{TensorView<const T>(q, 1, rows, heads, head_dim, 0, model, head_dim),
+              TensorView<const T>(k.data(), 1, n_keys, kv_heads, head_dim, 0, kv_dim, head_dim),
+              TensorView<const T>(v.data(), 1, n_keys, kv_heads, head_dim, 0, kv_dim, head_dim),
+              TensorView<T>(attn, 1, rows, heads, head_dim, 0, model, head_dim), attention_options};
+    call.options.query_chunk = rows;
+    call.options.workspace = &Access::attention(memory, slot);
+    return call;
+  };
+  // Each slot's attention workspace fits the largest block's plan, so no block grows it.
+  std::size_t attention_bytes = 0;
+  for (Index b = 0; b < blocks; ++b) {
+    BlockBuffers<T> buf = slot_buffers(0);
+    const auto call = block_attention(b, buf.q.data(), buf.attn.data(), 0);
+    const AttentionPlan plan = plan_attention<T>(shapes_of(call.q, call.k, call.v), call.options);
+    attention_bytes = std::max(
+        attention_bytes,
+        AttentionWorkspace<T>::bytes(1, plan.task_shape(), plan.segments > 1 ? plan.tasks : 0));
+  }
+  for (int t = 0; t < threads; ++t) {
+    static_cast<void>(Access::attention(memory, t).reserve(attention_bytes));
+  }
 
   parallel_for(blocks, threads, [&](Index b, int slot) {
-    BlockBuffers<T>& buf = buffers[static_cast<std::size_t>(slot)];
+    BlockBuffers<T> buf = slot_buffers(slot);
     const Index q0 = b * block;
     const Index rows = std::min(block, n - q0);
     auto normed = buf.normed.topRows(rows);
@@ -299,13 +434,9 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
     v_blk.rowwise() += w.bv;
   });
 
-  AttentionOptions attention_options;
-  attention_options.key_chunk = options.key_block;
-  attention_options.threads = 1;  // one block per thread: bit-identical for any thread count
-
   // Causal blocks later in the sequence see more keys: hand them out first for load balance.
   parallel_for(blocks, threads, [&](Index task, int slot) {
-    BlockBuffers<T>& buf = buffers[static_cast<std::size_t>(slot)];
+    BlockBuffers<T> buf = slot_buffers(slot);
     const Index b = options.causal ? blocks - 1 - task : task;
     const Index q0 = b * block;
     const Index rows = std::min(block, n - q0);
@@ -319,17 +450,8 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
     q.noalias() = normed * w.wq;
     q.rowwise() += w.bq;
 
-    // Causal: keys [0, q0 + rows) with the bottom-right-aligned mask give exactly j <= i.
-    const Index n_keys = options.causal ? q0 + rows : n;
-    AttentionOptions block_options = attention_options;
-    block_options.causal = options.causal;
-    block_options.query_chunk = rows;
-    block_options.workspace = &buf.attention_workspace;
-    attention(TensorView<const T>(q.data(), 1, rows, heads, head_dim, 0, model, head_dim),
-              TensorView<const T>(k.data(), 1, n_keys, kv_heads, head_dim, 0, kv_dim, head_dim),
-              TensorView<const T>(v.data(), 1, n_keys, kv_heads, head_dim, 0, kv_dim, head_dim),
-              TensorView<T>(attn.data(), 1, rows, heads, head_dim, 0, model, head_dim),
-              block_options);
+    const auto call = block_attention(b, buf.q.data(), buf.attn.data(), slot);
+    attention(call.q, call.k, call.v, call.out, call.options);
 
     h.noalias() = attn * w.wo;
     h += x_blk;
@@ -362,8 +484,9 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
 /// Shapes: x, y [n, model]; weights as documented on TransformerBlockWeights.
 /// Time O(n·model·(model + kv_dim + ffn) + n·n_keys·model) (half the attention term when causal).
 /// Extra memory: K and V, 2·n·kv_dim elements, plus O(threads·query_block·(4·model + ffn_chunk))
-/// buffers and attention()'s O(query_block·(key_block + head_dim)) per block — never O(n²),
-/// never O(n·ffn).
+/// buffers and attention()'s O(query_block·(key_block + head_dim)) per thread — never O(n²),
+/// never O(n·ffn); all of it sized before the loops, taken from options.workspace when given
+/// (then a second call of the same shapes and threads allocates nothing).
 /// Throws std::invalid_argument naming the field or argument and the sizes ("wk is 64x32,
 /// expected 64x64"), before writing anything.
 /// y may be exactly x (in place: same data and row stride); any other overlap of y with x or a

@@ -12,6 +12,9 @@
 // Normalised once at the end. No argument checking here: attention.hpp validates first.
 
 #include <type_traits>
+#ifdef EIGEN_RUNTIME_NO_MALLOC
+#include <mutex>
+#endif
 
 #include <Eigen/Core>
 
@@ -30,17 +33,34 @@ namespace blockattn::detail {
 
 /// Forbids Eigen heap allocation for its lifetime when the translation unit defines
 /// EIGEN_RUNTIME_NO_MALLOC (tests/attention_no_malloc_test.cpp); otherwise does nothing. Eigen's
-/// flag is process-wide, so this is a test instrument, not a production mode.
+/// flag is process-wide, so this is a test instrument, not a production mode. Scopes may overlap
+/// across threads (attention() called from transformer_block()'s parallel loop): a count under a
+/// mutex makes the first scope save the flag and the last one restore it, whatever the order.
 class NoMallocScope {
  public:
 #ifdef EIGEN_RUNTIME_NO_MALLOC
-  NoMallocScope() : was_allowed_(Eigen::internal::is_malloc_allowed()) {
+  NoMallocScope() {
+    const std::lock_guard<std::mutex> lock(state().mutex);
+    if (state().depth++ == 0) state().was_allowed = Eigen::internal::is_malloc_allowed();
     Eigen::internal::set_is_malloc_allowed(false);
   }
-  ~NoMallocScope() { Eigen::internal::set_is_malloc_allowed(was_allowed_); }
+  ~NoMallocScope() {
+    const std::lock_guard<std::mutex> lock(state().mutex);
+    if (--state().depth == 0) Eigen::internal::set_is_malloc_allowed(state().was_allowed);
+  }
 
  private:
-  bool was_allowed_;
+  struct State {
+    std::mutex mutex;
+    int depth = 0;
+    bool was_allowed = true;
+  };
+  static State& state() {
+    static State s;
+    return s;
+  }
+
+ public:
 #else
   NoMallocScope() = default;
 #endif

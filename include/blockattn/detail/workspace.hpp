@@ -128,26 +128,15 @@ template <class T>
 class AttentionWorkspace {
  public:
   AttentionWorkspace(Workspace& storage, int slots, const TileShape& shape, Index partials)
-      : shape_(shape) {
-    const Index rows = shape.group * shape.query_chunk;
-    ld_s_ = padded_stride<T>(shape.key_chunk);
-    ld_acc_ = padded_stride<T>(shape.d_v);
-    SliceLayout<T> layout;
-    queries_ = layout.take(rows * shape.d);
-    packed_k_ = layout.take(packed_k_size<T>(shape.key_chunk, shape.d));
-    packed_v_ = layout.take(packed_v_size<T>(shape.key_chunk, shape.d_v));
-    // Prefill: one sub-tile of scores; decode: two of at most kDirectRows rows (the pending
-    // unit's weights and the next unit's scores).
-    scores_ =
-        layout.take(std::max(std::min(rows, kTileRows), 2 * std::min(rows, kDirectRows)) * ld_s_);
-    acc_ = layout.take(rows * ld_acc_);
-    m_ = layout.take(rows);
-    l_ = layout.take(rows);
-    slice_size_ = layout.size();
-    partial_size_ = SliceLayout<T>::padded(rows * (ld_acc_ + 2));
-    const Index total = slice_size_ * slots + partial_size_ * partials;
-    base_ = static_cast<T*>(storage.reserve(static_cast<std::size_t>(total) * sizeof(T)));
+      : AttentionWorkspace(slots, shape, partials) {
+    base_ = static_cast<T*>(storage.reserve(bytes()));
     partials_ = base_ + slice_size_ * slots;
+  }
+
+  /// The bytes that a call of this layout reserves from its Workspace, so that a caller can size
+  /// one in advance (transformer_block()).
+  static std::size_t bytes(int slots, const TileShape& shape, Index partials) {
+    return AttentionWorkspace(slots, shape, partials).bytes();
   }
 
   WorkspaceSlice<T> slice(int slot) const {
@@ -167,6 +156,29 @@ class AttentionWorkspace {
   Index ld_acc() const { return ld_acc_; }
 
  private:
+  /// The layout alone, no storage.
+  AttentionWorkspace(int slots, const TileShape& shape, Index partials) : shape_(shape) {
+    const Index rows = shape.group * shape.query_chunk;
+    ld_s_ = padded_stride<T>(shape.key_chunk);
+    ld_acc_ = padded_stride<T>(shape.d_v);
+    SliceLayout<T> layout;
+    queries_ = layout.take(rows * shape.d);
+    packed_k_ = layout.take(packed_k_size<T>(shape.key_chunk, shape.d));
+    packed_v_ = layout.take(packed_v_size<T>(shape.key_chunk, shape.d_v));
+    // Prefill: one sub-tile of scores; decode: two of at most kDirectRows rows (the pending
+    // unit's weights and the next unit's scores).
+    scores_ =
+        layout.take(std::max(std::min(rows, kTileRows), 2 * std::min(rows, kDirectRows)) * ld_s_);
+    acc_ = layout.take(rows * ld_acc_);
+    m_ = layout.take(rows);
+    l_ = layout.take(rows);
+    slice_size_ = layout.size();
+    partial_size_ = SliceLayout<T>::padded(rows * (ld_acc_ + 2));
+    total_ = slice_size_ * slots + partial_size_ * partials;
+  }
+
+  std::size_t bytes() const { return static_cast<std::size_t>(total_) * sizeof(T); }
+
   TileShape shape_;
   Index ld_s_ = 0;
   Index ld_acc_ = 0;
@@ -179,6 +191,7 @@ class AttentionWorkspace {
   Index l_ = 0;
   Index slice_size_ = 0;
   Index partial_size_ = 0;
+  Index total_ = 0;  ///< elements of the whole layout
   T* base_ = nullptr;
   T* partials_ = nullptr;
 };
