@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -22,6 +23,7 @@
 #include <blockattn/distributed/ring_attention.hpp>
 #include <blockattn/reference.hpp>
 
+#include "support/gradient_tolerance.hpp"
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
@@ -357,6 +359,162 @@ TYPED_TEST(RingAttentionTest, MultiQueryStriped) {
   c.d = 8;
   c.d_v = 16;
   check_forward<TypeParam>(c);
+}
+
+// --- backward ------------------------------------------------------------------------------
+
+/// The largest |x| over all ranks' shards of x, and of y − x (for the error table).
+double world_max(double x) {
+  double worst = 0;
+  MPI_Allreduce(&x, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return worst;
+}
+
+template <class T>
+void check_backward(const Case& c) {
+  SCOPED_TRACE(std::string(c.name) + " P=" + std::to_string(world_size()) +
+               " rank=" + std::to_string(world_rank()) + " " + blockattn::test::seed_trace());
+  const Problem<T> p(c);
+  const ShardPositions qp = p.query_positions(p.rank);
+  const ShardPositions kp = p.key_positions(p.rank);
+  const Tensor<T> dout = Problem<T>::make(c, 4, c.n_q, c.heads, c.d_v, 1.0);
+  const Tensor<T> q_shard = take_rows(p.q, qp);
+  const Tensor<T> k_shard = take_rows(p.k, kp);
+  const Tensor<T> v_shard = take_rows(p.v, kp);
+  const Tensor<T> dout_shard = take_rows(dout, qp);
+  Tensor<T> out(c.batch, qp.size(), c.heads, c.d_v);
+  std::vector<T> lse(static_cast<std::size_t>(c.batch * c.heads * qp.size()));
+  blockattn::distributed::ring_attention<T>(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                            v_shard.view(), out.view(), p.options, lse.data(),
+                                            {c.layout});
+  Tensor<T> dq(c.batch, qp.size(), c.heads, c.d);
+  Tensor<T> dk(c.batch, kp.size(), c.kv_heads, c.d);
+  Tensor<T> dv(c.batch, kp.size(), c.kv_heads, c.d_v);
+  blockattn::distributed::ring_attention_backward<T>(
+      MPI_COMM_WORLD, q_shard.view(), k_shard.view(), v_shard.view(), std::as_const(out).view(),
+      lse.data(), dout_shard.view(), dq.view(), dk.view(), dv.view(), p.options, {c.layout});
+
+  // One process: the library's backward, and the long double reference.
+  Tensor<T> full(c.batch, c.n_q, c.heads, c.d_v);
+  std::vector<T> full_lse(static_cast<std::size_t>(c.batch * c.heads * c.n_q));
+  blockattn::attention<T>(p.q.view(), p.k.view(), p.v.view(), full.view(), p.options,
+                          full_lse.data());
+  Tensor<T> dq1(c.batch, c.n_q, c.heads, c.d), dk1(c.batch, c.n_k, c.kv_heads, c.d),
+      dv1(c.batch, c.n_k, c.kv_heads, c.d_v);
+  blockattn::attention_backward<T>(p.q.view(), p.k.view(), p.v.view(), std::as_const(full).view(),
+                                   full_lse.data(), dout.view(), dq1.view(), dk1.view(), dv1.view(),
+                                   p.options);
+  using Long = long double;
+  const auto q_ld = p.q.template cast<Long>();
+  const auto k_ld = p.k.template cast<Long>();
+  const auto v_ld = p.v.template cast<Long>();
+  const auto dout_ld = dout.template cast<Long>();
+  Tensor<Long> ref(c.batch, c.n_q, c.heads, c.d_v);
+  std::vector<Long> ref_lse(full_lse.size());
+  blockattn::reference::attention<Long>(q_ld.view(), k_ld.view(), v_ld.view(), ref.view(),
+                                        p.options, ref_lse.data());
+  Tensor<Long> dq_ref(c.batch, c.n_q, c.heads, c.d), dk_ref(c.batch, c.n_k, c.kv_heads, c.d),
+      dv_ref(c.batch, c.n_k, c.kv_heads, c.d_v);
+  blockattn::reference::attention_backward<Long>(
+      q_ld.view(), k_ld.view(), v_ld.view(), std::as_const(ref).view(), ref_lse.data(),
+      dout_ld.view(), dq_ref.view(), dk_ref.view(), dv_ref.view(), p.options);
+
+  // Tolerances (support/gradient_tolerance.hpp) from the exact probabilities of each head: the
+  // reference's attention with v = I gives P itself. dK, dV of a kv head sum over its group.
+  const Index group = c.heads / c.kv_heads;
+  std::vector<double> tol_dq(static_cast<std::size_t>(c.batch * c.heads * c.n_q));
+  std::vector<double> tol_dk(static_cast<std::size_t>(c.batch * c.kv_heads * c.n_k), 0.0);
+  std::vector<double> tol_dv(tol_dk.size(), 0.0);
+  const Matrix<Long> identity = Matrix<Long>::Identity(c.n_k, c.n_k);
+  for (Index b = 0; b < c.batch; ++b) {
+    AttentionOptions one = p.options;
+    if (p.options.key_lengths != nullptr) one.key_lengths = p.options.key_lengths + b;
+    for (Index h = 0; h < c.heads; ++h) {
+      const Matrix<Long> qh = p.q.head(b, h).template cast<Long>();
+      const Matrix<Long> kh = p.k.head(b, h / group).template cast<Long>();
+      Matrix<Long> prob(c.n_q, c.n_k);
+      blockattn::reference::attention<Long>(qh, kh, identity, prob, one);
+      const auto tol = blockattn::test::backward_tolerance<T>(
+          p.q.head(b, h), p.k.head(b, h / group), p.v.head(b, h / group), dout.head(b, h),
+          prob.template cast<double>(), p.scale(), p.extra(), group);
+      for (Index i = 0; i < c.n_q; ++i) {
+        tol_dq[static_cast<std::size_t>((b * c.heads + h) * c.n_q + i)] =
+            tol.dq[static_cast<std::size_t>(i)];
+      }
+      for (Index j = 0; j < c.n_k; ++j) {
+        const auto at = static_cast<std::size_t>((b * c.kv_heads + h / group) * c.n_k + j);
+        tol_dk[at] += tol.dk[static_cast<std::size_t>(j)];
+        tol_dv[at] += tol.dv[static_cast<std::size_t>(j)];
+      }
+    }
+  }
+  // Every element of this rank's shard against the reference (tol) and one process (2·tol).
+  double err[3] = {0, 0, 0};
+  double mag[3] = {0, 0, 0};
+  const auto check = [&](const char* name, const Tensor<T>& got, const ShardPositions& pos,
+                         const Tensor<T>& one_process, const Tensor<Long>& exact,
+                         const std::vector<double>& tol, int slot) {
+    for (Index b = 0; b < got.batch; ++b) {
+      for (Index i = 0; i < got.seq; ++i) {
+        for (Index h = 0; h < got.heads; ++h) {
+          const double t = tol[static_cast<std::size_t>((b * got.heads + h) * exact.seq + pos[i])];
+          for (Index col = 0; col < got.dim; ++col) {
+            const auto g = static_cast<double>(got.at(b, i, h, col));
+            const auto o = static_cast<double>(one_process.at(b, pos[i], h, col));
+            EXPECT_NEAR(g, static_cast<double>(exact.at(b, pos[i], h, col)), t)
+                << name << " b=" << b << " i=" << pos[i] << " h=" << h << " c=" << col;
+            EXPECT_NEAR(g, o, 2 * t)
+                << name << " b=" << b << " i=" << pos[i] << " h=" << h << " c=" << col;
+            err[slot] = std::max(err[slot], std::abs(g - o));
+            mag[slot] = std::max(mag[slot], std::abs(o));
+          }
+        }
+      }
+    }
+  };
+  check("dq", dq, qp, dq1, dq_ref, tol_dq, 0);
+  check("dk", dk, kp, dk1, dk_ref, tol_dk, 1);
+  check("dv", dv, kp, dv1, dv_ref, tol_dv, 2);
+  double rel[3];
+  for (int s = 0; s < 3; ++s) rel[s] = world_max(err[s]) / world_max(mag[s]);
+  if (p.rank == 0) {
+    std::printf(
+        "[ error    ] %s P=%d %s: max|ring - one process| / max|grad|: dq %.2e, dk %.2e, dv %.2e\n",
+        c.name, p.ranks, sizeof(T) == 4 ? "float" : "double", rel[0], rel[1], rel[2]);
+  }
+}
+
+template <class T>
+class RingAttentionBackwardTest : public ::testing::Test {};
+TYPED_TEST_SUITE(RingAttentionBackwardTest, Scalars, );
+
+TYPED_TEST(RingAttentionBackwardTest, CausalGqa) {
+  Case c{"backward causal GQA"};
+  c.causal = true;
+  check_backward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionBackwardTest, CausalZigZagSoftcap) {
+  Case c{"backward causal zigzag softcap", RingLayout::ZigZag};
+  c.causal = true;
+  c.softcap = 5;
+  check_backward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionBackwardTest, WindowKeyLengthsStriped) {
+  Case c{"backward window key lengths striped", RingLayout::Striped};
+  c.window_left = 6;
+  c.window_right = 2;
+  c.key_lengths = true;
+  check_backward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionBackwardTest, CausalWindowUnevenShortRing) {
+  Case c{"backward causal window 4 uneven"};
+  c.causal = true;
+  c.window_left = 4;
+  c.uneven = true;
+  check_backward<TypeParam>(c);
 }
 
 TEST(RingLayoutTest, ShardAndUnshardRoundTrip) {

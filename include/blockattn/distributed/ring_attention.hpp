@@ -595,6 +595,12 @@ void unpack(const T* from, const TensorView<T>& to) {
   }
 }
 
+/// sum[e] += part[e] for e < count.
+template <class T>
+void add_to(T* sum, const T* part, Index count) {
+  for (Index e = 0; e < count; ++e) sum[e] += part[e];
+}
+
 /// One K/V shard (and later its gradients) in one contiguous buffer: keys [batch, seq, heads, d],
 /// then values [batch, seq, heads, d_v].
 template <class T>
@@ -709,6 +715,142 @@ void ring_attention(MPI_Comm comm, TensorView<const T> q, TensorView<const T> k,
     requests.wait_all();
   }
   if (lse != nullptr) std::copy(lse_run.begin(), lse_run.end(), lse);
+}
+
+/// Gradients of ring_attention(), sharded the same way (the paper's backward): given each rank's
+/// q, k, v shards, its out and lse from ring_attention() and dout = ∂L/∂out for its queries,
+/// writes dq for its queries and dk, dv for its own keys. The K/V shards travel around the ring
+/// again; each rank adds its queries' contribution (attention_backward() of its queries against
+/// the shard in hand, with the global lse, so the probabilities are the global ones) to the dK,
+/// dV that travel with the shard, and after the last step they return to their owner. dQ stays
+/// home and is summed in ring order. Accumulation is in T (float for float, double for double).
+/// Options as ring_attention(), except that alibi_slopes is rejected for now (the backward kernel
+/// takes no position functor for scores); soft-capping, causal, windows, key lengths and GQA work.
+/// Shapes: those of attention_backward() per shard; lse [B, H, n_q_r] (ring_attention()'s).
+/// Cost per rank: 2.5× the forward's attention and twice its messages (K/V out, dK/dV with
+/// them; the dK/dV message of step s overlaps step s + 1). Extra memory O(B·(n_k_r·H_kv·(d +
+/// d_v)·6 + n_q_r·H·d)). Collective, validated like ring_attention(). Deterministic: the sums
+/// run in ring order whatever the message timing.
+template <class T>
+void ring_attention_backward(MPI_Comm comm, TensorView<const T> q, TensorView<const T> k,
+                             TensorView<const T> v, TensorView<const T> out, const T* lse,
+                             TensorView<const T> dout, TensorView<T> dq, TensorView<T> dk,
+                             TensorView<T> dv, const AttentionOptions& options = {},
+                             const RingOptions& ring = {}) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "blockattn: ring_attention_backward runs on float and double");
+  const char* function = "ring_attention_backward";
+  detail::RingComm c(comm, function);
+  const AttentionOptions local = detail::local_options(options);
+  const std::string error = detail::local_error([&] {
+    blockattn::detail::require(options.block_sparse == nullptr, function,
+                               "options.block_sparse is not supported (its grid is on local "
+                               "positions); use a mask on global positions");
+    blockattn::detail::require(options.alibi_slopes == nullptr, function,
+                               "options.alibi_slopes is not supported by the ring backward yet");
+    blockattn::detail::validate_attention_backward<T>(function, q, k, v, out, lse, dout, dq, dk, dv,
+                                                      local);
+  });
+  const detail::RingPlan plan = detail::make_plan(
+      c, function, detail::describe<T>(q, k, v, options, ring, error), error, options, ring);
+
+  const Index batch = q.batch;
+  const Index n_q = q.seq;
+  Index max_k = 0;
+  for (const ShardPositions& p : plan.keys) max_k = std::max(max_k, p.size());
+  const auto shard = [&] { return detail::ShardBuffer<T>(max_k, batch, k.heads, k.dim, v.dim); };
+  detail::ShardBuffer<T> shards[2] = {shard(), shard()};  // K, V in hand / arriving
+  detail::ShardBuffer<T> grads[2] = {shard(), shard()};   // dK, dV travelling with them
+  detail::ShardBuffer<T> block_grad = shard();            // this step's dK, dV
+  detail::pack(k, shards[0].data.data());
+  detail::pack(v, shards[0].values(k.seq).data);
+  std::vector<T> dq_sum(static_cast<std::size_t>(batch * n_q * q.heads * q.dim), T(0));
+  std::vector<T> dq_block(dq_sum.size());
+  detail::Requests grad_sends[2] = {detail::Requests(c), detail::Requests(c)};
+
+  const int last = plan.steps - 1;
+  for (int s = 0; s <= last; ++s) {
+    detail::ShardBuffer<T>& hand = shards[s % 2];
+    detail::ShardBuffer<T>& next = shards[(s + 1) % 2];
+    detail::ShardBuffer<T>& grad = grads[s % 2];
+    const int owner = plan.owner_at(c.rank(), s);
+    const Index n_k = plan.keys[static_cast<std::size_t>(owner)].size();
+    detail::Requests kv(c);
+    detail::Requests grad_in(c);
+    if (s < last) {
+      const Index next_n_k =
+          plan.keys[static_cast<std::size_t>(plan.owner_at(c.rank(), s + 1))].size();
+      kv.receive(next.data.data(), next.count(next_n_k), c.left(), detail::kTagKeysValues);
+      kv.send(hand.data.data(), hand.count(n_k), c.right(), detail::kTagKeysValues);
+    }
+    if (s > 0) {  // the gradients so far of the shard in hand, sent by the left neighbour
+      grad_sends[s % 2].wait_all();  // this buffer's previous send (step s − 2) is done
+      grad_in.receive(grad.data.data(), grad.count(n_k), c.left(), detail::kTagGradients);
+    } else {
+      std::fill(grad.data.begin(), grad.data.end(), T(0));
+    }
+    const bool computed = plan.sees(c.rank(), owner) && n_q > 0;
+    if (computed) {
+      detail::local_backward<T>(q, hand.keys(n_k), hand.values(n_k), out, lse, dout,
+                                make_tensor_view(dq_block.data(), batch, n_q, q.heads, q.dim),
+                                block_grad.keys(n_k), block_grad.values(n_k), local,
+                                plan.mask(options, c.rank(), owner));
+      detail::add_to(dq_sum.data(), dq_block.data(), static_cast<Index>(dq_sum.size()));
+    }
+    grad_in.wait_all();
+    if (computed) {
+      detail::add_to(grad.data.data(), block_grad.data.data(), grad.count(n_k));
+    }
+    if (s < last) {
+      grad_sends[s % 2].send(grad.data.data(), grad.count(n_k), c.right(), detail::kTagGradients);
+    }
+    kv.wait_all();
+  }
+  // The shard in hand after the last step belongs to rank (r − last): its gradients go home.
+  const int held = plan.owner_at(c.rank(), last);
+  const Index own_k = k.seq;
+  detail::ShardBuffer<T>& final_grad = grads[last % 2];
+  detail::ShardBuffer<T>* mine = &final_grad;
+  detail::ShardBuffer<T> returned = last > 0 ? shard() : detail::ShardBuffer<T>(0, 0, 0, 0, 0);
+  if (last > 0) {
+    detail::Requests home(c);
+    home.receive(returned.data.data(), returned.count(own_k), (c.rank() + last) % c.size(),
+                 detail::kTagReturn);
+    home.send(final_grad.data.data(),
+              final_grad.count(plan.keys[static_cast<std::size_t>(held)].size()), held,
+              detail::kTagReturn);
+    home.wait_all();
+    mine = &returned;
+  }
+  grad_sends[0].wait_all();
+  grad_sends[1].wait_all();
+  detail::unpack<T>(mine->keys(own_k).data, dk);
+  detail::unpack<T>(mine->values(own_k).data, dv);
+  detail::unpack<T>(dq_sum.data(), dq);
+}
+
+/// ring_attention_backward() on float arguments without spelling T.
+template <int = 0>
+inline void ring_attention_backward(MPI_Comm comm, TensorView<const float> q,
+                                    TensorView<const float> k, TensorView<const float> v,
+                                    TensorView<const float> out, const float* lse,
+                                    TensorView<const float> dout, TensorView<float> dq,
+                                    TensorView<float> dk, TensorView<float> dv,
+                                    const AttentionOptions& options = {},
+                                    const RingOptions& ring = {}) {
+  ring_attention_backward<float>(comm, q, k, v, out, lse, dout, dq, dk, dv, options, ring);
+}
+
+/// ring_attention_backward() on double arguments without spelling T.
+template <int = 0>
+inline void ring_attention_backward(MPI_Comm comm, TensorView<const double> q,
+                                    TensorView<const double> k, TensorView<const double> v,
+                                    TensorView<const double> out, const double* lse,
+                                    TensorView<const double> dout, TensorView<double> dq,
+                                    TensorView<double> dk, TensorView<double> dv,
+                                    const AttentionOptions& options = {},
+                                    const RingOptions& ring = {}) {
+  ring_attention_backward<double>(comm, q, k, v, out, lse, dout, dq, dk, dv, options, ring);
 }
 
 /// ring_attention() on float arguments without spelling T.
