@@ -277,6 +277,22 @@ void check_forward(const Case& c) {
     }
   }
 
+  // Thread count: the same bits (attention() is thread-count invariant, the merge order fixed).
+  AttentionOptions two_threads = p.options;
+  two_threads.threads = 2;
+  Tensor<T> out2(c.batch, qp.size(), c.heads, c.d_v);
+  blockattn::distributed::ring_attention<T>(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                            v_shard.view(), out2.view(), two_threads, nullptr,
+                                            {c.layout});
+  EXPECT_EQ(out.data, out2.data) << "2 threads per rank changed the bits";
+  // One rank: one attention() call with the masks as functors, the same bits as attention() —
+  // except with a left window, where attention() starts each query block's key loop at its first
+  // visible key (interval masks) and the functor mask cannot move the tile grid: other roundings.
+  if (p.ranks == 1 && c.window_left < 0) {
+    EXPECT_EQ(out.data, full.data);
+    EXPECT_EQ(lse, full_lse);
+  }
+
   Tensor<T> emulated(c.batch, qp.size(), c.heads, c.d_v);
   std::vector<T> emulated_lse(lse.size());
   emulate_ring(p, q_shard, emulated, emulated_lse);
