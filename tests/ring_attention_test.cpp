@@ -24,6 +24,7 @@
 #include <blockattn/reference.hpp>
 
 #include "support/gradient_tolerance.hpp"
+#include "support/layer_error_bound.hpp"
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
@@ -531,6 +532,80 @@ TYPED_TEST(RingAttentionBackwardTest, CausalWindowUnevenShortRing) {
   c.window_left = 4;
   c.uneven = true;
   check_backward<TypeParam>(c);
+}
+
+// --- the BPT layer, sharded ---------------------------------------------------------------
+
+/// Random weights of every field (multiples of 1/64, scaled by fan-in so activations stay O(1)).
+template <class T>
+blockattn::TransformerBlockWeights<T> random_weights(Index model, Index heads, Index kv_heads,
+                                                     Index ffn) {
+  std::mt19937_64 rng = blockattn::test::make_rng(11);
+  auto w = blockattn::make_transformer_block_weights<T>(model, heads, ffn, kv_heads);
+  const auto fill = [&](auto& m, double scale, double offset) {
+    for (Index r = 0; r < m.rows(); ++r) {
+      for (Index c = 0; c < m.cols(); ++c) {
+        m(r, c) = static_cast<T>(offset) + blockattn::test::random_value<T>(rng, -scale, scale);
+      }
+    }
+  };
+  const double a = 2.0 / std::sqrt(static_cast<double>(model));
+  for (auto* m : {&w.wq, &w.wk, &w.wv, &w.wo, &w.w1}) fill(*m, a, 0);
+  fill(w.w2, 2.0 / std::sqrt(static_cast<double>(ffn)), 0);
+  for (auto* b : {&w.bq, &w.bk, &w.bv, &w.bo, &w.b1, &w.b2, &w.ln1_beta, &w.ln2_beta}) {
+    fill(*b, 0.25, 0);
+  }
+  fill(w.ln1_gamma, 0.25, 1);
+  fill(w.ln2_gamma, 0.25, 1);
+  return w;
+}
+
+template <class T>
+void check_layer(RingLayout layout, bool causal) {
+  const int ranks = world_size();
+  const int rank = world_rank();
+  SCOPED_TRACE("P=" + std::to_string(ranks) + " rank=" + std::to_string(rank) + " " +
+               blockattn::test::seed_trace());
+  const Index n = 45, model = 32, heads = 4, kv_heads = 2, ffn = 48;
+  const auto w = random_weights<T>(model, heads, kv_heads, ffn);
+  std::mt19937_64 rng = blockattn::test::make_rng(12);
+  const Matrix<T> x = blockattn::test::random_matrix<T>(rng, n, model);
+  const ShardPositions p = blockattn::distributed::shard_positions(layout, n, ranks, rank);
+  Matrix<T> x_shard(p.size(), model);
+  for (Index i = 0; i < p.size(); ++i) x_shard.row(i) = x.row(p[i]);
+  blockattn::BlockOptions options;
+  options.causal = causal;
+  options.query_block = 8;
+  options.ffn_chunk = 20;
+  Matrix<T> y_shard(p.size(), model);
+  blockattn::distributed::ring_transformer_block<T>(MPI_COMM_WORLD, w, x_shard, y_shard, options,
+                                                    {layout});
+  // In place gives the same bits.
+  Matrix<T> in_place = x_shard;
+  blockattn::distributed::ring_transformer_block<T>(MPI_COMM_WORLD, w, in_place, in_place, options,
+                                                    {layout});
+  EXPECT_EQ(in_place, y_shard);
+
+  using Long = long double;
+  const auto w_long = blockattn::test::cast_weights<Long>(w);
+  const Matrix<Long> x_long = x.template cast<Long>();
+  Matrix<Long> exact(n, model);
+  blockattn::reference::transformer_block<Long>(w_long, x_long, exact, options);
+  const Matrix<Long> bound = blockattn::test::layer_error_bound<T>(w_long, x_long, causal);
+  for (Index i = 0; i < p.size(); ++i) {
+    for (Index c = 0; c < model; ++c) {
+      EXPECT_LE(std::abs(static_cast<Long>(y_shard(i, c)) - exact(p[i], c)), bound(p[i], c))
+          << "token " << p[i] << ", feature " << c;
+    }
+  }
+}
+
+TYPED_TEST(RingAttentionTest, TransformerBlockZigZagCausal) {
+  check_layer<TypeParam>(RingLayout::ZigZag, /*causal=*/true);
+}
+
+TYPED_TEST(RingAttentionTest, TransformerBlockContiguous) {
+  check_layer<TypeParam>(RingLayout::Contiguous, /*causal=*/false);
 }
 
 TEST(RingLayoutTest, ShardAndUnshardRoundTrip) {

@@ -32,6 +32,7 @@
 #include <blockattn/detail/check.hpp>
 #include <blockattn/detail/workspace.hpp>
 #include <blockattn/mask.hpp>
+#include <blockattn/transformer_block.hpp>
 #include <blockattn/types.hpp>
 
 #include <mpi.h>
@@ -390,6 +391,25 @@ std::int64_t fingerprint(const U* data, Index count) {
   return static_cast<std::int64_t>(h | 1);
 }
 
+/// Every rank throws rank `root`'s message (`error` on root) as std::invalid_argument.
+[[noreturn]] inline void throw_from_rank(const RingComm& comm, int root, std::string message) {
+  auto length = static_cast<std::int64_t>(message.size());
+  comm.check(MPI_Bcast(&length, 1, MPI_INT64_T, root, comm.get()), "MPI_Bcast");
+  message.resize(static_cast<std::size_t>(length));
+  comm.check(MPI_Bcast(message.data(), static_cast<int>(length), MPI_CHAR, root, comm.get()),
+             "MPI_Bcast");
+  blockattn::detail::throw_invalid_argument(
+      blockattn::detail::concat(message, " (on rank ", root, " of ", comm.size(), ")"));
+}
+
+/// Collective: when some rank's `error` is not empty, every rank throws the lowest such rank's.
+inline void agree_on_errors(const RingComm& comm, const std::string& error) {
+  const int mine = error.empty() ? comm.size() : comm.rank();
+  int first = comm.size();
+  comm.check(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm.get()), "MPI_Allreduce");
+  if (first < comm.size()) throw_from_rank(comm, first, error);
+}
+
 /// Who holds what, known identically on every rank once make_plan() returns.
 struct RingPlan {
   int ranks = 1;
@@ -435,15 +455,7 @@ inline RingPlan make_plan(const RingComm& comm, const char* function,
     return all[static_cast<std::size_t>(r) * kFieldCount + static_cast<std::size_t>(f)];
   };
   for (int r = 0; r < ranks; ++r) {
-    if (at(r, kLocalError) == 0) continue;
-    std::string message = error;
-    auto length = static_cast<std::int64_t>(message.size());
-    comm.check(MPI_Bcast(&length, 1, MPI_INT64_T, r, comm.get()), "MPI_Bcast");
-    message.resize(static_cast<std::size_t>(length));
-    comm.check(MPI_Bcast(message.data(), static_cast<int>(length), MPI_CHAR, r, comm.get()),
-               "MPI_Bcast");
-    blockattn::detail::throw_invalid_argument(
-        blockattn::detail::concat(message, " (on rank ", r, " of ", ranks, ")"));
+    if (at(r, kLocalError) != 0) throw_from_rank(comm, r, error);
   }
   const char* const names[] = {"the element type",
                                "batch",
@@ -851,6 +863,86 @@ inline void ring_attention_backward(MPI_Comm comm, TensorView<const double> q,
                                     const AttentionOptions& options = {},
                                     const RingOptions& ring = {}) {
   ring_attention_backward<double>(comm, q, k, v, out, lse, dout, dq, dk, dv, options, ring);
+}
+
+/// One pre-LN transformer layer (transformer_block()'s, BPT) on a sequence sharded across the
+/// ranks of `comm`, the paper's full system: each rank runs LayerNorm, the Q/K/V projections, the
+/// output projection and the FFN on its own tokens only, and the attention through
+/// ring_attention() (causal on global positions, laid out as ring.layout says). Shapes: x, y
+/// [n_r, model], this rank's tokens in the layout's order; weights as transformer_block() (the
+/// same on every rank, not checked across ranks). Per rank: K, V, Q and the attention output of
+/// its tokens, 4·n_r·model elements, plus O(query_block·(model + ffn_chunk)) for the FFN, and the
+/// ring's two K/V shards in flight. Throws as transformer_block() does, collectively (every rank
+/// throws when one rank's arguments are bad), and as ring_attention(). y may be exactly x.
+template <class T>
+void ring_transformer_block(MPI_Comm comm, const TransformerBlockWeights<T>& w,
+                            ConstMatrixView<T> x, MatrixView<T> y, const BlockOptions& options = {},
+                            const RingOptions& ring = {}) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "blockattn: ring_transformer_block runs on float and double");
+  const char* function = "ring_transformer_block";
+  {
+    const detail::RingComm c(comm, function);
+    detail::agree_on_errors(c, detail::local_error([&] {
+                              blockattn::detail::validate_transformer_block<T>(function, w, x, y,
+                                                                               options);
+                            }));
+  }
+  const Index n = x.rows();
+  const Index model = w.wq.rows();
+  const Index heads = w.heads;
+  const Index kv_heads = w.resolved_kv_heads();
+  const Index head_dim = model / heads;
+  const Index kv_dim = kv_heads * head_dim;
+  const T eps = static_cast<T>(w.ln_eps);
+  Matrix<T> normed(n, model);
+  blockattn::detail::layer_norm_rows<T>(x, normed, w.ln1_gamma, w.ln1_beta, eps);
+  Matrix<T> q = normed * w.wq;
+  q.rowwise() += w.bq;
+  Matrix<T> k = normed * w.wk;
+  k.rowwise() += w.bk;
+  Matrix<T> v = normed * w.wv;
+  v.rowwise() += w.bv;
+  Matrix<T> attn(n, model);
+  AttentionOptions attention_options;
+  attention_options.causal = options.causal;
+  attention_options.key_chunk = options.key_block;
+  attention_options.threads = options.threads;
+  ring_attention<T>(comm, TensorView<const T>(q.data(), 1, n, heads, head_dim, 0, model, head_dim),
+                    TensorView<const T>(k.data(), 1, n, kv_heads, head_dim, 0, kv_dim, head_dim),
+                    TensorView<const T>(v.data(), 1, n, kv_heads, head_dim, 0, kv_dim, head_dim),
+                    TensorView<T>(attn.data(), 1, n, heads, head_dim, 0, model, head_dim),
+                    attention_options, nullptr, ring);
+  // h = x + attn·wo + bo for every token first: x is not read afterwards, so y may be x.
+  Matrix<T>& h = q;
+  h.noalias() = attn * w.wo;
+  h += x;
+  h.rowwise() += w.bo;
+  // The FFN, token-local: query blocks × hidden-layer chunks, as transformer_block() does.
+  const Index ffn = w.w1.cols();
+  const Index block = std::max<Index>(
+      1, std::min(n, options.query_block > 0 ? options.query_block
+                                             : blockattn::detail::kDefaultQueryBlock));
+  const Index ffn_chunk = std::min(
+      ffn, options.ffn_chunk > 0 ? options.ffn_chunk : blockattn::detail::kDefaultFfnChunk);
+  Matrix<T> hidden(block, ffn_chunk);
+  for (Index q0 = 0; q0 < n; q0 += block) {
+    const Index rows = std::min(block, n - q0);
+    auto normed_blk = normed.middleRows(q0, rows);
+    blockattn::detail::layer_norm_rows<T>(h.middleRows(q0, rows), normed_blk, w.ln2_gamma,
+                                          w.ln2_beta, eps);
+    auto y_blk = y.middleRows(q0, rows);
+    y_blk = h.middleRows(q0, rows);
+    y_blk.rowwise() += w.b2;
+    for (Index c0 = 0; c0 < ffn; c0 += ffn_chunk) {
+      const Index width = std::min(ffn_chunk, ffn - c0);
+      auto hid = hidden.topLeftCorner(rows, width);
+      hid.noalias() = normed_blk * w.w1.middleCols(c0, width);
+      hid.rowwise() += w.b1.segment(c0, width);
+      blockattn::detail::activate_in_place(w.activation, hid);
+      y_blk.noalias() += hid * w.w2.middleRows(c0, width);
+    }
+  }
 }
 
 /// ring_attention() on float arguments without spelling T.
