@@ -608,6 +608,35 @@ TYPED_TEST(RingAttentionTest, TransformerBlockContiguous) {
   check_layer<TypeParam>(RingLayout::Contiguous, /*causal=*/false);
 }
 
+// Ring steps that no rank needs are not run: a causal window shorter than every shard needs the
+// own shard and the left neighbour's (2 steps); plain causal and full attention need all P, and
+// so does a window over striped shards (every shard spans the whole sequence).
+TEST(RingPlanTest, StepsThatNoRankNeedsAreDropped) {
+  namespace dd = blockattn::distributed::detail;
+  const int ranks = world_size();
+  const Index n = 64 * ranks;
+  const auto steps = [&](const AttentionOptions& options, RingLayout layout) {
+    const dd::RingComm comm(MPI_COMM_WORLD, "test");
+    const ShardPositions p = blockattn::distributed::shard_positions(layout, n, ranks, comm.rank());
+    std::vector<float> x(static_cast<std::size_t>(p.size() * 4));
+    const auto view = blockattn::make_tensor_view<const float>(x.data(), 1, p.size(), 1, 4);
+    const blockattn::distributed::RingOptions ring{layout};
+    return dd::make_plan(comm, "test", dd::describe<float>(view, view, view, options, ring, ""), "",
+                         options, ring)
+        .steps;
+  };
+  AttentionOptions causal;
+  causal.causal = true;
+  EXPECT_EQ(steps(causal, RingLayout::Contiguous), ranks);
+  EXPECT_EQ(steps(causal, RingLayout::ZigZag), ranks);
+  AttentionOptions window = causal;
+  window.window_left = 10;
+  EXPECT_EQ(steps(window, RingLayout::Contiguous), std::min(ranks, 2));
+  EXPECT_EQ(steps(window, RingLayout::Striped), ranks);  // every shard holds neighbours
+  AttentionOptions full;
+  EXPECT_EQ(steps(full, RingLayout::Contiguous), ranks);
+}
+
 TEST(RingLayoutTest, ShardAndUnshardRoundTrip) {
   for (const RingLayout layout :
        {RingLayout::Contiguous, RingLayout::ZigZag, RingLayout::Striped}) {

@@ -323,6 +323,26 @@ void local_backward(TensorView<const T> q, TensorView<const T> k, TensorView<con
   blockattn::attention_backward<T, GlobalMask>(q, k, v, out, lse, dout, dq, dk, dv, options, mask);
 }
 
+/// attention()'s argument checks on this rank's shards (throws std::invalid_argument).
+template <class T>
+void local_validate(const char* function, const TensorView<const T>& q,
+                    const TensorView<const T>& k, const TensorView<const T>& v,
+                    const TensorView<T>& out, const AttentionOptions& options, const T* lse) {
+  blockattn::detail::validate_attention<T>(function, q, k, v, out, options, lse);
+}
+
+/// attention_backward()'s argument checks on this rank's shards (throws std::invalid_argument).
+template <class T>
+void local_validate_backward(const char* function, const TensorView<const T>& q,
+                             const TensorView<const T>& k, const TensorView<const T>& v,
+                             const TensorView<const T>& out, const T* lse,
+                             const TensorView<const T>& dout, const TensorView<T>& dq,
+                             const TensorView<T>& dk, const TensorView<T>& dv,
+                             const AttentionOptions& options) {
+  blockattn::detail::validate_attention_backward<T>(function, q, k, v, out, lse, dout, dq, dk, dv,
+                                                    options);
+}
+
 /// (out, lse) ⊕= (block_out, block_lse) for every (batch, head): the library's exact merge.
 template <class T>
 void merge_into(TensorView<T> out, T* lse, TensorView<const T> block_out, const T* block_lse) {
@@ -672,7 +692,7 @@ void ring_attention(MPI_Comm comm, TensorView<const T> q, TensorView<const T> k,
                                "positions); use a mask on global positions");
     AttentionOptions checked = local;  // ALiBi's slopes are checked here (finite), not moved
     checked.alibi_slopes = options.alibi_slopes;
-    blockattn::detail::validate_attention<T>(function, q, k, v, out, checked, lse);
+    detail::local_validate<T>(function, q, k, v, out, checked, lse);
   });
   const detail::RingPlan plan = detail::make_plan(
       c, function, detail::describe<T>(q, k, v, options, ring, error), error, options, ring);
@@ -760,8 +780,7 @@ void ring_attention_backward(MPI_Comm comm, TensorView<const T> q, TensorView<co
                                "positions); use a mask on global positions");
     blockattn::detail::require(options.alibi_slopes == nullptr, function,
                                "options.alibi_slopes is not supported by the ring backward yet");
-    blockattn::detail::validate_attention_backward<T>(function, q, k, v, out, lse, dout, dq, dk, dv,
-                                                      local);
+    detail::local_validate_backward<T>(function, q, k, v, out, lse, dout, dq, dk, dv, local);
   });
   const detail::RingPlan plan = detail::make_plan(
       c, function, detail::describe<T>(q, k, v, options, ring, error), error, options, ring);
