@@ -116,28 +116,37 @@ int main(int argc, char** argv) {
   const auto view = [&](std::vector<float>& x) {
     return blockattn::make_tensor_view(x.data(), batch, mine, heads, d);
   };
-  dist::shard_sequence<float>(global(q), layout, ranks, rank, view(q_r));
-  dist::shard_sequence<float>(global(k), layout, ranks, rank, view(k_r));
-  dist::shard_sequence<float>(global(v), layout, ranks, rank, view(v_r));
-  dist::shard_sequence<float>(global(dout), layout, ranks, rank, view(dout_r));
+  dist::shard_sequence(global(q), layout, ranks, rank, view(q_r));
+  dist::shard_sequence(global(k), layout, ranks, rank, view(k_r));
+  dist::shard_sequence(global(v), layout, ranks, rank, view(v_r));
+  dist::shard_sequence(global(dout), layout, ranks, rank, view(dout_r));
 
   // 2.–3. The ring, forward; then 4., backward.
   std::vector<float> out_r(shard_size), lse_r(static_cast<std::size_t>(batch * heads * mine));
   std::vector<float> dq_r(shard_size), dk_r(shard_size), dv_r(shard_size);
+  // The backward's arguments by name, as attention_backward() takes them.
+  blockattn::TensorBackwardInputs<float> in;
+  in.q = view(q_r);
+  in.k = view(k_r);
+  in.v = view(v_r);
+  in.out = view(out_r);
+  in.lse = lse_r;
+  in.dout = view(dout_r);
+  blockattn::TensorGradients<float> grads;
+  grads.dq = view(dq_r);
+  grads.dk = view(dk_r);
+  grads.dv = view(dv_r);
   std::vector<double> forward_times;
   std::vector<double> backward_times;
   for (int rep = 0; rep < repetitions; ++rep) {
     MPI_Barrier(MPI_COMM_WORLD);
     forward_times.push_back(seconds([&] {
-      dist::ring_attention<float>(MPI_COMM_WORLD, view(q_r), view(k_r), view(v_r), view(out_r),
-                                  options, lse_r.data(), {layout});
+      dist::ring_attention(MPI_COMM_WORLD, view(q_r), view(k_r), view(v_r), view(out_r), options,
+                           lse_r, {layout});
     }));
     MPI_Barrier(MPI_COMM_WORLD);
-    backward_times.push_back(seconds([&] {
-      dist::ring_attention_backward<float>(MPI_COMM_WORLD, view(q_r), view(k_r), view(v_r),
-                                           view(out_r), lse_r.data(), view(dout_r), view(dq_r),
-                                           view(dk_r), view(dv_r), options, {layout});
-    }));
+    backward_times.push_back(seconds(
+        [&] { dist::ring_attention_backward(MPI_COMM_WORLD, in, grads, options, {layout}); }));
   }
 
   // Collect the shards on rank 0 and compare with one process doing the whole sequence.
@@ -154,7 +163,7 @@ int main(int argc, char** argv) {
     if (rank == 0) {
       for (int r = 0; r < ranks; ++r) {
         const Index rows = dist::shard_positions(layout, n, ranks, r).size();
-        dist::unshard_sequence<float>(
+        dist::unshard_sequence(
             blockattn::make_tensor_view<const float>(all.data() + displs[std::size_t(r)], batch,
                                                      rows, heads, d),
             layout, ranks, r, blockattn::make_tensor_view(global_order.data(), batch, n, heads, d));
@@ -179,13 +188,21 @@ int main(int argc, char** argv) {
     };
     for (int rep = 0; rep < repetitions; ++rep) {
       one_times.push_back(seconds([&] {
-        blockattn::attention<float>(global(q), global(k), global(v), g(one), options,
-                                    one_lse.data());
+        blockattn::attention(global(q), global(k), global(v), g(one), options, one_lse);
       }));
     }
-    blockattn::attention_backward<float>(global(q), global(k), global(v), global(one),
-                                         one_lse.data(), global(dout), g(dq1), g(dk1), g(dv1),
-                                         options);
+    blockattn::TensorBackwardInputs<float> one_in;
+    one_in.q = global(q);
+    one_in.k = global(k);
+    one_in.v = global(v);
+    one_in.out = global(one);
+    one_in.lse = one_lse;
+    one_in.dout = global(dout);
+    blockattn::TensorGradients<float> one_grads;
+    one_grads.dq = g(dq1);
+    one_grads.dk = g(dk1);
+    one_grads.dv = g(dv1);
+    blockattn::attention_backward(one_in, one_grads, options);
     std::printf("ring attention: n = %ld, heads = %ld, d = %ld, causal, zig-zag, P = %d\n",
                 static_cast<long>(n), static_cast<long>(heads), static_cast<long>(d), ranks);
     for (int r = 0; r < ranks; ++r) {

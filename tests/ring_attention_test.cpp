@@ -23,6 +23,7 @@
 #include <blockattn/distributed/ring_attention.hpp>
 #include <blockattn/reference.hpp>
 
+#include "support/backward.hpp"
 #include "support/gradient_tolerance.hpp"
 #include "support/layer_error_bound.hpp"
 #include "support/random.hpp"
@@ -157,11 +158,11 @@ struct Problem {
     options.key_chunk = 8;
     if (c.key_lengths) {
       for (Index b = 0; b < c.batch; ++b) key_lengths.push_back((c.n_k * (b + 1)) / (c.batch + 1));
-      options.key_lengths = key_lengths.data();
+      options.key_lengths = key_lengths;
     }
     if (c.alibi) {
       for (Index h = 0; h < c.heads; ++h) slopes.push_back(std::pow(2.0, -double(h + 1)));
-      options.alibi_slopes = slopes.data();
+      options.alibi_slopes = slopes;
     }
   }
   static Tensor<T> make(const Case& c, std::uint64_t salt, Index s, Index h, Index d, double x) {
@@ -191,7 +192,7 @@ void emulate_ring(const Problem<T>& p, const Tensor<T>& q_shard, Tensor<T>& out,
   Tensor<T> block(out.batch, out.seq, out.heads, out.dim);
   std::vector<T> block_lse(lse.size());
   blockattn::Workspace workspace;
-  const AttentionOptions local = dd::local_options(p.options);
+  const AttentionOptions local = dd::local_options(p.options, &workspace);
   for (int s = 0; s < p.ranks; ++s) {
     const int owner = (p.rank - s + p.ranks) % p.ranks;
     const ShardPositions kp = p.key_positions(owner);
@@ -202,19 +203,20 @@ void emulate_ring(const Problem<T>& p, const Tensor<T>& q_shard, Tensor<T>& out,
                         p.options.causal,
                         p.options.window_left,
                         p.options.window_right,
-                        p.options.key_lengths};
+                        blockattn::detail::data_or_null(p.options.key_lengths)};
     if (!mask.any_visible(p.c.batch)) continue;
     const Tensor<T> k_shard = take_rows(p.k, kp);
     const Tensor<T> v_shard = take_rows(p.v, kp);
     if (p.c.alibi) {
-      const dd::GlobalAlibi<T> alibi{qp, kp, mask.offset, p.options.alibi_slopes};
-      dd::local_attention<T>(workspace, q_shard.view(), k_shard.view(), v_shard.view(),
-                             block.view(), local, block_lse.data(), mask, alibi);
+      const dd::GlobalAlibi<T> alibi{qp, kp, mask.offset, p.options.alibi_slopes.data()};
+      dd::local_attention<T>(q_shard.view(), k_shard.view(), v_shard.view(), block.view(), local,
+                             blockattn::Span<T>(block_lse), mask, alibi);
     } else {
-      dd::local_attention<T>(workspace, q_shard.view(), k_shard.view(), v_shard.view(),
-                             block.view(), local, block_lse.data(), mask, blockattn::NoScoreMod{});
+      dd::local_attention<T>(q_shard.view(), k_shard.view(), v_shard.view(), block.view(), local,
+                             blockattn::Span<T>(block_lse), mask, blockattn::NoScoreMod{});
     }
-    dd::merge_into<T>(out.view(), lse.data(), std::as_const(block).view(), block_lse.data());
+    dd::merge_into<T>(out.view(), blockattn::Span<T>(lse), std::as_const(block).view(),
+                      blockattn::Span<const T>(block_lse), p.options.threads);
   }
 }
 
@@ -229,22 +231,20 @@ void check_forward(const Case& c) {
   const Tensor<T> v_shard = take_rows(p.v, p.key_positions(p.rank));
   Tensor<T> out(c.batch, qp.size(), c.heads, c.d_v);
   std::vector<T> lse(static_cast<std::size_t>(c.batch * c.heads * qp.size()));
-  blockattn::distributed::ring_attention<T>(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
-                                            v_shard.view(), out.view(), p.options, lse.data(),
-                                            {c.layout});
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                         v_shard.view(), out.view(), p.options, lse, {c.layout});
 
   // One process, whole sequence: the library and the long double reference.
   Tensor<T> full(c.batch, c.n_q, c.heads, c.d_v);
   std::vector<T> full_lse(static_cast<std::size_t>(c.batch * c.heads * c.n_q));
-  blockattn::attention<T>(p.q.view(), p.k.view(), p.v.view(), full.view(), p.options,
-                          full_lse.data());
+  blockattn::attention(p.q.view(), p.k.view(), p.v.view(), full.view(), p.options, full_lse);
   const auto q_ld = p.q.template cast<long double>();
   const auto k_ld = p.k.template cast<long double>();
   const auto v_ld = p.v.template cast<long double>();
   Tensor<long double> ref(c.batch, c.n_q, c.heads, c.d_v);
   std::vector<long double> ref_lse(full_lse.size());
-  blockattn::reference::attention<long double>(q_ld.view(), k_ld.view(), v_ld.view(), ref.view(),
-                                               p.options, ref_lse.data());
+  blockattn::reference::attention(q_ld.view(), k_ld.view(), v_ld.view(), ref.view(), p.options,
+                                  ref_lse);
 
   const Index group = c.heads / c.kv_heads;
   for (Index b = 0; b < c.batch; ++b) {
@@ -282,9 +282,8 @@ void check_forward(const Case& c) {
   AttentionOptions two_threads = p.options;
   two_threads.threads = 2;
   Tensor<T> out2(c.batch, qp.size(), c.heads, c.d_v);
-  blockattn::distributed::ring_attention<T>(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
-                                            v_shard.view(), out2.view(), two_threads, nullptr,
-                                            {c.layout});
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                         v_shard.view(), out2.view(), two_threads, {}, {c.layout});
   EXPECT_EQ(out.data, out2.data) << "2 threads per rank changed the bits";
   // One rank: one attention() call with the masks as functors, the same bits as attention() —
   // except with a left window, where attention() starts each query block's key loop at its first
@@ -401,26 +400,32 @@ void check_backward(const Case& c) {
   const Tensor<T> dout_shard = take_rows(dout, qp);
   Tensor<T> out(c.batch, qp.size(), c.heads, c.d_v);
   std::vector<T> lse(static_cast<std::size_t>(c.batch * c.heads * qp.size()));
-  blockattn::distributed::ring_attention<T>(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
-                                            v_shard.view(), out.view(), p.options, lse.data(),
-                                            {c.layout});
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                         v_shard.view(), out.view(), p.options, lse, {c.layout});
   Tensor<T> dq(c.batch, qp.size(), c.heads, c.d);
   Tensor<T> dk(c.batch, kp.size(), c.kv_heads, c.d);
   Tensor<T> dv(c.batch, kp.size(), c.kv_heads, c.d_v);
-  blockattn::distributed::ring_attention_backward<T>(
-      MPI_COMM_WORLD, q_shard.view(), k_shard.view(), v_shard.view(), std::as_const(out).view(),
-      lse.data(), dout_shard.view(), dq.view(), dk.view(), dv.view(), p.options, {c.layout});
+  blockattn::TensorBackwardInputs<T> in;
+  in.q = q_shard.view();
+  in.k = k_shard.view();
+  in.v = v_shard.view();
+  in.out = std::as_const(out).view();
+  in.lse = lse;
+  in.dout = dout_shard.view();
+  blockattn::TensorGradients<T> grads;
+  grads.dq = dq.view();
+  grads.dk = dk.view();
+  grads.dv = dv.view();
+  blockattn::distributed::ring_attention_backward(MPI_COMM_WORLD, in, grads, p.options, {c.layout});
 
   // One process: the library's backward, and the long double reference.
   Tensor<T> full(c.batch, c.n_q, c.heads, c.d_v);
   std::vector<T> full_lse(static_cast<std::size_t>(c.batch * c.heads * c.n_q));
-  blockattn::attention<T>(p.q.view(), p.k.view(), p.v.view(), full.view(), p.options,
-                          full_lse.data());
+  blockattn::attention(p.q.view(), p.k.view(), p.v.view(), full.view(), p.options, full_lse);
   Tensor<T> dq1(c.batch, c.n_q, c.heads, c.d), dk1(c.batch, c.n_k, c.kv_heads, c.d),
       dv1(c.batch, c.n_k, c.kv_heads, c.d_v);
-  blockattn::attention_backward<T>(p.q.view(), p.k.view(), p.v.view(), std::as_const(full).view(),
-                                   full_lse.data(), dout.view(), dq1.view(), dk1.view(), dv1.view(),
-                                   p.options);
+  blockattn::test::backward(p.q.view(), p.k.view(), p.v.view(), std::as_const(full).view(),
+                            full_lse, dout.view(), dq1.view(), dk1.view(), dv1.view(), p.options);
   using Long = long double;
   const auto q_ld = p.q.template cast<Long>();
   const auto k_ld = p.k.template cast<Long>();
@@ -428,13 +433,13 @@ void check_backward(const Case& c) {
   const auto dout_ld = dout.template cast<Long>();
   Tensor<Long> ref(c.batch, c.n_q, c.heads, c.d_v);
   std::vector<Long> ref_lse(full_lse.size());
-  blockattn::reference::attention<Long>(q_ld.view(), k_ld.view(), v_ld.view(), ref.view(),
-                                        p.options, ref_lse.data());
+  blockattn::reference::attention(q_ld.view(), k_ld.view(), v_ld.view(), ref.view(), p.options,
+                                  ref_lse);
   Tensor<Long> dq_ref(c.batch, c.n_q, c.heads, c.d), dk_ref(c.batch, c.n_k, c.kv_heads, c.d),
       dv_ref(c.batch, c.n_k, c.kv_heads, c.d_v);
-  blockattn::reference::attention_backward<Long>(
-      q_ld.view(), k_ld.view(), v_ld.view(), std::as_const(ref).view(), ref_lse.data(),
-      dout_ld.view(), dq_ref.view(), dk_ref.view(), dv_ref.view(), p.options);
+  blockattn::test::reference_backward(q_ld.view(), k_ld.view(), v_ld.view(),
+                                      std::as_const(ref).view(), ref_lse, dout_ld.view(),
+                                      dq_ref.view(), dk_ref.view(), dv_ref.view(), p.options);
 
   // Tolerances (support/gradient_tolerance.hpp) from the exact probabilities of each head: the
   // reference's attention with v = I gives P itself. dK, dV of a kv head sum over its group.
@@ -445,12 +450,14 @@ void check_backward(const Case& c) {
   const Matrix<Long> identity = Matrix<Long>::Identity(c.n_k, c.n_k);
   for (Index b = 0; b < c.batch; ++b) {
     AttentionOptions one = p.options;
-    if (p.options.key_lengths != nullptr) one.key_lengths = p.options.key_lengths + b;
+    if (!p.options.key_lengths.empty()) {
+      one.key_lengths = blockattn::Span<const Index>(p.options.key_lengths.data() + b, 1);
+    }
     for (Index h = 0; h < c.heads; ++h) {
       const Matrix<Long> qh = p.q.head(b, h).template cast<Long>();
       const Matrix<Long> kh = p.k.head(b, h / group).template cast<Long>();
       Matrix<Long> prob(c.n_q, c.n_k);
-      blockattn::reference::attention<Long>(qh, kh, identity, prob, one);
+      blockattn::reference::attention(qh, kh, identity, prob, one);
       const auto tol = blockattn::test::backward_tolerance<T>(
           p.q.head(b, h), p.k.head(b, h / group), p.v.head(b, h / group), dout.head(b, h),
           prob.template cast<double>(), p.scale(), p.extra(), group);
@@ -578,19 +585,19 @@ void check_layer(RingLayout layout, bool causal) {
   options.query_block = 8;
   options.ffn_chunk = 20;
   Matrix<T> y_shard(p.size(), model);
-  blockattn::distributed::ring_transformer_block<T>(MPI_COMM_WORLD, w, x_shard, y_shard, options,
-                                                    {layout});
+  blockattn::distributed::ring_transformer_block(MPI_COMM_WORLD, w, x_shard, y_shard, options,
+                                                 {layout});
   // In place gives the same bits.
   Matrix<T> in_place = x_shard;
-  blockattn::distributed::ring_transformer_block<T>(MPI_COMM_WORLD, w, in_place, in_place, options,
-                                                    {layout});
+  blockattn::distributed::ring_transformer_block(MPI_COMM_WORLD, w, in_place, in_place, options,
+                                                 {layout});
   EXPECT_EQ(in_place, y_shard);
 
   using Long = long double;
   const auto w_long = blockattn::test::cast_weights<Long>(w);
   const Matrix<Long> x_long = x.template cast<Long>();
   Matrix<Long> exact(n, model);
-  blockattn::reference::transformer_block<Long>(w_long, x_long, exact, options);
+  blockattn::reference::transformer_block(w_long, x_long, exact, options);
   const Matrix<Long> bound = blockattn::test::layer_error_bound<T>(w_long, x_long, causal);
   for (Index i = 0; i < p.size(); ++i) {
     for (Index c = 0; c < model; ++c) {
@@ -654,10 +661,9 @@ TEST(RingLayoutTest, ShardAndUnshardRoundTrip) {
           }
         }
         Tensor<float> shard(2, p.size(), 3, 5);
-        blockattn::distributed::shard_sequence<float>(global.view(), layout, ranks, r,
-                                                      shard.view());
-        blockattn::distributed::unshard_sequence<float>(std::as_const(shard).view(), layout, ranks,
-                                                        r, back.view());
+        blockattn::distributed::shard_sequence(global.view(), layout, ranks, r, shard.view());
+        blockattn::distributed::unshard_sequence(std::as_const(shard).view(), layout, ranks, r,
+                                                 back.view());
       }
       EXPECT_EQ(back.data, global.data);
       EXPECT_THAT(seen, ::testing::Each(1)) << "every position on exactly one rank";
@@ -685,8 +691,8 @@ TEST(RingAttentionValidationTest, DisagreeingOptionsThrowOnEveryRank) {
   if (p.ranks > 1) {
     EXPECT_THAT(
         [&] {
-          blockattn::distributed::ring_attention<float>(
-              MPI_COMM_WORLD, q_shard.view(), k_shard.view(), v_shard.view(), out.view(), options);
+          blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                                 v_shard.view(), out.view(), options);
         },
         ::testing::ThrowsMessage<std::invalid_argument>(
             ::testing::HasSubstr("options.causal differs between rank 0")));
@@ -694,12 +700,76 @@ TEST(RingAttentionValidationTest, DisagreeingOptionsThrowOnEveryRank) {
   Tensor<float> bad_out(c.batch, qp.size(), c.heads, p.rank == p.ranks - 1 ? c.d_v + 1 : c.d_v);
   EXPECT_THAT(
       [&] {
-        blockattn::distributed::ring_attention<float>(
-            MPI_COMM_WORLD, q_shard.view(), k_shard.view(), v_shard.view(), bad_out.view());
+        blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                               v_shard.view(), bad_out.view());
       },
       ::testing::ThrowsMessage<std::invalid_argument>(
           ::testing::AllOf(::testing::HasSubstr("out.dim"),
                            ::testing::HasSubstr("on rank " + std::to_string(p.ranks - 1)))));
+}
+
+// A too-short lse Span on one rank (here the last) makes every rank throw, naming lse and both
+// sizes; so does a too-short options.key_lengths, which the ring reads on global positions.
+TEST(RingAttentionValidationTest, ShortSpansThrowOnEveryRank) {
+  Case c{"short spans"};
+  const Problem<float> p(c);
+  const ShardPositions qp = p.query_positions(p.rank);
+  const Tensor<float> q_shard = take_rows(p.q, qp);
+  const Tensor<float> k_shard = take_rows(p.k, p.key_positions(p.rank));
+  const Tensor<float> v_shard = take_rows(p.v, p.key_positions(p.rank));
+  Tensor<float> out(c.batch, qp.size(), c.heads, c.d_v);
+  const Index rows = c.batch * c.heads * qp.size();
+  const bool last = p.rank == p.ranks - 1;
+  std::vector<float> lse(static_cast<std::size_t>(last ? rows - 1 : rows));
+  // Every rank sees the last rank's message (and must expect it: gmock calls the lambda again to
+  // explain a mismatch, which would start one more collective call on this rank only).
+  const Index last_rows = c.batch * c.heads * p.query_positions(p.ranks - 1).size();
+  const std::string where = "on rank " + std::to_string(p.ranks - 1);
+  EXPECT_THAT(
+      [&] {
+        blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                               v_shard.view(), out.view(), {}, lse);
+      },
+      ::testing::ThrowsMessage<std::invalid_argument>(
+          ::testing::AllOf(::testing::HasSubstr("lse.size() is " + std::to_string(last_rows - 1)),
+                           ::testing::HasSubstr("batch·heads·n_q is " + std::to_string(last_rows)),
+                           ::testing::HasSubstr(where))));
+
+  // The backward requires lse: the same check, with the last rank's lse too short.
+  lse.resize(static_cast<std::size_t>(rows));
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                         v_shard.view(), out.view(), {}, lse);
+  Tensor<float> dq(c.batch, qp.size(), c.heads, c.d);
+  Tensor<float> dk(k_shard.batch, k_shard.seq, k_shard.heads, k_shard.dim);
+  Tensor<float> dv(v_shard.batch, v_shard.seq, v_shard.heads, v_shard.dim);
+  blockattn::TensorBackwardInputs<float> in;
+  in.q = q_shard.view();
+  in.k = k_shard.view();
+  in.v = v_shard.view();
+  in.out = std::as_const(out).view();
+  in.lse = blockattn::Span<const float>(lse.data(), last ? rows - 1 : rows);
+  in.dout = std::as_const(out).view();
+  blockattn::TensorGradients<float> grads;
+  grads.dq = dq.view();
+  grads.dk = dk.view();
+  grads.dv = dv.view();
+  EXPECT_THAT([&] { blockattn::distributed::ring_attention_backward(MPI_COMM_WORLD, in, grads); },
+              ::testing::ThrowsMessage<std::invalid_argument>(::testing::AllOf(
+                  ::testing::HasSubstr("ring_attention_backward"),
+                  ::testing::HasSubstr("lse.size() is " + std::to_string(last_rows - 1)),
+                  ::testing::HasSubstr(where))));
+
+  const std::vector<Index> lengths(static_cast<std::size_t>(last ? c.batch - 1 : c.batch), c.n_k);
+  AttentionOptions options;
+  options.key_lengths = lengths;
+  EXPECT_THAT(
+      [&] {
+        blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                               v_shard.view(), out.view(), options);
+      },
+      ::testing::ThrowsMessage<std::invalid_argument>(::testing::AllOf(
+          ::testing::HasSubstr("options.key_lengths.size() is " + std::to_string(c.batch - 1)),
+          ::testing::HasSubstr(where))));
 }
 
 }  // namespace

@@ -104,10 +104,13 @@ inline ShardPositions shard_positions(RingLayout layout, Index n, int ranks, int
 
 /// Copies the tokens that rank `rank` holds in `layout` from the global sequence `global`
 /// [batch, n, heads, dim] into `shard` [batch, shard_positions(...).size(), heads, dim]. No MPI.
-/// Throws std::invalid_argument when the shapes do not match.
-template <class T>
-void shard_sequence(TensorView<const T> global, RingLayout layout, int ranks, int rank,
+/// Element type deduced (global may be TensorView<T> or TensorView<const T>). Throws
+/// std::invalid_argument when the shapes do not match.
+template <class GT, class T>
+void shard_sequence(TensorView<GT> global, RingLayout layout, int ranks, int rank,
                     TensorView<T> shard) {
+  static_assert(std::is_same_v<std::remove_const_t<GT>, T>,
+                "blockattn: global and shard must have the same element type (shard writable)");
   const ShardPositions p = shard_positions(layout, global.seq, ranks, rank);
   detail::require(shard.batch == global.batch && shard.seq == p.size() &&
                       shard.heads == global.heads && shard.dim == global.dim,
@@ -124,10 +127,13 @@ void shard_sequence(TensorView<const T> global, RingLayout layout, int ranks, in
 }
 
 /// The inverse of shard_sequence(): writes rank `rank`'s `shard` back to its positions of
-/// `global` [batch, n, heads, dim]; the other positions are left alone. No MPI.
-template <class T>
-void unshard_sequence(TensorView<const T> shard, RingLayout layout, int ranks, int rank,
+/// `global` [batch, n, heads, dim]; the other positions are left alone. No MPI. Element type
+/// deduced as shard_sequence()'s.
+template <class ST, class T>
+void unshard_sequence(TensorView<ST> shard, RingLayout layout, int ranks, int rank,
                       TensorView<T> global) {
+  static_assert(std::is_same_v<std::remove_const_t<ST>, T>,
+                "blockattn: shard and global must have the same element type (global writable)");
   const ShardPositions p = shard_positions(layout, global.seq, ranks, rank);
   detail::require(shard.batch == global.batch && shard.seq == p.size() &&
                       shard.heads == global.heads && shard.dim == global.dim,
@@ -305,56 +311,62 @@ struct GlobalAlibi {
 
 // --- the one place that calls into the library (adapt here when its API changes) -------------
 
-/// attention() of the local queries against one K/V shard, masks on global positions.
+/// attention() of the local queries against one K/V shard, masks on global positions; lse is the
+/// block's [B, H, n_q_r] (required here: the merge needs it).
 template <class T, class ScoreMod>
-void local_attention(Workspace& workspace, TensorView<const T> q, TensorView<const T> k,
-                     TensorView<const T> v, TensorView<T> out, const AttentionOptions& options,
-                     T* lse, const GlobalMask& mask, const ScoreMod& score_mod) {
-  blockattn::attention<T, GlobalMask, ScoreMod>(workspace, q, k, v, out, options, lse, mask,
-                                                score_mod);
+void local_attention(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v,
+                     TensorView<T> out, const AttentionOptions& options, Span<accumulator_t<T>> lse,
+                     const GlobalMask& mask, const ScoreMod& score_mod) {
+  blockattn::attention(q, k, v, out, options, lse, mask, score_mod);
 }
 
 /// attention_backward() of the local queries against one K/V shard (global out, lse, dout).
 template <class T>
-void local_backward(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v,
-                    TensorView<const T> out, const T* lse, TensorView<const T> dout,
-                    TensorView<T> dq, TensorView<T> dk, TensorView<T> dv,
+void local_backward(const TensorBackwardInputs<T>& in, const TensorGradients<T>& grads,
                     const AttentionOptions& options, const GlobalMask& mask) {
-  blockattn::attention_backward<T, GlobalMask>(q, k, v, out, lse, dout, dq, dk, dv, options, mask);
+  blockattn::attention_backward(in, grads, options, mask);
 }
 
 /// attention()'s argument checks on this rank's shards (throws std::invalid_argument).
 template <class T>
 void local_validate(const char* function, const TensorView<const T>& q,
                     const TensorView<const T>& k, const TensorView<const T>& v,
-                    const TensorView<T>& out, const AttentionOptions& options, const T* lse) {
+                    const TensorView<T>& out, const AttentionOptions& options,
+                    Span<accumulator_t<T>> lse) {
   blockattn::detail::validate_attention<T>(function, q, k, v, out, options, lse);
 }
 
 /// attention_backward()'s argument checks on this rank's shards (throws std::invalid_argument).
 template <class T>
-void local_validate_backward(const char* function, const TensorView<const T>& q,
-                             const TensorView<const T>& k, const TensorView<const T>& v,
-                             const TensorView<const T>& out, const T* lse,
-                             const TensorView<const T>& dout, const TensorView<T>& dq,
-                             const TensorView<T>& dk, const TensorView<T>& dv,
-                             const AttentionOptions& options) {
-  blockattn::detail::validate_attention_backward<T>(function, q, k, v, out, lse, dout, dq, dk, dv,
-                                                    options);
+void local_validate_backward(const char* function, const TensorBackwardInputs<T>& in,
+                             const TensorGradients<T>& grads, const AttentionOptions& options) {
+  blockattn::detail::validate_attention_backward<T>(function, in.q, in.k, in.v, in.out, in.lse,
+                                                    in.dout, grads.dq, grads.dk, grads.dv, options);
 }
 
-/// (out, lse) ⊕= (block_out, block_lse) for every (batch, head): the library's exact merge.
+/// The optional arrays of AttentionOptions that the ring reads on global positions (key_lengths
+/// [B], alibi_slopes [H]) checked for length: the local checks no longer see them (they move into
+/// the global-position functors), and make_plan() reads batch key lengths.
+inline void validate_global_arrays(const char* function, const AttentionOptions& options,
+                                   Index batch, Index q_heads) {
+  blockattn::detail::require_span(function, "options.key_lengths", options.key_lengths,
+                                  "the batch size", batch, "one key length per sequence",
+                                  /*required=*/false);
+  blockattn::detail::require_span(function, "options.alibi_slopes", options.alibi_slopes,
+                                  "the number of query heads", q_heads, "one slope per query head",
+                                  /*required=*/false);
+}
+
+/// (out, lse) ⊕= (block_out, block_lse) for every (batch, head) and row: the library's exact
+/// N-way merge with two parts, the running state first (out is exactly its out, so it starts the
+/// merge in place).
 template <class T>
-void merge_into(TensorView<T> out, T* lse, TensorView<const T> block_out, const T* block_lse) {
-  using Map = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;
-  for (Index b = 0; b < out.batch; ++b) {
-    for (Index h = 0; h < out.heads; ++h) {
-      Map acc(out.at(b, 0, h), out.seq, out.dim, Eigen::OuterStride<>(out.seq_stride));
-      const auto part = blockattn::detail::head_slice(block_out, b, h);
-      const Index row = (b * out.heads + h) * out.seq;
-      blockattn::merge_attention_states<T>(acc, lse + row, part, block_lse + row, acc, lse + row);
-    }
-  }
+void merge_into(TensorView<T> out, Span<accumulator_t<T>> lse, TensorView<const T> block_out,
+                Span<const accumulator_t<T>> block_lse, int threads) {
+  const std::array<TensorAttentionState<T>, 2> parts = {
+      TensorAttentionState<T>{TensorView<const T>(out), Span<const accumulator_t<T>>(lse)},
+      TensorAttentionState<T>{block_out, block_lse}};
+  blockattn::merge_attention_states(parts, out, lse, threads);
 }
 
 /// The argument checks of the local call, as a message ("" when they pass).
@@ -398,14 +410,16 @@ inline std::int64_t bits_of(double x) {
   return bits;
 }
 
-/// A cheap fingerprint of an array that must be the same on every rank (FNV-1a over its bytes);
-/// 0 for "not given".
+/// A cheap fingerprint of an array that must be the same on every rank (FNV-1a over the bytes of
+/// its first `count` elements, fewer when it is shorter: a short array is reported by the local
+/// checks); 0 for "not given".
 template <class U>
-std::int64_t fingerprint(const U* data, Index count) {
-  if (data == nullptr) return 0;
+std::int64_t fingerprint(Span<const U> array, Index count) {
+  if (array.empty()) return 0;
   std::uint64_t h = 1469598103934665603ULL;
-  const auto* bytes = reinterpret_cast<const unsigned char*>(data);
-  for (std::size_t i = 0; i < static_cast<std::size_t>(count) * sizeof(U); ++i) {
+  const auto* bytes = reinterpret_cast<const unsigned char*>(array.data());
+  const Index n = std::min(count, array.size());
+  for (std::size_t i = 0; i < static_cast<std::size_t>(n) * sizeof(U); ++i) {
     h = (h ^ bytes[i]) * 1099511628211ULL;
   }
   return static_cast<std::int64_t>(h | 1);
@@ -454,7 +468,7 @@ struct RingPlan {
     m.causal = options.causal;
     m.window_left = options.window_left;
     m.window_right = options.window_right;
-    m.key_lengths = options.key_lengths;
+    m.key_lengths = blockattn::detail::data_or_null(options.key_lengths);
     return m;
   }
 };
@@ -533,7 +547,7 @@ inline RingPlan make_plan(const RingComm& comm, const char* function,
     plan.keys.push_back(kp);
   }
   const Index batch = at(0, kBatch);
-  if (options.key_lengths != nullptr) {
+  if (!options.key_lengths.empty()) {
     for (Index b = 0; b < batch; ++b) {
       require(options.key_lengths[b] >= 0 && options.key_lengths[b] <= plan.n_k, function,
               "options.key_lengths[", b, "] is ", options.key_lengths[b], " but must be in [0, ",
@@ -591,14 +605,16 @@ std::array<std::int64_t, kFieldCount> describe(const TensorView<const T>& q,
 }
 
 /// The options of every local call: the positional masks and ALiBi move into the global-position
-/// functors; scale, soft-capping, chunks and threads pass through.
-inline AttentionOptions local_options(const AttentionOptions& options) {
+/// functors; scale, soft-capping, chunks and threads pass through, and every step's attention()
+/// runs in the caller's options.workspace or else in `own` (one workspace for the whole ring).
+inline AttentionOptions local_options(const AttentionOptions& options, Workspace* own = nullptr) {
   AttentionOptions local = options;
   local.causal = false;
   local.window_left = -1;
   local.window_right = -1;
-  local.key_lengths = nullptr;
-  local.alibi_slopes = nullptr;
+  local.key_lengths = {};
+  local.alibi_slopes = {};
+  if (local.workspace == nullptr) local.workspace = own;
   return local;
 }
 
@@ -662,10 +678,14 @@ struct ShardBuffer {
 /// Ring attention: the exact attention() of the global sequence, sharded across the ranks of
 /// `comm` (Liu, Zaharia & Abbeel 2023). Each rank passes its shard of q [B, n_q_r, H, d], k
 /// [B, n_k_r, H_kv, d] and v [B, n_k_r, H_kv, d_v] and receives out [B, n_q_r, H, d_v] and
-/// (optional) lse [B, H, n_q_r] for its own queries. GQA as in attention(). Every option of
+/// (optional, empty = not wanted) lse [B, H, n_q_r] contiguous for its own queries. Element
+/// types: float or double, deduced from the views as in attention() (q, k, v TensorView<T> or
+/// TensorView<const T>, out TensorView<T>); lse is accumulator_t<T>. GQA as in attention(). Every
+/// option of
 /// AttentionOptions applies on global positions (causal and windows bottom-right aligned on the
 /// global n_q, n_k; key_lengths [B] and alibi_slopes [H] global and the same on every rank;
-/// softcap, scale), except block_sparse (rejected). The shards are laid out as ring.layout says:
+/// softcap, scale), except block_sparse (rejected); options.workspace, when given, is the scratch
+/// of every step's attention() on this rank. The shards are laid out as ring.layout says:
 /// Contiguous takes any lengths in rank order (uneven, empty); ZigZag and Striped take exactly
 /// what shard_sequence() gives.
 /// Cost per rank: the attention of its queries against the K/V shards it sees (shards a mask
@@ -673,23 +693,34 @@ struct ShardBuffer {
 /// than a shard needs one neighbour), ≤ P − 1 messages of one K/V shard each, overlapped with
 /// that work. Extra memory: two K/V shard buffers and one block of out, O(B·(n_k_r + n_q_r)·H·d).
 /// Collective: every rank of comm must call it. Shapes, options or element types that differ
-/// between ranks, or a rank whose arguments fail attention()'s checks: every rank throws the same
+/// between ranks, or a rank whose arguments fail attention()'s checks (a too-short lse, key_lengths
+/// or alibi_slopes included, named with both sizes): every rank throws the same
 /// std::invalid_argument before any ring message. An MPI error throws std::runtime_error with
 /// MPI's error string. The merge order is fixed (ring step order), so results are bitwise
 /// reproducible for a given P, layout and thread count, and the same bits for any thread count.
-template <class T>
-void ring_attention(MPI_Comm comm, TensorView<const T> q, TensorView<const T> k,
-                    TensorView<const T> v, TensorView<T> out, const AttentionOptions& options = {},
-                    T* lse = nullptr, const RingOptions& ring = {}) {
+template <class QT, class KT, class VT, class OT>
+void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorView<VT> v_,
+                    TensorView<OT> out, const AttentionOptions& options = {},
+                    Span<accumulator_t<std::remove_const_t<QT>>> lse = {},
+                    const RingOptions& ring = {}) {
+  using T = std::remove_const_t<QT>;
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "blockattn: ring_attention runs on float and double");
+  blockattn::detail::check_tensor_arguments<T, KT, VT, OT>();
+  static_assert(!std::is_const_v<OT>, "blockattn: out must be a writable TensorView<T>");
+  using A = accumulator_t<T>;
+  const TensorView<const T> q(q_);
+  const TensorView<const T> k(k_);
+  const TensorView<const T> v(v_);
   const char* function = "ring_attention";
   detail::RingComm c(comm, function);
-  const AttentionOptions local = detail::local_options(options);
+  Workspace workspace;
+  const AttentionOptions local = detail::local_options(options, &workspace);
   const std::string error = detail::local_error([&] {
     blockattn::detail::require(options.block_sparse == nullptr, function,
                                "options.block_sparse is not supported (its grid is on local "
                                "positions); use a mask on global positions");
+    detail::validate_global_arrays(function, options, q.batch, q.heads);
     AttentionOptions checked = local;  // ALiBi's slopes are checked here (finite), not moved
     checked.alibi_slopes = options.alibi_slopes;
     detail::local_validate<T>(function, q, k, v, out, checked, lse);
@@ -707,15 +738,14 @@ void ring_attention(MPI_Comm comm, TensorView<const T> q, TensorView<const T> k,
   detail::pack(k, shards[0].data.data());
   detail::pack(v, shards[0].values(k.seq).data);
   // The running result: out itself and lse_run, starting as the merge's identity (0, −inf).
-  std::vector<T> lse_run(static_cast<std::size_t>(batch * heads * n_q),
-                         -std::numeric_limits<T>::infinity());
+  std::vector<A> lse_run(static_cast<std::size_t>(batch * heads * n_q),
+                         -std::numeric_limits<A>::infinity());
   for (Index b = 0; b < batch; ++b) {
     for (Index h = 0; h < heads; ++h) blockattn::detail::mutable_head_slice(out, b, h).setZero();
   }
   std::vector<T> block_out(static_cast<std::size_t>(batch * n_q * heads * v.dim));
-  std::vector<T> block_lse(lse_run.size());
+  std::vector<A> block_lse(lse_run.size());
   const TensorView<T> block = make_tensor_view(block_out.data(), batch, n_q, heads, v.dim);
-  Workspace workspace;
 
   for (int s = 0; s < plan.steps; ++s) {
     detail::ShardBuffer<T>& hand = shards[s % 2];
@@ -733,20 +763,20 @@ void ring_attention(MPI_Comm comm, TensorView<const T> q, TensorView<const T> k,
       const detail::GlobalMask mask = plan.mask(options, c.rank(), owner);
       const TensorView<const T> keys = hand.keys(n_k);
       const TensorView<const T> values = hand.values(n_k);
-      if (options.alibi_slopes != nullptr) {
+      if (!options.alibi_slopes.empty()) {
         const detail::GlobalAlibi<T> alibi{mask.queries, mask.keys, mask.offset,
-                                           options.alibi_slopes};
-        detail::local_attention<T>(workspace, q, keys, values, block, local, block_lse.data(), mask,
-                                   alibi);
+                                           options.alibi_slopes.data()};
+        detail::local_attention<T>(q, keys, values, block, local, Span<A>(block_lse), mask, alibi);
       } else {
-        detail::local_attention<T>(workspace, q, keys, values, block, local, block_lse.data(), mask,
+        detail::local_attention<T>(q, keys, values, block, local, Span<A>(block_lse), mask,
                                    NoScoreMod{});
       }
-      detail::merge_into<T>(out, lse_run.data(), block, block_lse.data());
+      detail::merge_into<T>(out, Span<A>(lse_run), block, Span<const A>(block_lse),
+                            options.threads);
     }
     requests.wait_all();
   }
-  if (lse != nullptr) std::copy(lse_run.begin(), lse_run.end(), lse);
+  if (!lse.empty()) std::copy(lse_run.begin(), lse_run.end(), lse.data());
 }
 
 /// Gradients of ring_attention(), sharded the same way (the paper's backward): given each rank's
@@ -758,19 +788,23 @@ void ring_attention(MPI_Comm comm, TensorView<const T> q, TensorView<const T> k,
 /// home and is summed in ring order. Accumulation is in T (float for float, double for double).
 /// Options as ring_attention(), except that alibi_slopes is rejected for now (the backward kernel
 /// takes no position functor for scores); soft-capping, causal, windows, key lengths and GQA work.
-/// Shapes: those of attention_backward() per shard; lse [B, H, n_q_r] (ring_attention()'s).
+/// Arguments by name, as attention_backward(): TensorBackwardInputs<T> (this rank's q, k, v, out,
+/// lse, dout) and TensorGradients<T> (its dq, dk, dv); T float or double (deduced from them).
+/// Shapes: those of attention_backward() per shard; lse [B, H, n_q_r] (ring_attention()'s,
+/// required: empty or too short throws, naming it and both sizes).
 /// Cost per rank: 2.5× the forward's attention and twice its messages (K/V out, dK/dV with
 /// them; the dK/dV message of step s overlaps step s + 1). Extra memory O(B·(n_k_r·H_kv·(d +
 /// d_v)·6 + n_q_r·H·d)). Collective, validated like ring_attention(). Deterministic: the sums
 /// run in ring order whatever the message timing.
 template <class T>
-void ring_attention_backward(MPI_Comm comm, TensorView<const T> q, TensorView<const T> k,
-                             TensorView<const T> v, TensorView<const T> out, const T* lse,
-                             TensorView<const T> dout, TensorView<T> dq, TensorView<T> dk,
-                             TensorView<T> dv, const AttentionOptions& options = {},
+void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
+                             const TensorGradients<T>& grads, const AttentionOptions& options = {},
                              const RingOptions& ring = {}) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "blockattn: ring_attention_backward runs on float and double");
+  const TensorView<const T>& q = in.q;
+  const TensorView<const T>& k = in.k;
+  const TensorView<const T>& v = in.v;
   const char* function = "ring_attention_backward";
   detail::RingComm c(comm, function);
   const AttentionOptions local = detail::local_options(options);
@@ -778,9 +812,10 @@ void ring_attention_backward(MPI_Comm comm, TensorView<const T> q, TensorView<co
     blockattn::detail::require(options.block_sparse == nullptr, function,
                                "options.block_sparse is not supported (its grid is on local "
                                "positions); use a mask on global positions");
-    blockattn::detail::require(options.alibi_slopes == nullptr, function,
+    blockattn::detail::require(options.alibi_slopes.empty(), function,
                                "options.alibi_slopes is not supported by the ring backward yet");
-    detail::local_validate_backward<T>(function, q, k, v, out, lse, dout, dq, dk, dv, local);
+    detail::validate_global_arrays(function, options, q.batch, q.heads);
+    detail::local_validate_backward<T>(function, in, grads, local);
   });
   const detail::RingPlan plan = detail::make_plan(
       c, function, detail::describe<T>(q, k, v, options, ring, error), error, options, ring);
@@ -790,9 +825,9 @@ void ring_attention_backward(MPI_Comm comm, TensorView<const T> q, TensorView<co
   Index max_k = 0;
   for (const ShardPositions& p : plan.keys) max_k = std::max(max_k, p.size());
   const auto shard = [&] { return detail::ShardBuffer<T>(max_k, batch, k.heads, k.dim, v.dim); };
-  detail::ShardBuffer<T> shards[2] = {shard(), shard()};  // K, V in hand / arriving
-  detail::ShardBuffer<T> grads[2] = {shard(), shard()};   // dK, dV travelling with them
-  detail::ShardBuffer<T> block_grad = shard();            // this step's dK, dV
+  detail::ShardBuffer<T> shards[2] = {shard(), shard()};   // K, V in hand / arriving
+  detail::ShardBuffer<T> carried[2] = {shard(), shard()};  // dK, dV travelling with them
+  detail::ShardBuffer<T> block_grad = shard();             // this step's dK, dV
   detail::pack(k, shards[0].data.data());
   detail::pack(v, shards[0].values(k.seq).data);
   std::vector<T> dq_sum(static_cast<std::size_t>(batch * n_q * q.heads * q.dim), T(0));
@@ -803,7 +838,7 @@ void ring_attention_backward(MPI_Comm comm, TensorView<const T> q, TensorView<co
   for (int s = 0; s <= last; ++s) {
     detail::ShardBuffer<T>& hand = shards[s % 2];
     detail::ShardBuffer<T>& next = shards[(s + 1) % 2];
-    detail::ShardBuffer<T>& grad = grads[s % 2];
+    detail::ShardBuffer<T>& grad = carried[s % 2];
     const int owner = plan.owner_at(c.rank(), s);
     const Index n_k = plan.keys[static_cast<std::size_t>(owner)].size();
     detail::Requests kv(c);
@@ -822,10 +857,14 @@ void ring_attention_backward(MPI_Comm comm, TensorView<const T> q, TensorView<co
     }
     const bool computed = plan.sees(c.rank(), owner) && n_q > 0;
     if (computed) {
-      detail::local_backward<T>(q, hand.keys(n_k), hand.values(n_k), out, lse, dout,
-                                make_tensor_view(dq_block.data(), batch, n_q, q.heads, q.dim),
-                                block_grad.keys(n_k), block_grad.values(n_k), local,
-                                plan.mask(options, c.rank(), owner));
+      TensorBackwardInputs<T> step = in;  // this rank's q, out, lse, dout; the shard in hand
+      step.k = hand.keys(n_k);
+      step.v = hand.values(n_k);
+      TensorGradients<T> step_grads;
+      step_grads.dq = make_tensor_view(dq_block.data(), batch, n_q, q.heads, q.dim);
+      step_grads.dk = block_grad.keys(n_k);
+      step_grads.dv = block_grad.values(n_k);
+      detail::local_backward<T>(step, step_grads, local, plan.mask(options, c.rank(), owner));
       detail::add_to(dq_sum.data(), dq_block.data(), static_cast<Index>(dq_sum.size()));
     }
     grad_in.wait_all();
@@ -840,7 +879,7 @@ void ring_attention_backward(MPI_Comm comm, TensorView<const T> q, TensorView<co
   // The shard in hand after the last step belongs to rank (r − last): its gradients go home.
   const int held = plan.owner_at(c.rank(), last);
   const Index own_k = k.seq;
-  detail::ShardBuffer<T>& final_grad = grads[last % 2];
+  detail::ShardBuffer<T>& final_grad = carried[last % 2];
   detail::ShardBuffer<T>* mine = &final_grad;
   detail::ShardBuffer<T> returned = last > 0 ? shard() : detail::ShardBuffer<T>(0, 0, 0, 0, 0);
   if (last > 0) {
@@ -855,33 +894,9 @@ void ring_attention_backward(MPI_Comm comm, TensorView<const T> q, TensorView<co
   }
   grad_sends[0].wait_all();
   grad_sends[1].wait_all();
-  detail::unpack<T>(mine->keys(own_k).data, dk);
-  detail::unpack<T>(mine->values(own_k).data, dv);
-  detail::unpack<T>(dq_sum.data(), dq);
-}
-
-/// ring_attention_backward() on float arguments without spelling T.
-template <int = 0>
-inline void ring_attention_backward(MPI_Comm comm, TensorView<const float> q,
-                                    TensorView<const float> k, TensorView<const float> v,
-                                    TensorView<const float> out, const float* lse,
-                                    TensorView<const float> dout, TensorView<float> dq,
-                                    TensorView<float> dk, TensorView<float> dv,
-                                    const AttentionOptions& options = {},
-                                    const RingOptions& ring = {}) {
-  ring_attention_backward<float>(comm, q, k, v, out, lse, dout, dq, dk, dv, options, ring);
-}
-
-/// ring_attention_backward() on double arguments without spelling T.
-template <int = 0>
-inline void ring_attention_backward(MPI_Comm comm, TensorView<const double> q,
-                                    TensorView<const double> k, TensorView<const double> v,
-                                    TensorView<const double> out, const double* lse,
-                                    TensorView<const double> dout, TensorView<double> dq,
-                                    TensorView<double> dk, TensorView<double> dv,
-                                    const AttentionOptions& options = {},
-                                    const RingOptions& ring = {}) {
-  ring_attention_backward<double>(comm, q, k, v, out, lse, dout, dq, dk, dv, options, ring);
+  detail::unpack<T>(mine->keys(own_k).data, grads.dk);
+  detail::unpack<T>(mine->values(own_k).data, grads.dv);
+  detail::unpack<T>(dq_sum.data(), grads.dq);
 }
 
 /// One pre-LN transformer layer (transformer_block()'s, BPT) on a sequence sharded across the
@@ -893,12 +908,18 @@ inline void ring_attention_backward(MPI_Comm comm, TensorView<const double> q,
 /// its tokens, 4·n_r·model elements, plus O(query_block·(model + ffn_chunk)) for the FFN, and the
 /// ring's two K/V shards in flight. Throws as transformer_block() does, collectively (every rank
 /// throws when one rank's arguments are bad), and as ring_attention(). y may be exactly x.
-template <class T>
+/// Element types: float or double (T of the weights; x and y must match, as row-major storage, as
+/// in transformer_block()).
+template <class T, class X, class Y>
 void ring_transformer_block(MPI_Comm comm, const TransformerBlockWeights<T>& w,
-                            ConstMatrixView<T> x, MatrixView<T> y, const BlockOptions& options = {},
-                            const RingOptions& ring = {}) {
+                            const Eigen::MatrixBase<X>& x_, const Eigen::MatrixBase<Y>& y_,
+                            const BlockOptions& options = {}, const RingOptions& ring = {}) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "blockattn: ring_transformer_block runs on float and double");
+  blockattn::detail::check_matrix_arguments<T, X, Y>();
+  blockattn::detail::check_matrix_outputs<Y>();
+  const ConstMatrixView<T> x(x_.derived());
+  MatrixView<T> y = blockattn::detail::writable_view(y_);
   const char* function = "ring_transformer_block";
   {
     const detail::RingComm c(comm, function);
@@ -927,11 +948,11 @@ void ring_transformer_block(MPI_Comm comm, const TransformerBlockWeights<T>& w,
   attention_options.causal = options.causal;
   attention_options.key_chunk = options.key_block;
   attention_options.threads = options.threads;
-  ring_attention<T>(comm, TensorView<const T>(q.data(), 1, n, heads, head_dim, 0, model, head_dim),
-                    TensorView<const T>(k.data(), 1, n, kv_heads, head_dim, 0, kv_dim, head_dim),
-                    TensorView<const T>(v.data(), 1, n, kv_heads, head_dim, 0, kv_dim, head_dim),
-                    TensorView<T>(attn.data(), 1, n, heads, head_dim, 0, model, head_dim),
-                    attention_options, nullptr, ring);
+  ring_attention(comm, TensorView<const T>(q.data(), 1, n, heads, head_dim, 0, model, head_dim),
+                 TensorView<const T>(k.data(), 1, n, kv_heads, head_dim, 0, kv_dim, head_dim),
+                 TensorView<const T>(v.data(), 1, n, kv_heads, head_dim, 0, kv_dim, head_dim),
+                 TensorView<T>(attn.data(), 1, n, heads, head_dim, 0, model, head_dim),
+                 attention_options, {}, ring);
   // h = x + attn·wo + bo for every token first: x is not read afterwards, so y may be x.
   Matrix<T>& h = q;
   h.noalias() = attn * w.wo;
@@ -962,24 +983,6 @@ void ring_transformer_block(MPI_Comm comm, const TransformerBlockWeights<T>& w,
       y_blk.noalias() += hid * w.w2.middleRows(c0, width);
     }
   }
-}
-
-/// ring_attention() on float arguments without spelling T.
-template <int = 0>
-inline void ring_attention(MPI_Comm comm, TensorView<const float> q, TensorView<const float> k,
-                           TensorView<const float> v, TensorView<float> out,
-                           const AttentionOptions& options = {}, float* lse = nullptr,
-                           const RingOptions& ring = {}) {
-  ring_attention<float>(comm, q, k, v, out, options, lse, ring);
-}
-
-/// ring_attention() on double arguments without spelling T.
-template <int = 0>
-inline void ring_attention(MPI_Comm comm, TensorView<const double> q, TensorView<const double> k,
-                           TensorView<const double> v, TensorView<double> out,
-                           const AttentionOptions& options = {}, double* lse = nullptr,
-                           const RingOptions& ring = {}) {
-  ring_attention<double>(comm, q, k, v, out, options, lse, ring);
 }
 
 }  // namespace blockattn::distributed
