@@ -20,6 +20,12 @@ if(BLOCKATTN_OPENMP)
   find_package(OpenMP COMPONENTS CXX)
 endif()
 
+if(BLOCKATTN_MPI)
+  # Open MPI from Debian (libopenmpi-dev openmpi-bin). The C API only: no MPI C++ bindings.
+  set(MPI_CXX_SKIP_MPICXX ON)
+  find_package(MPI COMPONENTS CXX QUIET)
+endif()
+
 if(BLOCKATTN_BUILD_TESTS OR BLOCKATTN_BUILD_EXAMPLES)
   find_package(Threads REQUIRED)
 endif()

@@ -3,6 +3,9 @@
 include(CMakePackageConfigHelpers)
 
 install(TARGETS blockattn EXPORT blockattnTargets)
+if(TARGET blockattn_mpi)
+  install(TARGETS blockattn_mpi EXPORT blockattnTargets)
+endif()
 install(DIRECTORY include/blockattn TYPE INCLUDE)
 
 set(BLOCKATTN_CONFIG_DIR "${CMAKE_INSTALL_DATADIR}/cmake/blockattn")

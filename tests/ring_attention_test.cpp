@@ -1,0 +1,786 @@
+// Ring attention over MPI (distributed/ring_attention.hpp). Run by ctest under `mpirun -np P`
+// for several P: every rank builds the same global problem from the test seed, takes its shard,
+// runs the ring, and checks its own rows against
+//   - blockattn::reference::attention in long double on the gathered sequence (the tolerance of
+//     support/tolerance.hpp), and single-process blockattn::attention within twice that;
+//   - bitwise, a serial emulation on one rank: the same local attention() calls on the same
+//     shards, merged in ring order (owner r, r − 1, …). Equal bits show that the blocks travelled
+//     intact and that the merge order is the fixed ring order, independent of message timing.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <blockattn/attention.hpp>
+#include <blockattn/distributed/ring_attention.hpp>
+#include <blockattn/reference.hpp>
+
+#include "support/backward.hpp"
+#include "support/gradient_tolerance.hpp"
+#include "support/layer_error_bound.hpp"
+#include "support/random.hpp"
+#include "support/tolerance.hpp"
+
+#include <mpi.h>
+
+namespace {
+
+using blockattn::AttentionOptions;
+using blockattn::Index;
+using blockattn::Matrix;
+using blockattn::TensorView;
+using blockattn::distributed::RingLayout;
+using blockattn::distributed::ShardPositions;
+
+int world_rank() {
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  return rank;
+}
+
+int world_size() {
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  return size;
+}
+
+/// A contiguous [batch, seq, heads, dim] tensor.
+template <class T>
+struct Tensor {
+  Index batch = 0, seq = 0, heads = 0, dim = 0;
+  std::vector<T> data;
+
+  Tensor(Index b, Index s, Index h, Index d)
+      : batch(b), seq(s), heads(h), dim(d), data(static_cast<std::size_t>(b * s * h * d)) {}
+  TensorView<T> view() { return blockattn::make_tensor_view(data.data(), batch, seq, heads, dim); }
+  TensorView<const T> view() const {
+    return blockattn::make_tensor_view(data.data(), batch, seq, heads, dim);
+  }
+  T& at(Index b, Index s, Index h, Index c) { return view().at(b, s, h)[c]; }
+  T at(Index b, Index s, Index h, Index c) const { return view().at(b, s, h)[c]; }
+  template <class U>
+  Tensor<U> cast() const {
+    Tensor<U> t(batch, seq, heads, dim);
+    std::transform(data.begin(), data.end(), t.data.begin(), [](T x) { return U(x); });
+    return t;
+  }
+  /// [seq, dim] of one (batch, head) in double, for the tolerance formulas.
+  Matrix<double> head(Index b, Index h) const {
+    Matrix<double> m(seq, dim);
+    for (Index s = 0; s < seq; ++s) {
+      for (Index c = 0; c < dim; ++c) m(s, c) = static_cast<double>(at(b, s, h, c));
+    }
+    return m;
+  }
+};
+
+template <class T>
+Tensor<T> random_tensor(std::mt19937_64& rng, Index b, Index s, Index h, Index d, double scale) {
+  Tensor<T> t(b, s, h, d);
+  for (T& x : t.data) x = blockattn::test::random_value<T>(rng, -scale, scale);
+  return t;
+}
+
+/// The rows at `positions` of a global tensor, as a contiguous shard.
+template <class T>
+Tensor<T> take_rows(const Tensor<T>& global, const ShardPositions& positions) {
+  Tensor<T> shard(global.batch, positions.size(), global.heads, global.dim);
+  for (Index b = 0; b < global.batch; ++b) {
+    for (Index i = 0; i < positions.size(); ++i) {
+      for (Index h = 0; h < global.heads; ++h) {
+        std::copy_n(global.view().at(b, positions[i], h), global.dim, shard.view().at(b, i, h));
+      }
+    }
+  }
+  return shard;
+}
+
+struct Case {
+  const char* name;
+  RingLayout layout = RingLayout::Contiguous;
+  bool uneven = false;  ///< Contiguous only: shards of very different sizes, some empty
+  Index batch = 2, n_q = 61, n_k = 61, heads = 4, kv_heads = 2, d = 16, d_v = 8;
+  bool causal = false;
+  Index window_left = -1, window_right = -1;
+  bool key_lengths = false;
+  bool alibi = false;
+  double softcap = 0;
+};
+
+/// Rank r's positions of n tokens: the layout's, or for `uneven` weights (r + 1) with every third
+/// rank empty (rank 1, 4, 7, …), the remainder on the last rank.
+ShardPositions positions_of(const Case& c, Index n, int ranks, int rank) {
+  if (!c.uneven) return blockattn::distributed::shard_positions(c.layout, n, ranks, rank);
+  std::vector<Index> sizes(static_cast<std::size_t>(ranks));
+  Index weights = 0;
+  for (int r = 0; r < ranks; ++r) weights += r % 3 == 1 ? 0 : r + 1;
+  Index given = 0;
+  for (int r = 0; r < ranks; ++r) {
+    sizes[static_cast<std::size_t>(r)] = n * (r % 3 == 1 ? 0 : r + 1) / weights;
+    given += sizes[static_cast<std::size_t>(r)];
+  }
+  sizes.back() += n - given;
+  ShardPositions p;
+  p.start[0] = std::accumulate(sizes.begin(), sizes.begin() + rank, Index{0});
+  p.count[0] = sizes[static_cast<std::size_t>(rank)];
+  return p;
+}
+
+/// Everything one case needs: the global problem and this rank's shards.
+template <class T>
+struct Problem {
+  Case c;
+  Tensor<T> q, k, v;
+  std::vector<Index> key_lengths;
+  std::vector<double> slopes;
+  AttentionOptions options;
+  int ranks = world_size();
+  int rank = world_rank();
+
+  explicit Problem(const Case& c_)
+      : c(c_),
+        q(make(c_, 1, c_.n_q, c_.heads, c_.d, 2.0)),
+        k(make(c_, 2, c_.n_k, c_.kv_heads, c_.d, 2.0)),
+        v(make(c_, 3, c_.n_k, c_.kv_heads, c_.d_v, 1.0)) {
+    options.causal = c.causal;
+    options.window_left = c.window_left;
+    options.window_right = c.window_right;
+    options.softcap = c.softcap;
+    options.query_chunk = 8;  // several tiles per shard: classify_block sees partial tiles
+    options.key_chunk = 8;
+    if (c.key_lengths) {
+      for (Index b = 0; b < c.batch; ++b) key_lengths.push_back((c.n_k * (b + 1)) / (c.batch + 1));
+      options.key_lengths = key_lengths;
+    }
+    if (c.alibi) {
+      for (Index h = 0; h < c.heads; ++h) slopes.push_back(std::pow(2.0, -double(h + 1)));
+      options.alibi_slopes = slopes;
+    }
+  }
+  static Tensor<T> make(const Case& c, std::uint64_t salt, Index s, Index h, Index d, double x) {
+    std::mt19937_64 rng = blockattn::test::make_rng(salt);
+    return random_tensor<T>(rng, c.batch, s, h, d, x);
+  }
+  ShardPositions query_positions(int r) const { return positions_of(c, c.n_q, ranks, r); }
+  ShardPositions key_positions(int r) const { return positions_of(c, c.n_k, ranks, r); }
+  double scale() const { return 1.0 / std::sqrt(static_cast<double>(c.d)); }
+  /// E of tolerance.hpp: a bound on what modifiers add to a logit.
+  double extra() const {
+    double e = c.softcap;
+    if (c.alibi) e += slopes.front() * static_cast<double>(c.n_q + c.n_k);
+    return e;
+  }
+};
+
+/// The serial emulation of the ring on this rank: the same local calls on the same shards,
+/// merged in ring order.
+template <class T>
+void emulate_ring(const Problem<T>& p, const Tensor<T>& q_shard, Tensor<T>& out,
+                  std::vector<T>& lse) {
+  namespace dd = blockattn::distributed::detail;
+  const ShardPositions qp = p.query_positions(p.rank);
+  std::fill(out.data.begin(), out.data.end(), T(0));
+  std::fill(lse.begin(), lse.end(), -std::numeric_limits<T>::infinity());
+  Tensor<T> block(out.batch, out.seq, out.heads, out.dim);
+  std::vector<T> block_lse(lse.size());
+  blockattn::Workspace workspace;
+  const AttentionOptions local = dd::local_options(p.options, &workspace);
+  for (int s = 0; s < p.ranks; ++s) {
+    const int owner = (p.rank - s + p.ranks) % p.ranks;
+    const ShardPositions kp = p.key_positions(owner);
+    if (qp.size() == 0 || kp.size() == 0) continue;
+    dd::GlobalMask mask{qp,
+                        kp,
+                        p.c.n_k - p.c.n_q,
+                        p.options.causal,
+                        p.options.window_left,
+                        p.options.window_right,
+                        blockattn::detail::data_or_null(p.options.key_lengths)};
+    if (!mask.any_visible(p.c.batch)) continue;
+    const Tensor<T> k_shard = take_rows(p.k, kp);
+    const Tensor<T> v_shard = take_rows(p.v, kp);
+    if (p.c.alibi) {
+      const dd::GlobalAlibi<T> alibi{qp, kp, mask.offset, p.options.alibi_slopes.data()};
+      dd::local_attention<T>(q_shard.view(), k_shard.view(), v_shard.view(), block.view(), local,
+                             blockattn::Span<T>(block_lse), mask, alibi);
+    } else {
+      dd::local_attention<T>(q_shard.view(), k_shard.view(), v_shard.view(), block.view(), local,
+                             blockattn::Span<T>(block_lse), mask, blockattn::NoScoreMod{});
+    }
+    dd::merge_into<T>(out.view(), blockattn::Span<T>(lse), std::as_const(block).view(),
+                      blockattn::Span<const T>(block_lse), p.options.threads);
+  }
+}
+
+template <class T>
+void check_forward(const Case& c) {
+  SCOPED_TRACE(std::string(c.name) + " P=" + std::to_string(world_size()) +
+               " rank=" + std::to_string(world_rank()) + " " + blockattn::test::seed_trace());
+  const Problem<T> p(c);
+  const ShardPositions qp = p.query_positions(p.rank);
+  const Tensor<T> q_shard = take_rows(p.q, qp);
+  const Tensor<T> k_shard = take_rows(p.k, p.key_positions(p.rank));
+  const Tensor<T> v_shard = take_rows(p.v, p.key_positions(p.rank));
+  Tensor<T> out(c.batch, qp.size(), c.heads, c.d_v);
+  std::vector<T> lse(static_cast<std::size_t>(c.batch * c.heads * qp.size()));
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                         v_shard.view(), out.view(), p.options, lse, {c.layout});
+
+  // One process, whole sequence: the library and the long double reference.
+  Tensor<T> full(c.batch, c.n_q, c.heads, c.d_v);
+  std::vector<T> full_lse(static_cast<std::size_t>(c.batch * c.heads * c.n_q));
+  blockattn::attention(p.q.view(), p.k.view(), p.v.view(), full.view(), p.options, full_lse);
+  const auto q_ld = p.q.template cast<long double>();
+  const auto k_ld = p.k.template cast<long double>();
+  const auto v_ld = p.v.template cast<long double>();
+  Tensor<long double> ref(c.batch, c.n_q, c.heads, c.d_v);
+  std::vector<long double> ref_lse(full_lse.size());
+  blockattn::reference::attention(q_ld.view(), k_ld.view(), v_ld.view(), ref.view(), p.options,
+                                  ref_lse);
+
+  const Index group = c.heads / c.kv_heads;
+  for (Index b = 0; b < c.batch; ++b) {
+    for (Index h = 0; h < c.heads; ++h) {
+      const Matrix<double> qh = p.q.head(b, h);
+      const Matrix<double> kh = p.k.head(b, h / group);
+      const Matrix<double> vh = p.v.head(b, h / group);
+      const auto tol = blockattn::test::attention_tolerance<T>(qh, kh, vh, p.scale(), p.extra());
+      const auto lse_tol = blockattn::test::lse_tolerance<T>(qh, kh, p.scale(), p.extra());
+      for (Index i = 0; i < qp.size(); ++i) {
+        const Index gi = qp[i];
+        const auto row = static_cast<std::size_t>(gi);
+        const long double want_lse =
+            ref_lse[static_cast<std::size_t>((b * c.heads + h) * c.n_q + gi)];
+        const T got_lse = lse[static_cast<std::size_t>((b * c.heads + h) * qp.size() + i)];
+        if (std::isinf(want_lse)) {
+          EXPECT_EQ(got_lse, -std::numeric_limits<T>::infinity())
+              << "b=" << b << " h=" << h << " i=" << gi;
+        } else {
+          EXPECT_NEAR(static_cast<double>(got_lse), static_cast<double>(want_lse), lse_tol[row])
+              << "b=" << b << " h=" << h << " i=" << gi;
+        }
+        for (Index col = 0; col < c.d_v; ++col) {
+          const double got = static_cast<double>(out.at(b, i, h, col));
+          EXPECT_NEAR(got, static_cast<double>(ref.at(b, gi, h, col)), tol[row])
+              << "b=" << b << " h=" << h << " i=" << gi << " c=" << col;
+          EXPECT_NEAR(got, static_cast<double>(full.at(b, gi, h, col)), 2 * tol[row])
+              << "b=" << b << " h=" << h << " i=" << gi << " c=" << col;
+        }
+      }
+    }
+  }
+
+  // Thread count: the same bits (attention() is thread-count invariant, the merge order fixed).
+  AttentionOptions two_threads = p.options;
+  two_threads.threads = 2;
+  Tensor<T> out2(c.batch, qp.size(), c.heads, c.d_v);
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                         v_shard.view(), out2.view(), two_threads, {}, {c.layout});
+  EXPECT_EQ(out.data, out2.data) << "2 threads per rank changed the bits";
+  // One rank: one attention() call with the masks as functors, the same bits as attention() —
+  // except with a left window, where attention() starts each query block's key loop at its first
+  // visible key (interval masks) and the functor mask cannot move the tile grid: other roundings.
+  if (p.ranks == 1 && c.window_left < 0) {
+    EXPECT_EQ(out.data, full.data);
+    EXPECT_EQ(lse, full_lse);
+  }
+
+  Tensor<T> emulated(c.batch, qp.size(), c.heads, c.d_v);
+  std::vector<T> emulated_lse(lse.size());
+  emulate_ring(p, q_shard, emulated, emulated_lse);
+  EXPECT_EQ(out.data, emulated.data) << "the ring is not bitwise the serial merge in ring order";
+  EXPECT_EQ(lse, emulated_lse);
+}
+
+template <class T>
+class RingAttentionTest : public ::testing::Test {};
+using Scalars = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(RingAttentionTest, Scalars, );
+
+TYPED_TEST(RingAttentionTest, Full) { check_forward<TypeParam>({"full"}); }
+
+TYPED_TEST(RingAttentionTest, Causal) {
+  Case c{"causal"};
+  c.causal = true;
+  check_forward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionTest, CausalUnevenShards) {
+  Case c{"causal uneven"};
+  c.causal = true;
+  c.uneven = true;
+  check_forward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionTest, CausalZigZag) {
+  Case c{"causal zigzag", RingLayout::ZigZag};
+  c.causal = true;
+  check_forward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionTest, CausalStriped) {
+  Case c{"causal striped", RingLayout::Striped};
+  c.causal = true;
+  check_forward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionTest, CausalWindowShorterThanAShard) {
+  Case c{"causal window 4"};
+  c.causal = true;
+  c.window_left = 4;
+  check_forward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionTest, TwoSidedWindowZigZag) {
+  Case c{"window 9/5 zigzag", RingLayout::ZigZag};
+  c.window_left = 9;
+  c.window_right = 5;
+  check_forward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionTest, KeyLengthsStriped) {
+  Case c{"key lengths striped", RingLayout::Striped};
+  c.causal = true;
+  c.key_lengths = true;
+  check_forward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionTest, AlibiSoftcapUneven) {
+  Case c{"alibi softcap uneven"};
+  c.causal = true;
+  c.alibi = true;
+  c.softcap = 5;
+  c.uneven = true;
+  check_forward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionTest, CrossAttentionBottomRight) {
+  Case c{"n_q 29, n_k 61, causal"};
+  c.n_q = 29;
+  c.causal = true;
+  check_forward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionTest, MultiQueryStriped) {
+  Case c{"MQA striped", RingLayout::Striped};
+  c.kv_heads = 1;
+  c.d = 8;
+  c.d_v = 16;
+  check_forward<TypeParam>(c);
+}
+
+// --- backward ------------------------------------------------------------------------------
+
+/// The largest |x| over all ranks' shards of x, and of y − x (for the error table).
+double world_max(double x) {
+  double worst = 0;
+  MPI_Allreduce(&x, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return worst;
+}
+
+template <class T>
+void check_backward(const Case& c) {
+  SCOPED_TRACE(std::string(c.name) + " P=" + std::to_string(world_size()) +
+               " rank=" + std::to_string(world_rank()) + " " + blockattn::test::seed_trace());
+  const Problem<T> p(c);
+  const ShardPositions qp = p.query_positions(p.rank);
+  const ShardPositions kp = p.key_positions(p.rank);
+  const Tensor<T> dout = Problem<T>::make(c, 4, c.n_q, c.heads, c.d_v, 1.0);
+  const Tensor<T> q_shard = take_rows(p.q, qp);
+  const Tensor<T> k_shard = take_rows(p.k, kp);
+  const Tensor<T> v_shard = take_rows(p.v, kp);
+  const Tensor<T> dout_shard = take_rows(dout, qp);
+  Tensor<T> out(c.batch, qp.size(), c.heads, c.d_v);
+  std::vector<T> lse(static_cast<std::size_t>(c.batch * c.heads * qp.size()));
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                         v_shard.view(), out.view(), p.options, lse, {c.layout});
+  Tensor<T> dq(c.batch, qp.size(), c.heads, c.d);
+  Tensor<T> dk(c.batch, kp.size(), c.kv_heads, c.d);
+  Tensor<T> dv(c.batch, kp.size(), c.kv_heads, c.d_v);
+  blockattn::TensorBackwardInputs<T> in;
+  in.q = q_shard.view();
+  in.k = k_shard.view();
+  in.v = v_shard.view();
+  in.out = std::as_const(out).view();
+  in.lse = lse;
+  in.dout = dout_shard.view();
+  blockattn::TensorGradients<T> grads;
+  grads.dq = dq.view();
+  grads.dk = dk.view();
+  grads.dv = dv.view();
+  blockattn::distributed::ring_attention_backward(MPI_COMM_WORLD, in, grads, p.options, {c.layout});
+
+  // One process: the library's backward, and the long double reference.
+  Tensor<T> full(c.batch, c.n_q, c.heads, c.d_v);
+  std::vector<T> full_lse(static_cast<std::size_t>(c.batch * c.heads * c.n_q));
+  blockattn::attention(p.q.view(), p.k.view(), p.v.view(), full.view(), p.options, full_lse);
+  Tensor<T> dq1(c.batch, c.n_q, c.heads, c.d), dk1(c.batch, c.n_k, c.kv_heads, c.d),
+      dv1(c.batch, c.n_k, c.kv_heads, c.d_v);
+  blockattn::test::backward(p.q.view(), p.k.view(), p.v.view(), std::as_const(full).view(),
+                            full_lse, dout.view(), dq1.view(), dk1.view(), dv1.view(), p.options);
+  using Long = long double;
+  const auto q_ld = p.q.template cast<Long>();
+  const auto k_ld = p.k.template cast<Long>();
+  const auto v_ld = p.v.template cast<Long>();
+  const auto dout_ld = dout.template cast<Long>();
+  Tensor<Long> ref(c.batch, c.n_q, c.heads, c.d_v);
+  std::vector<Long> ref_lse(full_lse.size());
+  blockattn::reference::attention(q_ld.view(), k_ld.view(), v_ld.view(), ref.view(), p.options,
+                                  ref_lse);
+  Tensor<Long> dq_ref(c.batch, c.n_q, c.heads, c.d), dk_ref(c.batch, c.n_k, c.kv_heads, c.d),
+      dv_ref(c.batch, c.n_k, c.kv_heads, c.d_v);
+  blockattn::test::reference_backward(q_ld.view(), k_ld.view(), v_ld.view(),
+                                      std::as_const(ref).view(), ref_lse, dout_ld.view(),
+                                      dq_ref.view(), dk_ref.view(), dv_ref.view(), p.options);
+
+  // Tolerances (support/gradient_tolerance.hpp) from the exact probabilities of each head: the
+  // reference's attention with v = I gives P itself. dK, dV of a kv head sum over its group.
+  const Index group = c.heads / c.kv_heads;
+  std::vector<double> tol_dq(static_cast<std::size_t>(c.batch * c.heads * c.n_q));
+  std::vector<double> tol_dk(static_cast<std::size_t>(c.batch * c.kv_heads * c.n_k), 0.0);
+  std::vector<double> tol_dv(tol_dk.size(), 0.0);
+  const Matrix<Long> identity = Matrix<Long>::Identity(c.n_k, c.n_k);
+  for (Index b = 0; b < c.batch; ++b) {
+    AttentionOptions one = p.options;
+    if (!p.options.key_lengths.empty()) {
+      one.key_lengths = blockattn::Span<const Index>(p.options.key_lengths.data() + b, 1);
+    }
+    for (Index h = 0; h < c.heads; ++h) {
+      const Matrix<Long> qh = p.q.head(b, h).template cast<Long>();
+      const Matrix<Long> kh = p.k.head(b, h / group).template cast<Long>();
+      Matrix<Long> prob(c.n_q, c.n_k);
+      blockattn::reference::attention(qh, kh, identity, prob, one);
+      const auto tol = blockattn::test::backward_tolerance<T>(
+          p.q.head(b, h), p.k.head(b, h / group), p.v.head(b, h / group), dout.head(b, h),
+          prob.template cast<double>(), p.scale(), p.extra(), group);
+      for (Index i = 0; i < c.n_q; ++i) {
+        tol_dq[static_cast<std::size_t>((b * c.heads + h) * c.n_q + i)] =
+            tol.dq[static_cast<std::size_t>(i)];
+      }
+      for (Index j = 0; j < c.n_k; ++j) {
+        const auto at = static_cast<std::size_t>((b * c.kv_heads + h / group) * c.n_k + j);
+        tol_dk[at] += tol.dk[static_cast<std::size_t>(j)];
+        tol_dv[at] += tol.dv[static_cast<std::size_t>(j)];
+      }
+    }
+  }
+  // Every element of this rank's shard against the reference (tol) and one process (2·tol).
+  double err[3] = {0, 0, 0};
+  double mag[3] = {0, 0, 0};
+  const auto check = [&](const char* name, const Tensor<T>& got, const ShardPositions& pos,
+                         const Tensor<T>& one_process, const Tensor<Long>& exact,
+                         const std::vector<double>& tol, int slot) {
+    for (Index b = 0; b < got.batch; ++b) {
+      for (Index i = 0; i < got.seq; ++i) {
+        for (Index h = 0; h < got.heads; ++h) {
+          const double t = tol[static_cast<std::size_t>((b * got.heads + h) * exact.seq + pos[i])];
+          for (Index col = 0; col < got.dim; ++col) {
+            const auto g = static_cast<double>(got.at(b, i, h, col));
+            const auto o = static_cast<double>(one_process.at(b, pos[i], h, col));
+            EXPECT_NEAR(g, static_cast<double>(exact.at(b, pos[i], h, col)), t)
+                << name << " b=" << b << " i=" << pos[i] << " h=" << h << " c=" << col;
+            EXPECT_NEAR(g, o, 2 * t)
+                << name << " b=" << b << " i=" << pos[i] << " h=" << h << " c=" << col;
+            err[slot] = std::max(err[slot], std::abs(g - o));
+            mag[slot] = std::max(mag[slot], std::abs(o));
+          }
+        }
+      }
+    }
+  };
+  check("dq", dq, qp, dq1, dq_ref, tol_dq, 0);
+  check("dk", dk, kp, dk1, dk_ref, tol_dk, 1);
+  check("dv", dv, kp, dv1, dv_ref, tol_dv, 2);
+  double rel[3];
+  for (int s = 0; s < 3; ++s) rel[s] = world_max(err[s]) / world_max(mag[s]);
+  if (p.rank == 0) {
+    std::printf(
+        "[ error    ] %s P=%d %s: max|ring - one process| / max|grad|: dq %.2e, dk %.2e, dv %.2e\n",
+        c.name, p.ranks, sizeof(T) == 4 ? "float" : "double", rel[0], rel[1], rel[2]);
+  }
+}
+
+template <class T>
+class RingAttentionBackwardTest : public ::testing::Test {};
+TYPED_TEST_SUITE(RingAttentionBackwardTest, Scalars, );
+
+TYPED_TEST(RingAttentionBackwardTest, CausalGqa) {
+  Case c{"backward causal GQA"};
+  c.causal = true;
+  check_backward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionBackwardTest, CausalZigZagSoftcap) {
+  Case c{"backward causal zigzag softcap", RingLayout::ZigZag};
+  c.causal = true;
+  c.softcap = 5;
+  check_backward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionBackwardTest, WindowKeyLengthsStriped) {
+  Case c{"backward window key lengths striped", RingLayout::Striped};
+  c.window_left = 6;
+  c.window_right = 2;
+  c.key_lengths = true;
+  check_backward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionBackwardTest, CausalWindowUnevenShortRing) {
+  Case c{"backward causal window 4 uneven"};
+  c.causal = true;
+  c.window_left = 4;
+  c.uneven = true;
+  check_backward<TypeParam>(c);
+}
+
+// --- the BPT layer, sharded ---------------------------------------------------------------
+
+/// Random weights of every field (multiples of 1/64, scaled by fan-in so activations stay O(1)).
+template <class T>
+blockattn::TransformerBlockWeights<T> random_weights(Index model, Index heads, Index kv_heads,
+                                                     Index ffn) {
+  std::mt19937_64 rng = blockattn::test::make_rng(11);
+  auto w = blockattn::make_transformer_block_weights<T>(model, heads, ffn, kv_heads);
+  const auto fill = [&](auto& m, double scale, double offset) {
+    for (Index r = 0; r < m.rows(); ++r) {
+      for (Index c = 0; c < m.cols(); ++c) {
+        m(r, c) = static_cast<T>(offset) + blockattn::test::random_value<T>(rng, -scale, scale);
+      }
+    }
+  };
+  const double a = 2.0 / std::sqrt(static_cast<double>(model));
+  for (auto* m : {&w.wq, &w.wk, &w.wv, &w.wo, &w.w1}) fill(*m, a, 0);
+  fill(w.w2, 2.0 / std::sqrt(static_cast<double>(ffn)), 0);
+  for (auto* b : {&w.bq, &w.bk, &w.bv, &w.bo, &w.b1, &w.b2, &w.ln1_beta, &w.ln2_beta}) {
+    fill(*b, 0.25, 0);
+  }
+  fill(w.ln1_gamma, 0.25, 1);
+  fill(w.ln2_gamma, 0.25, 1);
+  return w;
+}
+
+template <class T>
+void check_layer(RingLayout layout, bool causal) {
+  const int ranks = world_size();
+  const int rank = world_rank();
+  SCOPED_TRACE("P=" + std::to_string(ranks) + " rank=" + std::to_string(rank) + " " +
+               blockattn::test::seed_trace());
+  const Index n = 45, model = 32, heads = 4, kv_heads = 2, ffn = 48;
+  const auto w = random_weights<T>(model, heads, kv_heads, ffn);
+  std::mt19937_64 rng = blockattn::test::make_rng(12);
+  const Matrix<T> x = blockattn::test::random_matrix<T>(rng, n, model);
+  const ShardPositions p = blockattn::distributed::shard_positions(layout, n, ranks, rank);
+  Matrix<T> x_shard(p.size(), model);
+  for (Index i = 0; i < p.size(); ++i) x_shard.row(i) = x.row(p[i]);
+  blockattn::BlockOptions options;
+  options.causal = causal;
+  options.query_block = 8;
+  options.ffn_chunk = 20;
+  Matrix<T> y_shard(p.size(), model);
+  blockattn::distributed::ring_transformer_block(MPI_COMM_WORLD, w, x_shard, y_shard, options,
+                                                 {layout});
+  // In place gives the same bits.
+  Matrix<T> in_place = x_shard;
+  blockattn::distributed::ring_transformer_block(MPI_COMM_WORLD, w, in_place, in_place, options,
+                                                 {layout});
+  EXPECT_EQ(in_place, y_shard);
+
+  using Long = long double;
+  const auto w_long = blockattn::test::cast_weights<Long>(w);
+  const Matrix<Long> x_long = x.template cast<Long>();
+  Matrix<Long> exact(n, model);
+  blockattn::reference::transformer_block(w_long, x_long, exact, options);
+  const Matrix<Long> bound = blockattn::test::layer_error_bound<T>(w_long, x_long, causal);
+  for (Index i = 0; i < p.size(); ++i) {
+    for (Index c = 0; c < model; ++c) {
+      EXPECT_LE(std::abs(static_cast<Long>(y_shard(i, c)) - exact(p[i], c)), bound(p[i], c))
+          << "token " << p[i] << ", feature " << c;
+    }
+  }
+}
+
+TYPED_TEST(RingAttentionTest, TransformerBlockZigZagCausal) {
+  check_layer<TypeParam>(RingLayout::ZigZag, /*causal=*/true);
+}
+
+TYPED_TEST(RingAttentionTest, TransformerBlockContiguous) {
+  check_layer<TypeParam>(RingLayout::Contiguous, /*causal=*/false);
+}
+
+// Ring steps that no rank needs are not run: a causal window shorter than every shard needs the
+// own shard and the left neighbour's (2 steps); plain causal and full attention need all P, and
+// so does a window over striped shards (every shard spans the whole sequence).
+TEST(RingPlanTest, StepsThatNoRankNeedsAreDropped) {
+  namespace dd = blockattn::distributed::detail;
+  const int ranks = world_size();
+  const Index n = 64 * ranks;
+  const auto steps = [&](const AttentionOptions& options, RingLayout layout) {
+    const dd::RingComm comm(MPI_COMM_WORLD, "test");
+    const ShardPositions p = blockattn::distributed::shard_positions(layout, n, ranks, comm.rank());
+    std::vector<float> x(static_cast<std::size_t>(p.size() * 4));
+    const auto view = blockattn::make_tensor_view<const float>(x.data(), 1, p.size(), 1, 4);
+    const blockattn::distributed::RingOptions ring{layout};
+    return dd::make_plan(comm, "test", dd::describe<float>(view, view, view, options, ring, ""), "",
+                         options, ring)
+        .steps;
+  };
+  AttentionOptions causal;
+  causal.causal = true;
+  EXPECT_EQ(steps(causal, RingLayout::Contiguous), ranks);
+  EXPECT_EQ(steps(causal, RingLayout::ZigZag), ranks);
+  AttentionOptions window = causal;
+  window.window_left = 10;
+  EXPECT_EQ(steps(window, RingLayout::Contiguous), std::min(ranks, 2));
+  EXPECT_EQ(steps(window, RingLayout::Striped), ranks);  // every shard holds neighbours
+  AttentionOptions full;
+  EXPECT_EQ(steps(full, RingLayout::Contiguous), ranks);
+}
+
+TEST(RingLayoutTest, ShardAndUnshardRoundTrip) {
+  for (const RingLayout layout :
+       {RingLayout::Contiguous, RingLayout::ZigZag, RingLayout::Striped}) {
+    for (const int ranks : {1, 3, 4}) {
+      std::mt19937_64 rng = blockattn::test::make_rng(7);
+      const Tensor<float> global = random_tensor<float>(rng, 2, 23, 3, 5, 1.0);
+      Tensor<float> back(2, 23, 3, 5);
+      std::vector<char> seen(23, 0);
+      for (int r = 0; r < ranks; ++r) {
+        const ShardPositions p = blockattn::distributed::shard_positions(layout, 23, ranks, r);
+        for (Index i = 0; i < p.size(); ++i) {
+          ++seen[static_cast<std::size_t>(p[i])];
+          if (i > 0) {
+            EXPECT_LT(p[i - 1], p[i]);
+          }
+        }
+        Tensor<float> shard(2, p.size(), 3, 5);
+        blockattn::distributed::shard_sequence(global.view(), layout, ranks, r, shard.view());
+        blockattn::distributed::unshard_sequence(std::as_const(shard).view(), layout, ranks, r,
+                                                 back.view());
+      }
+      EXPECT_EQ(back.data, global.data);
+      EXPECT_THAT(seen, ::testing::Each(1)) << "every position on exactly one rank";
+    }
+  }
+  // Zig-zag: rank r of P holds chunks r and 2P − 1 − r of 2P.
+  const ShardPositions z = blockattn::distributed::shard_positions(RingLayout::ZigZag, 16, 4, 1);
+  EXPECT_EQ(z.start[0], 2);
+  EXPECT_EQ(z.start[1], 12);
+  EXPECT_EQ(z.size(), 4);
+}
+
+// Collective validation: a rank that disagrees, or one whose own arguments are bad, makes every
+// rank throw the same std::invalid_argument before any ring message (nobody is left waiting).
+TEST(RingAttentionValidationTest, DisagreeingOptionsThrowOnEveryRank) {
+  Case c{"disagree"};
+  const Problem<float> p(c);
+  const ShardPositions qp = p.query_positions(p.rank);
+  const Tensor<float> q_shard = take_rows(p.q, qp);
+  const Tensor<float> k_shard = take_rows(p.k, p.key_positions(p.rank));
+  const Tensor<float> v_shard = take_rows(p.v, p.key_positions(p.rank));
+  Tensor<float> out(c.batch, qp.size(), c.heads, c.d_v);
+  AttentionOptions options;
+  options.causal = p.rank == p.ranks - 1;  // only the last rank asks for causal
+  if (p.ranks > 1) {
+    EXPECT_THAT(
+        [&] {
+          blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                                 v_shard.view(), out.view(), options);
+        },
+        ::testing::ThrowsMessage<std::invalid_argument>(
+            ::testing::HasSubstr("options.causal differs between rank 0")));
+  }
+  Tensor<float> bad_out(c.batch, qp.size(), c.heads, p.rank == p.ranks - 1 ? c.d_v + 1 : c.d_v);
+  EXPECT_THAT(
+      [&] {
+        blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                               v_shard.view(), bad_out.view());
+      },
+      ::testing::ThrowsMessage<std::invalid_argument>(
+          ::testing::AllOf(::testing::HasSubstr("out.dim"),
+                           ::testing::HasSubstr("on rank " + std::to_string(p.ranks - 1)))));
+}
+
+// A too-short lse Span on one rank (here the last) makes every rank throw, naming lse and both
+// sizes; so does a too-short options.key_lengths, which the ring reads on global positions.
+TEST(RingAttentionValidationTest, ShortSpansThrowOnEveryRank) {
+  Case c{"short spans"};
+  const Problem<float> p(c);
+  const ShardPositions qp = p.query_positions(p.rank);
+  const Tensor<float> q_shard = take_rows(p.q, qp);
+  const Tensor<float> k_shard = take_rows(p.k, p.key_positions(p.rank));
+  const Tensor<float> v_shard = take_rows(p.v, p.key_positions(p.rank));
+  Tensor<float> out(c.batch, qp.size(), c.heads, c.d_v);
+  const Index rows = c.batch * c.heads * qp.size();
+  const bool last = p.rank == p.ranks - 1;
+  std::vector<float> lse(static_cast<std::size_t>(last ? rows - 1 : rows));
+  // Every rank sees the last rank's message (and must expect it: gmock calls the lambda again to
+  // explain a mismatch, which would start one more collective call on this rank only).
+  const Index last_rows = c.batch * c.heads * p.query_positions(p.ranks - 1).size();
+  const std::string where = "on rank " + std::to_string(p.ranks - 1);
+  EXPECT_THAT(
+      [&] {
+        blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                               v_shard.view(), out.view(), {}, lse);
+      },
+      ::testing::ThrowsMessage<std::invalid_argument>(
+          ::testing::AllOf(::testing::HasSubstr("lse.size() is " + std::to_string(last_rows - 1)),
+                           ::testing::HasSubstr("batch·heads·n_q is " + std::to_string(last_rows)),
+                           ::testing::HasSubstr(where))));
+
+  // The backward requires lse: the same check, with the last rank's lse too short.
+  lse.resize(static_cast<std::size_t>(rows));
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                         v_shard.view(), out.view(), {}, lse);
+  Tensor<float> dq(c.batch, qp.size(), c.heads, c.d);
+  Tensor<float> dk(k_shard.batch, k_shard.seq, k_shard.heads, k_shard.dim);
+  Tensor<float> dv(v_shard.batch, v_shard.seq, v_shard.heads, v_shard.dim);
+  blockattn::TensorBackwardInputs<float> in;
+  in.q = q_shard.view();
+  in.k = k_shard.view();
+  in.v = v_shard.view();
+  in.out = std::as_const(out).view();
+  in.lse = blockattn::Span<const float>(lse.data(), last ? rows - 1 : rows);
+  in.dout = std::as_const(out).view();
+  blockattn::TensorGradients<float> grads;
+  grads.dq = dq.view();
+  grads.dk = dk.view();
+  grads.dv = dv.view();
+  EXPECT_THAT([&] { blockattn::distributed::ring_attention_backward(MPI_COMM_WORLD, in, grads); },
+              ::testing::ThrowsMessage<std::invalid_argument>(::testing::AllOf(
+                  ::testing::HasSubstr("ring_attention_backward"),
+                  ::testing::HasSubstr("lse.size() is " + std::to_string(last_rows - 1)),
+                  ::testing::HasSubstr(where))));
+
+  const std::vector<Index> lengths(static_cast<std::size_t>(last ? c.batch - 1 : c.batch), c.n_k);
+  AttentionOptions options;
+  options.key_lengths = lengths;
+  EXPECT_THAT(
+      [&] {
+        blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
+                                               v_shard.view(), out.view(), options);
+      },
+      ::testing::ThrowsMessage<std::invalid_argument>(::testing::AllOf(
+          ::testing::HasSubstr("options.key_lengths.size() is " + std::to_string(c.batch - 1)),
+          ::testing::HasSubstr(where))));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  ::testing::InitGoogleMock(&argc, argv);
+  if (world_rank() != 0) GTEST_FLAG_SET(brief, true);  // other ranks print failures only
+  const int result = RUN_ALL_TESTS();
+  int worst = 0;
+  MPI_Allreduce(&result, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  MPI_Finalize();
+  return worst;
+}
