@@ -31,7 +31,15 @@ if(BLOCKATTN_BUILD_TESTS OR BLOCKATTN_BUILD_EXAMPLES)
 endif()
 
 if(BLOCKATTN_BUILD_TESTS)
-  find_package(GTest 1.11 QUIET)
+  if(BLOCKATTN_GTEST_SOURCE_DIR)
+    # A cross build cannot link the host's libgtest: compile GoogleTest for the target from a
+    # source tree (Debian's libgtest-dev ships it in /usr/src/googletest; the neon preset).
+    set(INSTALL_GTEST OFF CACHE BOOL "" FORCE)
+    add_subdirectory("${BLOCKATTN_GTEST_SOURCE_DIR}" "${CMAKE_BINARY_DIR}/_deps/googletest-build"
+                     EXCLUDE_FROM_ALL)
+  else()
+    find_package(GTest 1.11 QUIET)
+  endif()
   if(NOT TARGET GTest::gmock_main)
     message(STATUS "blockattn: GoogleTest not found on the system; fetching 1.12.1")
     FetchContent_Declare(googletest

@@ -244,7 +244,9 @@ T activation_value(Activation activation, T x) {
     case Activation::GeluErf:
       return x * (T(1) + std::erf(x / std::sqrt(T(2)))) / T(2);
     case Activation::GeluTanh:
-      return x * (T(1) + std::tanh(std::sqrt(T(2) / pi) * (x + T(0.044715) * x * x * x))) / T(2);
+      // 0.044715L: T(0.044715) would round the decimal to double first, 1e-17 off in a 113-bit
+      // long double (AArch64); for float and double both spellings give the same value.
+      return x * (T(1) + std::tanh(std::sqrt(T(2) / pi) * (x + T(0.044715L) * x * x * x))) / T(2);
     case Activation::Relu:
       return std::max(x, T(0));
   }

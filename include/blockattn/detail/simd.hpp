@@ -4,6 +4,9 @@
 // capable first: AVX-512F (__AVX512F__), AVX2 + FMA (__AVX2__ and __FMA__), NEON on AArch64
 // (__ARM_NEON and __aarch64__), SSE2 (__SSE2__), and a scalar fallback (one lane). There is no
 // runtime dispatch: `-march=native` (or `-mavx2 -mfma`, …) is the whole configuration.
+// Defining BLOCKATTN_FORCE_SCALAR (e.g. -DBLOCKATTN_FORCE_SCALAR) selects the scalar fallback
+// whatever the flags, so the path of targets without any of these ISAs is built and tested on
+// every machine (the `scalar` preset). It must be the same in every translation unit of a program.
 //
 // Every ISA provides, in `Simd<T>` for T = float and double:
 //   V, kLanes, kName                      the register type, its lane count, the ISA's name
@@ -40,7 +43,9 @@
 
 #include <blockattn/detail/config.hpp>
 
-#if defined(__AVX512F__)
+#if defined(BLOCKATTN_FORCE_SCALAR)
+#define BLOCKATTN_SIMD_SCALAR 1
+#elif defined(__AVX512F__)
 #define BLOCKATTN_SIMD_AVX512 1
 #include <immintrin.h>
 #elif defined(__AVX2__) && defined(__FMA__)
