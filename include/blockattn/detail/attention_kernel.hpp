@@ -25,6 +25,7 @@
 #include <blockattn/detail/online_state.hpp>
 #include <blockattn/detail/parallel.hpp>
 #include <blockattn/detail/prefill_kernel.hpp>
+#include <blockattn/detail/simd.hpp>
 #include <blockattn/detail/workspace.hpp>
 #include <blockattn/mask.hpp>
 #include <blockattn/types.hpp>
@@ -88,13 +89,19 @@ struct ForwardOutput {
 /// Copies the queries of the rows `t` into `queries` [t.rows(), d], multiplied by the scale.
 template <class T>
 void gather_scaled_queries(const TensorView<const T>& q, const TileRows& t, T scale, T* queries) {
+  using S = simd::Simd<T>;
+  const typename S::V factor = S::set1(scale);
   const Index d = q.dim;
   for (Index g = 0; g < t.group; ++g) {
     const auto q_head = head_slice(q, t.b, t.h0 + g);
     for (Index r = 0; r < t.rows_per_head; ++r) {
       T* dst = queries + (g * t.rows_per_head + r) * d;
       const T* src = q_head.data() + (t.q0 + r) * q_head.outerStride();
-      for (Index c = 0; c < d; ++c) dst[c] = src[c] * scale;
+      // Whole vectors explicitly: GCC -O2 does not vectorise a loop of unknown count.
+      Index c = 0;
+      for (; c + S::kLanes <= d; c += S::kLanes)
+        S::store(dst + c, S::mul(S::load(src + c), factor));
+      for (; c < d; ++c) dst[c] = src[c] * scale;
     }
   }
 }

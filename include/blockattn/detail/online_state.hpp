@@ -141,6 +141,17 @@ inline void softmax_tile_update(T* s, Index ld_s, Index rows, Index n_keys, T sc
   }
 }
 
+/// x as rounded to T, through an opaque copy: the compiler cannot fuse the product that made x
+/// into a following addition (a contracted a·x + b·y rounds one product only, so merging state A
+/// into B and B into A would differ in the last bit).
+template <class T>
+inline T rounded(T x) {
+#if defined(__GNUC__) || defined(__clang__)
+  __asm__("" : "+m"(x));
+#endif
+  return x;
+}
+
 /// The one merge rule (the ⊕ of Milakov & Gimelshein, section 3.1, extended to the output): the
 /// state (m_a, l_a, acc_a) of one row becomes the state of the union of its keys and the disjoint
 /// keys of (m_b, l_b, acc_b): m = max(m_a, m_b), l = α·l_a + β·l_b, acc = α·acc_a + β·acc_b with
@@ -173,7 +184,7 @@ void merge_row(T& m_a, T& l_a, AccA* acc_a, T m_b, T l_b, const AccB* acc_b, Ind
       acc_a[c] =
           static_cast<AccA>(alpha * static_cast<T>(acc_a[c]) + beta * static_cast<T>(acc_b[c]));
     }
-    l_a = alpha * l_a + beta * l_b;
+    l_a = rounded(alpha * l_a) + rounded(beta * l_b);  // commutative, even where FMA contracts
   }
   m_a = m_new;
 }
