@@ -64,6 +64,9 @@
 #define BLOCKATTN_KERNEL_SCALAR_MESSAGE                                                 \
   "blockattn: the element type must be float or double (long double runs only through " \
   "blockattn::reference)"
+#define BLOCKATTN_STORAGE_SCALAR_MESSAGE                                                      \
+  "blockattn: the element type must be float, double, Eigen::bfloat16 or Eigen::half (long " \
+  "double runs only through blockattn::reference)"
 #define BLOCKATTN_REFERENCE_SCALAR_MESSAGE \
   "blockattn::reference: the element type must be float, double or long double"
 
@@ -76,6 +79,16 @@ inline constexpr bool kIsOneOf = (std::is_same_v<T, List> || ...);
 /// The element types of the fast kernels (SIMD micro-kernels exist for them).
 template <class T>
 inline constexpr bool kKernelScalar = kIsOneOf<T, float, double>;
+
+/// The 16-bit floating-point storage formats: read widened to float, accumulated in float,
+/// written rounded once (detail/convert.hpp).
+template <class T>
+inline constexpr bool kIs16BitFloat = kIsOneOf<T, Eigen::bfloat16, Eigen::half>;
+
+/// The storage types the fast entry points accept for their tensors: the kernel scalars plus the
+/// 16-bit formats, which compute in accumulator_t<T> (float).
+template <class T>
+inline constexpr bool kStorageScalar = kKernelScalar<T> || kIs16BitFloat<T>;
 
 /// The element types of blockattn::reference: the kernels' types plus long double (the tests'
 /// oracle precision).
