@@ -64,7 +64,7 @@
 #define BLOCKATTN_KERNEL_SCALAR_MESSAGE                                                 \
   "blockattn: the element type must be float or double (long double runs only through " \
   "blockattn::reference)"
-#define BLOCKATTN_STORAGE_SCALAR_MESSAGE                                                      \
+#define BLOCKATTN_STORAGE_SCALAR_MESSAGE                                                     \
   "blockattn: the element type must be float, double, Eigen::bfloat16 or Eigen::half (long " \
   "double runs only through blockattn::reference)"
 #define BLOCKATTN_REFERENCE_SCALAR_MESSAGE \
