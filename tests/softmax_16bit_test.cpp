@@ -739,6 +739,26 @@ TYPED_TEST(Softmax16Test, BadArgumentsThrowNamingTheArgumentAndWriteNothing) {
   OnlineSoftmax<float> state;
   EXPECT_THAT([&] { state.update(row.data(), -1); },
               ThrowsMessage<std::invalid_argument>(HasSubstr("n is -1")));
+  // merge_attention_states with a 16-bit out: a part of the wrong width, a short lse; out keeps
+  // its NaN sentinel.
+  const Matrix<S> a = Matrix<S>::Constant(3, 4, S(1.0f));
+  const Matrix<S> b = Matrix<S>::Constant(3, 5, S(1.0f));
+  const std::vector<float> lse3(3, 0.0f);
+  const std::vector<float> lse2(2, 0.0f);
+  Matrix<S> out = Matrix<S>::Constant(3, 4, nan_of<S>());
+  const auto merge = [&](const Matrix<S>& second, const std::vector<float>& second_lse) {
+    const std::vector<blockattn::AttentionState<S>> parts = {
+        {blockattn::ConstMatrixView<S>(a), blockattn::Span<const float>(lse3)},
+        {blockattn::ConstMatrixView<S>(second), blockattn::Span<const float>(second_lse)}};
+    blockattn::merge_attention_states(parts, out);
+  };
+  EXPECT_THAT([&] { merge(b, lse3); },
+              ThrowsMessage<std::invalid_argument>(AllOf(
+                  HasSubstr("blockattn::merge_attention_states"),
+                  HasSubstr("parts[1].out.cols() is 5"), HasSubstr("parts[0].out.cols() is 4"))));
+  EXPECT_THAT([&] { merge(a, lse2); },
+              ThrowsMessage<std::invalid_argument>(HasSubstr("parts[1].lse.size() is 2")));
+  EXPECT_TRUE(widen_matrix(out).array().isNaN().all());
 }
 
 }  // namespace
