@@ -587,12 +587,13 @@ TYPED_TEST(Softmax16Test, MergeMatchesTheLongDoubleFormula) {
       Real l = 0;
       Real max_out = 0;
       for (Index p = 0; p < count; ++p) {
-        const Real lp = parts.lse[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)];
+        const Real lp =
+            static_cast<Real>(parts.lse[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)]);
         if (std::isinf(lp)) continue;
         l += std::exp(lp - m);
         for (Index c = 0; c < d_v; ++c) {
-          max_out = std::max(max_out,
-                             std::fabs(static_cast<Real>(static_cast<float>(parts.out[p](i, c)))));
+          max_out = std::max(max_out, std::fabs(static_cast<Real>(static_cast<float>(
+                                          parts.out[static_cast<std::size_t>(p)](i, c)))));
         }
       }
       const Real lse_expected = m + std::log(l);
@@ -602,9 +603,12 @@ TYPED_TEST(Softmax16Test, MergeMatchesTheLongDoubleFormula) {
       for (Index c = 0; c < d_v; ++c) {
         Real expected = 0;
         for (Index p = 0; p < count; ++p) {
-          const Real lp = parts.lse[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)];
+          const Real lp = static_cast<Real>(
+              parts.lse[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)]);
           if (std::isinf(lp)) continue;
-          expected += std::exp(lp - m) * static_cast<Real>(static_cast<float>(parts.out[p](i, c)));
+          expected +=
+              std::exp(lp - m) *
+              static_cast<Real>(static_cast<float>(parts.out[static_cast<std::size_t>(p)](i, c)));
         }
         expected /= l;
         const Real tol =
