@@ -15,6 +15,7 @@
 
 #include <blockattn/detail/attention_kernel.hpp>
 #include <blockattn/detail/check.hpp>
+#include <blockattn/detail/convert.hpp>
 #include <blockattn/detail/online_state.hpp>
 #include <blockattn/detail/parallel.hpp>
 #include <blockattn/detail/workspace.hpp>
@@ -393,6 +394,63 @@ void merge_parts_row(Index parts, Index first, const Row& row, const Lse& lse, O
   finalize_row(m, l, out_row, out_row, d_v, lse_out);
 }
 
+/// Columns per block of the float buffers of a merge that involves a 16-bit format (1 KiB each,
+/// on the stack).
+inline constexpr Index kMergeColumns = 256;
+
+/// merge_parts_row() when the output O or the parts' P is bfloat16 or half (and A is float): the
+/// merge runs kMergeColumns columns at a time in two stack buffers of A, the running output and
+/// the current part's row block (a 16-bit part is widened into it with StorageIo; a float part is
+/// read in place), so each column goes through exactly the float merge's arithmetic — the same
+/// merge_row<A, A, A> as float parts into a float output — and out_row is written once per block
+/// (a 16-bit O rounded once). Hence bitwise round(float merge of the widened parts). The finiteness
+/// test that lets a part of weight 0 be skipped (merge_row) sees one block only: with d_v >
+/// kMergeColumns that can change the sign of a zero in a row that holds inf or NaN, nothing else.
+/// lse_out is written after the last block has read every part's lse (it may be one of them).
+/// O(parts·d_v), no heap.
+template <class A, class O, class Row, class Lse>
+void merge_parts_row_blocked(Index parts, Index first, const Row& row, const Lse& lse, O* out_row,
+                             Index d_v, A* lse_out) {
+  static_assert(std::is_same_v<A, float>, "blockattn: 16-bit formats merge in float");
+  A acc[kMergeColumns];
+  A part[kMergeColumns];
+  Index c0 = 0;
+  do {
+    const Index width = std::min(kMergeColumns, d_v - c0);
+    const bool last = c0 + width >= d_v;
+    const auto part_block = [&](Index p) -> const A* {
+      const auto* src = row(p) + c0;
+      if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(src)>>, A>) {
+        return src;
+      } else {
+        widen(src, width, part);
+        return part;
+      }
+    };
+    merge_parts_row<A>(parts, first, part_block, lse, acc, width,
+                       last ? lse_out : static_cast<A*>(nullptr));
+    if constexpr (std::is_same_v<O, A>) {
+      std::copy(acc, acc + width, out_row + c0);
+    } else {
+      narrow(acc, width, out_row + c0);
+    }
+    c0 += width;
+  } while (c0 < d_v);
+}
+
+/// The merge of one row into an output of type O: in place in out_row when neither O nor the
+/// parts are 16-bit (or O is double), else merge_parts_row_blocked().
+template <class A, class O, class Row, class Lse>
+void merge_row_into(Index parts, Index first, const Row& row, const Lse& lse, O* out_row, Index d_v,
+                    A* lse_out) {
+  using P = std::remove_cv_t<std::remove_pointer_t<decltype(row(Index(0)))>>;
+  if constexpr ((kIs16BitFloat<O> || kIs16BitFloat<P>)&&std::is_same_v<A, float>) {
+    merge_parts_row_blocked<A>(parts, first, row, lse, out_row, d_v, lse_out);
+  } else {
+    merge_parts_row<A>(parts, first, row, lse, out_row, d_v, lse_out);
+  }
+}
+
 }  // namespace detail
 
 /// Exact merge of N attention results over disjoint key sets of the same queries: the (out, lse)
@@ -405,7 +463,9 @@ void merge_parts_row(Index parts, Index first, const Row& row, const Lse& lse, O
 /// reaches out even when that part's weight underflows to 0. The basis of split-KV decode and of
 /// distributed attention. lse is natural-log (lse_to_base2 / lse_from_base2 convert FlashInfer's).
 /// `parts`: a std::vector, std::array or Span of AttentionState<P>, at least one.
-/// Element types: out float or double, deduced; the parts' P float or double.
+/// Element types: out float, double, Eigen::bfloat16 or Eigen::half, deduced; the parts' P any of
+/// the four. The merge runs in accumulator_t of out's type (float for the 16-bit formats, with
+/// float lse); a 16-bit out is rounded once at the end, bitwise round(the float merge).
 /// Shapes: every parts[p].out [n_q, d_v], parts[p].lse [n_q] (required); out [n_q, d_v]; lse
 /// [n_q] or empty. Time O(N·n_q·d_v) over `threads` threads (0: all; rows are independent, so
 /// the result is bitwise the same for any count), no extra memory.
@@ -420,8 +480,8 @@ void merge_attention_states(const Parts& parts_, const Eigen::MatrixBase<O>& out
   using A = accumulator_t<T>;
   const auto parts = detail::parts_span(parts_);
   using P = typename std::remove_const_t<typename decltype(parts)::element_type>::value_type;
-  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
-  static_assert(detail::kKernelScalar<P>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
+  static_assert(detail::kStorageScalar<P>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
   detail::check_matrix_arguments<T, O>();
   detail::check_matrix_outputs<O>();
   MatrixView<T> out = detail::writable_view(out_);
@@ -480,7 +540,7 @@ void merge_attention_states(const Parts& parts_, const Eigen::MatrixBase<O>& out
   }
   const Index first = aliased >= 0 ? aliased : 0;
   detail::parallel_for(n_q, detail::resolve_threads(threads, n_q), [&](Index i, int) {
-    detail::merge_parts_row<A>(
+    detail::merge_row_into<A>(
         parts.size(), first, [&](Index p) { return parts[p].out.row(i).data(); },
         [&](Index p) { return static_cast<A>(parts[p].lse[i]); }, out.row(i).data(), d_v,
         lse.empty() ? static_cast<A*>(nullptr) : lse.data() + i);
@@ -499,7 +559,7 @@ void merge_attention_states(const Eigen::MatrixBase<A_>& out_a,
                             const Eigen::MatrixBase<O>& out,
                             Span<accumulator_t<typename O::Scalar>> lse = {}) {
   using P = typename A_::Scalar;
-  static_assert(detail::kKernelScalar<typename O::Scalar>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  static_assert(detail::kStorageScalar<typename O::Scalar>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
   detail::check_matrix_arguments<P, A_, B>();
   const std::array<AttentionState<P>, 2> parts = {
       AttentionState<P>{ConstMatrixView<P>(out_a.derived()), lse_a},
@@ -521,9 +581,9 @@ void merge_attention_states(const Parts& parts_, TensorView<OT> out,
   using A = accumulator_t<T>;
   const auto parts = detail::parts_span(parts_);
   using P = typename std::remove_const_t<typename decltype(parts)::element_type>::value_type;
-  static_assert(detail::kKernelScalar<std::remove_const_t<T>>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  static_assert(detail::kStorageScalar<std::remove_const_t<T>>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
   static_assert(!std::is_const_v<T>, "blockattn: out must be a writable TensorView<T>");
-  static_assert(detail::kKernelScalar<P>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  static_assert(detail::kStorageScalar<P>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
   const char* function = "merge_attention_states";
   detail::require(!parts.empty(), function, "parts is empty (at least one part to merge)");
   detail::require(threads >= 0, function, "threads is ", threads, " but must be >= 0 (0: all)");
@@ -593,7 +653,7 @@ void merge_attention_states(const Parts& parts_, TensorView<OT> out,
     const Index h = bh % heads;
     for (Index i = 0; i < n_q; ++i) {
       const Index at = bh * n_q + i;  // lse index [b, h, i]
-      detail::merge_parts_row<A>(
+      detail::merge_row_into<A>(
           parts.size(), first, [&](Index p) { return parts[p].out.at(b, i, h); },
           [&](Index p) { return static_cast<A>(parts[p].lse[at]); }, out.at(b, i, h), d_v,
           lse.empty() ? static_cast<A*>(nullptr) : lse.data() + at);

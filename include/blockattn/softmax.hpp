@@ -8,6 +8,12 @@
 //   −inf entries get probability 0; a row of only −inf gets all zeros (never NaN);
 //   +inf entries share the probability equally and every other entry gets 0;
 //   a NaN anywhere in a row makes the whole row NaN.
+//
+// Element types: float, double, Eigen::bfloat16 and Eigen::half rows. A 16-bit row is widened to
+// float in registers as it streams (detail/convert.hpp; no converted copy), every max, exp and sum
+// is the float computation, and a 16-bit output is rounded once, at the end; so a 16-bit call
+// gives bitwise the float call on the widened row, rounded. The special values above hold for
+// every format (a NaN or inf in a bf16 row is a NaN or inf of its float).
 
 #include <algorithm>
 #include <cmath>
@@ -19,10 +25,17 @@
 #include <Eigen/Core>
 
 #include <blockattn/detail/check.hpp>
+#include <blockattn/detail/config.hpp>
+#include <blockattn/detail/convert.hpp>
 #include <blockattn/detail/exp.hpp>
 #include <blockattn/detail/online_state.hpp>
 #include <blockattn/detail/simd.hpp>
 #include <blockattn/types.hpp>
+
+// The static_assert message of an output whose element type does not fit the input's.
+#define BLOCKATTN_SOFTMAX_OUTPUT_MESSAGE                                                   \
+  "blockattn: a softmax output holds the input's element type or its compute type (float " \
+  "for bfloat16 and half inputs)"
 
 namespace blockattn {
 
@@ -46,8 +59,8 @@ template <class T>
 struct OnlineSoftmax;
 
 namespace detail::softmax_kernel {
-template <class T>
-OnlineSoftmax<T> online_state_of(const T* x, Index n);
+template <class S>
+OnlineSoftmax<accumulator_t<S>> online_state_of(const S* x, Index n);
 }  // namespace detail::softmax_kernel
 
 /// The running (max, sum) of an online softmax: after seeing x_1..x_n, max = max_j x_j and
@@ -56,12 +69,20 @@ OnlineSoftmax<T> online_state_of(const T* x, Index n);
 /// merge() is the paper's ⊕: associative and commutative up to rounding (each merge adds at most
 /// a few ulp of relative error to sum; the max is exact). NaN values are ignored by max and make
 /// sum NaN. O(1) space.
+/// T is the state's type, float or double (long double too, for checking). A float state takes
+/// float, Eigen::bfloat16 and Eigen::half values (widened exactly): the state of 16-bit rows is
+/// OnlineSoftmax<accumulator_t<S>>, i.e. OnlineSoftmax<float>, and merges with any other.
 template <class T>
 struct OnlineSoftmax {
+  static_assert(!detail::kIs16BitFloat<T>,
+                "blockattn: OnlineSoftmax keeps its state in float for bfloat16 and half rows: "
+                "use OnlineSoftmax<float> (OnlineSoftmax<accumulator_t<S>>), whose update() takes "
+                "16-bit values");
+
   T max = detail::kNegativeInfinity<T>;  ///< largest value seen, −inf when none
   T sum = T(0);                          ///< Σ exp(x − max) over the values seen
 
-  /// Adds one value. O(1).
+  /// Adds one value (a bfloat16 or half converts to float exactly). O(1).
   void update(T x) {
     const T new_max = detail::running_max(max, x);
     sum = sum * detail::rescale_factor(max, new_max) + detail::softmax_weight(x, new_max);
@@ -72,15 +93,32 @@ struct OnlineSoftmax {
   /// values are taken in L1-sized tiles, each tile's (max, sum) computed while it is in L1 and
   /// merged in, so the result equals n calls of update(x) up to rounding. O(n) time, no
   /// allocation. Throws std::invalid_argument if n < 0 or x is null with n > 0.
-  void update(const T* x, Index n) {
-    detail::require(n >= 0, "OnlineSoftmax::update", "n is ", n, " but must be >= 0");
-    detail::require(n == 0 || x != nullptr, "OnlineSoftmax::update", "x is null but n is ", n);
-    merge(detail::softmax_kernel::online_state_of(x, n));
+  void update(const T* x, Index n) { update_row(x, n); }
+
+  /// The same for a row of bfloat16 or half values (T = float): each vector widened in registers
+  /// as it is loaded, no copy; the state equals that of the widened row, bitwise.
+  template <class S, std::enable_if_t<
+                         detail::kIs16BitFloat<S> && std::is_same_v<accumulator_t<S>, T>, int> = 0>
+  void update(const S* x, Index n) {
+    update_row(x, n);
   }
 
   /// Adds the values of a row vector (a RowVector, a row of a row-major Matrix, a Map of a
   /// buffer; anything else is copied into a temporary first). Same as update(x.data(), x.size()).
   void update(const Eigen::Ref<const RowVector<T>>& x) { update(x.data(), x.size()); }
+
+  /// Adds the values of a contiguous vector of bfloat16 or half (T = float; a strided one is a
+  /// compile-time error: it is not copied). Same as update(x.data(), x.size()).
+  template <class X, std::enable_if_t<detail::kIs16BitFloat<typename X::Scalar>, int> = 0>
+  void update(const Eigen::MatrixBase<X>& x) {
+    static_assert(std::is_same_v<accumulator_t<typename X::Scalar>, T>,
+                  "blockattn: bfloat16 and half values go into an OnlineSoftmax<float>");
+    static_assert(X::IsVectorAtCompileTime && (X::Flags & Eigen::DirectAccessBit) != 0 &&
+                      X::InnerStrideAtCompileTime == 1,
+                  "blockattn: OnlineSoftmax::update takes a contiguous vector of bfloat16 or "
+                  "half (a RowVector, a row of a row-major Matrix, a Map of a buffer)");
+    update(x.derived().data(), x.size());
+  }
 
   /// Combines with the state of a disjoint set of values: the state of their union. O(1).
   OnlineSoftmax& merge(const OnlineSoftmax& other) {
@@ -91,17 +129,30 @@ struct OnlineSoftmax {
 
   /// log Σ exp(x) over the values seen: −inf when none (or all were −inf), NaN if any was NaN.
   T log_sum_exp() const { return max + std::log(sum); }
+
+ private:
+  template <class S>
+  void update_row(const S* x, Index n) {
+    detail::require(n >= 0, "OnlineSoftmax::update", "n is ", n, " but must be >= 0");
+    detail::require(n == 0 || x != nullptr, "OnlineSoftmax::update", "x is null but n is ", n);
+    merge(detail::softmax_kernel::online_state_of(x, n));
+  }
 };
 
 namespace detail::softmax_kernel {
 
-// The kernels work on one contiguous row. Float and double go through the library's SIMD layer
+// The kernels work on one contiguous row of storage type S (float, double, bfloat16, half) and
+// compute in E = accumulator_t<S>. Float and double go through the library's SIMD layer
 // (detail/simd.hpp: SSE2 by default, AVX2+FMA or AVX-512 under -march=native) and its exp
 // (detail/exp.hpp: simd_exp, <= 2 ulp, exact 0 for −inf, correctly rounded denormals, no
 // tables) — the exp the attention kernels use, so softmax() and attention() agree on every
-// weight. The last partial vector is padded with −inf, so every element of a row goes through
-// the same exp and equal inputs give equal outputs. Long double takes the scalar loops.
-// simd_exp is also faster than Eigen's pexp here (docs/tuning.md#softmax-exp).
+// weight. 16-bit rows are loaded through StorageIo<S> (detail/convert.hpp), widened in registers,
+// and then take exactly the float path: same vectors, same order of operations, so the float
+// state and weights of a 16-bit row are those of its widened copy, bitwise. Outputs of type Y (S
+// or E) are stored through StorageIo<Y>, which rounds once. The last partial vector is padded with
+// −inf, so every element of a row goes through the same exp and equal inputs give equal outputs.
+// Long double takes the scalar loops. simd_exp is also faster than Eigen's pexp here
+// (docs/tuning.md#softmax-exp).
 
 template <class T>
 inline constexpr bool kVectorised = std::is_same_v<T, float> || std::is_same_v<T, double>;
@@ -128,78 +179,81 @@ T inverse_or_zero(T l) {
 }
 
 /// max_j x_j with NaN ignored; −inf for n = 0. One read.
-template <class T>
-T row_max(const T* x, Index n) {
-  T m = kNegativeInfinity<T>;
+template <class S, class E = accumulator_t<S>>
+E row_max(const S* x, Index n) {
+  E m = kNegativeInfinity<E>;
   Index j = 0;
-  if constexpr (kVectorised<T>) {
-    using S = simd::Simd<T>;
-    using V = typename S::V;
-    constexpr Index w = S::kLanes;
-    const V lowest = S::set1(kNegativeInfinity<T>);
+  if constexpr (kVectorised<E>) {
+    using Io = StorageIo<S>;
+    using Sd = simd::Simd<E>;
+    using V = typename Sd::V;
+    constexpr Index w = Sd::kLanes;
+    const V lowest = Sd::set1(kNegativeInfinity<E>);
     V m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
     for (; j + 4 * w <= n; j += 4 * w) {
-      m0 = max_ignoring_nan<S>(m0, S::load(x + j));
-      m1 = max_ignoring_nan<S>(m1, S::load(x + j + w));
-      m2 = max_ignoring_nan<S>(m2, S::load(x + j + 2 * w));
-      m3 = max_ignoring_nan<S>(m3, S::load(x + j + 3 * w));
+      m0 = max_ignoring_nan<Sd>(m0, Io::load(x + j));
+      m1 = max_ignoring_nan<Sd>(m1, Io::load(x + j + w));
+      m2 = max_ignoring_nan<Sd>(m2, Io::load(x + j + 2 * w));
+      m3 = max_ignoring_nan<Sd>(m3, Io::load(x + j + 3 * w));
     }
-    for (; j + w <= n; j += w) m0 = max_ignoring_nan<S>(m0, S::load(x + j));
+    for (; j + w <= n; j += w) m0 = max_ignoring_nan<Sd>(m0, Io::load(x + j));
     if (j < n) {
-      m1 = max_ignoring_nan<S>(
-          m1, S::load_partial(x + j, static_cast<int>(n - j), kNegativeInfinity<T>));
+      m1 = max_ignoring_nan<Sd>(
+          m1, Io::load_partial(x + j, static_cast<int>(n - j), kNegativeInfinity<E>));
       j = n;
     }
-    m = S::reduce_max(S::max(S::max(m0, m1), S::max(m2, m3)));
+    m = Sd::reduce_max(Sd::max(Sd::max(m0, m1), Sd::max(m2, m3)));
   }
-  for (; j < n; ++j) m = running_max(m, x[j]);
+  for (; j < n; ++j) m = running_max(m, to_compute(x[j]));
   return m;
 }
 
-/// The vector part of Σ_j exp(x_j − origin), origin finite (float and double), in four running
-/// sums (chains) so that exp's latency is hidden. sum_exp() and sum_exp_and_max() share it, and
-/// with it the one order in which the chains are reduced.
-template <class T>
+/// The vector part of Σ_j exp(x_j − origin), origin finite (float and double, from storage S), in
+/// four running sums (chains) so that exp's latency is hidden. sum_exp() and sum_exp_and_max()
+/// share it, and with it the one order in which the chains are reduced.
+template <class S>
 class ExpSumChains {
  public:
-  using S = simd::Simd<T>;
-  using V = typename S::V;
-  static constexpr Index kLanes = S::kLanes;
+  using E = accumulator_t<S>;
+  using Io = StorageIo<S>;
+  using Sd = simd::Simd<E>;
+  using V = typename Sd::V;
+  static constexpr Index kLanes = Sd::kLanes;
 
-  explicit ExpSumChains(T origin) : origin_(S::set1(origin)) {}
+  explicit ExpSumChains(E origin) : origin_(Sd::set1(origin)) {}
 
   /// Adds exp(x_j − origin) for x[0..kLanes) into chain `Chain` (0 to 3).
   template <int Chain>
-  void add(const T* x) {
+  void add(const S* x) {
     static_assert(Chain >= 0 && Chain < 4, "blockattn: ExpSumChains has four chains");
-    l_[Chain] = S::add(l_[Chain], weight(S::load(x)));
+    l_[Chain] = Sd::add(l_[Chain], weight(Io::load(x)));
   }
 
   /// Adds exp(x_j − origin) for x[0..count), 0 < count < kLanes, into chain 1 (the padding lanes
   /// are −inf, whose weight is exactly 0).
-  void add_partial(const T* x, Index count) {
+  void add_partial(const S* x, Index count) {
     l_[1] =
-        S::add(l_[1], weight(S::load_partial(x, static_cast<int>(count), kNegativeInfinity<T>)));
+        Sd::add(l_[1], weight(Io::load_partial(x, static_cast<int>(count), kNegativeInfinity<E>)));
   }
 
   /// The sum of the four chains.
-  T total() const { return S::reduce_add(S::add(S::add(l_[0], l_[1]), S::add(l_[2], l_[3]))); }
+  E total() const { return Sd::reduce_add(Sd::add(Sd::add(l_[0], l_[1]), Sd::add(l_[2], l_[3]))); }
 
  private:
-  V weight(V v) const { return exp_minus<T>(v, origin_); }
+  V weight(V v) const { return exp_minus<E>(v, origin_); }
 
   V origin_;
-  V l_[4] = {S::zero(), S::zero(), S::zero(), S::zero()};
+  V l_[4] = {Sd::zero(), Sd::zero(), Sd::zero(), Sd::zero()};
 };
 
 /// Σ_j exp(x_j − origin), origin finite. One read.
-template <class T>
-T sum_exp(const T* x, Index n, T origin) {
-  T l = T(0);
+template <class S, class E = accumulator_t<S>>
+E sum_exp(const S* x, Index n, E origin) {
+  E l = E(0);
   Index j = 0;
-  if constexpr (kVectorised<T>) {
-    constexpr Index w = ExpSumChains<T>::kLanes;
-    ExpSumChains<T> sums(origin);
+  if constexpr (kVectorised<E>) {
+    constexpr Index w = ExpSumChains<S>::kLanes;
+    ExpSumChains<S> sums(origin);
     for (; j + 4 * w <= n; j += 4 * w) {
       sums.template add<0>(x + j);
       sums.template add<1>(x + j + w);
@@ -213,89 +267,94 @@ T sum_exp(const T* x, Index n, T origin) {
     }
     l = sums.total();
   }
-  for (; j < n; ++j) l += std::exp(x[j] - origin);
+  for (; j < n; ++j) l += std::exp(to_compute(x[j]) - origin);
   return l;
 }
 
-/// y_j = exp(x_j − origin)·scale, origin finite. One read, one write; y may be x itself (each
-/// element is read before it is written, at the same index).
-template <class T>
-void write_scaled_exp(const T* x, Index n, T origin, T scale, T* y) {
+/// y_j = exp(x_j − origin)·scale, origin finite, rounded once to Y (S or E). One read, one write;
+/// y may be x itself (each element is read before it is written, at the same index).
+template <class S, class Y, class E = accumulator_t<S>>
+void write_scaled_exp(const S* x, Index n, E origin, E scale, Y* y) {
+  static_assert(std::is_same_v<accumulator_t<Y>, E>, "blockattn: y holds S or its compute type");
   Index j = 0;
-  if constexpr (kVectorised<T>) {
-    using S = simd::Simd<T>;
-    using V = typename S::V;
-    constexpr Index w = S::kLanes;
-    const V o = S::set1(origin);
-    const V c = S::set1(scale);
-    const auto prob = [&](V v) { return S::mul(exp_minus<T>(v, o), c); };
+  if constexpr (kVectorised<E>) {
+    using In = StorageIo<S>;
+    using Out = StorageIo<Y>;
+    using Sd = simd::Simd<E>;
+    using V = typename Sd::V;
+    constexpr Index w = Sd::kLanes;
+    const V o = Sd::set1(origin);
+    const V c = Sd::set1(scale);
+    const auto prob = [&](V v) { return Sd::mul(exp_minus<E>(v, o), c); };
     for (; j + 2 * w <= n; j += 2 * w) {
-      const V y0 = prob(S::load(x + j));
-      const V y1 = prob(S::load(x + j + w));
-      S::store(y + j, y0);
-      S::store(y + j + w, y1);
+      const V y0 = prob(In::load(x + j));
+      const V y1 = prob(In::load(x + j + w));
+      Out::store(y + j, y0);
+      Out::store(y + j + w, y1);
     }
-    for (; j + w <= n; j += w) S::store(y + j, prob(S::load(x + j)));
+    for (; j + w <= n; j += w) Out::store(y + j, prob(In::load(x + j)));
     if (j < n) {
       const int rest = static_cast<int>(n - j);
-      S::store_partial(y + j, rest, prob(S::load_partial(x + j, rest, kNegativeInfinity<T>)));
+      Out::store_partial(y + j, rest, prob(In::load_partial(x + j, rest, kNegativeInfinity<E>)));
       j = n;
     }
   }
-  for (; j < n; ++j) y[j] = std::exp(x[j] - origin) * scale;
+  for (; j < n; ++j) y[j] = round_to<Y>(std::exp(to_compute(x[j]) - origin) * scale);
 }
 
 /// The row for a max of +inf (and any scalar fallback): y_j = softmax_weight(x_j, m)/Σ, which
 /// gives the +inf entries equal shares. Two reads, one write; y may be x itself.
-template <class T>
-void write_weights_scalar(const T* x, Index n, T m, T* y) {
-  T l = T(0);
-  for (Index j = 0; j < n; ++j) l += softmax_weight(x[j], m);
-  const T scale = inverse_or_zero(l);
-  for (Index j = 0; j < n; ++j) y[j] = softmax_weight(x[j], m) * scale;
+template <class S, class Y, class E = accumulator_t<S>>
+void write_weights_scalar(const S* x, Index n, E m, Y* y) {
+  E l = E(0);
+  for (Index j = 0; j < n; ++j) l += softmax_weight(to_compute(x[j]), m);
+  const E scale = inverse_or_zero(l);
+  for (Index j = 0; j < n; ++j) y[j] = round_to<Y>(softmax_weight(to_compute(x[j]), m) * scale);
 }
 
 /// Σ_j exp(a_j − origin) over a[0..na) and max_j b_j over b[0..nb), nb <= na, in one loop: the
 /// exps of one tile (already in L1) run between the loads of the next tile (on their way from
 /// memory), so the two overlap.
-template <class T>
-void sum_exp_and_max(const T* a, Index na, T origin, const T* b, Index nb, T& sum, T& max) {
-  T l = T(0);
-  T m = kNegativeInfinity<T>;
+template <class S, class E = accumulator_t<S>>
+void sum_exp_and_max(const S* a, Index na, E origin, const S* b, Index nb, E& sum, E& max) {
+  E l = E(0);
+  E m = kNegativeInfinity<E>;
   Index j = 0;
-  if constexpr (kVectorised<T>) {
-    using S = simd::Simd<T>;
-    using V = typename S::V;
-    constexpr Index w = S::kLanes;
-    ExpSumChains<T> sums(origin);
-    const V lowest = S::set1(kNegativeInfinity<T>);
+  if constexpr (kVectorised<E>) {
+    using Io = StorageIo<S>;
+    using Sd = simd::Simd<E>;
+    using V = typename Sd::V;
+    constexpr Index w = Sd::kLanes;
+    ExpSumChains<S> sums(origin);
+    const V lowest = Sd::set1(kNegativeInfinity<E>);
     V m0 = lowest, m1 = lowest;
     for (; j + 4 * w <= nb; j += 4 * w) {
       sums.template add<0>(a + j);
-      m0 = max_ignoring_nan<S>(m0, S::load(b + j));
+      m0 = max_ignoring_nan<Sd>(m0, Io::load(b + j));
       sums.template add<1>(a + j + w);
-      m1 = max_ignoring_nan<S>(m1, S::load(b + j + w));
+      m1 = max_ignoring_nan<Sd>(m1, Io::load(b + j + w));
       sums.template add<2>(a + j + 2 * w);
-      m0 = max_ignoring_nan<S>(m0, S::load(b + j + 2 * w));
+      m0 = max_ignoring_nan<Sd>(m0, Io::load(b + j + 2 * w));
       sums.template add<3>(a + j + 3 * w);
-      m1 = max_ignoring_nan<S>(m1, S::load(b + j + 3 * w));
+      m1 = max_ignoring_nan<Sd>(m1, Io::load(b + j + 3 * w));
     }
     l = sums.total();
-    m = S::reduce_max(S::max(m0, m1));
+    m = Sd::reduce_max(Sd::max(m0, m1));
   }
   sum = l + sum_exp(a + j, na - j, origin);
   max = running_max(m, row_max(b + j, nb - j));
 }
 
-/// Elements per tile: 16 KiB, so that a tile and the next one stay in L1 (48 KiB here) between
-/// their two reads.
+/// Elements per tile: 16 KiB of the compute type, so that a tile and the next one stay in L1
+/// (48 KiB here) between their two reads. Counted in elements of E, not of the storage type, so
+/// that a 16-bit row is cut where its widened copy is (8 KiB tiles of bf16: the same sums).
 template <class T>
-inline constexpr Index kTile = Index(16384 / sizeof(T));
+inline constexpr Index kTile = Index(16384 / sizeof(accumulator_t<T>));
 
 /// A tile hook that does nothing (plain online softmax).
 struct NoTileHook {
-  template <class T>
-  void operator()(const T* /*tile*/, Index /*count*/, T /*tile_max*/) const {}
+  template <class S, class E>
+  void operator()(const S* /*tile*/, Index /*count*/, E /*tile_max*/) const {}
 };
 
 /// Algorithm 3 over one row, by tiles: the state (max, sum) of x[0..n) with one read of x from
@@ -305,61 +364,62 @@ struct NoTileHook {
 /// rescaling per element, no exp is spent on rescales except one per tile, and a row of one tile
 /// costs what Safe's first two passes cost. `hook(tile, count, tile_max)` sees every tile once,
 /// in order, while it is in L1 (the fused top-k rides on it).
-template <class T, class Hook>
-OnlineSoftmax<T> online_reduce(const T* x, Index n, Hook&& hook) {
-  OnlineSoftmax<T> state;
+template <class S, class Hook, class E = accumulator_t<S>>
+OnlineSoftmax<E> online_reduce(const S* x, Index n, Hook&& hook) {
+  OnlineSoftmax<E> state;
   if (n == 0) return state;
   Index start = 0;
-  Index count = std::min(kTile<T>, n);
-  T tile_max = row_max(x, count);
+  Index count = std::min(kTile<S>, n);
+  E tile_max = row_max(x, count);
   for (;;) {
     hook(x + start, count, tile_max);
     const Index next = start + count;
-    const Index next_count = std::min(kTile<T>, n - next);
-    T tile_sum;
-    T next_max;
+    const Index next_count = std::min(kTile<S>, n - next);
+    E tile_sum;
+    E next_max;
     sum_exp_and_max(x + start, count, exp_origin(tile_max), x + next, next_count, tile_sum,
                     next_max);
-    state.merge(OnlineSoftmax<T>{tile_max, tile_sum});
+    state.merge(OnlineSoftmax<E>{tile_max, tile_sum});
     if (next_count == 0) break;
     start = next;
     count = next_count;
     tile_max = next_max;
   }
-  if (state.max == std::numeric_limits<T>::infinity()) {
+  if (state.max == std::numeric_limits<E>::infinity()) {
     // A tile with max +inf computed exp(inf − inf) = NaN; redo the row with the scalar update,
     // which gives each +inf entry weight 1 (only rows that contain +inf pay for a second read).
-    state = OnlineSoftmax<T>{};
-    for (Index t = 0; t < n; ++t) state.update(x[t]);
+    state = OnlineSoftmax<E>{};
+    for (Index t = 0; t < n; ++t) state.update(to_compute(x[t]));
   }
   return state;
 }
 
-template <class T>
-OnlineSoftmax<T> online_state_of(const T* x, Index n) {
+template <class S>
+OnlineSoftmax<accumulator_t<S>> online_state_of(const S* x, Index n) {
   return online_reduce(x, n, NoTileHook{});
 }
 
-/// Softmax of one row, y may be x itself.
-template <class T>
-void softmax_row(const T* x, Index n, T* y, SoftmaxAlgorithm algorithm) {
+/// Softmax of one row into y (Y = S or accumulator_t<S>, rounded once); y may be x itself.
+template <class S, class Y>
+void softmax_row(const S* x, Index n, Y* y, SoftmaxAlgorithm algorithm) {
+  using E = accumulator_t<S>;
   if (n == 0) return;
-  constexpr T kInfinity = std::numeric_limits<T>::infinity();
+  constexpr E kInfinity = std::numeric_limits<E>::infinity();
   switch (algorithm) {
     case SoftmaxAlgorithm::Naive: {
-      const T l = sum_exp(x, n, T(0));
-      write_scaled_exp(x, n, T(0), inverse_or_zero(l), y);
+      const E l = sum_exp(x, n, E(0));
+      write_scaled_exp(x, n, E(0), inverse_or_zero(l), y);
       return;
     }
     case SoftmaxAlgorithm::Safe: {
-      const T m = row_max(x, n);
+      const E m = row_max(x, n);
       if (m == kInfinity) return write_weights_scalar(x, n, m, y);
-      const T origin = exp_origin(m);
+      const E origin = exp_origin(m);
       write_scaled_exp(x, n, origin, inverse_or_zero(sum_exp(x, n, origin)), y);
       return;
     }
     case SoftmaxAlgorithm::Online: {
-      const OnlineSoftmax<T> state = online_state_of(x, n);
+      const OnlineSoftmax<E> state = online_state_of(x, n);
       if (state.max == kInfinity) return write_weights_scalar(x, n, state.max, y);
       write_scaled_exp(x, n, exp_origin(state.max), inverse_or_zero(state.sum), y);
       return;
@@ -386,70 +446,81 @@ inline void require_same_or_disjoint(const char* function, const char* output_na
   }
 }
 
-/// The running top-k of the raw values, kept in the caller's output arrays: values[0..kept) in
-/// descending order, equal values by ascending index. A later equal value never displaces an
-/// earlier one, which is the "ties by lower index" rule.
-template <class T>
+/// The running top-k of the raw values of a row of S, kept in the caller's output arrays (of Vt,
+/// S or accumulator_t<S>, which hold every S exactly): values[0..kept) in descending order,
+/// equal values by ascending index. A later equal value never displaces an earlier one, which is
+/// the "ties by lower index" rule. Compares in the compute type E.
+template <class S, class Vt>
 struct RunningTopK {
-  T* values;
+  using E = accumulator_t<S>;
+  Vt* values;
   Index* indices;
   Index k;
   Index kept = 0;
 
-  void offer(T v, Index j) {
+  E kth() const { return to_compute(values[k - 1]); }
+
+  void offer(E v, Index j) {
     Index position;
     if (kept < k) {
       position = kept++;
-    } else if (v > values[k - 1]) {
+    } else if (v > kth()) {
       position = k - 1;
     } else {
       return;
     }
-    for (; position > 0 && values[position - 1] < v; --position) {
+    for (; position > 0 && to_compute(values[position - 1]) < v; --position) {
       values[position] = values[position - 1];
       indices[position] = indices[position - 1];
     }
-    values[position] = v;
+    values[position] = round_to<Vt>(v);  // exact: v is a value of S
     indices[position] = j;
   }
 
   /// Offers every element of block[0..count), whose first index is j0, skipping whole packets
   /// that cannot beat the current k-th value.
-  void scan(const T* block, Index count, Index j0) {
+  void scan(const S* block, Index count, Index j0) {
     Index t = 0;
-    if constexpr (kVectorised<T>) {
-      using S = simd::Simd<T>;
-      constexpr Index w = S::kLanes;
+    if constexpr (kVectorised<E>) {
+      using Sd = simd::Simd<E>;
+      constexpr Index w = Sd::kLanes;
       for (; t + w <= count; t += w) {
         if (kept == k) {
           // Some lane > the k-th value? max(lane, kth) turns NaN lanes into kth (Simd::max's
           // NaN rule), so NaN never counts, as a lane-wise comparison would have it.
-          const T kth = values[k - 1];
-          if (!(S::reduce_max(S::max(S::load(block + t), S::set1(kth))) > kth)) continue;
+          const E threshold = kth();
+          if (!(Sd::reduce_max(Sd::max(StorageIo<S>::load(block + t), Sd::set1(threshold))) >
+                threshold)) {
+            continue;
+          }
         }
-        for (Index s = t; s < t + w; ++s) offer(block[s], j0 + s);
+        for (Index s = t; s < t + w; ++s) offer(to_compute(block[s]), j0 + s);
       }
     }
-    for (; t < count; ++t) offer(block[t], j0 + t);
+    for (; t < count; ++t) offer(to_compute(block[t]), j0 + t);
   }
 };
 
 /// Algorithm 4: one read of x gives the state and the top-k raw values; the k probabilities are
-/// computed from those at the end. Writes min(k, n) entries; k >= 1, n >= 1.
-template <class T>
-Index topk_fused(const T* x, Index n, Index k, T* values, Index* indices) {
-  RunningTopK<T> top{values, indices, std::min(k, n)};
-  const OnlineSoftmax<T> state = online_reduce(x, n, [&](const T* tile, Index count, T tile_max) {
-    if (top.kept == top.k && !(tile_max > top.values[top.k - 1])) return;
+/// computed from those at the end (in E, rounded once to Vt). Writes min(k, n) entries; k >= 1,
+/// n >= 1.
+template <class S, class Vt>
+Index topk_fused(const S* x, Index n, Index k, Vt* values, Index* indices) {
+  using E = accumulator_t<S>;
+  RunningTopK<S, Vt> top{values, indices, std::min(k, n)};
+  const OnlineSoftmax<E> state = online_reduce(x, n, [&](const S* tile, Index count, E tile_max) {
+    if (top.kept == top.k && !(tile_max > top.kth())) return;
     top.scan(tile, count, tile - x);
   });
-  const T scale = inverse_or_zero(state.sum);
-  for (Index i = 0; i < top.kept; ++i) values[i] = softmax_weight(values[i], state.max) * scale;
+  const E scale = inverse_or_zero(state.sum);
+  for (Index i = 0; i < top.kept; ++i) {
+    values[i] = round_to<Vt>(softmax_weight(to_compute(values[i]), state.max) * scale);
+  }
   return top.kept;
 }
 
-template <class T>
-void require_topk_arguments(const char* function, const T* x, Index n, Index k, const T* values,
+template <class T, class Vt>
+void require_topk_arguments(const char* function, const T* x, Index n, Index k, const Vt* values,
                             const Index* indices) {
   require(n >= 0, function, "n is ", n, " but must be >= 0");
   require(k >= 0, function, "k is ", k, " but must be >= 0");
@@ -468,9 +539,9 @@ void require_topk_arguments(const char* function, const T* x, Index n, Index k, 
 /// The checks of the Eigen form of softmax_topk() (and of bench/support's unfused baseline): k >=
 /// 0, values and indices long enough for min(k, x.size()) entries, then require_topk_arguments().
 /// Returns min(k, x.size()).
-template <class T>
+template <class T, class Vt>
 Index require_topk_views(const char* function, const Eigen::Ref<const RowVector<T>>& x, Index k,
-                         const Eigen::Ref<RowVector<T>>& values,
+                         const Eigen::Ref<RowVector<Vt>>& values,
                          const Eigen::Ref<RowVector<Index>>& indices) {
   require(k >= 0, function, "k is ", k, " but must be >= 0");
   const Index kept = std::min(k, x.size());
@@ -482,12 +553,16 @@ Index require_topk_views(const char* function, const Eigen::Ref<const RowVector<
   return kept;
 }
 
-/// The compile-time checks of softmax_topk()'s Eigen arguments: contiguous vectors of T (x,
-/// values) and of Index (indices), values and indices writable.
+/// An output of element type Y for an input of T: T itself, or T's compute type (float for a
+/// bfloat16 or half input).
+template <class T, class Y>
+inline constexpr bool kIsOutputFor = std::is_same_v<Y, T> || std::is_same_v<Y, accumulator_t<T>>;
+
+/// The compile-time checks of softmax_topk()'s Eigen arguments: contiguous vectors of T (x), of T
+/// or accumulator_t<T> (values) and of Index (indices), values and indices writable.
 template <class T, class X, class V, class I>
 constexpr void check_topk_arguments() {
-  static_assert(std::is_same_v<typename V::Scalar, T>,
-                "blockattn: every matrix argument must have the same element type");
+  static_assert(kIsOutputFor<T, typename V::Scalar>, BLOCKATTN_SOFTMAX_OUTPUT_MESSAGE);
   static_assert(std::is_same_v<typename I::Scalar, Index>,
                 "blockattn: softmax_topk's indices must hold blockattn::Index");
   static_assert(X::IsVectorAtCompileTime && V::IsVectorAtCompileTime && I::IsVectorAtCompileTime &&
@@ -503,28 +578,37 @@ constexpr void check_topk_arguments() {
 /// computed by `algorithm` (see SoftmaxAlgorithm for accesses per element and Naive's overflow).
 /// Special values: −inf entries give 0, a row of only −inf gives all zeros, +inf entries share
 /// the row's probability equally (others 0), a NaN makes its whole row NaN.
-/// Element types: float or double, deduced from x (y must match); x and y row-major storage with
-/// contiguous rows (anything else is a compile-time error, as for attention()).
+/// Element types: float, double, Eigen::bfloat16 or Eigen::half, deduced from x; y holds the same
+/// type or its compute type accumulator_t (float for bfloat16 and half). A 16-bit x is widened in
+/// registers and computed in float; a 16-bit y is rounded once (bitwise round(the float result of
+/// the widened x)). x and y row-major storage with contiguous rows (anything else is a
+/// compile-time error, as for attention()).
 /// Shapes: x [rows, cols], y [rows, cols]; any row strides. Time O(rows·cols), vectorised, single
 /// thread; no allocation.
 /// Throws std::invalid_argument naming the argument and both sizes if y's shape differs from x's,
 /// if y partially overlaps x, or for an invalid algorithm; nothing is written then.
-/// In place is supported: y may be x itself (same data and row stride); any other overlap throws.
+/// In place is supported: y may be x itself (same data, row stride and element type); any other
+/// overlap throws.
 template <class X, class Y>
 void softmax(const Eigen::MatrixBase<X>& x_, const Eigen::MatrixBase<Y>& y_,
              SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
   using T = typename X::Scalar;
-  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
-  detail::check_matrix_arguments<T, X, Y>();
+  using YT = typename Y::Scalar;
+  static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
+  static_assert(detail::softmax_kernel::kIsOutputFor<T, YT>, BLOCKATTN_SOFTMAX_OUTPUT_MESSAGE);
+  detail::check_matrix_arguments<T, X>();
+  detail::check_matrix_arguments<YT, Y>();
   detail::check_matrix_outputs<Y>();
   const ConstMatrixView<T> x(x_.derived());
-  MatrixView<T> y = detail::writable_view(y_);
+  MatrixView<YT> y = detail::writable_view(y_);
   detail::require_size("softmax", "y.rows()", y.rows(), "x.rows()", x.rows(),
                        "y must have x's shape");
   detail::require_size("softmax", "y.cols()", y.cols(), "x.cols()", x.cols(),
                        "y must have x's shape");
   detail::softmax_kernel::require_algorithm("softmax", algorithm);
-  const bool same = x.data() == y.data() && (x.rows() <= 1 || x.outerStride() == y.outerStride());
+  const bool same = std::is_same_v<T, YT> &&
+                    static_cast<const void*>(x.data()) == static_cast<const void*>(y.data()) &&
+                    (x.rows() <= 1 || x.outerStride() == y.outerStride());
   detail::softmax_kernel::require_same_or_disjoint(
       "softmax", "y", detail::address_range(y.data(), y.rows(), y.cols(), y.outerStride()), "x",
       detail::address_range(x.data(), x.rows(), x.cols(), x.outerStride()), same);
@@ -535,18 +619,20 @@ void softmax(const Eigen::MatrixBase<X>& x_, const Eigen::MatrixBase<Y>& y_,
 }
 
 /// Softmax of one vector of n contiguous values, x[0..n) → y[0..n); the same contract as the
-/// matrix form (a single row), T deduced from the pointers. Throws std::invalid_argument if n < 0,
-/// a pointer is null with n > 0, or y partially overlaps x (y == x, in place, is fine).
-template <class T>
-void softmax(const T* x, Index n, T* y, SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
-  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+/// matrix form (a single row), T and Y deduced from the pointers (Y = T or accumulator_t<T>).
+/// Throws std::invalid_argument if n < 0, a pointer is null with n > 0, or y partially overlaps x
+/// (y == x, in place, is fine).
+template <class T, class Y>
+void softmax(const T* x, Index n, Y* y, SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
+  static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
+  static_assert(detail::softmax_kernel::kIsOutputFor<T, Y>, BLOCKATTN_SOFTMAX_OUTPUT_MESSAGE);
   detail::require(n >= 0, "softmax", "n is ", n, " but must be >= 0");
   detail::require(n == 0 || (x != nullptr && y != nullptr), "softmax", "x or y is null but n is ",
                   n);
   detail::softmax_kernel::require_algorithm("softmax", algorithm);
-  detail::softmax_kernel::require_same_or_disjoint("softmax", "y",
-                                                   detail::address_range(y, 1, n, n), "x",
-                                                   detail::address_range(x, 1, n, n), x == y);
+  detail::softmax_kernel::require_same_or_disjoint(
+      "softmax", "y", detail::address_range(y, 1, n, n), "x", detail::address_range(x, 1, n, n),
+      std::is_same_v<T, Y> && static_cast<const void*>(x) == static_cast<const void*>(y));
   detail::softmax_kernel::softmax_row(x, n, y, algorithm);
 }
 
@@ -556,8 +642,12 @@ void softmax(const T* x, Index n, T* y, SoftmaxAlgorithm algorithm = SoftmaxAlgo
 /// the exact probability), equal values by lower index. k = 0 writes nothing; k > n writes all n
 /// (a full sort). Special values as softmax(); with a NaN in x every returned value is NaN and
 /// the indices are unspecified (but distinct and in range).
-/// Element types: float or double, deduced from x (values must match; indices hold Index); x,
-/// values and indices are contiguous vectors (a RowVector, a row of a row-major Matrix).
+/// Element types: float, double, Eigen::bfloat16 or Eigen::half, deduced from x; values hold the
+/// same type or its compute type (float for bfloat16 and half: the probabilities unrounded);
+/// indices hold Index. A 16-bit x is compared and computed widened to float, so the indices and
+/// ties are exactly those of the float call on the widened row, and the values that call's,
+/// rounded once when values are 16-bit. x, values and indices are contiguous vectors (a
+/// RowVector, a row of a row-major Matrix).
 /// Returns the number of entries written, min(k, n).
 /// Time O(n + r·k), r = the number of times the running top-k changes (expected O(k·log(n/k)) for
 /// values in random order, n in the worst case: ascending input); no allocation.
@@ -567,10 +657,11 @@ template <class X, class V, class I>
 Index softmax_topk(const Eigen::MatrixBase<X>& x, Index k, const Eigen::MatrixBase<V>& values,
                    const Eigen::MatrixBase<I>& indices) {
   using T = typename X::Scalar;
-  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  using Vt = typename V::Scalar;
+  static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
   detail::softmax_kernel::check_topk_arguments<T, X, V, I>();
   const Eigen::Ref<const RowVector<T>> x_view(x.derived());
-  Eigen::Ref<RowVector<T>> values_view(const_cast<Eigen::MatrixBase<V>&>(values).derived());
+  Eigen::Ref<RowVector<Vt>> values_view(const_cast<Eigen::MatrixBase<V>&>(values).derived());
   Eigen::Ref<RowVector<Index>> indices_view(const_cast<Eigen::MatrixBase<I>&>(indices).derived());
   const Index kept = detail::softmax_kernel::require_topk_views("softmax_topk", x_view, k,
                                                                 values_view, indices_view);
@@ -581,10 +672,11 @@ Index softmax_topk(const Eigen::MatrixBase<X>& x, Index k, const Eigen::MatrixBa
 
 /// softmax_topk() on raw buffers: x[0..n), values and indices with room for min(k, n) entries
 /// (which cannot be checked here). Same contract otherwise; also throws for n < 0 or a null
-/// pointer that would be used.
-template <class T>
-Index softmax_topk(const T* x, Index n, Index k, T* values, Index* indices) {
-  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+/// pointer that would be used. values: T or accumulator_t<T>.
+template <class T, class Vt>
+Index softmax_topk(const T* x, Index n, Index k, Vt* values, Index* indices) {
+  static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
+  static_assert(detail::softmax_kernel::kIsOutputFor<T, Vt>, BLOCKATTN_SOFTMAX_OUTPUT_MESSAGE);
   detail::softmax_kernel::require_topk_arguments("softmax_topk", x, n, k, values, indices);
   if (std::min(k, n) == 0) return 0;
   return detail::softmax_kernel::topk_fused(x, n, k, values, indices);
