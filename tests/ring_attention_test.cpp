@@ -543,6 +543,31 @@ TYPED_TEST(RingAttentionBackwardTest, CausalWindowUnevenShortRing) {
   check_backward<TypeParam>(c);
 }
 
+// ALiBi on global positions in the backward: the kernel's score_mod path (∂ = 1), checked like
+// every other case against the long double reference and the one-process attention_backward().
+TYPED_TEST(RingAttentionBackwardTest, AlibiCausalZigZag) {
+  Case c{"backward alibi causal zigzag", RingLayout::ZigZag};
+  c.causal = true;
+  c.alibi = true;
+  check_backward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionBackwardTest, AlibiSoftcapUneven) {
+  Case c{"backward alibi softcap uneven"};
+  c.uneven = true;
+  c.alibi = true;
+  c.softcap = 5;
+  check_backward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionBackwardTest, AlibiCausalCrossAttentionStriped) {
+  Case c{"backward alibi causal cross striped", RingLayout::Striped};
+  c.n_q = 45;  // bottom-right aligned: query i sits at global position i + 16
+  c.causal = true;
+  c.alibi = true;
+  check_backward<TypeParam>(c);
+}
+
 // --- messages larger than one MPI count ---------------------------------------------------
 
 /// Lowers detail::max_message_elements (MPI's INT_MAX) for one scope on every rank, so that small

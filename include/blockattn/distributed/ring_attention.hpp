@@ -351,10 +351,20 @@ void local_attention(TensorView<const T> q, TensorView<const T> k, TensorView<co
 }
 
 /// attention_backward() of the local queries against one K/V shard (global out, lse, dout).
-template <class T>
+/// ALiBi on global positions is a score_mod, which the public attention_backward() rejects (a
+/// user's has no known derivative): ALiBi's is 1, so this calls the kernel behind it, after
+/// local_validate_backward() has run attention_backward()'s checks.
+template <class T, class ScoreMod>
 void local_backward(const TensorBackwardInputs<T>& in, const TensorGradients<T>& grads,
-                    const AttentionOptions& options, const GlobalMask& mask) {
-  blockattn::attention_backward(in, grads, options, mask);
+                    const AttentionOptions& options, const GlobalMask& mask,
+                    const ScoreMod& score_mod) {
+  if constexpr (std::is_same_v<ScoreMod, NoScoreMod>) {
+    blockattn::attention_backward(in, grads, options, mask);
+  } else {
+    blockattn::detail::attention_backward_kernel<T>(
+        in.q, in.k, in.v, in.out, blockattn::detail::data_or_null(in.lse), in.dout, grads.dq,
+        grads.dk, grads.dv, options, mask, score_mod);
+  }
 }
 
 /// attention()'s argument checks on this rank's shards (throws std::invalid_argument).
@@ -811,8 +821,8 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
 /// the shard in hand, with the global lse, so the probabilities are the global ones) to the dK,
 /// dV that travel with the shard, and after the last step they return to their owner. dQ stays
 /// home and is summed in ring order. Accumulation is in T (float for float, double for double).
-/// Options as ring_attention(), except that alibi_slopes is rejected for now (the backward kernel
-/// takes no position functor for scores); soft-capping, causal, windows, key lengths and GQA work.
+/// Options as ring_attention(): causal, windows, key lengths, ALiBi (on global positions),
+/// soft-capping and GQA; block_sparse is rejected.
 /// Arguments by name, as attention_backward(): TensorBackwardInputs<T> (this rank's q, k, v, out,
 /// lse, dout) and TensorGradients<T> (its dq, dk, dv); T float or double (deduced from them).
 /// Shapes: those of attention_backward() per shard; lse [B, H, n_q_r] (ring_attention()'s,
@@ -837,10 +847,10 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
     blockattn::detail::require(options.block_sparse == nullptr, function,
                                "options.block_sparse is not supported (its grid is on local "
                                "positions); use a mask on global positions");
-    blockattn::detail::require(options.alibi_slopes.empty(), function,
-                               "options.alibi_slopes is not supported by the ring backward yet");
     detail::validate_global_arrays(function, options, q.batch, q.heads);
-    detail::local_validate_backward<T>(function, in, grads, local);
+    AttentionOptions checked = local;  // ALiBi's slopes are checked here (finite), not moved
+    checked.alibi_slopes = options.alibi_slopes;
+    detail::local_validate_backward<T>(function, in, grads, checked);
   });
   const detail::RingPlan plan = detail::make_plan(
       c, function, detail::describe<T>(q, k, v, options, ring, error), error, options, ring);
@@ -889,7 +899,14 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
       step_grads.dq = make_tensor_view(dq_block.data(), batch, n_q, q.heads, q.dim);
       step_grads.dk = block_grad.keys(n_k);
       step_grads.dv = block_grad.values(n_k);
-      detail::local_backward<T>(step, step_grads, local, plan.mask(options, c.rank(), owner));
+      const detail::GlobalMask mask = plan.mask(options, c.rank(), owner);
+      if (!options.alibi_slopes.empty()) {
+        const detail::GlobalAlibi<T> alibi{mask.queries, mask.keys, mask.offset,
+                                           options.alibi_slopes.data()};
+        detail::local_backward<T>(step, step_grads, local, mask, alibi);
+      } else {
+        detail::local_backward<T>(step, step_grads, local, mask, NoScoreMod{});
+      }
       detail::add_to(dq_sum.data(), dq_block.data(), static_cast<Index>(dq_sum.size()));
     }
     grad_in.wait_all();
