@@ -29,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <limits>
 #include <string>
@@ -122,6 +123,14 @@ std::vector<float> make_rows(std::uint64_t tensor, const dist::ShardPositions& p
 
 double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+/// CPU seconds of this process, all threads (POSIX): what a call costs whatever the machine's
+/// other load, as long as it is not contended for caches or memory bandwidth.
+double cpu_now() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
 }
 
 double median(std::vector<double> x) {
@@ -232,18 +241,21 @@ void attention_modes(const Args& a, int rank, int ranks) {
     const double before = status_mib("VmRSS");
     const bool reset = reset_peak();
     std::vector<double> times;
+    std::vector<double> cpu;
     for (int rep = 0; rep < a.reps; ++rep) {
+      const double cpu_start = cpu_now();
       times.push_back(timed([&] {
         blockattn::attention(view(q), view(k), view(v),
                              blockattn::make_tensor_view(out.data(), 1, a.n, heads, dim), options);
       }));
+      cpu.push_back(cpu_now() - cpu_start);
     }
     const double t = median(times);
     std::printf(
-        "  attention(): median %.4f s (min %.4f, max %.4f) = %.1f GFLOP/s; extra peak "
-        "%.1f MiB%s\n",
+        "  attention(): median %.4f s (min %.4f, max %.4f) = %.1f GFLOP/s, CPU %.4f s; extra "
+        "peak %.1f MiB%s\n",
         t, *std::min_element(times.begin(), times.end()),
-        *std::max_element(times.begin(), times.end()), flops / t / 1e9,
+        *std::max_element(times.begin(), times.end()), flops / t / 1e9, median(cpu),
         status_mib("VmHWM") - before, reset ? "" : " (VmHWM not resettable)");
     return;
   }
@@ -317,15 +329,23 @@ void attention_modes(const Args& a, int rank, int ranks) {
   const bool reset = reset_peak();
   std::vector<double> ring_times;
   std::vector<double> compute_times;
-  std::vector<double> my_compute;  // this rank's own compute time (load balance)
+  std::vector<double> my_compute;   // this rank's own compute time (load balance)
+  std::vector<double> my_ring_cpu;  // CPU seconds, busy-polling waits included
+  std::vector<double> my_compute_cpu;
   std::vector<double> overlap;
   for (int rep = 0; rep < a.reps; ++rep) {
     double t_ring = 0;
-    if (run_ring) ring_times.push_back(t_ring = timed(ring_call));
+    if (run_ring) {
+      const double cpu_start = cpu_now();
+      ring_times.push_back(t_ring = timed(ring_call));
+      my_ring_cpu.push_back(cpu_now() - cpu_start);
+    }
     if (run_compute) {
       MPI_Barrier(MPI_COMM_WORLD);
       const double start = now();
+      const double cpu_start = cpu_now();
       compute_only();
+      my_compute_cpu.push_back(cpu_now() - cpu_start);
       my_compute.push_back(now() - start);
       double slowest = 0;
       MPI_Allreduce(&my_compute.back(), &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
@@ -336,6 +356,8 @@ void attention_modes(const Args& a, int rank, int ranks) {
   const double extra = status_mib("VmHWM") - before;
   const std::vector<double> extras = gather(extra);
   const std::vector<double> own_compute = gather(median(my_compute));
+  const std::vector<double> ring_cpu = gather(median(my_ring_cpu));
+  const std::vector<double> compute_cpu = gather(median(my_compute_cpu));
   int same = run_ring && run_compute ? (out_ring == out_compute ? 1 : 0) : 1;
   int all_same = 0;
   MPI_Allreduce(&same, &all_same, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
@@ -360,9 +382,11 @@ void attention_modes(const Args& a, int rank, int ranks) {
       std::printf("  rank %d: %" PRId64 " tokens, extra peak memory %.1f MiB%s", r,
                   static_cast<std::int64_t>(tokens), extras[static_cast<std::size_t>(r)],
                   reset ? "" : " (VmHWM not resettable)");
-      if (run_compute) {
-        std::printf(", own compute median %.4f s", own_compute[static_cast<std::size_t>(r)]);
-      }
+      const auto at = static_cast<std::size_t>(r);
+      if (run_compute) std::printf(", own compute median %.4f s", own_compute[at]);
+      std::printf("; CPU medians:");
+      if (run_ring) std::printf(" ring %.4f s", ring_cpu[at]);
+      if (run_compute) std::printf(" compute-only %.4f s", compute_cpu[at]);
       std::printf("\n");
     }
   }
