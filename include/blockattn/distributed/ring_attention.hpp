@@ -166,8 +166,9 @@ inline void check_mpi(int code, const char* function, const char* call) {
   char text[MPI_MAX_ERROR_STRING];
   int length = 0;
   MPI_Error_string(code, text, &length);
-  throw std::runtime_error(blockattn::detail::concat("blockattn::distributed::", function, ": ",
-                                                     call, " failed: ", std::string(text, length)));
+  throw std::runtime_error(
+      blockattn::detail::concat("blockattn::distributed::", function, ": ", call,
+                                " failed: ", std::string(text, static_cast<std::size_t>(length))));
 }
 
 /// The caller's communicator, duplicated for the call: our messages cannot match the caller's,
