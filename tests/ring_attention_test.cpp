@@ -8,12 +8,14 @@
 //     intact and that the merge order is the fixed ring order, independent of message timing.
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -539,6 +541,120 @@ TYPED_TEST(RingAttentionBackwardTest, CausalWindowUnevenShortRing) {
   c.window_left = 4;
   c.uneven = true;
   check_backward<TypeParam>(c);
+}
+
+// ALiBi on global positions in the backward: the kernel's score_mod path (∂ = 1), checked like
+// every other case against the long double reference and the one-process attention_backward().
+TYPED_TEST(RingAttentionBackwardTest, AlibiCausalZigZag) {
+  Case c{"backward alibi causal zigzag", RingLayout::ZigZag};
+  c.causal = true;
+  c.alibi = true;
+  check_backward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionBackwardTest, AlibiSoftcapUneven) {
+  Case c{"backward alibi softcap uneven"};
+  c.uneven = true;
+  c.alibi = true;
+  c.softcap = 5;
+  check_backward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionBackwardTest, AlibiCausalCrossAttentionStriped) {
+  Case c{"backward alibi causal cross striped", RingLayout::Striped};
+  c.n_q = 45;  // bottom-right aligned: query i sits at global position i + 16
+  c.causal = true;
+  c.alibi = true;
+  check_backward<TypeParam>(c);
+}
+
+// --- messages larger than one MPI count ---------------------------------------------------
+
+/// Lowers detail::max_message_elements (MPI's INT_MAX) for one scope on every rank, so that small
+/// buffers travel in many pieces as a K/V shard of more than 2^31 − 1 elements would.
+class MessageLimit {
+ public:
+  explicit MessageLimit(Index limit) {
+    blockattn::distributed::detail::max_message_elements = limit;
+  }
+  MessageLimit(const MessageLimit&) = delete;
+  MessageLimit& operator=(const MessageLimit&) = delete;
+  ~MessageLimit() { blockattn::distributed::detail::max_message_elements = INT_MAX; }
+};
+
+TEST(RingMessageTest, PiecesCoverTheBufferInOrder) {
+  namespace dd = blockattn::distributed::detail;
+  EXPECT_EQ(dd::message_pieces(0, 7), 1);  // an empty buffer is one empty message
+  EXPECT_EQ(dd::message_pieces(7, 7), 1);
+  EXPECT_EQ(dd::message_pieces(8, 7), 2);
+  const Index int_max = INT_MAX;
+  EXPECT_EQ(dd::message_pieces(int_max, int_max), 1);
+  EXPECT_EQ(dd::message_pieces(int_max + 1, int_max), 2);
+  EXPECT_EQ(dd::message_pieces(3 * int_max, int_max), 3);
+  EXPECT_EQ(dd::message_pieces(3 * int_max + 5, int_max), 4);
+
+  const MessageLimit limit(7);
+  std::vector<std::pair<Index, int>> pieces;
+  dd::Requests::for_each_piece(20,
+                               [&](Index offset, int size) { pieces.emplace_back(offset, size); });
+  EXPECT_EQ(pieces, (std::vector<std::pair<Index, int>>{{0, 7}, {7, 7}, {14, 6}}));
+  // The default splits a 5·2^31-element shard into 3 messages, none over INT_MAX elements.
+  blockattn::distributed::detail::max_message_elements = INT_MAX;
+  Index total = 0;
+  int count = 0;
+  dd::Requests::for_each_piece(5 * (Index{1} << 31), [&](Index offset, int size) {
+    EXPECT_EQ(offset, total);
+    total += size;
+    ++count;
+  });
+  EXPECT_EQ(total, 5 * (Index{1} << 31));
+  EXPECT_EQ(count, 6);
+}
+
+// One hop around the ring in 7-element pieces: every element arrives where it belongs.
+TEST(RingMessageTest, ABufferTravelsInPieces) {
+  namespace dd = blockattn::distributed::detail;
+  const MessageLimit limit(7);
+  const dd::RingComm comm(MPI_COMM_WORLD, "test");
+  const Index count = 1000 + comm.rank();  // each rank sends a different length
+  std::vector<double> sent(static_cast<std::size_t>(count));
+  std::iota(sent.begin(), sent.end(), 1000.0 * comm.rank());
+  const Index from_count = 1000 + comm.left();
+  std::vector<double> got(static_cast<std::size_t>(from_count), -1.0);
+  dd::Requests requests(comm);
+  requests.receive(got.data(), from_count, comm.left(), dd::kTagKeysValues);
+  requests.send(sent.data(), count, comm.right(), dd::kTagKeysValues);
+  requests.wait_all();
+  std::vector<double> want(got.size());
+  std::iota(want.begin(), want.end(), 1000.0 * comm.left());
+  EXPECT_EQ(got, want);
+}
+
+// The whole forward, backward and error broadcast with 61-element messages: the same checks as
+// unsplit messages (bitwise the serial emulation), so the pieces reassemble exactly.
+TYPED_TEST(RingAttentionTest, SmallMessageLimitCausalZigZag) {
+  const MessageLimit limit(61);
+  Case c{"causal zigzag, 61-element messages", RingLayout::ZigZag};
+  c.causal = true;
+  check_forward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionBackwardTest, SmallMessageLimitCausalGqa) {
+  const MessageLimit limit(61);
+  Case c{"backward causal GQA, 61-element messages"};
+  c.causal = true;
+  check_backward<TypeParam>(c);
+}
+
+TEST(RingMessageTest, ErrorMessagesBroadcastInPieces) {
+  namespace dd = blockattn::distributed::detail;
+  const MessageLimit limit(3);
+  const dd::RingComm comm(MPI_COMM_WORLD, "test");
+  const int root = comm.size() - 1;
+  const std::string message(100, 'x');
+  EXPECT_THAT([&] { dd::throw_from_rank(comm, root, comm.rank() == root ? message : ""); },
+              ::testing::ThrowsMessage<std::invalid_argument>(
+                  ::testing::HasSubstr(message + " (on rank " + std::to_string(root))));
 }
 
 // --- the BPT layer, sharded ---------------------------------------------------------------

@@ -247,14 +247,15 @@ Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> mutable_row_block(const TensorVie
 }
 
 /// Gradients of attention() on valid arguments (attention_backward.hpp checked them). lse is
-/// [batch, q.heads, n_q]. dq, dk, dv are overwritten entirely.
-template <class T, class MaskMod>
+/// [batch, q.heads, n_q]. dq, dk, dv are overwritten entirely. score_mod: only s + bias(b, h, i, j)
+/// (∂ = 1, as ALiBi; the chain rule assumes it), e.g. the ring's ALiBi on global positions.
+template <class T, class MaskMod, class ScoreMod = NoScoreMod>
 void attention_backward_kernel(const TensorView<const T>& q, const TensorView<const T>& k,
                                const TensorView<const T>& v, const TensorView<const T>& out,
                                const T* lse, const TensorView<const T>& dout,
                                const TensorView<T>& dq, const TensorView<T>& dk,
                                const TensorView<T>& dv, const AttentionOptions& options,
-                               const MaskMod& mask_mod) {
+                               const MaskMod& mask_mod, const ScoreMod& score_mod = {}) {
   const Index n_q = q.seq;
   const Index n_k = k.seq;
   const Index d = q.dim;
@@ -309,8 +310,7 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
 
     for (Index h = kvh * group; h < (kvh + 1) * group; ++h) {
       const TileMasker<MaskMod> masker(options, n_q, n_k, b, h, mask_mod);
-      const NoScoreMod no_score_mod;
-      const ScoreModifier<T, NoScoreMod> modifier(options, n_q, n_k, b, h, no_score_mod);
+      const ScoreModifier<T, ScoreMod> modifier(options, n_q, n_k, b, h, score_mod);
       const T* lse_head = lse + (b * heads + h) * n_q;
       for (Index qc = 0; qc < query_chunks; ++qc) {
         const Index q0 = qc * shape.query_chunk;

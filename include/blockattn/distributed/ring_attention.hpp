@@ -166,8 +166,9 @@ inline void check_mpi(int code, const char* function, const char* call) {
   char text[MPI_MAX_ERROR_STRING];
   int length = 0;
   MPI_Error_string(code, text, &length);
-  throw std::runtime_error(blockattn::detail::concat("blockattn::distributed::", function, ": ",
-                                                     call, " failed: ", std::string(text, length)));
+  throw std::runtime_error(
+      blockattn::detail::concat("blockattn::distributed::", function, ": ", call,
+                                " failed: ", std::string(text, static_cast<std::size_t>(length))));
 }
 
 /// The caller's communicator, duplicated for the call: our messages cannot match the caller's,
@@ -198,6 +199,19 @@ class RingComm {
   const char* function_;
 };
 
+/// The most elements of one MPI message: MPI counts are int, so a buffer of more than INT_MAX
+/// elements travels as several messages of at most this many (same tag, matched in order: MPI
+/// does not let messages between one pair of ranks on one tag overtake each other). The library
+/// never changes it; tests lower it to split small buffers into many pieces. Not synchronised:
+/// set it only while no ring call runs, to the same value on every rank.
+inline Index max_message_elements = INT_MAX;
+
+/// The pieces one buffer of `count` elements travels in: ceil(count / limit), at least 1 (an
+/// empty buffer is one empty message, so both sides always agree on the number of messages).
+constexpr Index message_pieces(Index count, Index limit) {
+  return count <= limit ? 1 : (count + limit - 1) / limit;
+}
+
 /// Outstanding non-blocking messages; waits for all of them on destruction too, so that an
 /// exception thrown mid-ring never frees a buffer that MPI still reads or writes.
 class Requests {
@@ -211,19 +225,25 @@ class Requests {
     }
   }
 
+  /// Sends `count` elements at `data` as message_pieces(count, max_message_elements) messages.
   template <class T>
   void send(const T* data, Index count, int to, int tag) {
-    requests_.emplace_back();
-    comm_.check(MPI_Isend(data, static_cast<int>(count), mpi_type<T>(), to, tag, comm_.get(),
-                          &requests_.back()),
-                "MPI_Isend");
+    for_each_piece(count, [&](Index offset, int piece) {
+      requests_.emplace_back();
+      comm_.check(
+          MPI_Isend(data + offset, piece, mpi_type<T>(), to, tag, comm_.get(), &requests_.back()),
+          "MPI_Isend");
+    });
   }
+  /// Receives what send() sent with the same count (the same pieces, in order).
   template <class T>
   void receive(T* data, Index count, int from, int tag) {
-    requests_.emplace_back();
-    comm_.check(MPI_Irecv(data, static_cast<int>(count), mpi_type<T>(), from, tag, comm_.get(),
-                          &requests_.back()),
-                "MPI_Irecv");
+    for_each_piece(count, [&](Index offset, int piece) {
+      requests_.emplace_back();
+      comm_.check(
+          MPI_Irecv(data + offset, piece, mpi_type<T>(), from, tag, comm_.get(), &requests_.back()),
+          "MPI_Irecv");
+    });
   }
   void wait_all() {
     if (requests_.empty()) return;
@@ -231,6 +251,17 @@ class Requests {
         MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE);
     requests_.clear();
     comm_.check(code, "MPI_Waitall");
+  }
+
+  /// Calls f(offset, size) for each piece of a `count`-element buffer, in order.
+  template <class F>
+  static void for_each_piece(Index count, const F& f) {
+    const Index limit = std::max<Index>(1, std::min<Index>(max_message_elements, INT_MAX));
+    const Index pieces = message_pieces(count, limit);
+    for (Index p = 0; p < pieces; ++p) {
+      const Index offset = p * limit;
+      f(offset, static_cast<int>(std::min(limit, count - offset)));
+    }
   }
 
  private:
@@ -321,10 +352,20 @@ void local_attention(TensorView<const T> q, TensorView<const T> k, TensorView<co
 }
 
 /// attention_backward() of the local queries against one K/V shard (global out, lse, dout).
-template <class T>
+/// ALiBi on global positions is a score_mod, which the public attention_backward() rejects (a
+/// user's has no known derivative): ALiBi's is 1, so this calls the kernel behind it, after
+/// local_validate_backward() has run attention_backward()'s checks.
+template <class T, class ScoreMod>
 void local_backward(const TensorBackwardInputs<T>& in, const TensorGradients<T>& grads,
-                    const AttentionOptions& options, const GlobalMask& mask) {
-  blockattn::attention_backward(in, grads, options, mask);
+                    const AttentionOptions& options, const GlobalMask& mask,
+                    const ScoreMod& score_mod) {
+  if constexpr (std::is_same_v<ScoreMod, NoScoreMod>) {
+    blockattn::attention_backward(in, grads, options, mask);
+  } else {
+    blockattn::detail::attention_backward_kernel<T>(
+        in.q, in.k, in.v, in.out, blockattn::detail::data_or_null(in.lse), in.dout, grads.dq,
+        grads.dk, grads.dv, options, mask, score_mod);
+  }
 }
 
 /// attention()'s argument checks on this rank's shards (throws std::invalid_argument).
@@ -430,8 +471,9 @@ std::int64_t fingerprint(Span<const U> array, Index count) {
   auto length = static_cast<std::int64_t>(message.size());
   comm.check(MPI_Bcast(&length, 1, MPI_INT64_T, root, comm.get()), "MPI_Bcast");
   message.resize(static_cast<std::size_t>(length));
-  comm.check(MPI_Bcast(message.data(), static_cast<int>(length), MPI_CHAR, root, comm.get()),
-             "MPI_Bcast");
+  Requests::for_each_piece(length, [&](Index offset, int piece) {
+    comm.check(MPI_Bcast(message.data() + offset, piece, MPI_CHAR, root, comm.get()), "MPI_Bcast");
+  });
   blockattn::detail::throw_invalid_argument(
       blockattn::detail::concat(message, " (on rank ", root, " of ", comm.size(), ")"));
 }
@@ -553,13 +595,6 @@ inline RingPlan make_plan(const RingComm& comm, const char* function,
               "options.key_lengths[", b, "] is ", options.key_lengths[b], " but must be in [0, ",
               plan.n_k, "] (n_k, the global keys' sequence length)");
     }
-  }
-  // MPI counts are int: one message carries a whole K/V shard (and its gradients).
-  const Index per_token = at(0, kKeyHeads) * (at(0, kDim) + at(0, kValueDim)) * batch;
-  for (int r = 0; r < ranks; ++r) {
-    require(at(r, kKeySeq) * per_token <= INT_MAX, function, "rank ", r, "'s K/V shard has ",
-            at(r, kKeySeq) * per_token, " elements, more than one MPI message carries (", INT_MAX,
-            "); use more ranks");
   }
   plan.visible.assign(static_cast<std::size_t>(ranks) * static_cast<std::size_t>(ranks), 0);
   int last_step = 0;
@@ -690,14 +725,15 @@ struct ShardBuffer {
 /// what shard_sequence() gives.
 /// Cost per rank: the attention of its queries against the K/V shards it sees (shards a mask
 /// hides are skipped; ring steps that no rank needs are not run, e.g. a causal window shorter
-/// than a shard needs one neighbour), ≤ P − 1 messages of one K/V shard each, overlapped with
-/// that work. Extra memory: two K/V shard buffers and one block of out, O(B·(n_k_r + n_q_r)·H·d).
-/// Collective: every rank of comm must call it. Shapes, options or element types that differ
-/// between ranks, or a rank whose arguments fail attention()'s checks (a too-short lse, key_lengths
-/// or alibi_slopes included, named with both sizes): every rank throws the same
-/// std::invalid_argument before any ring message. An MPI error throws std::runtime_error with
-/// MPI's error string. The merge order is fixed (ring step order), so results are bitwise
-/// reproducible for a given P, layout and thread count, and the same bits for any thread count.
+/// than a shard needs one neighbour), ≤ P − 1 messages of one K/V shard each (split into pieces
+/// of at most INT_MAX elements), overlapped with that work. Extra memory: two K/V shard buffers and
+/// one block of out, O(B·(n_k_r + n_q_r)·H·d). Collective: every rank of comm must call it. Shapes,
+/// options or element types that differ between ranks, or a rank whose arguments fail attention()'s
+/// checks (a too-short lse, key_lengths or alibi_slopes included, named with both sizes): every
+/// rank throws the same std::invalid_argument before any ring message. An MPI error throws
+/// std::runtime_error with MPI's error string. The merge order is fixed (ring step order), so
+/// results are bitwise reproducible for a given P, layout and thread count, and the same bits for
+/// any thread count.
 template <class QT, class KT, class VT, class OT>
 void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorView<VT> v_,
                     TensorView<OT> out, const AttentionOptions& options = {},
@@ -786,8 +822,8 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
 /// the shard in hand, with the global lse, so the probabilities are the global ones) to the dK,
 /// dV that travel with the shard, and after the last step they return to their owner. dQ stays
 /// home and is summed in ring order. Accumulation is in T (float for float, double for double).
-/// Options as ring_attention(), except that alibi_slopes is rejected for now (the backward kernel
-/// takes no position functor for scores); soft-capping, causal, windows, key lengths and GQA work.
+/// Options as ring_attention(): causal, windows, key lengths, ALiBi (on global positions),
+/// soft-capping and GQA; block_sparse is rejected.
 /// Arguments by name, as attention_backward(): TensorBackwardInputs<T> (this rank's q, k, v, out,
 /// lse, dout) and TensorGradients<T> (its dq, dk, dv); T float or double (deduced from them).
 /// Shapes: those of attention_backward() per shard; lse [B, H, n_q_r] (ring_attention()'s,
@@ -812,10 +848,10 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
     blockattn::detail::require(options.block_sparse == nullptr, function,
                                "options.block_sparse is not supported (its grid is on local "
                                "positions); use a mask on global positions");
-    blockattn::detail::require(options.alibi_slopes.empty(), function,
-                               "options.alibi_slopes is not supported by the ring backward yet");
     detail::validate_global_arrays(function, options, q.batch, q.heads);
-    detail::local_validate_backward<T>(function, in, grads, local);
+    AttentionOptions checked = local;  // ALiBi's slopes are checked here (finite), not moved
+    checked.alibi_slopes = options.alibi_slopes;
+    detail::local_validate_backward<T>(function, in, grads, checked);
   });
   const detail::RingPlan plan = detail::make_plan(
       c, function, detail::describe<T>(q, k, v, options, ring, error), error, options, ring);
@@ -864,7 +900,14 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
       step_grads.dq = make_tensor_view(dq_block.data(), batch, n_q, q.heads, q.dim);
       step_grads.dk = block_grad.keys(n_k);
       step_grads.dv = block_grad.values(n_k);
-      detail::local_backward<T>(step, step_grads, local, plan.mask(options, c.rank(), owner));
+      const detail::GlobalMask mask = plan.mask(options, c.rank(), owner);
+      if (!options.alibi_slopes.empty()) {
+        const detail::GlobalAlibi<T> alibi{mask.queries, mask.keys, mask.offset,
+                                           options.alibi_slopes.data()};
+        detail::local_backward<T>(step, step_grads, local, mask, alibi);
+      } else {
+        detail::local_backward<T>(step, step_grads, local, mask, NoScoreMod{});
+      }
       detail::add_to(dq_sum.data(), dq_block.data(), static_cast<Index>(dq_sum.size()));
     }
     grad_in.wait_all();
