@@ -37,7 +37,7 @@ std::uint32_t float_bits(float x) {
 template <class S>
 class ConvertTest : public ::testing::Test {};
 using StorageTypes = ::testing::Types<Eigen::bfloat16, Eigen::half>;
-TYPED_TEST_SUITE(ConvertTest, StorageTypes);
+TYPED_TEST_SUITE(ConvertTest, StorageTypes, );
 
 // Every one of the 65,536 patterns widens to exactly the float Eigen gives (a NaN to a NaN of the
 // same sign). Lengths 65,536 and 65,535 run the full-vector loop and a tail.
