@@ -13,10 +13,12 @@ namespace {
 using blockattn::detail::simd::Simd;
 
 TEST(IsaTest, RunsTheExpectedSimdPath) {
-  std::printf("blockattn SIMD path: %s (float %d lanes, double %d lanes)\n", Simd<float>::kName,
-              Simd<float>::kLanes, Simd<double>::kLanes);
+  std::printf("blockattn SIMD path: %s (float %d lanes, double %d lanes), namespace %s\n",
+              Simd<float>::kName, Simd<float>::kLanes, Simd<double>::kLanes,
+              BLOCKATTN_ISA_NAMESPACE_NAME);
   RecordProperty("isa", Simd<float>::kName);
   EXPECT_STREQ(Simd<float>::kName, Simd<double>::kName);
+  EXPECT_STREQ(blockattn::simd_isa(), Simd<float>::kName);
   const char* expected = std::getenv("BLOCKATTN_EXPECT_ISA");  // NOLINT(concurrency-mt-unsafe)
   if (expected == nullptr || *expected == '\0') {
     GTEST_SKIP() << "BLOCKATTN_EXPECT_ISA is not set: the path above is not checked";

@@ -23,6 +23,7 @@
 #include <blockattn/types.hpp>
 
 namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
 
 namespace detail {
 
@@ -661,4 +662,5 @@ void merge_attention_states(const Parts& parts_, TensorView<OT> out,
   });
 }
 
+}  // namespace BLOCKATTN_ISA_NAMESPACE
 }  // namespace blockattn

@@ -24,6 +24,7 @@
 #include <blockattn/types.hpp>
 
 namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
 
 namespace detail {
 
@@ -272,4 +273,5 @@ void attention_backward(const TensorBackwardInputs<T>& in, const TensorGradients
                                        in.dout, grads.dq, grads.dk, grads.dv, options, mask_mod);
 }
 
+}  // namespace BLOCKATTN_ISA_NAMESPACE
 }  // namespace blockattn

@@ -33,6 +33,7 @@
 #include <blockattn/types.hpp>
 
 namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
 
 class Workspace;
 
@@ -405,4 +406,5 @@ class ScoreModifier {
 };
 
 }  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
 }  // namespace blockattn

@@ -18,7 +18,9 @@
 #include <blockattn/types.hpp>
 
 /// Naive O(n²) versions of every kernel, materialising the scores: for tests and for checking.
-namespace blockattn::reference {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace reference {
 
 // --- softmax ---------------------------------------------------------------------------------
 
@@ -324,11 +326,15 @@ void transformer_block(const TransformerBlockWeights<T>& w, const Eigen::MatrixB
   y = out;
 }
 
-}  // namespace blockattn::reference
+}  // namespace reference
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn
 
 // --- attention backward ------------------------------------------------------------------------
 
-namespace blockattn::reference {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace reference {
 
 namespace detail {
 
@@ -448,4 +454,6 @@ void attention_backward(const TensorBackwardInputs<T>& in, const TensorGradients
   }
 }
 
-}  // namespace blockattn::reference
+}  // namespace reference
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

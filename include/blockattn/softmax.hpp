@@ -38,6 +38,7 @@
   "for bfloat16 and half inputs)"
 
 namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
 
 /// The three softmax algorithms of Milakov & Gimelshein, by memory accesses per element.
 enum class SoftmaxAlgorithm {
@@ -682,4 +683,5 @@ Index softmax_topk(const T* x, Index n, Index k, Vt* values, Index* indices) {
   return detail::softmax_kernel::topk_fused(x, n, k, values, indices);
 }
 
+}  // namespace BLOCKATTN_ISA_NAMESPACE
 }  // namespace blockattn

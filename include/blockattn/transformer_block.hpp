@@ -22,6 +22,7 @@
 #include <blockattn/types.hpp>
 
 namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
 
 /// The FFN's nonlinearity.
 enum class Activation {
@@ -505,4 +506,5 @@ void transformer_block(const TransformerBlockWeights<T>& weights, const Eigen::M
   detail::transformer_block_forward<T>(weights, x_view, y_view, options);
 }
 
+}  // namespace BLOCKATTN_ISA_NAMESPACE
 }  // namespace blockattn

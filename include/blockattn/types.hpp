@@ -19,6 +19,7 @@
 
 /// Exact attention kernels for the CPU that never form the n×n score matrix.
 namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
 
 using Index = Eigen::Index;
 
@@ -287,4 +288,5 @@ Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> mutable_head_slice(const TensorVi
 }
 
 }  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
 }  // namespace blockattn

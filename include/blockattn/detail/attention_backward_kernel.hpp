@@ -43,7 +43,9 @@
 #include <blockattn/mask.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 /// Whether T runs on the forward's SIMD micro-kernels (float, double). Other types (long double,
 /// reachable through the generic entry point) take plain Eigen products.
@@ -389,4 +391,6 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
   });
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

@@ -30,7 +30,9 @@
 #include <blockattn/mask.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 /// Forbids Eigen heap allocation for its lifetime when the translation unit defines
 /// EIGEN_RUNTIME_NO_MALLOC (tests/attention_no_malloc_test.cpp); otherwise does nothing. Eigen's
@@ -191,4 +193,6 @@ void attention_forward(const TensorView<const T>& q, const TensorView<const T>& 
   attention_forward<T>(q, k, v, out, options, lse, mask_mod, score_mod, storage);
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

@@ -16,7 +16,9 @@
 #include <blockattn/mask.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 // Default tile sizes. A tile step packs a K and a V chunk once, then, per sub-tile of kTileRows
 // query rows, computes the scores, exponentiates them in place and adds P·V.
@@ -276,4 +278,6 @@ AttentionPlan plan_attention(const AttentionShapes& x, const AttentionOptions& o
   return plan;
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

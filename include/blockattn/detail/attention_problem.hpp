@@ -12,7 +12,9 @@
 #include <blockattn/mask.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 /// Rows of a row-major matrix: row r starts at data + r·ld (ld in elements).
 template <class T>
@@ -108,4 +110,6 @@ AttentionProblem<T, MaskMod, ScoreMod> make_attention_problem(const AttentionPla
           plan.shape, mask_mod, score_mod};
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

@@ -13,7 +13,9 @@
 #include <blockattn/detail/config.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 /// Throws std::invalid_argument(message); under -fno-exceptions prints it and aborts.
 [[noreturn]] BLOCKATTN_NOINLINE inline void throw_invalid_argument(const std::string& message) {
@@ -103,4 +105,6 @@ inline void require_disjoint(const char* function, const char* output_name, Addr
   }
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

@@ -28,6 +28,17 @@
 #define BLOCKATTN_RESTRICT
 #endif
 
+// BLOCKATTN_OUT_OF_LINE: a function the compiler neither inlines nor constant-propagates into its
+// callers (GCC's noipa; clang does not propagate from linkonce_odr definitions anyway), so a call
+// runs the definition the linker kept (blockattn::simd_isa in detail/simd.hpp).
+#if defined(__clang__)
+#define BLOCKATTN_OUT_OF_LINE __attribute__((noinline))
+#elif defined(__GNUC__) && __GNUC__ >= 8
+#define BLOCKATTN_OUT_OF_LINE __attribute__((noipa))
+#else
+#define BLOCKATTN_OUT_OF_LINE BLOCKATTN_NOINLINE
+#endif
+
 // BLOCKATTN_UNROLL(n): unroll the next loop n times, n an integer literal (GCC 12 rejects a
 // template parameter there); with n >= the loop's fixed trip count the loop is unrolled
 // completely. For the register blocks: their arrays of accumulator vectors become registers
@@ -70,7 +81,71 @@
 #define BLOCKATTN_REFERENCE_SCALAR_MESSAGE \
   "blockattn::reference: the element type must be float, double or long double"
 
+// The SIMD path, decided here once for every header (detail/simd.hpp implements it), from the
+// compiler's flags, most capable first. Defining BLOCKATTN_FORCE_SCALAR selects the scalar
+// fallback whatever the flags (the `scalar` preset tests it on every machine).
+#if defined(BLOCKATTN_FORCE_SCALAR)
+#define BLOCKATTN_SIMD_SCALAR 1
+#elif defined(__AVX512F__)
+#define BLOCKATTN_SIMD_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define BLOCKATTN_SIMD_AVX2 1
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define BLOCKATTN_SIMD_NEON 1
+#elif defined(__SSE2__) || defined(_M_X64)
+#define BLOCKATTN_SIMD_SSE2 1
+#else
+#define BLOCKATTN_SIMD_SCALAR 1
+#endif
+
+// BLOCKATTN_ISA_NAMESPACE: the inline namespace around everything in namespace blockattn, named
+// after the code this translation unit's flags select (docs/build.md#mixing-isa-flags). A header-
+// only library is compiled with each TU's flags; without the tag, TUs built with different flags
+// would define the same inline functions with different bodies (an ODR violation) and the linker
+// would keep one of them for all: a TU built for SSE2 could run AVX-512 code (SIGILL on an older
+// CPU). With it each TU's definitions have their own mangled names. The name is the SIMD path plus
+// every other feature macro a header selects code with, so that two TUs share a definition only
+// when they compile it from the same source text:
+//   __F16C__       the AVX2 path's half <-> float conversions (detail/convert.hpp)
+//   __AVX512BF16__ the AVX-512 path's bf16 instructions, __AVX512FP16__ its half arithmetic
+//   __AVX__        VEX-encoded code on the SSE2 path (-mavx, or -mavx2 without -mfma)
+// tests/check_isa_namespace.sh fails when a header tests a feature macro not listed here, or
+// opens namespace blockattn without the tag (tools/isa_ns.py adds it). Names spelled
+// blockattn::attention keep working: the namespace is inline.
+// BLOCKATTN_NO_ISA_NAMESPACE gives every TU the same name, i.e. the untagged behaviour: only for
+// the test that shows the trap (tests/isa_mix), never in a program that mixes flags.
+#if defined(BLOCKATTN_NO_ISA_NAMESPACE)
+#define BLOCKATTN_ISA_NAMESPACE isa_untagged
+#elif defined(BLOCKATTN_SIMD_SCALAR)
+#define BLOCKATTN_ISA_NAMESPACE isa_scalar
+#elif defined(BLOCKATTN_SIMD_AVX512) && defined(__AVX512BF16__) && defined(__AVX512FP16__)
+#define BLOCKATTN_ISA_NAMESPACE isa_avx512_bf16_fp16
+#elif defined(BLOCKATTN_SIMD_AVX512) && defined(__AVX512BF16__)
+#define BLOCKATTN_ISA_NAMESPACE isa_avx512_bf16
+#elif defined(BLOCKATTN_SIMD_AVX512) && defined(__AVX512FP16__)
+#define BLOCKATTN_ISA_NAMESPACE isa_avx512_fp16
+#elif defined(BLOCKATTN_SIMD_AVX512)
+#define BLOCKATTN_ISA_NAMESPACE isa_avx512
+#elif defined(BLOCKATTN_SIMD_AVX2) && defined(__F16C__)
+#define BLOCKATTN_ISA_NAMESPACE isa_avx2_f16c
+#elif defined(BLOCKATTN_SIMD_AVX2)
+#define BLOCKATTN_ISA_NAMESPACE isa_avx2
+#elif defined(BLOCKATTN_SIMD_NEON)
+#define BLOCKATTN_ISA_NAMESPACE isa_neon
+#elif defined(BLOCKATTN_SIMD_SSE2) && defined(__AVX__)
+#define BLOCKATTN_ISA_NAMESPACE isa_sse2_vex
+#elif defined(BLOCKATTN_SIMD_SSE2)
+#define BLOCKATTN_ISA_NAMESPACE isa_sse2
+#else
+#error "blockattn: detail/config.hpp selected no SIMD path"
+#endif
+#define BLOCKATTN_STRINGIFY_(x) #x
+#define BLOCKATTN_STRINGIFY(x) BLOCKATTN_STRINGIFY_(x)
+/// The tag as a string literal, e.g. "isa_avx2_f16c" (for reports and tests).
+#define BLOCKATTN_ISA_NAMESPACE_NAME BLOCKATTN_STRINGIFY(BLOCKATTN_ISA_NAMESPACE)
+
 namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
 namespace detail {
 
 template <class T, class... List>
@@ -110,4 +185,5 @@ struct AccumulatorOf {
 template <class T>
 using accumulator_t = typename AccumulatorOf<T>::type;
 
+}  // namespace BLOCKATTN_ISA_NAMESPACE
 }  // namespace blockattn

@@ -25,7 +25,9 @@
 #include <blockattn/detail/simd.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 /// One stored element as the kernels compute with it (exact for every storage type).
 template <class S>
@@ -195,4 +197,6 @@ void narrow(const accumulator_t<S>* src, Index n, S* dst) {
   }
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

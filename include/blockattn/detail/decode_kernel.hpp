@@ -19,7 +19,9 @@
 #include <blockattn/detail/workspace.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 // Decode: how far ahead (bytes of K or V rows) the direct kernels prefetch, so that memory keeps
 // streaming across the softmax between the K and V phases. 4 KiB: best of 2–16 KiB; contiguous
@@ -195,4 +197,6 @@ void decode_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const At
   flush_pending_values(stream.pending);
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

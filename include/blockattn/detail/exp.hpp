@@ -31,7 +31,9 @@
 #include <blockattn/detail/config.hpp>
 #include <blockattn/detail/simd.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 template <class T>
 struct ExpConstants;
@@ -111,4 +113,6 @@ inline void exp_array(const T* x, T* y, std::ptrdiff_t count) {
   }
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

@@ -10,7 +10,9 @@
 #include <blockattn/detail/simd.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 /// True when every entry of the rows × cols block x (row stride ld) is finite: x·0 is ±0 for a
 /// finite x and NaN for ±inf or NaN, so the sum of the products is 0 exactly when all are finite.
@@ -81,4 +83,6 @@ void zero_non_finite(T* x, Index n) {
   }
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

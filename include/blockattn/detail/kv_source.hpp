@@ -38,7 +38,9 @@
 #include <blockattn/detail/microkernel.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 /// The K/V source of float or double rows stored as they are computed in, any row stride (one
 /// head of a [seq, heads, dim] or [heads, seq, dim] view, or a single-head matrix): packing is a
@@ -95,4 +97,6 @@ class StridedKVHeads {
   TensorView<const T> v_;
 };
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

@@ -50,7 +50,9 @@
 #include <blockattn/detail/simd.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 /// Compile-time register blocking for the current ISA.
 template <class T>
@@ -508,4 +510,6 @@ inline constexpr Index kTileRows = 96;
 // (docs/tuning.md#direct-rows).
 inline constexpr Index kDirectRows = 8;
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

@@ -10,7 +10,9 @@
 #include <blockattn/detail/simd.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 // NaN and a hidden key's value (README, "Numerical conventions"). A masked score is −inf and its
 // weight p is exactly 0, but the P·V micro-kernels multiply every weight of a tile by every value
@@ -94,4 +96,6 @@ void add_non_finite_values(const T* p, Index ld_p, Index rows, Index keys, const
   }
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

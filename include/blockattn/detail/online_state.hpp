@@ -17,7 +17,9 @@
 #include <blockattn/detail/simd.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 template <class T>
 inline constexpr T kNegativeInfinity = -std::numeric_limits<T>::infinity();
@@ -273,4 +275,6 @@ class RowBlockState {
   Index ld_acc_;
 };
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

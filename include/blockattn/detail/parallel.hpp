@@ -6,11 +6,15 @@
 
 #include <Eigen/Core>
 
+#include <blockattn/detail/config.hpp>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 /// The number of threads that `requested` (0 = all) means, never more than `tasks`, at least 1.
 inline int resolve_threads(int requested, Eigen::Index tasks) {
@@ -45,4 +49,6 @@ void parallel_for(Eigen::Index tasks, int threads, Body&& body) {
 #endif
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

@@ -16,7 +16,9 @@
 #include <blockattn/detail/workspace.hpp>
 #include <blockattn/types.hpp>
 
-namespace blockattn::detail {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail {
 
 /// Prefill: folds keys `range` (on the key_chunk grid) of the source `kv` into `state`, the
 /// online state of the query rows `t`, whose scaled queries are ws.queries [t.rows(), d]. K and V
@@ -63,4 +65,6 @@ void prefill_keys(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const S
   }
 }
 
-}  // namespace blockattn::detail
+}  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

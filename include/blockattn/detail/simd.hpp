@@ -6,7 +6,9 @@
 // runtime dispatch: `-march=native` (or `-mavx2 -mfma`, …) is the whole configuration.
 // Defining BLOCKATTN_FORCE_SCALAR (e.g. -DBLOCKATTN_FORCE_SCALAR) selects the scalar fallback
 // whatever the flags, so the path of targets without any of these ISAs is built and tested on
-// every machine (the `scalar` preset). It must be the same in every translation unit of a program.
+// every machine (the `scalar` preset). The choice is made in detail/config.hpp, which also names
+// the inline namespace that keeps translation units built with different flags (or with and without
+// BLOCKATTN_FORCE_SCALAR) apart in one program (docs/build.md#mixing-isa-flags).
 //
 // Every ISA provides, in `Simd<T>` for T = float and double:
 //   V, kLanes, kName                      the register type, its lane count, the ISA's name
@@ -43,25 +45,18 @@
 
 #include <blockattn/detail/config.hpp>
 
-#if defined(BLOCKATTN_FORCE_SCALAR)
-#define BLOCKATTN_SIMD_SCALAR 1
-#elif defined(__AVX512F__)
-#define BLOCKATTN_SIMD_AVX512 1
+// The path itself is chosen in detail/config.hpp (BLOCKATTN_SIMD_*), with the ISA namespace.
+#if defined(BLOCKATTN_SIMD_AVX512) || defined(BLOCKATTN_SIMD_AVX2)
 #include <immintrin.h>
-#elif defined(__AVX2__) && defined(__FMA__)
-#define BLOCKATTN_SIMD_AVX2 1
-#include <immintrin.h>
-#elif defined(__ARM_NEON) && defined(__aarch64__)
-#define BLOCKATTN_SIMD_NEON 1
+#elif defined(BLOCKATTN_SIMD_NEON)
 #include <arm_neon.h>
-#elif defined(__SSE2__) || defined(_M_X64)
-#define BLOCKATTN_SIMD_SSE2 1
+#elif defined(BLOCKATTN_SIMD_SSE2)
 #include <emmintrin.h>
-#else
-#define BLOCKATTN_SIMD_SCALAR 1
 #endif
 
-namespace blockattn::detail::simd {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace detail::simd {
 
 /// Bit pattern of the magic constant 1.5·2^(digits−1): adding it to |x| < 2^(digits−2) rounds x
 /// to an integer (current rounding mode, i.e. to nearest even) and leaves that integer in the
@@ -534,4 +529,21 @@ struct Simd<double> : SimdCommon<double, ScalarIsa<double>> {};
 
 #endif
 
-}  // namespace blockattn::detail::simd
+}  // namespace detail::simd
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn
+
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+
+/// The SIMD path that this translation unit's blockattn calls run on: "avx512", "avx2+fma",
+/// "neon", "sse2" or "scalar" (detail/simd.hpp's kName), for bug reports and tests. Kept out of
+/// line, like the kernels, so that it reports the definition the linker kept, not a constant
+/// folded into the caller: in a program whose translation units were built with different flags
+/// it shows that each runs its own code (tests/isa_mix).
+BLOCKATTN_OUT_OF_LINE inline const char* simd_isa() noexcept {
+  return detail::simd::Simd<float>::kName;
+}
+
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn

@@ -15,6 +15,7 @@
 #include <blockattn/types.hpp>
 
 namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
 
 /// Reusable scratch memory for attention(): the per-thread tile buffers (scaled queries, packed
 /// K/V chunk, one score tile, the running max / sum / output of the query block) and, for decode
@@ -197,4 +198,5 @@ class AttentionWorkspace {
 };
 
 }  // namespace detail
+}  // namespace BLOCKATTN_ISA_NAMESPACE
 }  // namespace blockattn

@@ -38,7 +38,9 @@
 #include <mpi.h>
 
 /// Attention over a sequence sharded across the processes of an MPI communicator.
-namespace blockattn::distributed {
+namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
+namespace distributed {
 
 /// How a global sequence of n tokens is split across P ranks. Every layout keeps each rank's
 /// positions increasing, so a shard is an ordinary [batch, seq, heads, dim] tensor.
@@ -1028,4 +1030,6 @@ void ring_transformer_block(MPI_Comm comm, const TransformerBlockWeights<T>& w,
   }
 }
 
-}  // namespace blockattn::distributed
+}  // namespace distributed
+}  // namespace BLOCKATTN_ISA_NAMESPACE
+}  // namespace blockattn
