@@ -21,6 +21,7 @@
 #include <blockattn/types.hpp>
 
 namespace blockattn {
+inline namespace BLOCKATTN_ISA_NAMESPACE {
 namespace dispatch {
 
 /// The kernel variant this process runs: "avx512", "avx2+fma" or "sse2" (the SIMD layer's names).
@@ -119,4 +120,5 @@ inline void attention(const TensorView<const double>& q, const TensorView<const 
 }
 
 }  // namespace dispatch
+}  // namespace BLOCKATTN_ISA_NAMESPACE
 }  // namespace blockattn
