@@ -324,7 +324,8 @@ struct TransformerBlockWorkspaceAccess {
   /// K and V, [n, kv_dim] each: K at the returned pointer, V at kv_offset(n, kv_dim) after it.
   template <class T>
   static T* reserve_kv(TransformerBlockWorkspace& w, Index n, Index kv_dim) {
-    return static_cast<T*>(w.kv_.reserve(2 * kv_offset<T>(n, kv_dim) * sizeof(T)));
+    return static_cast<T*>(
+        w.kv_.reserve(static_cast<std::size_t>(2 * kv_offset<T>(n, kv_dim)) * sizeof(T)));
   }
   template <class T>
   static Index kv_offset(Index n, Index kv_dim) {
