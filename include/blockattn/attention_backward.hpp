@@ -145,7 +145,7 @@ struct AttentionBackwardInputs {
   MatrixRef<const T> v;              ///< [n_k, d_v]: its values
   MatrixRef<const T> out;            ///< [n_q, d_v]: its output
   Span<const accumulator_t<T>> lse;  ///< [n_q]: its log-sum-exp (required)
-  MatrixRef<const T> dout;           ///< [n_q, d_v]: ∂L/∂out
+  MatrixRef<const T> dout;           ///< [n_q, d_v]: the gradient ∂L/∂out
 
   AttentionBackwardInputs() {}  // NOLINT(modernize-use-equals-default): no aggregate init
 };
@@ -154,9 +154,9 @@ struct AttentionBackwardInputs {
 /// and dv have the shapes of q, k and v and are overwritten entirely.
 template <class T>
 struct AttentionGradients {
-  MatrixRef<T> dq;  ///< [n_q, d]: ∂L/∂q
-  MatrixRef<T> dk;  ///< [n_k, d]: ∂L/∂k
-  MatrixRef<T> dv;  ///< [n_k, d_v]: ∂L/∂v
+  MatrixRef<T> dq;  ///< [n_q, d]: the gradient ∂L/∂q
+  MatrixRef<T> dk;  ///< [n_k, d]: the gradient ∂L/∂k
+  MatrixRef<T> dv;  ///< [n_k, d_v]: the gradient ∂L/∂v
 
   AttentionGradients() {}  // NOLINT(modernize-use-equals-default): no aggregate init
 };
@@ -179,7 +179,7 @@ template <class T>
 struct TensorGradients {
   TensorView<T> dq;  ///< [B, n_q, H, d]
   TensorView<T> dk;  ///< [B, n_k, H_kv, d]: summed over the query heads of each kv head
-  TensorView<T> dv;  ///< [B, n_k, H_kv, d_v]: likewise
+  TensorView<T> dv;  ///< [B, n_k, H_kv, d_v]: summed likewise
 
   TensorGradients() {}  // NOLINT(modernize-use-equals-default): no aggregate init
 };

@@ -96,7 +96,8 @@ struct OnlineSoftmax {
   void update(const T* x, Index n) { update_row(x, n); }
 
   /// The same for a row of bfloat16 or half values (T = float): each vector widened in registers
-  /// as it is loaded, no copy; the state equals that of the widened row, bitwise.
+  /// as it is loaded, no copy; the state equals that of the widened row, bitwise. O(n) time, no
+  /// allocation.
   template <class S, std::enable_if_t<
                          detail::kIs16BitFloat<S> && std::is_same_v<accumulator_t<S>, T>, int> = 0>
   void update(const S* x, Index n) {
@@ -104,11 +105,13 @@ struct OnlineSoftmax {
   }
 
   /// Adds the values of a row vector (a RowVector, a row of a row-major Matrix, a Map of a
-  /// buffer; anything else is copied into a temporary first). Same as update(x.data(), x.size()).
+  /// buffer; anything else is copied into a temporary first). Same as update(x.data(), x.size()):
+  /// O(n) time.
   void update(const Eigen::Ref<const RowVector<T>>& x) { update(x.data(), x.size()); }
 
   /// Adds the values of a contiguous vector of bfloat16 or half (T = float; a strided one is a
-  /// compile-time error: it is not copied). Same as update(x.data(), x.size()).
+  /// compile-time error: it is not copied). Same as update(x.data(), x.size()): O(n) time, no
+  /// allocation.
   template <class X, std::enable_if_t<detail::kIs16BitFloat<typename X::Scalar>, int> = 0>
   void update(const Eigen::MatrixBase<X>& x) {
     static_assert(std::is_same_v<accumulator_t<typename X::Scalar>, T>,
@@ -128,6 +131,7 @@ struct OnlineSoftmax {
   }
 
   /// log Σ exp(x) over the values seen: −inf when none (or all were −inf), NaN if any was NaN.
+  /// O(1).
   T log_sum_exp() const { return max + std::log(sum); }
 
  private:
@@ -623,7 +627,7 @@ void softmax(const Eigen::MatrixBase<X>& x_, const Eigen::MatrixBase<Y>& y_,
 /// Softmax of one vector of n contiguous values, x[0..n) → y[0..n); the same contract as the
 /// matrix form (a single row), T and Y deduced from the pointers (Y = T or accumulator_t<T>).
 /// Throws std::invalid_argument if n < 0, a pointer is null with n > 0, or y partially overlaps x
-/// (y == x, in place, is fine).
+/// (y == x, in place, is fine). Time O(n), no allocation.
 template <class T, class Y>
 void softmax(const T* x, Index n, Y* y, SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
   static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);

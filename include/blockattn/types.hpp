@@ -243,7 +243,7 @@ struct TensorView {
   }
 };
 
-/// A view of a contiguous [batch, seq, heads, dim] (BSHD) buffer.
+/// A view of a contiguous [batch, seq, heads, dim] (BSHD) buffer. O(1), no copy.
 template <class T>
 TensorView<T> make_tensor_view(T* data, Index batch, Index seq, Index heads, Index dim) {
   return TensorView<T>(data, batch, seq, heads, dim, /*batch_stride=*/seq * heads * dim,
@@ -251,6 +251,7 @@ TensorView<T> make_tensor_view(T* data, Index batch, Index seq, Index heads, Ind
 }
 
 /// A view of a contiguous [batch, heads, seq, dim] (BHSD) buffer, the layout of PyTorch's SDPA.
+/// O(1), no copy.
 template <class T>
 TensorView<T> make_tensor_view_bhsd(T* data, Index batch, Index seq, Index heads, Index dim) {
   return TensorView<T>(data, batch, seq, heads, dim, /*batch_stride=*/heads * seq * dim,
