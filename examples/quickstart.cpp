@@ -2,7 +2,9 @@
 // chunk by chunk so the n×n score matrix never exists, checked against the naive reference.
 #include <cstdio>
 
+// [readme]
 #include <blockattn/blockattn.hpp>
+// [readme]
 
 int main() {
   // [readme]

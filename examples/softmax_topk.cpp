@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <vector>
 
 #include <blockattn/blockattn.hpp>
 
@@ -44,8 +45,19 @@ int main(int argc, char** argv) {
   blockattn::RowVector<blockattn::Index> top_token(k);
   const blockattn::Index found = blockattn::softmax_topk(logits, k, top_probability, top_token);
 
+  // 4. The same on plain arrays: Spans carry each array's length, so a buffer too short for
+  //    min(k, vocabulary) entries is a std::invalid_argument naming it, not an overflow.
+  std::vector<float> span_probability(static_cast<std::size_t>(k));
+  std::vector<blockattn::Index> span_token(static_cast<std::size_t>(k));
+  blockattn::softmax_topk(blockattn::Span(logits.data(), vocabulary), k,
+                          blockattn::Span(span_probability), blockattn::Span(span_token));
+
   int mismatches = 0;
   for (blockattn::Index i = 0; i < found; ++i) {
+    const auto slot = static_cast<std::size_t>(i);
+    if (span_token[slot] != top_token(i) || span_probability[slot] != top_probability(i)) {
+      ++mismatches;  // the two forms run the same kernel: bitwise equal
+    }
     const float full = probabilities(0, top_token(i));
     std::printf("  #%ld  token %6ld  p = %.6f  (full softmax: %.6f)\n", static_cast<long>(i + 1),
                 static_cast<long>(top_token(i)), static_cast<double>(top_probability(i)),

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <blockattn/attention.hpp>
+#include <blockattn/attention_backward.hpp>
 #include <blockattn/transformer_block.hpp>
 
 #include "support/random.hpp"
@@ -170,6 +171,69 @@ TYPED_TEST(AttentionNoMallocTest, SecondTransformerBlockCallAllocatesNothing) {
     EXPECT_EQ(workspace.capacity(), capacity);
     EXPECT_EQ(workspace.slots(), slots);
     EXPECT_TRUE(y == expected);
+  }
+}
+
+// attention_backward() with a caller's Workspace: the first call sizes it (every thread's slice
+// and the dQ tokens); a second call of the same shapes then runs whole inside Eigen's no-malloc
+// scope (Workspace allocates through Eigen, so a call that grew it would abort), keeps the same
+// capacity, and gives the bits of a call without a workspace. The same Workspace then also
+// serves the forward call: one buffer for a training step.
+TYPED_TEST(AttentionNoMallocTest, SecondBackwardCallWithAWorkspaceAllocatesNothing) {
+  using T = TypeParam;
+  auto rng = make_rng(37);
+  const Index n_q = 150;
+  const Index n_k = 260;
+  const Index d = 32;
+  const Matrix<T> q = random_matrix<T>(rng, n_q, d);
+  const Matrix<T> k = random_matrix<T>(rng, n_k, d);
+  const Matrix<T> v = random_matrix<T>(rng, n_k, d);
+  const Matrix<T> dout = random_matrix<T>(rng, n_q, d);
+  for (const bool causal : {false, true}) {
+    SCOPED_TRACE(causal ? "causal" : "full");
+    AttentionOptions options;
+    options.causal = causal;
+    options.threads = 2;
+    Matrix<T> out(n_q, d);
+    std::vector<T> lse(static_cast<std::size_t>(n_q));
+    blockattn::attention(q, k, v, out, options, lse);
+    blockattn::AttentionBackwardInputs<T> in;
+    in.q = q;
+    in.k = k;
+    in.v = v;
+    in.out = out;
+    in.lse = lse;
+    in.dout = dout;
+    Matrix<T> dq_expected(n_q, d), dk_expected(n_k, d), dv_expected(n_k, d);
+    blockattn::AttentionGradients<T> expected;
+    expected.dq = dq_expected;
+    expected.dk = dk_expected;
+    expected.dv = dv_expected;
+    blockattn::attention_backward(in, expected, options);  // a workspace of its own
+    blockattn::Workspace workspace;
+    AttentionOptions reused = options;
+    reused.workspace = &workspace;
+    Matrix<T> dq(n_q, d), dk(n_k, d), dv(n_k, d);
+    blockattn::AttentionGradients<T> grads;
+    grads.dq = dq;
+    grads.dk = dk;
+    grads.dv = dv;
+    blockattn::attention_backward(in, grads, reused);  // sizes the caller's workspace
+    EXPECT_GT(workspace.capacity(), 0u);  // the backward's scratch lives in the caller's workspace
+    blockattn::attention(q, k, v, out, reused, lse);  // the forward may grow it further
+    const std::size_t capacity = workspace.capacity();
+    dq.setZero();
+    dk.setZero();
+    dv.setZero();
+    {
+      const blockattn::detail::NoMallocScope no_malloc;  // aborts on an allocation
+      blockattn::attention(q, k, v, out, reused, lse);
+      blockattn::attention_backward(in, grads, reused);
+    }
+    EXPECT_EQ(workspace.capacity(), capacity);
+    EXPECT_TRUE(dq == dq_expected);
+    EXPECT_TRUE(dk == dk_expected);
+    EXPECT_TRUE(dv == dv_expected);
   }
 }
 

@@ -429,13 +429,21 @@ TYPED_TEST(Softmax16Test, TopKIndicesAndValuesAreThoseOfTheWidenedRow) {
         EXPECT_EQ(float_indices, expected_indices);
         expect_bitwise(Matrix<float>(float_values), Matrix<float>(expected_values), "float values");
         expect_bitwise(Matrix<S>(values), round_matrix<S>(expected_values), "16-bit values");
-        // The pointer form.
-        RowVector<S> pointer_values(kept);
-        RowVector<Index> pointer_indices(kept);
-        blockattn::softmax_topk(x.row(i).data(), n, k, pointer_values.data(),
-                                pointer_indices.data());
-        EXPECT_EQ(pointer_indices, expected_indices);
-        expect_bitwise(Matrix<S>(pointer_values), Matrix<S>(values), "pointer form");
+        // The Span form, 16-bit and float values.
+        std::vector<S> span_values(static_cast<std::size_t>(kept));
+        std::vector<float> span_float_values(static_cast<std::size_t>(kept));
+        std::vector<Index> span_indices(static_cast<std::size_t>(kept));
+        const blockattn::Span<const S> row(x.row(i).data(), n);
+        ASSERT_EQ(blockattn::softmax_topk(row, k, blockattn::Span(span_values),
+                                          blockattn::Span(span_indices)),
+                  kept);
+        EXPECT_EQ(RowVector<Index>::Map(span_indices.data(), kept), expected_indices);
+        expect_bitwise(Matrix<S>(RowVector<S>::Map(span_values.data(), kept)), Matrix<S>(values),
+                       "Span form");
+        blockattn::softmax_topk(row, k, blockattn::Span(span_float_values),
+                                blockattn::Span(span_indices));
+        expect_bitwise(Matrix<float>(RowVector<float>::Map(span_float_values.data(), kept)),
+                       Matrix<float>(float_values), "Span form, float values");
       }
     }
   }

@@ -686,10 +686,12 @@ void expect_topk_matches_reference(const RowVector<T>& x, Index k) {
   // Entries past min(k, n) are untouched.
   EXPECT_TRUE(std::isnan(values(kept)));
   EXPECT_EQ(indices(kept + 1), -7);
-  // The pointer form and the template give the same bits.
+  // The Span form and the Eigen form give the same bits.
   std::vector<T> raw_values(static_cast<std::size_t>(kept + 1));
   std::vector<Index> raw_indices(static_cast<std::size_t>(kept + 1));
-  EXPECT_EQ(blockattn::softmax_topk(x.data(), n, k, raw_values.data(), raw_indices.data()), kept);
+  EXPECT_EQ(blockattn::softmax_topk(blockattn::Span(x.data(), n), k, blockattn::Span(raw_values),
+                                    blockattn::Span(raw_indices)),
+            kept);
   RowVector<T> template_values(kept);
   RowVector<Index> template_indices(kept);
   blockattn::softmax_topk(x, k, template_values, template_indices);
@@ -848,17 +850,43 @@ TYPED_TEST(SoftmaxTest, TopKBadArgumentsThrowBeforeWriting) {
       ThrowsMessage<std::invalid_argument>(HasSubstr("blockattn::bench::softmax_topk_unfused")));
   EXPECT_TRUE(values.array().isNaN().all());
   EXPECT_TRUE((indices.array() == -1).all());
-  // values overlapping x (raw buffers).
+  // The Span form: lengths checked, both sizes named; overlaps and null data rejected.
   std::vector<T> buffer(12, T(0));
   std::vector<Index> raw_indices(4, -1);
+  const blockattn::Span<const T> xs(buffer.data(), 10);
   EXPECT_THAT(
-      [&] { blockattn::softmax_topk(buffer.data(), 10, 3, buffer.data() + 8, raw_indices.data()); },
+      [&] {
+        blockattn::softmax_topk(xs, 3, blockattn::Span(buffer.data() + 10, 2),
+                                blockattn::Span(raw_indices));
+      },
+      ThrowsMessage<std::invalid_argument>(AllOf(HasSubstr("blockattn::softmax_topk"),
+                                                 HasSubstr("values.size() is 2"),
+                                                 HasSubstr("min(k, x.size()) is 3"))));
+  EXPECT_THAT(
+      [&] {
+        blockattn::softmax_topk(xs, 5, blockattn::Span(buffer.data() + 10, 2),
+                                blockattn::Span(raw_indices));
+      },
+      ThrowsMessage<std::invalid_argument>(HasSubstr("values.size() is 2")));
+  EXPECT_THAT(
+      [&] {
+        blockattn::softmax_topk(xs, 3, blockattn::Span(buffer.data() + 8, 3),
+                                blockattn::Span(raw_indices));
+      },
       ThrowsMessage<std::invalid_argument>(HasSubstr("values overlaps the memory of x")));
-  EXPECT_THROW(
-      blockattn::softmax_topk(buffer.data(), 10, 3, static_cast<T*>(nullptr), raw_indices.data()),
-      std::invalid_argument);
-  EXPECT_THROW(blockattn::softmax_topk(buffer.data(), -3, 3, buffer.data(), raw_indices.data()),
-               std::invalid_argument);
+  EXPECT_THAT(
+      [&] {
+        blockattn::softmax_topk(xs, 3, blockattn::Span(static_cast<T*>(nullptr), 3),
+                                blockattn::Span(raw_indices));
+      },
+      ThrowsMessage<std::invalid_argument>(HasSubstr("values.data() or indices.data() is null")));
+  EXPECT_THAT(
+      [&] {
+        blockattn::softmax_topk(blockattn::Span(buffer.data(), -3), 3,
+                                blockattn::Span(buffer.data(), 3), blockattn::Span(raw_indices));
+      },
+      ThrowsMessage<std::invalid_argument>(HasSubstr("x.size() is -3")));
+  EXPECT_TRUE(std::all_of(buffer.begin(), buffer.end(), [](T b) { return b == T(0); }));
   EXPECT_EQ(raw_indices, std::vector<Index>(4, -1));
 }
 

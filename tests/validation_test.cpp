@@ -153,7 +153,7 @@ void softmax_rows(Table<T>& table) {
          });
 }
 
-// --- softmax_topk, Eigen and raw-pointer forms -----------------------------------------------
+// --- softmax_topk, Eigen and Span forms ------------------------------------------------------
 
 template <class T>
 void softmax_topk_rows(Table<T>& table) {
@@ -190,43 +190,61 @@ void softmax_topk_rows(Table<T>& table) {
            Eigen::Map<Indices> indices(b.index_ptr(3), 3);
            blockattn::softmax_topk(xs, 3, values, indices);
          });
-  add<T>(table, "softmax_topk[n]/n", {"blockattn::softmax_topk", "n is -1"}, [](Buffers<T>& b) {
-    blockattn::softmax_topk(b.in(1, 4).data(), -1, 2, b.out_ptr(2), b.index_ptr(2));
+  // The Span form: every array carries its length.
+  using blockattn::Span;
+  add<T>(table, "softmax_topk[span]/values.size",
+         {"blockattn::softmax_topk", "values.size() is 2 but min(k, x.size()) is 3"},
+         [](Buffers<T>& b) {
+           blockattn::softmax_topk(b.in_span(6), 3, b.out_span(2), Span(b.index_ptr(3), 3));
+         });
+  add<T>(table, "softmax_topk[span]/indices.size",
+         {"blockattn::softmax_topk", "indices.size() is 1 but min(k, x.size()) is 2"},
+         [](Buffers<T>& b) {
+           blockattn::softmax_topk(b.in_span(6), 2, b.out_span(4), Span(b.index_ptr(1), 1));
+         });
+  add<T>(table, "softmax_topk[span]/x.size", {"blockattn::softmax_topk", "x.size() is -1"},
+         [](Buffers<T>& b) {
+           blockattn::softmax_topk(Span(b.in(1, 4).data(), -1), 2, b.out_span(2),
+                                   Span(b.index_ptr(2), 2));
+         });
+  add<T>(table, "softmax_topk[span]/k", {"blockattn::softmax_topk", "k is -1"}, [](Buffers<T>& b) {
+    blockattn::softmax_topk(b.in_span(4), -1, b.out_span(2), Span(b.index_ptr(2), 2));
   });
-  add<T>(table, "softmax_topk[n]/k", {"blockattn::softmax_topk", "k is -1"}, [](Buffers<T>& b) {
-    blockattn::softmax_topk(b.in(1, 4).data(), 4, -1, b.out_ptr(2), b.index_ptr(2));
-  });
-  add<T>(table, "softmax_topk[n]/x null", {"blockattn::softmax_topk", "x is null but n is 4"},
-         [](Buffers<T>& b) {
-           blockattn::softmax_topk(static_cast<const T*>(nullptr), 4, 2, b.out_ptr(2),
-                                   b.index_ptr(2));
+  add<T>(table, "softmax_topk[span]/x null",
+         {"blockattn::softmax_topk", "x.data() is null but x.size() is 4"}, [](Buffers<T>& b) {
+           blockattn::softmax_topk(Span(static_cast<const T*>(nullptr), 4), 2, b.out_span(2),
+                                   Span(b.index_ptr(2), 2));
          });
-  add<T>(table, "softmax_topk[n]/outputs null",
-         {"blockattn::softmax_topk", "values or indices is null but min(k, n) is 2"},
+  add<T>(table, "softmax_topk[span]/outputs null",
+         {"blockattn::softmax_topk",
+          "values.data() or indices.data() is null but min(k, x.size()) is 2"},
          [](Buffers<T>& b) {
-           blockattn::softmax_topk(b.in(1, 4).data(), 4, 2, static_cast<T*>(nullptr),
-                                   b.index_ptr(2));
+           blockattn::softmax_topk(b.in_span(4), 2, Span(static_cast<T*>(nullptr), 2),
+                                   Span(b.index_ptr(2), 2));
          });
-  add<T>(table, "softmax_topk[n]/outputs null",
-         {"blockattn::softmax_topk", "values or indices is null but min(k, n) is 2"},
+  add<T>(table, "softmax_topk[span]/outputs null",
+         {"blockattn::softmax_topk",
+          "values.data() or indices.data() is null but min(k, x.size()) is 2"},
          [](Buffers<T>& b) {
-           blockattn::softmax_topk(b.in(1, 4).data(), 4, 2, b.out_ptr(2), nullptr);
+           blockattn::softmax_topk(b.in_span(4), 2, b.out_span(2),
+                                   Span(static_cast<Index*>(nullptr), 2));
          });
-  add<T>(table, "softmax_topk[n]/values overlap x",
+  add<T>(table, "softmax_topk[span]/values overlap x",
          {"blockattn::softmax_topk", "values overlaps the memory of x"}, [](Buffers<T>& b) {
            T* x = b.in(1, 6).data();
-           blockattn::softmax_topk(x, 6, 2, x + 5, b.index_ptr(2));
+           blockattn::softmax_topk(Span<const T>(x, 6), 2, Span(x + 5, 2), Span(b.index_ptr(2), 2));
          });
-  add<T>(table, "softmax_topk[n]/indices overlap x",
+  add<T>(table, "softmax_topk[span]/indices overlap x",
          {"blockattn::softmax_topk", "indices overlaps the memory of x"}, [](Buffers<T>& b) {
            T* x = b.in(1, 16).data();  // the first bytes of x reinterpreted as indices
-           blockattn::softmax_topk(x + 8, 8, 2, b.out_ptr(2), reinterpret_cast<Index*>(x + 7));
+           blockattn::softmax_topk(Span<const T>(x + 8, 8), 2, b.out_span(2),
+                                   Span(reinterpret_cast<Index*>(x + 7), 2));
          });
-  add<T>(table, "softmax_topk[n]/indices overlap values",
+  add<T>(table, "softmax_topk[span]/indices overlap values",
          {"blockattn::softmax_topk", "indices overlaps the memory of values"}, [](Buffers<T>& b) {
            T* values = b.out_ptr(8);
-           blockattn::softmax_topk(b.in(1, 6).data(), 6, 2, values,
-                                   reinterpret_cast<Index*>(values));
+           blockattn::softmax_topk(b.in_span(6), 2, Span(values, 8),
+                                   Span(reinterpret_cast<Index*>(values), 2));
          });
 }
 

@@ -335,6 +335,7 @@ constexpr T lse_to_base2(T lse) {
 }
 
 /// Base-2 log-sum-exp (FlashInfer's) to the natural log that blockattn uses: lse2 · ln 2.
+/// −inf and NaN stay as they are. O(1).
 template <class T>
 constexpr T lse_from_base2(T lse2) {
   return lse2 * T(0.693147180559945309417232121458176568L);  // ln 2

@@ -146,7 +146,7 @@ struct AttentionBackwardInputs {
   MatrixRef<const T> v;              ///< [n_k, d_v]: its values
   MatrixRef<const T> out;            ///< [n_q, d_v]: its output
   Span<const accumulator_t<T>> lse;  ///< [n_q]: its log-sum-exp (required)
-  MatrixRef<const T> dout;           ///< [n_q, d_v]: ∂L/∂out
+  MatrixRef<const T> dout;           ///< [n_q, d_v]: the gradient ∂L/∂out
 
   AttentionBackwardInputs() {}  // NOLINT(modernize-use-equals-default): no aggregate init
 };
@@ -155,9 +155,9 @@ struct AttentionBackwardInputs {
 /// and dv have the shapes of q, k and v and are overwritten entirely.
 template <class T>
 struct AttentionGradients {
-  MatrixRef<T> dq;  ///< [n_q, d]: ∂L/∂q
-  MatrixRef<T> dk;  ///< [n_k, d]: ∂L/∂k
-  MatrixRef<T> dv;  ///< [n_k, d_v]: ∂L/∂v
+  MatrixRef<T> dq;  ///< [n_q, d]: the gradient ∂L/∂q
+  MatrixRef<T> dk;  ///< [n_k, d]: the gradient ∂L/∂k
+  MatrixRef<T> dv;  ///< [n_k, d_v]: the gradient ∂L/∂v
 
   AttentionGradients() {}  // NOLINT(modernize-use-equals-default): no aggregate init
 };
@@ -180,7 +180,7 @@ template <class T>
 struct TensorGradients {
   TensorView<T> dq;  ///< [B, n_q, H, d]
   TensorView<T> dk;  ///< [B, n_k, H_kv, d]: summed over the query heads of each kv head
-  TensorView<T> dv;  ///< [B, n_k, H_kv, d_v]: likewise
+  TensorView<T> dv;  ///< [B, n_k, H_kv, d_v]: summed likewise
 
   TensorGradients() {}  // NOLINT(modernize-use-equals-default): no aggregate init
 };
@@ -229,7 +229,8 @@ void validate_attention_backward(const char* function, const AttentionBackwardIn
 /// have the shapes of q, k, v and are overwritten entirely.
 /// Time O(n_q·n_k·(d + d_v)) for the visible tiles (5 tile products against the forward's 2);
 /// extra memory O(threads·query_chunk·(d + 3·key_chunk)) plus one integer per query chunk,
-/// independent of n otherwise.
+/// independent of n otherwise; taken from options.workspace when given (then a repeated call of
+/// one shape allocates nothing), else allocated once per call before the loops.
 /// Throws std::invalid_argument naming the argument and both sizes (bad shapes, an empty or
 /// too-short lse, an output overlapping an input or another output), before writing anything.
 /// Deterministic: bitwise identical for any thread count (dk, dv: one owner per key chunk; dq:

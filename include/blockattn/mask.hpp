@@ -94,6 +94,7 @@ class BlockSparseLayout {
   }
 
   /// Sets (or clears) block (qb, kb) of head h. Throws std::invalid_argument when out of range.
+  /// O(1).
   void set(Index h, Index qb, Index kb, bool visible = true) {
     detail::require(
         h >= 0 && h < heads_ && qb >= 0 && qb < query_blocks_ && kb >= 0 && kb < key_blocks_,
@@ -103,12 +104,18 @@ class BlockSparseLayout {
   }
 
   /// Whether block (qb, kb) of head h is set. Unchecked; the kernels validate the layout once.
+  /// O(1).
   bool visible(Index h, Index qb, Index kb) const { return bits_[index(h, qb, kb)] != 0; }
 
+  /// Heads in the layout (1: shared by every head). O(1).
   Index heads() const { return heads_; }
+  /// Query blocks per head. O(1).
   Index query_blocks() const { return query_blocks_; }
+  /// Key blocks per head. O(1).
   Index key_blocks() const { return key_blocks_; }
+  /// Queries per block. O(1).
   Index query_block_size() const { return query_block_size_; }
+  /// Keys per block. O(1).
   Index key_block_size() const { return key_block_size_; }
 
  private:
@@ -157,17 +164,19 @@ struct NoScoreMod {};
 /// Any functor type with a member classify_block(b, h, q0, q_end, k0, k_end) works the same way.
 template <class Mask, class Classify>
 struct ClassifiedMaskMod {
-  Mask mask;
-  Classify classify;
+  Mask mask;          ///< mask(b, h, i, j) -> bool: whether query i sees key j
+  Classify classify;  ///< classify(b, h, q0, q_end, k0, k_end) -> BlockVisibility
 
+  /// The mask itself: mask(b, h, i, j). One call per pair on Partial tiles.
   bool operator()(Index b, Index h, Index i, Index j) const { return mask(b, h, i, j); }
+  /// The classifier: classify(b, h, q0, q_end, k0, k_end). One call per tile.
   BlockVisibility classify_block(Index b, Index h, Index q0, Index q_end, Index k0,
                                  Index k_end) const {
     return classify(b, h, q0, q_end, k0, k_end);
   }
 };
 
-/// Pairs a mask functor with its block classifier (see ClassifiedMaskMod).
+/// Pairs a mask functor with its block classifier (see ClassifiedMaskMod). O(1): moves both.
 template <class Mask, class Classify>
 ClassifiedMaskMod<Mask, Classify> classified_mask_mod(Mask mask, Classify classify) {
   return {std::move(mask), std::move(classify)};

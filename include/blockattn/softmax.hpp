@@ -97,7 +97,8 @@ struct OnlineSoftmax {
   void update(const T* x, Index n) { update_row(x, n); }
 
   /// The same for a row of bfloat16 or half values (T = float): each vector widened in registers
-  /// as it is loaded, no copy; the state equals that of the widened row, bitwise.
+  /// as it is loaded, no copy; the state equals that of the widened row, bitwise. O(n) time, no
+  /// allocation.
   template <class S, std::enable_if_t<
                          detail::kIs16BitFloat<S> && std::is_same_v<accumulator_t<S>, T>, int> = 0>
   void update(const S* x, Index n) {
@@ -105,11 +106,13 @@ struct OnlineSoftmax {
   }
 
   /// Adds the values of a row vector (a RowVector, a row of a row-major Matrix, a Map of a
-  /// buffer; anything else is copied into a temporary first). Same as update(x.data(), x.size()).
+  /// buffer; anything else is copied into a temporary first). Same as update(x.data(), x.size()):
+  /// O(n) time.
   void update(const Eigen::Ref<const RowVector<T>>& x) { update(x.data(), x.size()); }
 
   /// Adds the values of a contiguous vector of bfloat16 or half (T = float; a strided one is a
-  /// compile-time error: it is not copied). Same as update(x.data(), x.size()).
+  /// compile-time error: it is not copied). Same as update(x.data(), x.size()): O(n) time, no
+  /// allocation.
   template <class X, std::enable_if_t<detail::kIs16BitFloat<typename X::Scalar>, int> = 0>
   void update(const Eigen::MatrixBase<X>& x) {
     static_assert(std::is_same_v<accumulator_t<typename X::Scalar>, T>,
@@ -129,6 +132,7 @@ struct OnlineSoftmax {
   }
 
   /// log Σ exp(x) over the values seen: −inf when none (or all were −inf), NaN if any was NaN.
+  /// O(1).
   T log_sum_exp() const { return max + std::log(sum); }
 
  private:
@@ -520,38 +524,40 @@ Index topk_fused(const S* x, Index n, Index k, Vt* values, Index* indices) {
   return top.kept;
 }
 
+/// The checks of every softmax_topk() form, before anything is written: k >= 0, a valid x
+/// (x.size() >= 0, data non-null when non-empty), values and indices long enough for
+/// min(k, x.size()) entries and non-null when that is > 0, and no overlap between x, values and
+/// indices. Returns min(k, x.size()).
 template <class T, class Vt>
-void require_topk_arguments(const char* function, const T* x, Index n, Index k, const Vt* values,
-                            const Index* indices) {
-  require(n >= 0, function, "n is ", n, " but must be >= 0");
+Index require_topk_arrays(const char* function, const T* x, Index x_size, Index k, const Vt* values,
+                          Index values_size, const Index* indices, Index indices_size) {
   require(k >= 0, function, "k is ", k, " but must be >= 0");
-  require(n == 0 || x != nullptr, function, "x is null but n is ", n);
-  const Index kept = std::min(k, n);
+  require(x_size >= 0, function, "x.size() is ", x_size, " but must be >= 0");
+  require(x_size == 0 || x != nullptr, function, "x.data() is null but x.size() is ", x_size);
+  const Index kept = std::min(k, x_size);
+  require(values_size >= kept, function, "values.size() is ", values_size,
+          " but min(k, x.size()) is ", kept, " (one value per returned entry)");
+  require(indices_size >= kept, function, "indices.size() is ", indices_size,
+          " but min(k, x.size()) is ", kept, " (one index per returned entry)");
   require(kept == 0 || (values != nullptr && indices != nullptr), function,
-          "values or indices is null but min(k, n) is ", kept);
-  const AddressRange x_range = address_range(x, 1, n, n);
+          "values.data() or indices.data() is null but min(k, x.size()) is ", kept);
+  const AddressRange x_range = address_range(x, 1, x_size, x_size);
   const AddressRange values_range = address_range(values, 1, kept, kept);
   const AddressRange indices_range = address_range(indices, 1, kept, kept);
   require_disjoint(function, "values", values_range, "x", x_range);
   require_disjoint(function, "indices", indices_range, "x", x_range);
   require_disjoint(function, "indices", indices_range, "values", values_range);
+  return kept;
 }
 
-/// The checks of the Eigen form of softmax_topk() (and of bench/support's unfused baseline): k >=
-/// 0, values and indices long enough for min(k, x.size()) entries, then require_topk_arguments().
-/// Returns min(k, x.size()).
+/// The checks of the Eigen form of softmax_topk() (and of bench/support's unfused baseline), as
+/// require_topk_arrays(). Returns min(k, x.size()).
 template <class T, class Vt>
 Index require_topk_views(const char* function, const Eigen::Ref<const RowVector<T>>& x, Index k,
                          const Eigen::Ref<RowVector<Vt>>& values,
                          const Eigen::Ref<RowVector<Index>>& indices) {
-  require(k >= 0, function, "k is ", k, " but must be >= 0");
-  const Index kept = std::min(k, x.size());
-  require(values.size() >= kept, function, "values.size() is ", values.size(),
-          " but min(k, x.size()) is ", kept, " (one value per returned entry)");
-  require(indices.size() >= kept, function, "indices.size() is ", indices.size(),
-          " but min(k, x.size()) is ", kept, " (one index per returned entry)");
-  require_topk_arguments(function, x.data(), x.size(), k, values.data(), indices.data());
-  return kept;
+  return require_topk_arrays(function, x.data(), x.size(), k, values.data(), values.size(),
+                             indices.data(), indices.size());
 }
 
 /// An output of element type Y for an input of T: T itself, or T's compute type (float for a
@@ -622,7 +628,7 @@ void softmax(const Eigen::MatrixBase<X>& x_, const Eigen::MatrixBase<Y>& y_,
 /// Softmax of one vector of n contiguous values, x[0..n) → y[0..n); the same contract as the
 /// matrix form (a single row), T and Y deduced from the pointers (Y = T or accumulator_t<T>).
 /// Throws std::invalid_argument if n < 0, a pointer is null with n > 0, or y partially overlaps x
-/// (y == x, in place, is fine).
+/// (y == x, in place, is fine). Time O(n), no allocation.
 template <class T, class Y>
 void softmax(const T* x, Index n, Y* y, SoftmaxAlgorithm algorithm = SoftmaxAlgorithm::Online) {
   static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
@@ -671,16 +677,25 @@ Index softmax_topk(const Eigen::MatrixBase<X>& x, Index k, const Eigen::MatrixBa
                                             indices_view.data());
 }
 
-/// softmax_topk() on raw buffers: x[0..n), values and indices with room for min(k, n) entries
-/// (which cannot be checked here). Same contract otherwise; also throws for n < 0 or a null
-/// pointer that would be used. values: T or accumulator_t<T>.
-template <class T, class Vt>
-Index softmax_topk(const T* x, Index n, Index k, Vt* values, Index* indices) {
+/// softmax_topk() on sized 1-D arrays: x, values and indices are Spans (pointer and size, a
+/// std::vector, a std::array, ...; Span(vector) and Span(pointer, size) deduce the element type).
+/// Same contract, cost and memory as the Eigen form. Element types: x's (const or not) float,
+/// double, Eigen::bfloat16 or Eigen::half; values of that type or its compute type (float for
+/// bfloat16 and half); indices of Index. Throws std::invalid_argument naming the argument and both
+/// sizes if values or indices is shorter than min(k, x.size()), and for k < 0, a null data
+/// pointer that would be used, or overlapping arrays; nothing is written then.
+template <class X, class Vt>
+Index softmax_topk(Span<X> x, Index k, Span<Vt> values, Span<Index> indices) {
+  using T = std::remove_const_t<X>;
   static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
+  static_assert(!std::is_const_v<Vt>, "blockattn: softmax_topk's values must be writable");
   static_assert(detail::softmax_kernel::kIsOutputFor<T, Vt>, BLOCKATTN_SOFTMAX_OUTPUT_MESSAGE);
-  detail::softmax_kernel::require_topk_arguments("softmax_topk", x, n, k, values, indices);
-  if (std::min(k, n) == 0) return 0;
-  return detail::softmax_kernel::topk_fused(x, n, k, values, indices);
+  const Index kept = detail::softmax_kernel::require_topk_arrays("softmax_topk", x.data(), x.size(),
+                                                                 k, values.data(), values.size(),
+                                                                 indices.data(), indices.size());
+  if (kept == 0) return 0;
+  return detail::softmax_kernel::topk_fused(static_cast<const T*>(x.data()), x.size(), k,
+                                            values.data(), indices.data());
 }
 
 }  // namespace BLOCKATTN_ISA_NAMESPACE

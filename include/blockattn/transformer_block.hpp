@@ -57,12 +57,13 @@ struct TransformerBlockWeights {
   Activation activation = Activation::GeluErf;  ///< the FFN's nonlinearity
   double ln_eps = 1e-5;                         ///< LayerNorm's ε (> 0), added to the variance
 
-  /// key/value heads after the default: kv_heads, or heads when it is 0.
+  /// key/value heads after the default: kv_heads, or heads when it is 0. O(1).
   Index resolved_kv_heads() const { return kv_heads == 0 ? heads : kv_heads; }
 };
 
 /// Weights of the given shape: every matrix and bias zero, LayerNorm gammas one, betas zero.
 /// kv_heads 0 means heads. Sizes are not checked here (transformer_block() checks them).
+/// Allocates the weights: O(model·(model + kv_dim + ffn)) elements.
 template <class T>
 TransformerBlockWeights<T> make_transformer_block_weights(Index model, Index heads, Index ffn,
                                                           Index kv_heads = 0) {
@@ -101,13 +102,16 @@ struct TransformerBlockWorkspaceAccess;
 /// + head_dim)). Not thread-safe: one per concurrent call. Move-only.
 class TransformerBlockWorkspace {
  public:
+  /// Empty: the first call allocates.
   TransformerBlockWorkspace() = default;
+  /// Takes the other's memory; the other is left empty. O(1), no allocation.
   TransformerBlockWorkspace(TransformerBlockWorkspace&&) noexcept = default;
+  /// Takes the other's memory, freeing this one's. O(1), no allocation.
   TransformerBlockWorkspace& operator=(TransformerBlockWorkspace&&) noexcept = default;
   TransformerBlockWorkspace(const TransformerBlockWorkspace&) = delete;
   TransformerBlockWorkspace& operator=(const TransformerBlockWorkspace&) = delete;
 
-  /// Bytes currently held by every part (0 before the first call).
+  /// Bytes currently held by every part (0 before the first call). O(threads).
   std::size_t capacity() const {
     std::size_t bytes = kv_.capacity();
     for (const Workspace& w : buffers_) bytes += w.capacity();
@@ -115,7 +119,7 @@ class TransformerBlockWorkspace {
     return bytes;
   }
 
-  /// Thread slots prepared so far (0 before the first call).
+  /// Thread slots prepared so far (0 before the first call). O(1).
   std::size_t slots() const { return buffers_.size(); }
 
   /// Frees the memory; the next call allocates again.
@@ -325,7 +329,8 @@ struct TransformerBlockWorkspaceAccess {
   /// K and V, [n, kv_dim] each: K at the returned pointer, V at kv_offset(n, kv_dim) after it.
   template <class T>
   static T* reserve_kv(TransformerBlockWorkspace& w, Index n, Index kv_dim) {
-    return static_cast<T*>(w.kv_.reserve(2 * kv_offset<T>(n, kv_dim) * sizeof(T)));
+    return static_cast<T*>(
+        w.kv_.reserve(static_cast<std::size_t>(2 * kv_offset<T>(n, kv_dim)) * sizeof(T)));
   }
   template <class T>
   static Index kv_offset(Index n, Index kv_dim) {

@@ -21,6 +21,7 @@
 namespace blockattn {
 inline namespace BLOCKATTN_ISA_NAMESPACE {
 
+/// Sizes, counts and indices: Eigen's signed index type (std::ptrdiff_t).
 using Index = Eigen::Index;
 
 /// A row per token, contiguous along the feature dimension (the layout of PyTorch, ggml,
@@ -68,8 +69,8 @@ struct IsContiguousEigenVector<E, U, std::enable_if_t<std::is_base_of_v<Eigen::D
 template <class T>
 class Span {
  public:
-  using element_type = T;
-  using value_type = std::remove_cv_t<T>;
+  using element_type = T;                  ///< T, const-qualified for a read-only view
+  using value_type = std::remove_cv_t<T>;  ///< T without const
 
   /// Empty: no data, size 0.
   constexpr Span() noexcept = default;
@@ -86,6 +87,7 @@ class Span {
       : data_(v.data()), size_(static_cast<Index>(v.size())) {}
   template <class U, class A,
             class = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
+  /// The elements of a const std::vector (Span<const T> only).
   Span(const std::vector<U, A>& v) noexcept  // NOLINT(google-explicit-constructor)
       : data_(v.data()), size_(static_cast<Index>(v.size())) {}
   /// The elements of a std::array.
@@ -95,6 +97,7 @@ class Span {
       : data_(a.data()), size_(static_cast<Index>(N)) {}
   template <class U, std::size_t N,
             class = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
+  /// The elements of a const std::array (Span<const T> only).
   constexpr Span(const std::array<U, N>& a) noexcept  // NOLINT(google-explicit-constructor)
       : data_(a.data()), size_(static_cast<Index>(N)) {}
   /// The coefficients of a contiguous Eigen vector (no copy; expressions do not bind).
@@ -111,18 +114,39 @@ class Span {
   constexpr Span(Span<U> other) noexcept  // NOLINT(google-explicit-constructor)
       : data_(other.data()), size_(other.size()) {}
 
+  /// The first element (null for an empty Span). O(1).
   constexpr T* data() const noexcept { return data_; }
+  /// The number of elements. O(1).
   constexpr Index size() const noexcept { return size_; }
+  /// Whether size() is 0 (an optional array not given). O(1).
   constexpr bool empty() const noexcept { return size_ == 0; }
   /// Element i, unchecked (0 <= i < size()).
   constexpr T& operator[](Index i) const noexcept { return data_[i]; }
+  /// The first element, for range-for. O(1).
   constexpr T* begin() const noexcept { return data_; }
+  /// One past the last element. O(1).
   constexpr T* end() const noexcept { return data_ + size_; }
 
  private:
   T* data_ = nullptr;
   Index size_ = 0;
 };
+
+/// Span(pointer, size) deduces Span<T> from a T* (const for a const pointer).
+template <class T>
+Span(T*, Index) -> Span<T>;
+/// Span(vector) deduces the vector's element type.
+template <class U, class A>
+Span(std::vector<U, A>&) -> Span<U>;
+/// Span(const vector) deduces a read-only Span.
+template <class U, class A>
+Span(const std::vector<U, A>&) -> Span<const U>;
+/// Span(array) deduces the array's element type.
+template <class U, std::size_t N>
+Span(std::array<U, N>&) -> Span<U>;
+/// Span(const array) deduces a read-only Span.
+template <class U, std::size_t N>
+Span(const std::array<U, N>&) -> Span<const U>;
 
 /// A default-constructible, assignable view of a row-major matrix with contiguous rows (data,
 /// rows, cols, row stride): the named fields of the backward pass's argument structs. Binds
@@ -133,7 +157,7 @@ class Span {
 template <class T>
 class MatrixRef {
  public:
-  using Scalar = std::remove_const_t<T>;
+  using Scalar = std::remove_const_t<T>;  ///< the element type without const (as Eigen's)
 
   /// Empty: 0×0, no data.
   MatrixRef() = default;
@@ -164,9 +188,13 @@ class MatrixRef {
         cols_(other.cols()),
         stride_(other.outerStride()) {}
 
+  /// Element (0, 0). O(1).
   T* data() const { return data_; }
+  /// The number of rows. O(1).
   Index rows() const { return rows_; }
+  /// The number of columns (contiguous). O(1).
   Index cols() const { return cols_; }
+  /// Elements between the starts of two consecutive rows, as Eigen's outerStride(). O(1).
   Index outerStride() const { return stride_; }
 
  private:
@@ -190,7 +218,9 @@ struct TensorView {
   Index seq_stride = 0;    ///< elements between [b, s, h, 0] and [b, s + 1, h, 0]
   Index head_stride = 0;   ///< elements between [b, s, h, 0] and [b, s, h + 1, 0]
 
+  /// Empty: no data, every size and stride 0.
   TensorView() = default;
+  /// Every field, in declaration order; no check (the entry points validate). O(1).
   TensorView(T* data_, Index batch_, Index seq_, Index heads_, Index dim_, Index batch_stride_,
              Index seq_stride_, Index head_stride_)
       : data(data_),
@@ -214,7 +244,7 @@ struct TensorView {
   }
 };
 
-/// A view of a contiguous [batch, seq, heads, dim] (BSHD) buffer.
+/// A view of a contiguous [batch, seq, heads, dim] (BSHD) buffer. O(1), no copy.
 template <class T>
 TensorView<T> make_tensor_view(T* data, Index batch, Index seq, Index heads, Index dim) {
   return TensorView<T>(data, batch, seq, heads, dim, /*batch_stride=*/seq * heads * dim,
@@ -222,6 +252,7 @@ TensorView<T> make_tensor_view(T* data, Index batch, Index seq, Index heads, Ind
 }
 
 /// A view of a contiguous [batch, heads, seq, dim] (BHSD) buffer, the layout of PyTorch's SDPA.
+/// O(1), no copy.
 template <class T>
 TensorView<T> make_tensor_view_bhsd(T* data, Index batch, Index seq, Index heads, Index dim) {
   return TensorView<T>(data, batch, seq, heads, dim, /*batch_stride=*/heads * seq * dim,

@@ -1,7 +1,8 @@
 // Misuse that must not compile, one case per -DCASE=<name> (tests/CMakeLists.txt builds each with
 // -fsyntax-only and expects its one static_assert message): the scalar policy of every fast entry
-// point (long double runs only through blockattn::reference), a column-major argument, and the
-// backward pass's gradients given by position (so that a swapped dq/dk cannot compile).
+// point (long double runs only through blockattn::reference), a column-major argument, the
+// backward pass's gradients given by position (so that a swapped dq/dk cannot compile), and
+// softmax_topk's unsized raw-pointer form (removed: its arrays are Spans).
 
 #include <vector>
 
@@ -25,6 +26,17 @@ using blockattn::Matrix;
   blockattn::softmax(x.data(), 4, y.data());
 #elif defined(CASE_softmax_topk)
   blockattn::softmax_topk(row, 2, row, indices);
+#elif defined(CASE_softmax_topk_span)
+  std::vector<L> values(2);
+  std::vector<Index> top(2);
+  blockattn::softmax_topk(blockattn::Span(row.data(), 4), 2, blockattn::Span(values),
+                          blockattn::Span(top));
+#elif defined(CASE_softmax_topk_pointer)
+  // The unsized raw-pointer form is gone: lengths travel with the arrays (Span).
+  std::vector<float> xs(4);
+  std::vector<float> values(2);
+  std::vector<Index> top(2);
+  blockattn::softmax_topk(xs.data(), 4, 2, values.data(), top.data());
 #elif defined(CASE_attention)
   blockattn::attention(x, x, x, y);
 #elif defined(CASE_attention_tensor)

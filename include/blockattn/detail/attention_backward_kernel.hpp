@@ -67,11 +67,14 @@ struct BackwardSlice {
 };
 
 /// The backward workspace, one slice per thread:
-/// O(threads·(query_chunk·(d + d_v + 3·key_chunk) + key_chunk·d)), independent of n.
+/// O(threads·(query_chunk·(d + d_v + 3·key_chunk) + key_chunk·d)), independent of n, followed by
+/// the dQ tokens (one atomic integer per (batch, head, query chunk)). Carved out of the caller's
+/// Workspace when options.workspace is given (then a repeated call of one shape allocates
+/// nothing), else one allocation of its own.
 template <class T>
 class BackwardWorkspace {
  public:
-  BackwardWorkspace(int slots, const TileShape& shape) {
+  BackwardWorkspace(int slots, const TileShape& shape, Index token_count, Workspace* external) {
     const Index area = shape.query_chunk * shape.key_chunk;
     SliceLayout<T> layout;
     queries_ = layout.take(shape.query_chunk * shape.d);
@@ -86,15 +89,30 @@ class BackwardWorkspace {
       tile_scores_ = layout.take(shape.query_chunk * padded_stride<T>(shape.key_chunk));
     }
     slice_size_ = layout.size();
-    // One allocation per call, before the loop, with operator new: Eigen's EIGEN_RUNTIME_NO_MALLOC
-    // check in attention_backward_test then watches the loop's own products and temporaries.
-    // Aligned to a cache line as the slices promise, so that Eigen peels its loops the same way
-    // on every call and results are bitwise reproducible
-    // (docs/tuning.md#backward-workspace-alignment).
-    const auto bytes = static_cast<std::size_t>(slice_size_ * slots) * sizeof(T);
-    storage_.reset(static_cast<T*>(::operator new[](bytes, std::align_val_t{kAlign})));
-    base_ = storage_.get();
+    // The slices are whole cache lines, so the tokens after them start on one too.
+    const auto slice_bytes = static_cast<std::size_t>(slice_size_ * slots) * sizeof(T);
+    const std::size_t bytes =
+        slice_bytes + static_cast<std::size_t>(token_count) * sizeof(std::atomic<Index>);
+    unsigned char* raw = nullptr;
+    if (external != nullptr) {
+      raw = static_cast<unsigned char*>(external->reserve(bytes));
+    } else {
+      // One allocation per call, before the loop, with operator new: Eigen's
+      // EIGEN_RUNTIME_NO_MALLOC check in attention_backward_test then watches the loop's own
+      // products and temporaries. Aligned to a cache line as the slices promise, so that Eigen
+      // peels its loops the same way on every call and results are bitwise reproducible
+      // (docs/tuning.md#backward-workspace-alignment).
+      storage_.reset(
+          static_cast<unsigned char*>(::operator new[](bytes, std::align_val_t{kAlign})));
+      raw = storage_.get();
+    }
+    base_ = reinterpret_cast<T*>(raw);
+    tokens_ = reinterpret_cast<std::atomic<Index>*>(raw + slice_bytes);
+    for (Index t = 0; t < token_count; ++t) new (tokens_ + t) std::atomic<Index>(0);
   }
+
+  /// The token of dQ block t: the number of key chunks already added to it.
+  std::atomic<Index>& token(Index t) const { return tokens_[t]; }
 
   BackwardSlice<T> slice(int slot) const {
     T* base = base_ + static_cast<Index>(slot) * slice_size_;
@@ -106,10 +124,13 @@ class BackwardWorkspace {
  private:
   static constexpr std::size_t kAlign = 64;
   struct Free {
-    void operator()(T* p) const { ::operator delete[](p, std::align_val_t{kAlign}); }
+    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t{kAlign}); }
   };
-  std::unique_ptr<T[], Free> storage_;
+  static_assert(std::is_trivially_destructible_v<std::atomic<Index>>,
+                "the tokens live in raw storage and are never destroyed");
+  std::unique_ptr<unsigned char[], Free> storage_;
   T* base_ = nullptr;
+  std::atomic<Index>* tokens_ = nullptr;
   Index slice_size_ = 0;
   Index queries_ = 0;
   Index probs_ = 0;
@@ -280,12 +301,9 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
   const Index key_chunks = ceil_div(n_k, shape.key_chunk);
   const Index tasks = batch * kv_heads * key_chunks;
   const int threads = resolve_threads(options.threads, tasks);
-  BackwardWorkspace<T> workspace(threads, shape);
-  // tokens[(b·heads + h)·query_chunks + qc]: key chunks already added to that dQ block.
+  // token((b·heads + h)·query_chunks + qc): key chunks already added to that dQ block.
   const Index token_count = batch * heads * query_chunks;
-  std::unique_ptr<std::atomic<Index>[]> tokens(
-      new std::atomic<Index>[static_cast<std::size_t>(std::max<Index>(1, token_count))]);
-  for (Index t = 0; t < token_count; ++t) tokens[static_cast<std::size_t>(t)].store(0);
+  const BackwardWorkspace<T> workspace(threads, shape, token_count, options.workspace);
 
   parallel_for(tasks, threads, [&](Index task, int slot) {
     const Index kc = task % key_chunks;
@@ -373,8 +391,7 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
           }
         }
         // dQ in key-chunk order: wait for key chunk kc − 1 to have added its part.
-        std::atomic<Index>& token =
-            tokens[static_cast<std::size_t>((b * heads + h) * query_chunks + qc)];
+        std::atomic<Index>& token = workspace.token((b * heads + h) * query_chunks + qc);
         while (token.load(std::memory_order_acquire) != kc) std::this_thread::yield();
         auto dq_blk = mutable_row_block(dq, b, h, q0, rows);
         if (kc == 0) dq_blk.setZero();
