@@ -187,6 +187,53 @@ void BM_Attention_Decode(benchmark::State& state) {
       benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
 }
 
+// Decode from a KV cache stored as S (float, Eigen::bfloat16 or Eigen::half) under a float query
+// and output — the KV-cache form of attention(): one new token, 8 query heads on kv_heads
+// key/value heads, [seq, heads, dim] cache, threads (0: all), one Workspace across calls. The
+// 16-bit cache is read in place and widened in registers, so a step streams sizeof(S) bytes per
+// cached element: compare tokens_per_second of <bfloat16>/<half> with <float> from the same run
+// (issue 17's target: >= 1.8x). kv_bytes_per_second counts K and V once:
+// sizeof(S)·n_k·kv_heads·2d per token.
+template <class S>
+void BM_Attention_DecodeCache(benchmark::State& state) {
+  const Index heads = 8;
+  const Index n_k = state.range(0);
+  const Index kv_heads = state.range(1);
+  const Index d = state.range(2);
+  // Hashed values in [-1, 1) rather than random_input(): std::rand over the 2^28 elements of the
+  // largest cache would take longer than the measurement (decode time does not depend on them).
+  const auto cache = [&](Index rows, unsigned seed) {
+    return Matrix<S>::NullaryExpr(rows, d, [seed, d](Index r, Index c) {
+      const auto x = static_cast<std::uint32_t>(r * d + c) * 2654435761u + seed * 40503u;
+      return static_cast<S>(static_cast<float>(x >> 16) / 32768.0f - 1.0f);
+    });
+  };
+  const Matrix<float> q = random_input<float>(heads, d, 1);
+  const Matrix<S> k = cache(n_k * kv_heads, 2);
+  const Matrix<S> v = cache(n_k * kv_heads, 3);
+  Matrix<float> out(heads, d);
+  const auto q_view = blockattn::make_tensor_view(q.data(), 1, 1, heads, d);
+  const auto k_view = blockattn::make_tensor_view(k.data(), 1, n_k, kv_heads, d);
+  const auto v_view = blockattn::make_tensor_view(v.data(), 1, n_k, kv_heads, d);
+  const auto out_view = blockattn::make_tensor_view(out.data(), 1, 1, heads, d);
+  AttentionOptions options;
+  options.threads = static_cast<int>(state.range(3));
+  label_threads(state, options);
+  blockattn::Workspace workspace;
+  options.workspace = &workspace;
+  blockattn::attention(q_view, k_view, v_view, out_view, options);  // sizes the workspace
+  for (auto _ : state) {
+    blockattn::attention(q_view, k_view, v_view, out_view, options);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["tokens_per_second"] =
+      benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["kv_bytes_per_second"] = benchmark::Counter(
+      static_cast<double>(sizeof(S)) * static_cast<double>(n_k * kv_heads * 2 * d),
+      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
+}
+
 /// Reads a 1 GiB buffer (touched once before timing, so page faults are not in the figure) with
 /// state.range(0) threads, each its contiguous part, as kStreams interleaved streams
 /// (bench::sum_streams). bytes_per_second = bytes per wall-clock second.
@@ -347,6 +394,25 @@ BENCHMARK_TEMPLATE(BM_Attention_Decode, float)
     ->ArgsProduct({{4096, 32768, 262144}, {1, 8}, {64}, {1, 2}, {0}})
     ->ArgsProduct({{262144}, {1}, {128}, {1, 2}, {0}})
     ->ArgsProduct({{262144}, {1, 2, 8}, {64}, {1, 2}, {1}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+// Decode from a float, bfloat16 or half cache (float q and out), the 16-bit/float ratio of issue
+// 17:
+//   --benchmark_filter='BM_Attention_DecodeCache' --benchmark_repetitions=5
+//   --benchmark_enable_random_interleaving=true
+BENCHMARK_TEMPLATE(BM_Attention_DecodeCache, float)
+    ->ArgNames({"n_k", "kv_heads", "d", "threads"})
+    ->ArgsProduct({{262144}, {8, 1}, {64, 128}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_Attention_DecodeCache, Eigen::bfloat16)
+    ->ArgNames({"n_k", "kv_heads", "d", "threads"})
+    ->ArgsProduct({{262144}, {8, 1}, {64, 128}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_Attention_DecodeCache, Eigen::half)
+    ->ArgNames({"n_k", "kv_heads", "d", "threads"})
+    ->ArgsProduct({{262144}, {8, 1}, {64, 128}, {1, 2}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_StreamRead)

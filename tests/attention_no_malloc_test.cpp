@@ -62,6 +62,63 @@ TYPED_TEST(AttentionNoMallocTest, TileLoopNeverAllocates) {
   EXPECT_TRUE(out.allFinite());
 }
 
+// The 16-bit formats (q, k, v, out all bfloat16 or half) and the mixed KV-cache form (float q and
+// out over 16-bit K/V): the tile loops never allocate (q is widened per query block into the
+// workspace, K/V converted per packed tile or in registers, never copied), and with a caller's
+// Workspace the second prefill and decode calls allocate nothing at all.
+template <class S>
+class AttentionNoMalloc16BitTest : public ::testing::Test {};
+using Formats16 = ::testing::Types<Eigen::bfloat16, Eigen::half>;
+TYPED_TEST_SUITE(AttentionNoMalloc16BitTest, Formats16, );
+
+TYPED_TEST(AttentionNoMalloc16BitTest, TileLoopAndSecondCallNeverAllocate) {
+  using S = TypeParam;
+  auto rng = make_rng(37);
+  const Index heads = 4;
+  const Index d = 64;
+  const Index n_k = 20000;  // > one decode segment: the key split and its merge run
+  const Matrix<S> q = random_matrix<float>(rng, 300, d).template cast<S>();
+  const Matrix<S> k = random_matrix<float>(rng, n_k * heads, d).template cast<S>();
+  const Matrix<S> v = random_matrix<float>(rng, n_k * heads, d).template cast<S>();
+  const Matrix<float> qf = q.template cast<float>();
+  Matrix<S> out(300, d);
+  Matrix<float> out_f(300, d);
+  std::vector<float> lse(300);
+  AttentionOptions options;
+  options.causal = true;
+  options.window_left = 100;
+  blockattn::attention(q, k.topRows(333), v.topRows(333), out, options, lse);  // aborts on one
+  EXPECT_TRUE(out.template cast<float>().allFinite());
+  blockattn::attention(qf, k.topRows(333), v.topRows(333), out_f, options, lse);
+  EXPECT_TRUE(out_f.allFinite());
+  const auto view = [&](const auto& x, Index seq) {
+    return blockattn::make_tensor_view(x.data(), 1, seq, heads, d);
+  };
+  blockattn::Workspace workspace;
+  AttentionOptions reused;
+  reused.threads = 1;
+  reused.workspace = &workspace;
+  Matrix<S> out1(heads, d);
+  Matrix<float> out1_f(heads, d);
+  const auto decode = [&] {
+    blockattn::attention(view(q, 1), view(k, n_k), view(v, n_k),
+                         blockattn::make_tensor_view(out1.data(), 1, 1, heads, d), reused, lse);
+    blockattn::attention(view(qf, 1), view(k, n_k), view(v, n_k),
+                         blockattn::make_tensor_view(out1_f.data(), 1, 1, heads, d), reused, lse);
+  };
+  decode();
+  blockattn::attention(q.topRows(100), k.topRows(300), v.topRows(300), out.topRows(100), reused);
+  {
+    const blockattn::detail::NoMallocScope no_malloc;  // aborts on an allocation
+    decode();
+    blockattn::attention(q.topRows(100), k.topRows(300), v.topRows(300), out.topRows(100), reused);
+    blockattn::attention(qf.topRows(100), k.topRows(300), v.topRows(300), out_f.topRows(100),
+                         reused);
+  }
+  EXPECT_TRUE(out1.template cast<float>().allFinite());
+  EXPECT_TRUE(out1_f.allFinite());
+}
+
 // The instrument works: an Eigen allocation, and a Workspace growing, inside the scope that
 // attention() opens around its loops both abort.
 TEST(AttentionNoMallocDeathTest, AnAllocationInsideTheScopeIsCaught) {

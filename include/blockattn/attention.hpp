@@ -110,11 +110,12 @@ inline void validate_attention_options(const char* function, const AttentionOpti
   }
 }
 
-/// Checks every argument of the single-head attention() before anything is written.
-template <class T, class L>
+/// Checks every argument of the single-head attention() before anything is written. k and v may
+/// have another element type than q and out (a 16-bit KV cache under float q).
+template <class T, class KT, class OT, class L>
 void validate_attention(const char* function, const ConstMatrixView<T>& q,
-                        const ConstMatrixView<T>& k, const ConstMatrixView<T>& v,
-                        const MatrixView<T>& out, const AttentionOptions& options, Span<L> lse,
+                        const ConstMatrixView<KT>& k, const ConstMatrixView<KT>& v,
+                        const MatrixView<OT>& out, const AttentionOptions& options, Span<L> lse,
                         bool lse_required = false) {
   require(q.cols() > 0, function, "q.cols() is 0 (the head dimension must be positive)");
   require_size(function, "k.cols()", k.cols(), "q.cols()", q.cols(), "head dimensions must match");
@@ -142,17 +143,20 @@ void validate_attention(const char* function, const ConstMatrixView<T>& q,
   }
 }
 
-/// Checks every argument of the TensorView attention() before anything is written.
-template <class T, class L>
+/// Checks every argument of the TensorView attention() before anything is written. k and v may
+/// have another element type than q and out (a 16-bit KV cache under float q).
+template <class T, class KT, class OT, class L>
 void validate_attention(const char* function, const TensorView<const T>& q,
-                        const TensorView<const T>& k, const TensorView<const T>& v,
-                        const TensorView<T>& out, const AttentionOptions& options, Span<L> lse,
+                        const TensorView<const KT>& k, const TensorView<const KT>& v,
+                        const TensorView<OT>& out, const AttentionOptions& options, Span<L> lse,
                         bool lse_required = false) {
-  for (const auto& [name, t] :
-       {std::pair<const char*, const TensorView<const T>*>{"q", &q}, {"k", &k}, {"v", &v}}) {
-    require(t->batch >= 0 && t->seq >= 0 && t->heads >= 0 && t->dim >= 0, function, name,
-            " has a negative size [", t->batch, ", ", t->seq, ", ", t->heads, ", ", t->dim, "]");
-  }
+  const auto require_sizes = [&](const char* name, Index batch, Index seq, Index heads, Index dim) {
+    require(batch >= 0 && seq >= 0 && heads >= 0 && dim >= 0, function, name,
+            " has a negative size [", batch, ", ", seq, ", ", heads, ", ", dim, "]");
+  };
+  require_sizes("q", q.batch, q.seq, q.heads, q.dim);
+  require_sizes("k", k.batch, k.seq, k.heads, k.dim);
+  require_sizes("v", v.batch, v.seq, v.heads, v.dim);
   require(q.dim > 0, function, "q.dim is 0 (the head dimension must be positive)");
   require_size(function, "k.dim", k.dim, "q.dim", q.dim, "head dimensions must match");
   require_size(function, "k.batch", k.batch, "q.batch", q.batch, "one key set per sequence");
@@ -200,6 +204,15 @@ T* data_or_null(Span<T> s) {
   return s.empty() ? nullptr : s.data();
 }
 
+/// The compile-time check of attention()'s element types (q, k, v, out; const removed): each a
+/// storage scalar, then the combinations of kAttentionTypes. One static_assert fires, at the call.
+template <class QS, class KS, class VS, class OS>
+constexpr void check_attention_types() {
+  static_assert(kStorageScalar<QS>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
+  static_assert(!kStorageScalar<QS> || kAttentionTypes<QS, KS, VS, OS>,
+                BLOCKATTN_ATTENTION_TYPES_MESSAGE);
+}
+
 /// Compile-time checks of the TensorView forms: one element type (const or not), a writable out.
 template <class T, class... Views>
 constexpr void check_tensor_arguments() {
@@ -215,21 +228,22 @@ TensorView<T> as_tensor(const View& x) {
 }
 
 /// The one body of both attention() forms, on ConstMatrixView/MatrixView or TensorView: validates,
-/// then runs the kernel in options.workspace or a workspace of its own.
-template <class T, class MaskMod, class ScoreMod, class In, class Out>
-void attention_impl(const In& q, const In& k, const In& v, const Out& out,
+/// then runs the kernel in options.workspace or a workspace of its own. T: the element type of q
+/// and out, KT: that of k and v (check_attention_types() has checked the pair).
+template <class T, class KT, class MaskMod, class ScoreMod, class In, class KIn, class Out>
+void attention_impl(const In& q, const KIn& k, const KIn& v, const Out& out,
                     const AttentionOptions& options, Span<accumulator_t<T>> lse,
                     const MaskMod& mask_mod, const ScoreMod& score_mod) {
-  check_mods<T, MaskMod, ScoreMod>();
+  check_mods<accumulator_t<T>, MaskMod, ScoreMod>();
   validate_attention<T>("attention", q, k, v, out, options, lse);
   Workspace own;
   Workspace& workspace = options.workspace != nullptr ? *options.workspace : own;
   if constexpr (std::is_same_v<In, TensorView<const T>>) {
-    attention_forward<T>(q, k, v, out, options, data_or_null(lse), mask_mod, score_mod, workspace);
+    attention_forward(q, k, v, out, options, data_or_null(lse), mask_mod, score_mod, workspace);
   } else {
-    attention_forward<T>(as_tensor<const T>(q), as_tensor<const T>(k), as_tensor<const T>(v),
-                         as_tensor<T>(out), options, data_or_null(lse), mask_mod, score_mod,
-                         workspace);
+    attention_forward(as_tensor<const T>(q), as_tensor<const KT>(k), as_tensor<const KT>(v),
+                      as_tensor<T>(out), options, data_or_null(lse), mask_mod, score_mod,
+                      workspace);
   }
 }
 
@@ -243,10 +257,14 @@ void attention_impl(const In& q, const In& k, const In& v, const Out& out,
 /// mask and modifier of AttentionOptions applies (see mask.hpp for their exact meaning); the
 /// optional mask_mod(b, h, i, j) -> bool and score_mod(s, b, h, i, j) -> s are called with
 /// b = h = 0. Tiles the masks hide entirely cost nothing.
-/// Element types: float or double (deduced from q; k, v and out must match); anything else is a
-/// compile-time error (long double: use reference::attention). q, k, v and out must be row-major
-/// storage with contiguous rows (a Matrix, its blocks, a Map with OuterStride<>), so that nothing
-/// is copied; a column-major matrix or an expression is a compile-time error. out may be a
+/// Element types: float, double, Eigen::bfloat16 or Eigen::half, deduced from q; out has q's type,
+/// v has k's, and k is q's type or — under a float q and out — Eigen::bfloat16 or Eigen::half (a
+/// 16-bit KV cache, read in place and widened in registers, never copied). 16-bit storage is
+/// computed in float (scores, softmax state, accumulators; lse is float) and out is rounded once
+/// at the end: the result is bitwise round(the float call on the widened inputs). Anything else
+/// is a compile-time error (long double: use reference::attention). q, k, v and out must be
+/// row-major storage with contiguous rows (a Matrix, its blocks, a Map with OuterStride<>), so that
+/// nothing is copied; a column-major matrix or an expression is a compile-time error. out may be a
 /// temporary block (out.middleRows(...)) but not a const object.
 /// Shapes: q [n_q, d], k [n_k, d], v [n_k, d_v], out [n_q, d_v], lse (optional, empty = not
 /// wanted) [n_q] receives log Σ_j exp(s_ij) over the visible keys. A query with no visible key
@@ -271,12 +289,14 @@ void attention(const Eigen::MatrixBase<Q>& q, const Eigen::MatrixBase<K>& k,
                Span<accumulator_t<typename Q::Scalar>> lse = {}, const MaskMod& mask_mod = {},
                const ScoreMod& score_mod = {}) {
   using T = typename Q::Scalar;
-  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
-  detail::check_matrix_arguments<T, Q, K, V, O>();
+  using KT = typename K::Scalar;
+  detail::check_attention_types<T, KT, typename V::Scalar, typename O::Scalar>();
+  detail::check_matrix_arguments<T, Q, O>();
+  detail::check_matrix_arguments<KT, K, V>();
   detail::check_matrix_outputs<O>();
-  detail::attention_impl<T>(ConstMatrixView<T>(q.derived()), ConstMatrixView<T>(k.derived()),
-                            ConstMatrixView<T>(v.derived()), detail::writable_view(out), options,
-                            lse, mask_mod, score_mod);
+  detail::attention_impl<T, KT>(ConstMatrixView<T>(q.derived()), ConstMatrixView<KT>(k.derived()),
+                                ConstMatrixView<KT>(v.derived()), detail::writable_view(out),
+                                options, lse, mask_mod, score_mod);
 }
 
 // --- multi-head, batched -----------------------------------------------------------------------
@@ -286,8 +306,9 @@ void attention(const Eigen::MatrixBase<Q>& q, const Eigen::MatrixBase<K>& k,
 /// h / (q.heads / k.heads) (GQA; MQA when k.heads == 1), without copies. options.key_lengths
 /// ([batch]) marks padding; options.alibi_slopes is [q.heads]; mask_mod / score_mod receive the
 /// batch index and the query head. Work is split over batch × heads × query chunks.
-/// Element types: float or double, deduced (q, k, v may be TensorView<T> or TensorView<const T>;
-/// out is TensorView<T>).
+/// Element types as the single-head form, deduced (q, k, v may be TensorView<T> or
+/// TensorView<const T>; out is TensorView<T>): float, double, Eigen::bfloat16 or Eigen::half, and
+/// float q/out over a bfloat16 or half K/V cache.
 /// Shapes: q [B, n_q, H, d], k [B, n_k, H_kv, d], v [B, n_k, H_kv, d_v], out [B, n_q, H, d_v],
 /// lse (optional) [B, H, n_q] contiguous. Otherwise as the single-head attention(): same cost per
 /// head, same extra memory, same errors (also: H not a multiple of H_kv), same guarantees.
@@ -298,11 +319,11 @@ void attention(TensorView<QT> q, TensorView<KT> k, TensorView<VT> v, TensorView<
                Span<accumulator_t<std::remove_const_t<QT>>> lse = {}, const MaskMod& mask_mod = {},
                const ScoreMod& score_mod = {}) {
   using T = std::remove_const_t<QT>;
-  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
-  detail::check_tensor_arguments<T, KT, VT, OT>();
+  using KS = std::remove_const_t<KT>;
+  detail::check_attention_types<T, KS, std::remove_const_t<VT>, std::remove_const_t<OT>>();
   static_assert(!std::is_const_v<OT>, "blockattn: out must be a writable TensorView<T>");
-  detail::attention_impl<T>(TensorView<const T>(q), TensorView<const T>(k), TensorView<const T>(v),
-                            out, options, lse, mask_mod, score_mod);
+  detail::attention_impl<T, KS>(TensorView<const T>(q), TensorView<const KS>(k),
+                                TensorView<const KS>(v), out, options, lse, mask_mod, score_mod);
 }
 
 // --- merging partial results -------------------------------------------------------------------

@@ -162,6 +162,31 @@ void attention_head(const Q& q, const K& k, const V& v, Out&& out, const Attenti
   }
 }
 
+/// attention_head() on 16-bit storage (or float q over a 16-bit K/V): the stored values widened
+/// exactly to long double, the attention computed there, out rounded to its type (through float:
+/// the double rounding this adds is far below a 16-bit format's unit roundoff) and lse to float.
+template <class MaskMod, class ScoreMod, class Q, class K, class V, class Out>
+void attention_head_widened(const Q& q, const K& k, const V& v, Out&& out,
+                            const AttentionOptions& o, float* lse, const MaskMod& mask_mod,
+                            const ScoreMod& score_mod, Index b, Index h) {
+  using L = long double;
+  using OutScalar = typename std::remove_reference_t<Out>::Scalar;
+  const Matrix<L> ql = q.template cast<float>().template cast<L>();
+  const Matrix<L> kl = k.template cast<float>().template cast<L>();
+  const Matrix<L> vl = v.template cast<float>().template cast<L>();
+  Matrix<L> ol(q.rows(), v.cols());
+  std::vector<L> lse_l(lse != nullptr ? static_cast<std::size_t>(q.rows()) : 0);
+  attention_head<L>(ql, kl, vl, ol, o, lse != nullptr ? lse_l.data() : nullptr, mask_mod, score_mod,
+                    b, h);
+  out = ol.template cast<float>().template cast<OutScalar>();
+  for (std::size_t i = 0; i < lse_l.size(); ++i) lse[i] = static_cast<float>(lse_l[i]);
+}
+
+/// Whether a reference call on these element types goes through attention_head_widened().
+template <class Q, class K>
+inline constexpr bool kWidenedReference =
+    blockattn::detail::kIs16BitFloat<Q> || blockattn::detail::kIs16BitFloat<K>;
+
 }  // namespace detail
 
 /// Naive single-head attention with the semantics of blockattn::attention() (every option, mask
@@ -177,17 +202,35 @@ void attention(const Eigen::MatrixBase<Q>& q, const Eigen::MatrixBase<K>& k,
                Span<accumulator_t<typename Q::Scalar>> lse = {}, const MaskMod& mask_mod = {},
                const ScoreMod& score_mod = {}) {
   using T = typename Q::Scalar;
-  static_assert(blockattn::detail::kReferenceScalar<T>, BLOCKATTN_REFERENCE_SCALAR_MESSAGE);
-  detail::check_reference_arguments<T, Q, K, V, O>();
-  blockattn::detail::check_mods<T, MaskMod, ScoreMod>();
-  const ConstMatrixView<T> q_view(q.derived());
-  const ConstMatrixView<T> k_view(k.derived());
-  const ConstMatrixView<T> v_view(v.derived());
-  MatrixView<T> out_view = blockattn::detail::writable_view(out);
-  blockattn::detail::validate_attention<T>("reference::attention", q_view, k_view, v_view, out_view,
-                                           options, lse);
-  detail::attention_head<T>(q_view, k_view, v_view, out_view, options,
-                            blockattn::detail::data_or_null(lse), mask_mod, score_mod, 0, 0);
+  using KT = typename K::Scalar;
+  if constexpr (detail::kWidenedReference<T, KT>) {
+    static_assert(blockattn::detail::kAttentionTypes<T, KT, typename V::Scalar, typename O::Scalar>,
+                  BLOCKATTN_ATTENTION_TYPES_MESSAGE);
+    detail::check_reference_arguments_of<T, Q, O>();
+    detail::check_reference_arguments_of<KT, K, V>();
+    blockattn::detail::check_matrix_outputs<O>();
+    blockattn::detail::check_mods<long double, MaskMod, ScoreMod>();
+    const ConstMatrixView<T> q_view(q.derived());
+    const ConstMatrixView<KT> k_view(k.derived());
+    const ConstMatrixView<KT> v_view(v.derived());
+    MatrixView<T> out_view = blockattn::detail::writable_view(out);
+    blockattn::detail::validate_attention<T>("reference::attention", q_view, k_view, v_view,
+                                             out_view, options, lse);
+    detail::attention_head_widened(q_view, k_view, v_view, out_view, options,
+                                   blockattn::detail::data_or_null(lse), mask_mod, score_mod, 0, 0);
+  } else {
+    static_assert(blockattn::detail::kReferenceScalar<T>, BLOCKATTN_REFERENCE_SCALAR_MESSAGE);
+    detail::check_reference_arguments<T, Q, K, V, O>();
+    blockattn::detail::check_mods<T, MaskMod, ScoreMod>();
+    const ConstMatrixView<T> q_view(q.derived());
+    const ConstMatrixView<T> k_view(k.derived());
+    const ConstMatrixView<T> v_view(v.derived());
+    MatrixView<T> out_view = blockattn::detail::writable_view(out);
+    blockattn::detail::validate_attention<T>("reference::attention", q_view, k_view, v_view,
+                                             out_view, options, lse);
+    detail::attention_head<T>(q_view, k_view, v_view, out_view, options,
+                              blockattn::detail::data_or_null(lse), mask_mod, score_mod, 0, 0);
+  }
 }
 
 /// Naive batched multi-head attention (GQA) with the semantics of the TensorView
@@ -199,24 +242,50 @@ void attention(TensorView<QT> q_, TensorView<KT> k_, TensorView<VT> v_, TensorVi
                Span<accumulator_t<std::remove_const_t<QT>>> lse = {}, const MaskMod& mask_mod = {},
                const ScoreMod& score_mod = {}) {
   using T = std::remove_const_t<QT>;
-  static_assert(blockattn::detail::kReferenceScalar<T>, BLOCKATTN_REFERENCE_SCALAR_MESSAGE);
-  blockattn::detail::check_tensor_arguments<T, KT, VT, OT>();
-  static_assert(!std::is_const_v<OT>, "blockattn: out must be a writable TensorView<T>");
-  blockattn::detail::check_mods<T, MaskMod, ScoreMod>();
-  const TensorView<const T> q(q_);
-  const TensorView<const T> k(k_);
-  const TensorView<const T> v(v_);
-  blockattn::detail::validate_attention<T>("reference::attention", q, k, v, out, options, lse);
-  if (q.heads == 0) return;
-  const Index group = q.heads / k.heads;
-  for (Index b = 0; b < q.batch; ++b) {
-    for (Index h = 0; h < q.heads; ++h) {
-      accumulator_t<T>* lse_head = !lse.empty() ? lse.data() + (b * q.heads + h) * q.seq : nullptr;
-      detail::attention_head<T>(blockattn::detail::head_slice(q, b, h),
-                                blockattn::detail::head_slice(k, b, h / group),
-                                blockattn::detail::head_slice(v, b, h / group),
-                                blockattn::detail::mutable_head_slice(out, b, h), options, lse_head,
-                                mask_mod, score_mod, b, h);
+  using KS = std::remove_const_t<KT>;
+  if constexpr (detail::kWidenedReference<T, KS>) {
+    static_assert(
+        blockattn::detail::kAttentionTypes<T, KS, std::remove_const_t<VT>, std::remove_const_t<OT>>,
+        BLOCKATTN_ATTENTION_TYPES_MESSAGE);
+    static_assert(!std::is_const_v<OT>, "blockattn: out must be a writable TensorView<T>");
+    blockattn::detail::check_mods<long double, MaskMod, ScoreMod>();
+    const TensorView<const T> q(q_);
+    const TensorView<const KS> k(k_);
+    const TensorView<const KS> v(v_);
+    blockattn::detail::validate_attention<T>("reference::attention", q, k, v, out, options, lse);
+    if (q.heads == 0) return;
+    const Index group = q.heads / k.heads;
+    for (Index b = 0; b < q.batch; ++b) {
+      for (Index h = 0; h < q.heads; ++h) {
+        float* lse_head = !lse.empty() ? lse.data() + (b * q.heads + h) * q.seq : nullptr;
+        auto out_head = blockattn::detail::mutable_head_slice(out, b, h);
+        detail::attention_head_widened(blockattn::detail::head_slice(q, b, h),
+                                       blockattn::detail::head_slice(k, b, h / group),
+                                       blockattn::detail::head_slice(v, b, h / group), out_head,
+                                       options, lse_head, mask_mod, score_mod, b, h);
+      }
+    }
+  } else {
+    static_assert(blockattn::detail::kReferenceScalar<T>, BLOCKATTN_REFERENCE_SCALAR_MESSAGE);
+    blockattn::detail::check_tensor_arguments<T, KT, VT, OT>();
+    static_assert(!std::is_const_v<OT>, "blockattn: out must be a writable TensorView<T>");
+    blockattn::detail::check_mods<T, MaskMod, ScoreMod>();
+    const TensorView<const T> q(q_);
+    const TensorView<const T> k(k_);
+    const TensorView<const T> v(v_);
+    blockattn::detail::validate_attention<T>("reference::attention", q, k, v, out, options, lse);
+    if (q.heads == 0) return;
+    const Index group = q.heads / k.heads;
+    for (Index b = 0; b < q.batch; ++b) {
+      for (Index h = 0; h < q.heads; ++h) {
+        accumulator_t<T>* lse_head =
+            !lse.empty() ? lse.data() + (b * q.heads + h) * q.seq : nullptr;
+        detail::attention_head<T>(blockattn::detail::head_slice(q, b, h),
+                                  blockattn::detail::head_slice(k, b, h / group),
+                                  blockattn::detail::head_slice(v, b, h / group),
+                                  blockattn::detail::mutable_head_slice(out, b, h), options,
+                                  lse_head, mask_mod, score_mod, b, h);
+      }
     }
   }
 }

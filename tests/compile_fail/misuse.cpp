@@ -1,8 +1,9 @@
 // Misuse that must not compile, one case per -DCASE=<name> (tests/CMakeLists.txt builds each with
 // -fsyntax-only and expects its one static_assert message): the scalar policy of every fast entry
-// point (long double runs only through blockattn::reference), a column-major argument, the
-// backward pass's gradients given by position (so that a swapped dq/dk cannot compile), and
-// softmax_topk's unsized raw-pointer form (removed: its arrays are Spans).
+// point (long double runs only through blockattn::reference), attention()'s element-type pairs
+// (a 16-bit K/V cache only under float q and out), a column-major argument, the backward pass's
+// gradients given by position (so that a swapped dq/dk cannot compile), and softmax_topk's
+// unsized raw-pointer form (removed: its arrays are Spans).
 
 #include <vector>
 
@@ -51,6 +52,22 @@ using blockattn::Matrix;
 #elif defined(CASE_transformer_block)
   const auto weights = blockattn::make_transformer_block_weights<L>(4, 1, 8);
   blockattn::transformer_block(weights, x, y);
+#elif defined(CASE_attention_double_over_bf16)
+  const Matrix<double> q(4, 4);
+  const Matrix<Eigen::bfloat16> kv(4, 4);
+  Matrix<double> out(4, 4);
+  blockattn::attention(q, kv, kv, out);
+#elif defined(CASE_attention_tensor_bf16_over_float)
+  Matrix<Eigen::bfloat16> q(4, 4);
+  Matrix<float> kv(4, 4);
+  const auto q_view = blockattn::make_tensor_view(q.data(), 1, 4, 1, 4);
+  const auto kv_view = blockattn::make_tensor_view(kv.data(), 1, 4, 1, 4);
+  blockattn::attention(q_view, kv_view, kv_view, q_view);
+#elif defined(CASE_attention_out_type)
+  const Matrix<float> q(4, 4);
+  const Matrix<Eigen::half> kv(4, 4);
+  Matrix<Eigen::half> out(4, 4);
+  blockattn::attention(q, kv, kv, out);
 #elif defined(CASE_column_major)
   const Eigen::MatrixXf q(4, 4);
   Matrix<float> out(4, 4);

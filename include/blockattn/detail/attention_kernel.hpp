@@ -20,6 +20,7 @@
 
 #include <blockattn/detail/attention_plan.hpp>
 #include <blockattn/detail/attention_problem.hpp>
+#include <blockattn/detail/convert.hpp>
 #include <blockattn/detail/decode_kernel.hpp>
 #include <blockattn/detail/kv_source.hpp>
 #include <blockattn/detail/online_state.hpp>
@@ -71,10 +72,11 @@ class NoMallocScope {
   NoMallocScope& operator=(const NoMallocScope&) = delete;
 };
 
-/// Where a forward call writes: out [batch, n_q, heads, d_v] and lse [batch, heads, n_q] (or null).
-template <class T>
+/// Where a forward call writes: out [batch, n_q, heads, d_v] (storage O: T, or a 16-bit format,
+/// rounded once from the normalised float row) and lse [batch, heads, n_q] of T (or null).
+template <class T, class O = T>
 struct ForwardOutput {
-  TensorView<T> out;
+  TensorView<O> out;
   T* lse;
 
   /// Normalises the finished state of the rows `t` into out and lse.
@@ -88,33 +90,37 @@ struct ForwardOutput {
   }
 };
 
-/// Copies the queries of the rows `t` into `queries` [t.rows(), d], multiplied by the scale.
-template <class T>
-void gather_scaled_queries(const TensorView<const T>& q, const TileRows& t, T scale, T* queries) {
+/// Copies the queries of the rows `t` into `queries` [t.rows(), d], multiplied by the scale. q may
+/// hold a 16-bit storage format QS: widened here (exactly), once per query block, into the
+/// workspace, so the kernels see what a float q of the widened values gives them.
+template <class T, class QS>
+void gather_scaled_queries(const TensorView<const QS>& q, const TileRows& t, T scale, T* queries) {
   using S = simd::Simd<T>;
+  using Io = StorageIo<QS>;
+  static_assert(std::is_same_v<typename Io::E, T>, "blockattn: q widens to the compute type");
   const typename S::V factor = S::set1(scale);
   const Index d = q.dim;
   for (Index g = 0; g < t.group; ++g) {
     const auto q_head = head_slice(q, t.b, t.h0 + g);
     for (Index r = 0; r < t.rows_per_head; ++r) {
       T* dst = queries + (g * t.rows_per_head + r) * d;
-      const T* src = q_head.data() + (t.q0 + r) * q_head.outerStride();
+      const QS* src = q_head.data() + (t.q0 + r) * q_head.outerStride();
       // Whole vectors explicitly: GCC -O2 does not vectorise a loop of unknown count.
       Index c = 0;
       for (; c + S::kLanes <= d; c += S::kLanes)
-        S::store(dst + c, S::mul(S::load(src + c), factor));
-      for (; c < d; ++c) dst[c] = src[c] * scale;
+        S::store(dst + c, S::mul(Io::load(src + c), factor));
+      for (; c < d; ++c) dst[c] = static_cast<T>(src[c]) * scale;
     }
   }
 }
 
 /// Runs task `task` of the plan in workspace slice `slot`: its online state lives in the slice
 /// (one segment: finalized into `output` here) or in the task's partial state (merged later).
-template <class T, class MaskMod, class ScoreMod, class Sources>
+template <class T, class MaskMod, class ScoreMod, class QS, class Sources, class O>
 void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
-                      const AttentionPlan& plan, const TensorView<const T>& q,
+                      const AttentionPlan& plan, const TensorView<const QS>& q,
                       const Sources& sources, const AttentionWorkspace<T>& workspace, int slot,
-                      Index task, const ForwardOutput<T>& output) {
+                      Index task, const ForwardOutput<T, O>& output) {
   const Index segment = task % plan.segments;
   const TileRows t = plan.block_rows(task / plan.segments);
   const WorkspaceSlice<T> ws = workspace.slice(slot);
@@ -129,7 +135,7 @@ void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
                  keys, state);
   } else {
     const Index head_rows = problem.shape.group * t.rows_per_head;
-    DecodeStream<T> stream{
+    DecodeStream<T, typename Sources::Source::Storage> stream{
         ws.queries,       state,       {ws.scores, ws.scores + head_rows * workspace.ld_s()},
         workspace.ld_s(), ws.packed_v, plan.pipelined};
     decode_task(problem, plan, sources, t, keys, stream);
@@ -139,9 +145,9 @@ void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
 
 /// Flash-Decoding merge: the segment states of query block `block` folded into segment 0's, in
 /// segment order, then finalized into `output`.
-template <class T>
+template <class T, class O>
 void merge_segments(const AttentionPlan& plan, const AttentionWorkspace<T>& workspace, Index block,
-                    const ForwardOutput<T>& output) {
+                    const ForwardOutput<T, O>& output) {
   const TileRows t = plan.block_rows(block);
   const Index d_v = plan.shape.d_v;
   const PartialState<T> first = workspace.partial(block * plan.segments);
@@ -156,20 +162,27 @@ void merge_segments(const AttentionPlan& plan, const AttentionWorkspace<T>& work
 /// Chunked attention over every task of the call's plan (plan_attention), in parallel, then the
 /// merge of key segments. Arguments are valid (attention.hpp checked them); lse is
 /// [batch, q.heads, n_q] or null; `storage` is the caller's workspace (grown here if too small,
-/// before the loops).
-template <class T, class MaskMod, class ScoreMod>
-void attention_forward(const TensorView<const T>& q, const TensorView<const T>& k,
-                       const TensorView<const T>& v, const TensorView<T>& out,
-                       const AttentionOptions& options, T* lse, const MaskMod& mask_mod,
-                       const ScoreMod& score_mod, Workspace& storage) {
+/// before the loops). Storage types: q and out QS (float, double, or a 16-bit format computed in
+/// float), k and v KS (QS, or a 16-bit format under a float q). Everything is computed in
+/// T = accumulator_t<QS> with the plan of a T call (tile sizes from sizeof(T)), so a call on
+/// 16-bit storage runs exactly the arithmetic of the T call on the widened values, and out is
+/// rounded once at the end.
+template <class QS, class KS, class MaskMod, class ScoreMod>
+void attention_forward(const TensorView<const QS>& q, const TensorView<const KS>& k,
+                       const TensorView<const KS>& v, const TensorView<QS>& out,
+                       const AttentionOptions& options, accumulator_t<QS>* lse,
+                       const MaskMod& mask_mod, const ScoreMod& score_mod, Workspace& storage) {
+  using T = accumulator_t<QS>;
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "blockattn: attention() runs on float and double (the SIMD micro-kernels); "
                 "reference::attention is the long double path");
+  static_assert(std::is_same_v<accumulator_t<KS>, T>,
+                "blockattn: K/V storage must compute in q's accumulator type");
   const AttentionPlan plan = plan_attention<T>(shapes_of(q, k, v), options);
   if (plan.tasks == 0) return;
   const auto problem = make_attention_problem<T>(plan, options, mask_mod, score_mod);
-  const StridedKVHeads<T> sources(k, v);
-  const ForwardOutput<T> output{out, lse};
+  const StridedKVHeads<T, KS> sources(k, v);
+  const ForwardOutput<T, QS> output{out, lse};
   const int threads = resolve_threads(options.threads, plan.tasks);
   const AttentionWorkspace<T> workspace(storage, threads, plan.task_shape(),
                                         plan.segments > 1 ? plan.tasks : 0);
@@ -184,13 +197,13 @@ void attention_forward(const TensorView<const T>& q, const TensorView<const T>& 
 }
 
 /// attention_forward() with a workspace of its own (allocated once, before the loops).
-template <class T, class MaskMod, class ScoreMod>
-void attention_forward(const TensorView<const T>& q, const TensorView<const T>& k,
-                       const TensorView<const T>& v, const TensorView<T>& out,
-                       const AttentionOptions& options, T* lse, const MaskMod& mask_mod,
-                       const ScoreMod& score_mod) {
+template <class QS, class KS, class MaskMod, class ScoreMod>
+void attention_forward(const TensorView<const QS>& q, const TensorView<const KS>& k,
+                       const TensorView<const KS>& v, const TensorView<QS>& out,
+                       const AttentionOptions& options, accumulator_t<QS>* lse,
+                       const MaskMod& mask_mod, const ScoreMod& score_mod) {
   Workspace storage;
-  attention_forward<T>(q, k, v, out, options, lse, mask_mod, score_mod, storage);
+  attention_forward(q, k, v, out, options, lse, mask_mod, score_mod, storage);
 }
 
 }  // namespace detail

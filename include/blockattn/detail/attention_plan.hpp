@@ -147,10 +147,10 @@ struct AttentionShapes {
 };
 
 /// The AttentionShapes of the views of a call.
-template <class T>
-AttentionShapes shapes_of(const TensorView<const T>& q, const TensorView<const T>& k,
-                          const TensorView<const T>& v) {
-  const auto rows_interleave = [](const TensorView<const T>& x) {
+template <class QT, class KT>
+AttentionShapes shapes_of(const TensorView<const QT>& q, const TensorView<const KT>& k,
+                          const TensorView<const KT>& v) {
+  const auto rows_interleave = [](const TensorView<const KT>& x) {
     return std::abs(x.head_stride) < std::abs(x.seq_stride);
   };
   return {q.batch,           q.heads, k.heads, q.seq, k.seq, q.dim, v.dim, rows_interleave(k),

@@ -78,6 +78,9 @@
 #define BLOCKATTN_STORAGE_SCALAR_MESSAGE                                                     \
   "blockattn: the element type must be float, double, Eigen::bfloat16 or Eigen::half (long " \
   "double runs only through blockattn::reference)"
+#define BLOCKATTN_ATTENTION_TYPES_MESSAGE                                                       \
+  "blockattn::attention: q and out must have one element type, k and v one element type: q's, " \
+  "or Eigen::bfloat16 / Eigen::half under a float q and out (a 16-bit KV cache)"
 #define BLOCKATTN_REFERENCE_SCALAR_MESSAGE \
   "blockattn::reference: the element type must be float, double or long double"
 
@@ -164,6 +167,14 @@ inline constexpr bool kIs16BitFloat = kIsOneOf<T, Eigen::bfloat16, Eigen::half>;
 /// 16-bit formats, which compute in accumulator_t<T> (float).
 template <class T>
 inline constexpr bool kStorageScalar = kKernelScalar<T> || kIs16BitFloat<T>;
+
+/// The element types of one attention() call: q and out of one storage type Q, k and v of one
+/// storage type K, which is Q or, under a float q, a 16-bit format (the KV-cache case; double q
+/// over a 16-bit cache is not offered: its float accumulation would not be double's).
+template <class Q, class K, class V, class O>
+inline constexpr bool kAttentionTypes = std::is_same_v<Q, O>&& std::is_same_v<K, V> &&
+                                        (std::is_same_v<K, Q> ||
+                                         (std::is_same_v<Q, float> && kIs16BitFloat<K>));
 
 /// The element types of blockattn::reference: the kernels' types plus long double (the tests'
 /// oracle precision).

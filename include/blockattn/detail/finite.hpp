@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include <blockattn/detail/convert.hpp>
 #include <blockattn/detail/simd.hpp>
 #include <blockattn/types.hpp>
 
@@ -16,8 +17,11 @@ namespace detail {
 
 /// True when every entry of the rows × cols block x (row stride ld) is finite: x·0 is ±0 for a
 /// finite x and NaN for ±inf or NaN, so the sum of the products is 0 exactly when all are finite.
-template <class T>
-bool block_is_finite(const T* x, Index ld, Index rows, Index cols) {
+/// X may be a 16-bit storage format: widened (exactly; ±inf and NaN stay non-finite) as loaded.
+template <class X>
+bool block_is_finite(const X* x, Index ld, Index rows, Index cols) {
+  using Io = StorageIo<X>;
+  using T = typename Io::E;
   using S = simd::Simd<T>;
   using V = typename S::V;
   constexpr Index kLanes = S::kLanes;
@@ -27,14 +31,14 @@ bool block_is_finite(const T* x, Index ld, Index rows, Index cols) {
   V probe0 = S::zero();
   V probe1 = S::zero();
   for (Index r = 0; r < rows; ++r) {
-    const T* row = x + r * ld;
+    const X* row = x + r * ld;
     Index c = 0;
     for (; c + 2 * kLanes <= full; c += 2 * kLanes) {
-      probe0 = S::fma(S::load(row + c), zero, probe0);
-      probe1 = S::fma(S::load(row + c + kLanes), zero, probe1);
+      probe0 = S::fma(Io::load(row + c), zero, probe0);
+      probe1 = S::fma(Io::load(row + c + kLanes), zero, probe1);
     }
-    if (c < full) probe0 = S::fma(S::load(row + c), zero, probe0);
-    if (rest > 0) probe1 = S::fma(S::load_partial(row + full, rest, T(0)), zero, probe1);
+    if (c < full) probe0 = S::fma(Io::load(row + c), zero, probe0);
+    if (rest > 0) probe1 = S::fma(Io::load_partial(row + full, rest, T(0)), zero, probe1);
   }
   return S::reduce_add(S::add(probe0, probe1)) == T(0);
 }
@@ -45,23 +49,23 @@ T finite_or_zero(T x) {
   return std::isfinite(x) ? x : T(0);
 }
 
-/// Whether every one of the n entries of x is finite.
+/// Whether every one of the n entries of x is finite (x of any storage type).
 template <class T>
 bool row_is_finite(const T* x, Index n) {
   for (Index c = 0; c < n; ++c) {
-    if (!std::isfinite(x[c])) return false;
+    if (!std::isfinite(to_compute(x[c]))) return false;
   }
   return true;
 }
 
 /// dst = src with every non-finite entry replaced by 0, for a rows × cols block (row strides
-/// ld_src and ld_dst; dst must not overlap src).
-template <class T>
-void copy_finite(const T* src, Index ld_src, Index rows, Index cols, T* dst, Index ld_dst) {
+/// ld_src and ld_dst; dst must not overlap src). src may hold a 16-bit format S, widened to T.
+template <class S, class T>
+void copy_finite(const S* src, Index ld_src, Index rows, Index cols, T* dst, Index ld_dst) {
   for (Index r = 0; r < rows; ++r) {
-    const T* from = src + r * ld_src;
+    const S* from = src + r * ld_src;
     T* to = dst + r * ld_dst;
-    for (Index c = 0; c < cols; ++c) to[c] = finite_or_zero(from[c]);
+    for (Index c = 0; c < cols; ++c) to[c] = finite_or_zero(static_cast<T>(from[c]));
   }
 }
 

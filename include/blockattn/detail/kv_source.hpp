@@ -33,7 +33,10 @@
 //
 // Rows past the end of the cache are never asked for: 0 <= k0 and k0 + keys <= n_k.
 
+#include <type_traits>
+
 #include <blockattn/detail/attention_problem.hpp>
+#include <blockattn/detail/config.hpp>
 #include <blockattn/detail/finite.hpp>
 #include <blockattn/detail/microkernel.hpp>
 #include <blockattn/types.hpp>
@@ -42,59 +45,65 @@ namespace blockattn {
 inline namespace BLOCKATTN_ISA_NAMESPACE {
 namespace detail {
 
-/// The K/V source of float or double rows stored as they are computed in, any row stride (one
-/// head of a [seq, heads, dim] or [heads, seq, dim] view, or a single-head matrix): packing is a
-/// copy into the panel layouts, decode reads the rows in place.
-template <class T>
+/// The K/V source of rows stored in S, computed in E, any row stride (one head of a [seq, heads,
+/// dim] or [heads, seq, dim] view, or a single-head matrix). S = E (float, double): packing is a
+/// copy into the panel layouts. S = Eigen::bfloat16 or Eigen::half with E = float: packing widens
+/// once per tile (exact), and decode reads the 16-bit rows in place, widened in registers by the
+/// direct kernels (StorageIo), so a 16-bit cache is never copied. Either way the kernels see the
+/// same float values, hence a 16-bit K/V call is bitwise the float call on the widened K/V.
+template <class E, class S = E>
 class StridedKV {
  public:
-  using Element = T;
-  using Storage = T;
+  using Element = E;
+  using Storage = S;
+  static_assert(std::is_same_v<S, E> || (kIs16BitFloat<S> && std::is_same_v<E, float>),
+                "blockattn: K/V storage is the compute type, or a 16-bit format computed in float");
 
-  StridedKV(StridedRows<T> k, StridedRows<T> v, Index d, Index d_v)
+  StridedKV(StridedRows<S> k, StridedRows<S> v, Index d, Index d_v)
       : k_(k), v_(v), d_(d), d_v_(d_v) {}
 
   Index d() const { return d_; }
   Index d_v() const { return d_v_; }
 
-  void pack_k(Index k0, Index keys, T* panel) const {
-    detail::pack_k(k_.row(k0), k_.ld, keys, d_, panel);
+  void pack_k(Index k0, Index keys, E* panel) const {
+    detail::pack_k<E>(k_.row(k0), k_.ld, keys, d_, panel);
   }
-  void pack_v(Index k0, Index keys, T* panel) const {
-    detail::pack_v(v_.row(k0), v_.ld, keys, d_v_, panel);
+  void pack_v(Index k0, Index keys, E* panel) const {
+    detail::pack_v<E>(v_.row(k0), v_.ld, keys, d_v_, panel);
   }
   bool values_finite(Index k0, Index keys) const {
     return block_is_finite(v_.row(k0), v_.ld, keys, d_v_);
   }
 
-  StridedRows<T> keys(Index k0) const { return k_.from(k0); }
-  StridedRows<T> values(Index k0) const { return v_.from(k0); }
-  void copy_finite_values(Index k0, Index keys, T* dst) const {
+  StridedRows<S> keys(Index k0) const { return k_.from(k0); }
+  StridedRows<S> values(Index k0) const { return v_.from(k0); }
+  void copy_finite_values(Index k0, Index keys, E* dst) const {
     copy_finite(v_.row(k0), v_.ld, keys, d_v_, dst, d_v_);
   }
 
  private:
-  StridedRows<T> k_;
-  StridedRows<T> v_;
+  StridedRows<S> k_;
+  StridedRows<S> v_;
   Index d_;
   Index d_v_;
 };
 
-/// The StridedKV sources of a call's K and V views: head(b, h) is kv head h of batch entry b.
-template <class T>
+/// The StridedKV sources of a call's K and V views (storage S, computed in E): head(b, h) is kv
+/// head h of batch entry b.
+template <class E, class S = E>
 class StridedKVHeads {
  public:
-  using Source = StridedKV<T>;
+  using Source = StridedKV<E, S>;
 
-  StridedKVHeads(const TensorView<const T>& k, const TensorView<const T>& v) : k_(k), v_(v) {}
+  StridedKVHeads(const TensorView<const S>& k, const TensorView<const S>& v) : k_(k), v_(v) {}
 
-  StridedKV<T> head(Index b, Index h) const {
+  Source head(Index b, Index h) const {
     return {{k_.at(b, 0, h), k_.seq_stride}, {v_.at(b, 0, h), v_.seq_stride}, k_.dim, v_.dim};
   }
 
  private:
-  TensorView<const T> k_;
-  TensorView<const T> v_;
+  TensorView<const S> k_;
+  TensorView<const S> v_;
 };
 
 }  // namespace detail

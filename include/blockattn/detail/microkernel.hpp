@@ -45,6 +45,7 @@
 #include <type_traits>
 
 #include <blockattn/detail/config.hpp>
+#include <blockattn/detail/convert.hpp>
 #include <blockattn/detail/exp.hpp>
 #include <blockattn/detail/online_state.hpp>
 #include <blockattn/detail/simd.hpp>
@@ -120,9 +121,11 @@ constexpr Index padded_stride(Index cols) {
 }
 
 /// Packs rows [0, n_keys) of k (row stride ld_k, d features) into `packed` (packed_k_size
-/// elements, any alignment) in the K panel layout described at the top of this header.
-template <class T, int KeyVectors = RegisterBlock<T>::kKeyVectors>
-inline void pack_k(const T* k, Index ld_k, Index n_keys, Index d, T* packed) {
+/// elements, any alignment) in the K panel layout described at the top of this header. k may hold
+/// a 16-bit storage format S (widened exactly to T on the way: the conversion is paid once per
+/// packed chunk).
+template <class T, int KeyVectors = RegisterBlock<T>::kKeyVectors, class S = T>
+inline void pack_k(const S* k, Index ld_k, Index n_keys, Index d, T* packed) {
   constexpr Index kLanes = simd::Simd<T>::kLanes;
   constexpr Index kPanel = KeyVectors * kLanes;
   for (Index j0 = 0; j0 < n_keys; j0 += kPanel) {
@@ -130,8 +133,8 @@ inline void pack_k(const T* k, Index ld_k, Index n_keys, Index d, T* packed) {
     const Index width = round_up(keys, kLanes);
     T* dst = packed + j0 * d;
     for (Index jj = 0; jj < keys; ++jj) {
-      const T* src = k + (j0 + jj) * ld_k;
-      for (Index c = 0; c < d; ++c) dst[c * width + jj] = src[c];
+      const S* src = k + (j0 + jj) * ld_k;
+      for (Index c = 0; c < d; ++c) dst[c * width + jj] = static_cast<T>(src[c]);
     }
     for (Index c = 0; c < d; ++c) {
       for (Index jj = keys; jj < width; ++jj) dst[c * width + jj] = T(0);
@@ -140,10 +143,13 @@ inline void pack_k(const T* k, Index ld_k, Index n_keys, Index d, T* packed) {
 }
 
 /// Packs rows [0, n_keys) of v (row stride ld_v, d_v columns) into `packed` (packed_v_size
-/// elements) in the V panel layout described at the top of this header.
-template <class T, int ValueVectors = RegisterBlock<T>::kValueVectors>
-inline void pack_v(const T* v, Index ld_v, Index n_keys, Index d_v, T* packed) {
+/// elements) in the V panel layout described at the top of this header. v may hold a 16-bit
+/// storage format VS (widened exactly to T, StorageIo).
+template <class T, int ValueVectors = RegisterBlock<T>::kValueVectors, class VS = T>
+inline void pack_v(const VS* v, Index ld_v, Index n_keys, Index d_v, T* packed) {
   using S = simd::Simd<T>;
+  using Io = StorageIo<VS>;
+  static_assert(std::is_same_v<typename Io::E, T>, "blockattn: V widens to the packed type");
   constexpr Index kLanes = S::kLanes;
   constexpr Index kPanel = ValueVectors * kLanes;
   for (Index c0 = 0; c0 < d_v; c0 += kPanel) {
@@ -152,11 +158,11 @@ inline void pack_v(const T* v, Index ld_v, Index n_keys, Index d_v, T* packed) {
     const Index full = cols / kLanes * kLanes;
     T* dst = packed + c0 * n_keys;
     for (Index j = 0; j < n_keys; ++j) {
-      const T* src = v + j * ld_v + c0;
+      const VS* src = v + j * ld_v + c0;
       T* row = dst + j * width;
       // Whole vectors explicitly: GCC -O2 does not vectorise a loop of unknown count.
-      for (Index cc = 0; cc < full; cc += kLanes) S::store(row + cc, S::load(src + cc));
-      for (Index cc = full; cc < cols; ++cc) row[cc] = src[cc];
+      for (Index cc = 0; cc < full; cc += kLanes) S::store(row + cc, Io::load(src + cc));
+      for (Index cc = full; cc < cols; ++cc) row[cc] = static_cast<T>(src[cc]);
       for (Index cc = cols; cc < width; ++cc) row[cc] = T(0);
     }
   }
@@ -324,12 +330,16 @@ inline void prefetch_row(const T* p, Index count) {
 /// Rows × Keys scores s[r, t] = q_r · k_t over d = full + rest features, each a single FMA chain
 /// along d then one horizontal sum. The sums of kLanes accumulators are taken together
 /// (reduce_add_lanes: a shuffle tree, ~3 operations a score instead of ~2·log2(kLanes)), bitwise
-/// equal to one reduce_add each, so a score does not depend on Rows or Keys.
-template <class T, int Rows, int Keys>
+/// equal to one reduce_add each, so a score does not depend on Rows or Keys. K rows hold KS
+/// (T, or a 16-bit format widened in registers by StorageIo as they are loaded: the same FMAs on
+/// the same float values as a float K).
+template <class T, int Rows, int Keys, class KS = T>
 BLOCKATTN_ALWAYS_INLINE void score_rows_block(const T* BLOCKATTN_RESTRICT q, Index ld_q, Index full,
-                                              int rest, const T* BLOCKATTN_RESTRICT k, Index ld_k,
+                                              int rest, const KS* BLOCKATTN_RESTRICT k, Index ld_k,
                                               T* BLOCKATTN_RESTRICT s, Index ld_s) {
   using S = simd::Simd<T>;
+  using Io = StorageIo<KS>;
+  static_assert(std::is_same_v<typename Io::E, T>, "blockattn: K widens to the query type");
   using V = typename S::V;
   constexpr int kLanes = S::kLanes;
   constexpr int kCount = Rows * Keys;
@@ -341,7 +351,7 @@ BLOCKATTN_ALWAYS_INLINE void score_rows_block(const T* BLOCKATTN_RESTRICT q, Ind
   for (Index c = 0; c < full; c += kLanes) {
     V kv[Keys];
     BLOCKATTN_UNROLL(16)
-    for (int t = 0; t < Keys; ++t) kv[t] = S::load(k + t * ld_k + c);
+    for (int t = 0; t < Keys; ++t) kv[t] = Io::load(k + t * ld_k + c);
     BLOCKATTN_UNROLL(16)
     for (int r = 0; r < Rows; ++r) {
       const V qv = S::load(q + r * ld_q + c);
@@ -352,7 +362,7 @@ BLOCKATTN_ALWAYS_INLINE void score_rows_block(const T* BLOCKATTN_RESTRICT q, Ind
   if (rest > 0) {
     V kv[Keys];
     BLOCKATTN_UNROLL(16)
-    for (int t = 0; t < Keys; ++t) kv[t] = S::load_partial(k + t * ld_k + full, rest, T(0));
+    for (int t = 0; t < Keys; ++t) kv[t] = Io::load_partial(k + t * ld_k + full, rest, T(0));
     BLOCKATTN_UNROLL(16)
     for (int r = 0; r < Rows; ++r) {
       const V qv = S::load_partial(q + r * ld_q + full, rest, T(0));
@@ -385,9 +395,10 @@ BLOCKATTN_ALWAYS_INLINE void score_rows_block(const T* BLOCKATTN_RESTRICT q, Ind
 
 /// s[i, j] = Σ_c q[i, c]·k[j, c] for i < rows, j < n_keys: vectorised along d, one FMA chain per
 /// score, then one horizontal sum per score. Keys outermost: each K row is read once per block
-/// of kDirectBlockRows query rows. Writes only j < n_keys.
-template <class T>
-inline void score_rows_direct(const T* q, Index ld_q, Index rows, Index d, const T* k, Index ld_k,
+/// of kDirectBlockRows query rows. Writes only j < n_keys. k may hold a 16-bit format KS,
+/// converted in registers (no copy of K).
+template <class T, class KS>
+inline void score_rows_direct(const T* q, Index ld_q, Index rows, Index d, const KS* k, Index ld_k,
                               Index n_keys, T* s, Index ld_s, RowPrefetch prefetch = {}) {
   constexpr Index kLanes = simd::Simd<T>::kLanes;
   const Index full = d / kLanes * kLanes;
@@ -409,23 +420,27 @@ inline void score_rows_direct(const T* q, Index ld_q, Index rows, Index d, const
             prefetch_row(k + t * ld_k, d);
           }
         }
-        score_rows_block<T, kRows, kKeys>(qi, ld_q, full, rest, k + j * ld_k, ld_k, si + j, ld_s);
+        score_rows_block<T, kRows, kKeys, KS>(qi, ld_q, full, rest, k + j * ld_k, ld_k, si + j,
+                                              ld_s);
       }
       for (; j < n_keys; ++j) {
-        score_rows_block<T, kRows, 1>(qi, ld_q, full, rest, k + j * ld_k, ld_k, si + j, ld_s);
+        score_rows_block<T, kRows, 1, KS>(qi, ld_q, full, rest, k + j * ld_k, ld_k, si + j, ld_s);
       }
     });
   }
 }
 
 /// acc[r, c0 + t·L + cc] += Σ_j p[r, j]·v[j, c0 + t·L + cc] for r < Rows, t < Vectors (the last
-/// one partial, `rest` lanes, when rest > 0): one FMA chain per accumulator vector along j.
-template <class T, int Rows, int Vectors>
+/// one partial, `rest` lanes, when rest > 0): one FMA chain per accumulator vector along j. V rows
+/// hold VS (T, or a 16-bit format widened in registers as loaded).
+template <class T, int Rows, int Vectors, class VS = T>
 inline void pv_rows_block(const T* BLOCKATTN_RESTRICT p, Index ld_p, Index n_keys,
-                          const T* BLOCKATTN_RESTRICT v, Index ld_v, int rest,
+                          const VS* BLOCKATTN_RESTRICT v, Index ld_v, int rest,
                           T* BLOCKATTN_RESTRICT acc, Index ld_acc, RowPrefetch prefetch,
                           Index row_elements) {
   using S = simd::Simd<T>;
+  using Io = StorageIo<VS>;
+  static_assert(std::is_same_v<typename Io::E, T>, "blockattn: V widens to the accumulator type");
   using V = typename S::V;
   constexpr Index kLanes = S::kLanes;
   constexpr int kLast = Vectors - 1;
@@ -445,9 +460,9 @@ inline void pv_rows_block(const T* BLOCKATTN_RESTRICT p, Index ld_p, Index n_key
     }
     V vv[Vectors];
     BLOCKATTN_UNROLL(16)
-    for (int t = 0; t < kLast; ++t) vv[t] = S::load(v + j * ld_v + t * kLanes);
-    vv[kLast] = rest > 0 ? S::load_partial(v + j * ld_v + kLast * kLanes, rest, T(0))
-                         : S::load(v + j * ld_v + kLast * kLanes);
+    for (int t = 0; t < kLast; ++t) vv[t] = Io::load(v + j * ld_v + t * kLanes);
+    vv[kLast] = rest > 0 ? Io::load_partial(v + j * ld_v + kLast * kLanes, rest, T(0))
+                         : Io::load(v + j * ld_v + kLast * kLanes);
     BLOCKATTN_UNROLL(16)
     for (int r = 0; r < Rows; ++r) {
       const V pb = S::set1(p[r * ld_p + j]);
@@ -471,9 +486,10 @@ inline void pv_rows_block(const T* BLOCKATTN_RESTRICT p, Index ld_p, Index n_key
 /// stride ld_v): vectorised along d_v, one FMA chain per accumulator vector along the keys. Each
 /// V element is loaded once per block of kDirectBlockRows rows and column panel (a panel is as
 /// many vectors as the registers hold for the block; the panels of one chunk re-read it from L1/L2,
-/// not from memory). Writes only c < d_v (no padding needed).
-template <class T>
-inline void accumulate_pv_direct(const T* p, Index ld_p, Index rows, Index n_keys, const T* v,
+/// not from memory). Writes only c < d_v (no padding needed). v may hold a 16-bit format VS,
+/// converted in registers (no copy of V).
+template <class T, class VS>
+inline void accumulate_pv_direct(const T* p, Index ld_p, Index rows, Index n_keys, const VS* v,
                                  Index ld_v, Index d_v, T* acc, Index ld_acc,
                                  RowPrefetch prefetch = {}) {
   constexpr Index kLanes = simd::Simd<T>::kLanes;
@@ -491,9 +507,9 @@ inline void accumulate_pv_direct(const T* p, Index ld_p, Index rows, Index n_key
         const int panel_rest = t0 + panel == vectors ? rest : 0;
         with_count<kPanel>(panel, [&](auto nv) {
           const bool fetch = i0 == 0 && t0 == 0 && prefetch.ahead > 0;
-          pv_rows_block<T, kRows, decltype(nv)::value>(pi, ld_p, n_keys, v + t0 * kLanes, ld_v,
-                                                       panel_rest, ai + t0 * kLanes, ld_acc,
-                                                       fetch ? prefetch : RowPrefetch{}, d_v);
+          pv_rows_block<T, kRows, decltype(nv)::value, VS>(pi, ld_p, n_keys, v + t0 * kLanes, ld_v,
+                                                           panel_rest, ai + t0 * kLanes, ld_acc,
+                                                           fetch ? prefetch : RowPrefetch{}, d_v);
         });
       }
     });

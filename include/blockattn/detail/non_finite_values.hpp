@@ -53,10 +53,11 @@ bool tile_has_hidden_key(const T* s, Index ld_s, Index rows, Index cols) {
 /// score x (not −inf, not NaN) whose weight under the row's coming maximum underflows to 0 and
 /// whose key has a non-finite value, sets acc = NaN in those columns (0·NaN and 0·inf are NaN; the
 /// later rescale keeps NaN). Reads the running max from `state`; s: row stride ld_s, `keys`
-/// columns, already scaled and masked; v: the chunk's values, row stride ld_v.
-template <class T>
+/// columns, already scaled and masked; v: the chunk's values (T or a 16-bit storage format VS),
+/// row stride ld_v.
+template <class T, class VS>
 void poison_underflowed_values(const T* s, Index ld_s, Index first, Index rows, Index keys,
-                               const T* v, Index ld_v, Index d_v, const RowBlockState<T>& state) {
+                               const VS* v, Index ld_v, Index d_v, const RowBlockState<T>& state) {
   // exp(x) > 0 certainly while x >= log(smallest normal): cheaper than calling exp per score.
   const T surely_positive = std::log(std::numeric_limits<T>::min());
   for (Index i = 0; i < rows; ++i) {
@@ -70,27 +71,29 @@ void poison_underflowed_values(const T* s, Index ld_s, Index first, Index rows, 
       const T x = row[j];
       if (x == kNegativeInfinity<T> || !(x - origin < surely_positive)) continue;
       if (softmax_weight(x, m_new) != T(0)) continue;
-      const T* vj = v + j * ld_v;
+      const VS* vj = v + j * ld_v;
       for (Index c = 0; c < d_v; ++c) {
-        if (!std::isfinite(vj[c])) acc[c] = std::numeric_limits<T>::quiet_NaN();
+        if (!std::isfinite(static_cast<T>(vj[c]))) acc[c] = std::numeric_limits<T>::quiet_NaN();
       }
     }
   }
 }
 
 /// Slow path step 3, after P·V on the finite copy: acc[i, c] += p[i, j]·v[j, c] for every weight
-/// p > 0 (a visible key) and every non-finite v[j, c]. p: rows × keys, row stride ld_p.
-template <class T>
-void add_non_finite_values(const T* p, Index ld_p, Index rows, Index keys, const T* v, Index ld_v,
+/// p > 0 (a visible key) and every non-finite v[j, c]. p: rows × keys, row stride ld_p; v: T or a
+/// 16-bit storage format VS.
+template <class T, class VS>
+void add_non_finite_values(const T* p, Index ld_p, Index rows, Index keys, const VS* v, Index ld_v,
                            Index d_v, T* acc, Index ld_acc) {
   for (Index j = 0; j < keys; ++j) {
-    const T* vj = v + j * ld_v;
+    const VS* vj = v + j * ld_v;
     if (row_is_finite(vj, d_v)) continue;
     for (Index i = 0; i < rows; ++i) {
       const T w = p[i * ld_p + j];
       if (!(w > T(0))) continue;
       for (Index c = 0; c < d_v; ++c) {
-        if (!std::isfinite(vj[c])) acc[i * ld_acc + c] += w * vj[c];
+        const T x = static_cast<T>(vj[c]);
+        if (!std::isfinite(x)) acc[i * ld_acc + c] += w * x;
       }
     }
   }
