@@ -228,7 +228,8 @@ void validate_attention_backward(const char* function, const AttentionBackwardIn
 /// have the shapes of q, k, v and are overwritten entirely.
 /// Time O(n_q·n_k·(d + d_v)) for the visible tiles (5 tile products against the forward's 2);
 /// extra memory O(threads·query_chunk·(d + 3·key_chunk)) plus one integer per query chunk,
-/// independent of n otherwise.
+/// independent of n otherwise; the former from options.workspace when given (reused by repeated
+/// calls, as attention()'s).
 /// Throws std::invalid_argument naming the argument and both sizes (bad shapes, an empty or
 /// too-short lse, an output overlapping an input or another output), before writing anything.
 /// Deterministic: bitwise identical for any thread count (dk, dv: one owner per key chunk; dq:

@@ -65,11 +65,12 @@ struct BackwardSlice {
 };
 
 /// The backward workspace, one slice per thread:
-/// O(threads·(query_chunk·(d + d_v + 3·key_chunk) + key_chunk·d)), independent of n.
+/// O(threads·(query_chunk·(d + d_v + 3·key_chunk) + key_chunk·d)), independent of n. Taken from
+/// `storage` (the caller's options.workspace, reused across calls) when given, else allocated.
 template <class T>
 class BackwardWorkspace {
  public:
-  BackwardWorkspace(int slots, const TileShape& shape) {
+  BackwardWorkspace(int slots, const TileShape& shape, Workspace* storage) {
     const Index area = shape.query_chunk * shape.key_chunk;
     SliceLayout<T> layout;
     queries_ = layout.take(shape.query_chunk * shape.d);
@@ -84,12 +85,17 @@ class BackwardWorkspace {
       tile_scores_ = layout.take(shape.query_chunk * padded_stride<T>(shape.key_chunk));
     }
     slice_size_ = layout.size();
-    // One allocation per call, before the loop, with operator new: Eigen's EIGEN_RUNTIME_NO_MALLOC
-    // check in attention_backward_test then watches the loop's own products and temporaries.
     // Aligned to a cache line as the slices promise, so that Eigen peels its loops the same way
     // on every call and results are bitwise reproducible
-    // (docs/tuning.md#backward-workspace-alignment).
+    // (docs/tuning.md#backward-workspace-alignment). Workspace::reserve() aligns so too.
     const auto bytes = static_cast<std::size_t>(slice_size_ * slots) * sizeof(T);
+    if (storage != nullptr) {
+      base_ = static_cast<T*>(storage->reserve(bytes));
+      return;
+    }
+    // Else one allocation per call, before the loop, with operator new: Eigen's
+    // EIGEN_RUNTIME_NO_MALLOC check in attention_backward_test then watches the loop's own
+    // products and temporaries.
     storage_.reset(static_cast<T*>(::operator new[](bytes, std::align_val_t{kAlign})));
     base_ = storage_.get();
   }
@@ -278,7 +284,7 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
   const Index key_chunks = ceil_div(n_k, shape.key_chunk);
   const Index tasks = batch * kv_heads * key_chunks;
   const int threads = resolve_threads(options.threads, tasks);
-  BackwardWorkspace<T> workspace(threads, shape);
+  BackwardWorkspace<T> workspace(threads, shape, options.workspace);
   // tokens[(b·heads + h)·query_chunks + qc]: key chunks already added to that dQ block.
   const Index token_count = batch * heads * query_chunks;
   std::unique_ptr<std::atomic<Index>[]> tokens(
