@@ -1120,16 +1120,7 @@ void ring_transformer_block(MPI_Comm comm, const TransformerBlockWeights<T>& w,
     blockattn::detail::layer_norm_rows<T>(h.middleRows(q0, rows), normed_blk, w.ln2_gamma,
                                           w.ln2_beta, eps);
     auto y_blk = y.middleRows(q0, rows);
-    y_blk = h.middleRows(q0, rows);
-    y_blk.rowwise() += w.b2;
-    for (Index c0 = 0; c0 < ffn; c0 += ffn_chunk) {
-      const Index width = std::min(ffn_chunk, ffn - c0);
-      auto hid = hidden.topLeftCorner(rows, width);
-      hid.noalias() = normed_blk * w.w1.middleCols(c0, width);
-      hid.rowwise() += w.b1.segment(c0, width);
-      blockattn::detail::activate_in_place(w.activation, hid);
-      y_blk.noalias() += hid * w.w2.middleRows(c0, width);
-    }
+    blockattn::detail::ffn_rows<T>(w, normed_blk, h.middleRows(q0, rows), y_blk, hidden, ffn_chunk);
   }
 }
 
