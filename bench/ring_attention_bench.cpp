@@ -38,6 +38,8 @@
 #include <blockattn/attention.hpp>
 #include <blockattn/distributed/ring_attention.hpp>
 
+#include "../tests/support/mpi_session.hpp"
+
 #include <mpi.h>
 
 namespace {
@@ -395,17 +397,12 @@ void attention_modes(const Args& a, int rank, int ranks) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  int rank = 0;
-  int ranks = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+  const blockattn::test::MpiSession mpi(argc, argv);
   const Args a = parse(argc, argv);
   if (a.mode == "link") {
-    link_mode(a, rank, ranks);
+    link_mode(a, mpi.rank(), mpi.size());
   } else {
-    attention_modes(a, rank, ranks);
+    attention_modes(a, mpi.rank(), mpi.size());
   }
-  MPI_Finalize();
   return 0;
 }

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -28,6 +29,7 @@
 #include "support/backward.hpp"
 #include "support/gradient_tolerance.hpp"
 #include "support/layer_error_bound.hpp"
+#include "support/mpi_session.hpp"
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
@@ -41,18 +43,8 @@ using blockattn::Matrix;
 using blockattn::TensorView;
 using blockattn::distributed::RingLayout;
 using blockattn::distributed::ShardPositions;
-
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
+using blockattn::test::world_rank;
+using blockattn::test::world_size;
 
 /// A contiguous [batch, seq, heads, dim] tensor.
 template <class T>
@@ -182,6 +174,65 @@ struct Problem {
   }
 };
 
+/// This rank's shards of a Problem (its q rows, its k and v rows) and outputs of their shapes.
+template <class T>
+struct Shards {
+  ShardPositions qp, kp;
+  Tensor<T> q, k, v;
+
+  explicit Shards(const Problem<T>& p)
+      : qp(p.query_positions(p.rank)),
+        kp(p.key_positions(p.rank)),
+        q(take_rows(p.q, qp)),
+        k(take_rows(p.k, kp)),
+        v(take_rows(p.v, kp)) {}
+  /// An out [B, n_q_r, H, d_v] (dim: d_v unless given).
+  Tensor<T> out(Index dim = -1) const {
+    return Tensor<T>(q.batch, q.seq, q.heads, dim < 0 ? v.dim : dim);
+  }
+  /// An lse [B, H, n_q_r] (rows: all of them unless given).
+  std::vector<T> lse(Index rows = -1) const {
+    return std::vector<T>(static_cast<std::size_t>(rows < 0 ? q.batch * q.heads * q.seq : rows));
+  }
+  /// ring_attention() of these shards into `out` (and `lse` unless empty).
+  void ring(Tensor<T>& out, const AttentionOptions& options, blockattn::Span<T> lse = {},
+            const blockattn::distributed::RingOptions& ring = {}) const {
+    blockattn::distributed::ring_attention(MPI_COMM_WORLD, q.view(), k.view(), v.view(), out.view(),
+                                           options, lse, ring);
+  }
+  /// The backward's inputs: these shards with the forward's out and lse, and dout.
+  blockattn::TensorBackwardInputs<T> backward_inputs(const Tensor<T>& out,
+                                                     blockattn::Span<const T> lse,
+                                                     const Tensor<T>& dout) const {
+    blockattn::TensorBackwardInputs<T> in;
+    in.q = q.view();
+    in.k = k.view();
+    in.v = v.view();
+    in.out = out.view();
+    in.lse = lse;
+    in.dout = dout.view();
+    return in;
+  }
+};
+
+/// dq, dk, dv of the shapes of a rank's q, k, v shards.
+template <class T>
+struct Gradients {
+  Tensor<T> dq, dk, dv;
+
+  explicit Gradients(const Shards<T>& s)
+      : dq(s.q.batch, s.q.seq, s.q.heads, s.q.dim),
+        dk(s.k.batch, s.k.seq, s.k.heads, s.k.dim),
+        dv(s.v.batch, s.v.seq, s.v.heads, s.v.dim) {}
+  blockattn::TensorGradients<T> views() {
+    blockattn::TensorGradients<T> grads;
+    grads.dq = dq.view();
+    grads.dk = dk.view();
+    grads.dv = dv.view();
+    return grads;
+  }
+};
+
 /// The serial emulation of the ring on this rank: the same local calls on the same shards,
 /// merged in ring order.
 template <class T>
@@ -222,19 +273,28 @@ void emulate_ring(const Problem<T>& p, const Tensor<T>& q_shard, Tensor<T>& out,
   }
 }
 
+/// Fills a Workspace's memory with NaN bytes (0xFF: NaN in float and double).
+void poison(blockattn::Workspace& workspace) {
+  if (workspace.capacity() > 0) {
+    std::memset(workspace.reserve(workspace.capacity()), 0xFF, workspace.capacity());
+  }
+}
+
+/// Fills both parts of a RingWorkspace with NaN bytes (0xFF: NaN in float and double).
+void poison(blockattn::distributed::RingWorkspace& workspace) {
+  for (blockattn::Workspace* part : {&workspace.buffers, &workspace.steps}) poison(*part);
+}
+
 template <class T>
 void check_forward(const Case& c) {
   SCOPED_TRACE(std::string(c.name) + " P=" + std::to_string(world_size()) +
                " rank=" + std::to_string(world_rank()) + " " + blockattn::test::seed_trace());
   const Problem<T> p(c);
-  const ShardPositions qp = p.query_positions(p.rank);
-  const Tensor<T> q_shard = take_rows(p.q, qp);
-  const Tensor<T> k_shard = take_rows(p.k, p.key_positions(p.rank));
-  const Tensor<T> v_shard = take_rows(p.v, p.key_positions(p.rank));
-  Tensor<T> out(c.batch, qp.size(), c.heads, c.d_v);
-  std::vector<T> lse(static_cast<std::size_t>(c.batch * c.heads * qp.size()));
-  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
-                                         v_shard.view(), out.view(), p.options, lse, {c.layout});
+  const Shards<T> shards(p);
+  const ShardPositions& qp = shards.qp;
+  Tensor<T> out = shards.out();
+  std::vector<T> lse = shards.lse();
+  shards.ring(out, p.options, lse, {c.layout});
 
   // One process, whole sequence: the library and the long double reference.
   Tensor<T> full(c.batch, c.n_q, c.heads, c.d_v);
@@ -283,10 +343,24 @@ void check_forward(const Case& c) {
   // Thread count: the same bits (attention() is thread-count invariant, the merge order fixed).
   AttentionOptions two_threads = p.options;
   two_threads.threads = 2;
-  Tensor<T> out2(c.batch, qp.size(), c.heads, c.d_v);
-  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
-                                         v_shard.view(), out2.view(), two_threads, {}, {c.layout});
+  Tensor<T> out2 = shards.out();
+  shards.ring(out2, two_threads, {}, {c.layout});
   EXPECT_EQ(out.data, out2.data) << "2 threads per rank changed the bits";
+  // A reused RingWorkspace, poisoned with NaN between calls: the same bits (every buffer is
+  // written before it is read), and the second call of the same shape allocates nothing.
+  blockattn::distributed::RingWorkspace reused;
+  for (int call = 0; call < 2; ++call) {
+    Tensor<T> again = shards.out();
+    std::vector<T> again_lse = shards.lse();
+    const std::size_t before = reused.capacity();
+    shards.ring(again, p.options, again_lse, {c.layout, &reused});
+    EXPECT_EQ(out.data, again.data) << "call " << call << " with a RingWorkspace";
+    EXPECT_EQ(lse, again_lse) << "call " << call << " with a RingWorkspace";
+    if (call == 1) {
+      EXPECT_EQ(reused.capacity(), before);
+    }
+    poison(reused);
+  }
   // One rank: one attention() call with the masks as functors, the same bits as attention() —
   // except with a left window, where attention() starts each query block's key loop at its first
   // visible key (interval masks) and the functor mask cannot move the tile grid: other roundings.
@@ -295,9 +369,9 @@ void check_forward(const Case& c) {
     EXPECT_EQ(lse, full_lse);
   }
 
-  Tensor<T> emulated(c.batch, qp.size(), c.heads, c.d_v);
-  std::vector<T> emulated_lse(lse.size());
-  emulate_ring(p, q_shard, emulated, emulated_lse);
+  Tensor<T> emulated = shards.out();
+  std::vector<T> emulated_lse = shards.lse();
+  emulate_ring(p, shards.q, emulated, emulated_lse);
   EXPECT_EQ(out.data, emulated.data) << "the ring is not bitwise the serial merge in ring order";
   EXPECT_EQ(lse, emulated_lse);
 }
@@ -393,32 +467,42 @@ void check_backward(const Case& c) {
   SCOPED_TRACE(std::string(c.name) + " P=" + std::to_string(world_size()) +
                " rank=" + std::to_string(world_rank()) + " " + blockattn::test::seed_trace());
   const Problem<T> p(c);
-  const ShardPositions qp = p.query_positions(p.rank);
-  const ShardPositions kp = p.key_positions(p.rank);
+  const Shards<T> shards(p);
+  const ShardPositions& qp = shards.qp;
+  const ShardPositions& kp = shards.kp;
   const Tensor<T> dout = Problem<T>::make(c, 4, c.n_q, c.heads, c.d_v, 1.0);
-  const Tensor<T> q_shard = take_rows(p.q, qp);
-  const Tensor<T> k_shard = take_rows(p.k, kp);
-  const Tensor<T> v_shard = take_rows(p.v, kp);
   const Tensor<T> dout_shard = take_rows(dout, qp);
-  Tensor<T> out(c.batch, qp.size(), c.heads, c.d_v);
-  std::vector<T> lse(static_cast<std::size_t>(c.batch * c.heads * qp.size()));
-  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
-                                         v_shard.view(), out.view(), p.options, lse, {c.layout});
-  Tensor<T> dq(c.batch, qp.size(), c.heads, c.d);
-  Tensor<T> dk(c.batch, kp.size(), c.kv_heads, c.d);
-  Tensor<T> dv(c.batch, kp.size(), c.kv_heads, c.d_v);
-  blockattn::TensorBackwardInputs<T> in;
-  in.q = q_shard.view();
-  in.k = k_shard.view();
-  in.v = v_shard.view();
-  in.out = std::as_const(out).view();
-  in.lse = lse;
-  in.dout = dout_shard.view();
-  blockattn::TensorGradients<T> grads;
-  grads.dq = dq.view();
-  grads.dk = dk.view();
-  grads.dv = dv.view();
-  blockattn::distributed::ring_attention_backward(MPI_COMM_WORLD, in, grads, p.options, {c.layout});
+  Tensor<T> out = shards.out();
+  std::vector<T> lse = shards.lse();
+  shards.ring(out, p.options, lse, {c.layout});
+  const blockattn::TensorBackwardInputs<T> in = shards.backward_inputs(out, lse, dout_shard);
+  Gradients<T> grads(shards);
+  blockattn::distributed::ring_attention_backward(MPI_COMM_WORLD, in, grads.views(), p.options,
+                                                  {c.layout});
+  const Tensor<T>& dq = grads.dq;
+  const Tensor<T>& dk = grads.dk;
+  const Tensor<T>& dv = grads.dv;
+  // A reused RingWorkspace (and options.workspace for the steps' scratch), poisoned with NaN
+  // between calls: the same bits, and the second call of the same shape allocates nothing.
+  blockattn::distributed::RingWorkspace reused;
+  blockattn::Workspace steps;
+  AttentionOptions with_steps = p.options;
+  with_steps.workspace = &steps;
+  for (int call = 0; call < 4; ++call) {
+    const AttentionOptions& options = call < 2 ? p.options : with_steps;
+    Gradients<T> again(shards);
+    const std::size_t before = reused.capacity() + steps.capacity();
+    blockattn::distributed::ring_attention_backward(MPI_COMM_WORLD, in, again.views(), options,
+                                                    {c.layout, &reused});
+    EXPECT_EQ(dq.data, again.dq.data) << "call " << call << " with a RingWorkspace";
+    EXPECT_EQ(dk.data, again.dk.data) << "call " << call << " with a RingWorkspace";
+    EXPECT_EQ(dv.data, again.dv.data) << "call " << call << " with a RingWorkspace";
+    if (call == 1 || call == 3) {
+      EXPECT_EQ(reused.capacity() + steps.capacity(), before);
+    }
+    poison(reused);
+    poison(steps);
+  }
 
   // One process: the library's backward, and the long double reference.
   Tensor<T> full(c.batch, c.n_q, c.heads, c.d_v);
@@ -797,31 +881,20 @@ TEST(RingLayoutTest, ShardAndUnshardRoundTrip) {
 TEST(RingAttentionValidationTest, DisagreeingOptionsThrowOnEveryRank) {
   Case c{"disagree"};
   const Problem<float> p(c);
-  const ShardPositions qp = p.query_positions(p.rank);
-  const Tensor<float> q_shard = take_rows(p.q, qp);
-  const Tensor<float> k_shard = take_rows(p.k, p.key_positions(p.rank));
-  const Tensor<float> v_shard = take_rows(p.v, p.key_positions(p.rank));
-  Tensor<float> out(c.batch, qp.size(), c.heads, c.d_v);
+  const Shards<float> shards(p);
+  Tensor<float> out = shards.out();
   AttentionOptions options;
   options.causal = p.rank == p.ranks - 1;  // only the last rank asks for causal
   if (p.ranks > 1) {
-    EXPECT_THAT(
-        [&] {
-          blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
-                                                 v_shard.view(), out.view(), options);
-        },
-        ::testing::ThrowsMessage<std::invalid_argument>(
-            ::testing::HasSubstr("options.causal differs between rank 0")));
+    EXPECT_THAT([&] { shards.ring(out, options); },
+                ::testing::ThrowsMessage<std::invalid_argument>(
+                    ::testing::HasSubstr("options.causal differs between rank 0")));
   }
-  Tensor<float> bad_out(c.batch, qp.size(), c.heads, p.rank == p.ranks - 1 ? c.d_v + 1 : c.d_v);
-  EXPECT_THAT(
-      [&] {
-        blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
-                                               v_shard.view(), bad_out.view());
-      },
-      ::testing::ThrowsMessage<std::invalid_argument>(
-          ::testing::AllOf(::testing::HasSubstr("out.dim"),
-                           ::testing::HasSubstr("on rank " + std::to_string(p.ranks - 1)))));
+  Tensor<float> bad_out = shards.out(p.rank == p.ranks - 1 ? c.d_v + 1 : c.d_v);
+  EXPECT_THAT([&] { shards.ring(bad_out, {}); },
+              ::testing::ThrowsMessage<std::invalid_argument>(::testing::AllOf(
+                  ::testing::HasSubstr("out.dim"),
+                  ::testing::HasSubstr("on rank " + std::to_string(p.ranks - 1)))));
 }
 
 // A too-short lse Span on one rank (here the last) makes every rank throw, naming lse and both
@@ -829,60 +902,39 @@ TEST(RingAttentionValidationTest, DisagreeingOptionsThrowOnEveryRank) {
 TEST(RingAttentionValidationTest, ShortSpansThrowOnEveryRank) {
   Case c{"short spans"};
   const Problem<float> p(c);
-  const ShardPositions qp = p.query_positions(p.rank);
-  const Tensor<float> q_shard = take_rows(p.q, qp);
-  const Tensor<float> k_shard = take_rows(p.k, p.key_positions(p.rank));
-  const Tensor<float> v_shard = take_rows(p.v, p.key_positions(p.rank));
-  Tensor<float> out(c.batch, qp.size(), c.heads, c.d_v);
-  const Index rows = c.batch * c.heads * qp.size();
+  const Shards<float> shards(p);
+  Tensor<float> out = shards.out();
+  const Index rows = c.batch * c.heads * shards.qp.size();
   const bool last = p.rank == p.ranks - 1;
-  std::vector<float> lse(static_cast<std::size_t>(last ? rows - 1 : rows));
+  std::vector<float> lse = shards.lse(last ? rows - 1 : rows);
   // Every rank sees the last rank's message (and must expect it: gmock calls the lambda again to
   // explain a mismatch, which would start one more collective call on this rank only).
   const Index last_rows = c.batch * c.heads * p.query_positions(p.ranks - 1).size();
   const std::string where = "on rank " + std::to_string(p.ranks - 1);
-  EXPECT_THAT(
-      [&] {
-        blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
-                                               v_shard.view(), out.view(), {}, lse);
-      },
-      ::testing::ThrowsMessage<std::invalid_argument>(
-          ::testing::AllOf(::testing::HasSubstr("lse.size() is " + std::to_string(last_rows - 1)),
-                           ::testing::HasSubstr("batch·heads·n_q is " + std::to_string(last_rows)),
-                           ::testing::HasSubstr(where))));
+  EXPECT_THAT([&] { shards.ring(out, {}, lse); },
+              ::testing::ThrowsMessage<std::invalid_argument>(::testing::AllOf(
+                  ::testing::HasSubstr("lse.size() is " + std::to_string(last_rows - 1)),
+                  ::testing::HasSubstr("batch·heads·n_q is " + std::to_string(last_rows)),
+                  ::testing::HasSubstr(where))));
 
   // The backward requires lse: the same check, with the last rank's lse too short.
   lse.resize(static_cast<std::size_t>(rows));
-  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
-                                         v_shard.view(), out.view(), {}, lse);
-  Tensor<float> dq(c.batch, qp.size(), c.heads, c.d);
-  Tensor<float> dk(k_shard.batch, k_shard.seq, k_shard.heads, k_shard.dim);
-  Tensor<float> dv(v_shard.batch, v_shard.seq, v_shard.heads, v_shard.dim);
-  blockattn::TensorBackwardInputs<float> in;
-  in.q = q_shard.view();
-  in.k = k_shard.view();
-  in.v = v_shard.view();
-  in.out = std::as_const(out).view();
-  in.lse = blockattn::Span<const float>(lse.data(), last ? rows - 1 : rows);
-  in.dout = std::as_const(out).view();
-  blockattn::TensorGradients<float> grads;
-  grads.dq = dq.view();
-  grads.dk = dk.view();
-  grads.dv = dv.view();
-  EXPECT_THAT([&] { blockattn::distributed::ring_attention_backward(MPI_COMM_WORLD, in, grads); },
-              ::testing::ThrowsMessage<std::invalid_argument>(::testing::AllOf(
-                  ::testing::HasSubstr("ring_attention_backward"),
-                  ::testing::HasSubstr("lse.size() is " + std::to_string(last_rows - 1)),
-                  ::testing::HasSubstr(where))));
+  shards.ring(out, {}, lse);
+  const blockattn::TensorBackwardInputs<float> in = shards.backward_inputs(
+      out, blockattn::Span<const float>(lse.data(), last ? rows - 1 : rows), out);
+  Gradients<float> grads(shards);
+  EXPECT_THAT(
+      [&] { blockattn::distributed::ring_attention_backward(MPI_COMM_WORLD, in, grads.views()); },
+      ::testing::ThrowsMessage<std::invalid_argument>(
+          ::testing::AllOf(::testing::HasSubstr("ring_attention_backward"),
+                           ::testing::HasSubstr("lse.size() is " + std::to_string(last_rows - 1)),
+                           ::testing::HasSubstr(where))));
 
   const std::vector<Index> lengths(static_cast<std::size_t>(last ? c.batch - 1 : c.batch), c.n_k);
   AttentionOptions options;
   options.key_lengths = lengths;
   EXPECT_THAT(
-      [&] {
-        blockattn::distributed::ring_attention(MPI_COMM_WORLD, q_shard.view(), k_shard.view(),
-                                               v_shard.view(), out.view(), options);
-      },
+      [&] { shards.ring(out, options); },
       ::testing::ThrowsMessage<std::invalid_argument>(::testing::AllOf(
           ::testing::HasSubstr("options.key_lengths.size() is " + std::to_string(c.batch - 1)),
           ::testing::HasSubstr(where))));
@@ -891,12 +943,11 @@ TEST(RingAttentionValidationTest, ShortSpansThrowOnEveryRank) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
+  const blockattn::test::MpiSession mpi(argc, argv);
   ::testing::InitGoogleMock(&argc, argv);
-  if (world_rank() != 0) GTEST_FLAG_SET(brief, true);  // other ranks print failures only
+  if (mpi.rank() != 0) GTEST_FLAG_SET(brief, true);  // other ranks print failures only
   const int result = RUN_ALL_TESTS();
   int worst = 0;
   MPI_Allreduce(&result, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  MPI_Finalize();
   return worst;
 }

@@ -26,6 +26,8 @@
 
 #include <blockattn/distributed/ring_attention.hpp>
 
+#include "support/mpi_session.hpp"
+
 #include <mpi.h>
 
 namespace {
@@ -37,11 +39,9 @@ std::atomic<int> calls_done{0};
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  int rank = 0;
-  int ranks = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+  const blockattn::test::MpiSession mpi(argc, argv);
+  const int rank = mpi.rank();
+  const int ranks = mpi.size();
   const char* mode = argc > 1 ? argv[1] : "exit";
   const int delay_ms = argc > 2 ? std::atoi(argv[2]) : 300;
   const int victim = ranks - 1;
@@ -87,6 +87,5 @@ int main(int argc, char** argv) {
   }
   std::fprintf(stderr, "ring_fault_test: rank %d ran %d ring calls and saw no failure\n", rank,
                calls_done.load());
-  MPI_Finalize();
   return 0;
 }

@@ -28,6 +28,7 @@
 #include <blockattn/softmax.hpp>
 
 #include "support/random.hpp"
+#include "support/softmax_tolerance.hpp"
 #include "support/tolerance.hpp"
 
 namespace {
@@ -37,29 +38,18 @@ using blockattn::Matrix;
 using blockattn::OnlineSoftmax;
 using blockattn::RowVector;
 using blockattn::SoftmaxAlgorithm;
+using blockattn::test::kAlgorithms;
+using blockattn::test::kExpError;
 using blockattn::test::make_rng;
+using blockattn::test::name_of;
 using blockattn::test::random_matrix;
 using blockattn::test::seed_trace;
+using blockattn::test::u;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::ThrowsMessage;
 
 using Real = long double;
-
-constexpr SoftmaxAlgorithm kAlgorithms[] = {SoftmaxAlgorithm::Naive, SoftmaxAlgorithm::Safe,
-                                            SoftmaxAlgorithm::Online};
-
-const char* name_of(SoftmaxAlgorithm algorithm) {
-  switch (algorithm) {
-    case SoftmaxAlgorithm::Naive:
-      return "Naive";
-    case SoftmaxAlgorithm::Safe:
-      return "Safe";
-    case SoftmaxAlgorithm::Online:
-      return "Online";
-  }
-  return "?";
-}
 
 template <class S>
 constexpr const char* format_name() {
@@ -74,24 +64,15 @@ constexpr const char* format_name() {
 // has exactly the float path's error (softmax_test.cpp derives it; restated here), and a 16-bit
 // output adds one rounding: relative u_S = 2^-8 (bfloat16), 2^-11 (half).
 
-// simd_exp <= 2 ulp = 4u relative (simd_test asserts it on every build); glibc's exp 1 ulp.
-constexpr Real kExpError = 4;
-
-Real float_u() { return static_cast<Real>(blockattn::test::unit_roundoff<float>()); }
-
 /// Unit roundoff of the storage format: 2^-8 for bfloat16 (8 significant bits), 2^-11 for half.
 template <class S>
 Real format_u() {
   return std::is_same_v<S, Eigen::bfloat16> ? std::ldexp(Real(1), -8) : std::ldexp(Real(1), -11);
 }
 
-// The float path, relative: (2·kExpError + n + 2)·u for Naive and Safe (exp, a sum of n terms, the
-// reciprocal and the product), plus (kExpError + 2)·u per L1 tile for Online (one rescale each).
+// The float path, relative: support/softmax_tolerance.hpp's bound for float rows.
 Real float_tolerance(SoftmaxAlgorithm algorithm, Index n) {
-  const Real two_pass = (2 * kExpError + static_cast<Real>(n) + 2) * float_u();
-  if (algorithm != SoftmaxAlgorithm::Online) return two_pass;
-  const Index tile = blockattn::detail::softmax_kernel::kTile<float>;
-  return two_pass + static_cast<Real>((n + tile - 1) / tile) * (kExpError + 2) * float_u();
+  return blockattn::test::tolerance_for<float>(algorithm, n);
 }
 
 /// A 16-bit output: y = fl_S(y_f) with |y_f − p| <= t·p, so |y − p| <= (t + u_S·(1 + t))·p.
@@ -126,9 +107,9 @@ S inf_of() {
 template <class T>
 auto bits_of(T x) {
   using U = std::conditional_t<sizeof(T) == 2, std::uint16_t, std::uint32_t>;
-  U u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
+  U bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
 }
 
 template <class A, class B>
@@ -367,7 +348,8 @@ TYPED_TEST(Softmax16Test, OnlineSoftmaxMergeOf16BitHalvesIsCommutativeAssociativ
           std::exp(static_cast<Real>(static_cast<float>(x(0, j))) - static_cast<Real>(whole.max));
     }
     // Each part's sum: the Online bound; two merges add (kExpError + 2)·u each.
-    const Real tol = float_tolerance(SoftmaxAlgorithm::Online, n) + 2 * (kExpError + 2) * float_u();
+    const Real tol =
+        float_tolerance(SoftmaxAlgorithm::Online, n) + 2 * (kExpError + 2) * u<float>();
     for (const OnlineSoftmax<float>* s : {&left, &assoc, &whole}) {
       EXPECT_LE(std::fabs(static_cast<Real>(s->sum) - exact), tol * exact);
     }
@@ -606,7 +588,7 @@ TYPED_TEST(Softmax16Test, MergeMatchesTheLongDoubleFormula) {
       }
       const Real lse_expected = m + std::log(l);
       EXPECT_LE(std::fabs(static_cast<Real>(lse[static_cast<std::size_t>(i)]) - lse_expected),
-                (4 * n_parts + 8) * float_u() + float_u() * std::fabs(lse_expected))
+                (4 * n_parts + 8) * u<float>() + u<float>() * std::fabs(lse_expected))
           << "row " << i;
       for (Index c = 0; c < d_v; ++c) {
         Real expected = 0;
@@ -620,12 +602,12 @@ TYPED_TEST(Softmax16Test, MergeMatchesTheLongDoubleFormula) {
         }
         expected /= l;
         const Real tol =
-            (4 * n_parts + 8) * float_u() * max_out +
-            format_u<S>() * (std::fabs(expected) + (4 * n_parts + 8) * float_u() * max_out);
+            (4 * n_parts + 8) * u<float>() * max_out +
+            format_u<S>() * (std::fabs(expected) + (4 * n_parts + 8) * u<float>() * max_out);
         ASSERT_LE(std::fabs(static_cast<Real>(static_cast<float>(out(i, c))) - expected), tol)
             << "at (" << i << ", " << c << ")";
         ASSERT_LE(std::fabs(static_cast<Real>(out_double(i, c)) - expected),
-                  (4 * n_parts + 8) * float_u() * max_out)
+                  (4 * n_parts + 8) * u<float>() * max_out)
             << "double out at (" << i << ", " << c << ")";
       }
     }

@@ -24,6 +24,7 @@
 #include "../bench/support/softmax_topk_unfused.hpp"
 #include "support/random.hpp"
 #include "support/scalar_types.hpp"
+#include "support/softmax_tolerance.hpp"
 #include "support/tolerance.hpp"
 
 namespace {
@@ -33,29 +34,21 @@ using blockattn::Matrix;
 using blockattn::OnlineSoftmax;
 using blockattn::RowVector;
 using blockattn::SoftmaxAlgorithm;
+using blockattn::test::kAlgorithms;
+using blockattn::test::kExpError;
 using blockattn::test::make_rng;
+using blockattn::test::name_of;
+using blockattn::test::online_tolerance;
 using blockattn::test::random_matrix;
 using blockattn::test::seed_trace;
+using blockattn::test::tolerance_for;
+using blockattn::test::two_pass_tolerance;
+using blockattn::test::u;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::ThrowsMessage;
 
 using Real = long double;
-
-constexpr SoftmaxAlgorithm kAlgorithms[] = {SoftmaxAlgorithm::Naive, SoftmaxAlgorithm::Safe,
-                                            SoftmaxAlgorithm::Online};
-
-const char* name_of(SoftmaxAlgorithm algorithm) {
-  switch (algorithm) {
-    case SoftmaxAlgorithm::Naive:
-      return "Naive";
-    case SoftmaxAlgorithm::Safe:
-      return "Safe";
-    case SoftmaxAlgorithm::Online:
-      return "Online";
-  }
-  return "?";
-}
 
 // Lengths around every SIMD width in use (2, 4, 8, 16 lanes, unrolled 4×), primes, and n = 1.
 const std::vector<Index> kLengths = {1,  2,  3,  4,  5,  7,  8,   9,   13,  15,  16,  17,  31,
@@ -78,50 +71,14 @@ std::vector<Index> all_lengths() {
 
 // --- tolerances ---------------------------------------------------------------------------------
 //
-// Test inputs are multiples of 1/64 with magnitude < 2^14, so every difference x − m is exact in
-// float and double and the only errors are those of exp, sums and the final scaling. u = eps/2.
-//
-// kExpError: relative error of the exp the kernels use, in units of u. The vectorised kernels use
-// the library's simd_exp (detail/exp.hpp), whose error simd_test asserts to be <= 2 ulp on every
-// build (measured 0.87 ulp with FMA, 1.18 ulp on SSE2 and scalar); one ulp of a normal result e
-// is at most eps·|e| = 2u·|e|, so 2 ulp <= 4u relative. glibc's exp (the scalar paths: long
-// double, rescale_factor, softmax_weight) is within 1 ulp = 2u. Hence 4u. The ExpKernelIsWithin...
-// test re-checks the bound through the softmax kernel itself on every build.
-constexpr Real kExpError = 4;
-
-template <class T>
-Real u() {
-  return static_cast<Real>(blockattn::test::unit_roundoff<T>());
-}
-
-// Naive and Safe: y_j = e_j · (1/l). e_j carries kExpError·u; l sums n such terms, (n − 1)u more
-// to first order in any summation order; the reciprocal and the product add u each:
-// |y − p| ≤ (2·kExpError + n + 1)·u·p. One more u for the second-order terms.
-template <class T>
-Real two_pass_tolerance(Index n) {
-  return (2 * kExpError + static_cast<Real>(n) + 2) * u<T>();
-}
-
-// Online: each L1 tile's sum is a two-pass sum; merging the tiles with ⊕ multiplies a tile's sum
-// by at most one rescale factor per later tile whose max is larger, each with kExpError·u from
-// exp, u from the product and u from the addition: + tiles·(kExpError + 2)·u.
-template <class T>
-Real online_tolerance(Index n) {
-  const Index tile = blockattn::detail::softmax_kernel::kTile<T>;
-  const Index tiles = (n + tile - 1) / tile;
-  return two_pass_tolerance<T>(n) + static_cast<Real>(tiles) * (kExpError + 2) * u<T>();
-}
+// kExpError, u, two_pass_tolerance (Naive, Safe), online_tolerance and tolerance_for are derived
+// in support/softmax_tolerance.hpp.
 
 // OnlineSoftmax::update(x), one value at a time: every term can be rescaled once per later
 // increase of the max, at most n times, each with (kExpError + 1)·u. Worst case, not typical.
 template <class T>
 Real scalar_update_tolerance(Index n) {
   return two_pass_tolerance<T>(n) + static_cast<Real>(n) * (kExpError + 1) * u<T>();
-}
-
-template <class T>
-Real tolerance_for(SoftmaxAlgorithm algorithm, Index n) {
-  return algorithm == SoftmaxAlgorithm::Online ? online_tolerance<T>(n) : two_pass_tolerance<T>(n);
 }
 
 // Where exp(x − m) or the probability falls below the smallest normal number the kernels produce

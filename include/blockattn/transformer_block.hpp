@@ -350,6 +350,26 @@ struct TransformerBlockWorkspaceAccess {
   }
 };
 
+/// The FFN of one block of rows: y = h + b2 + act(normed·w1 + b1)·w2, the hidden layer in
+/// ffn_chunk-wide slices of `hidden` [>= rows, >= ffn_chunk]. h is read (into y) before anything
+/// else is written, so y may be h's own source rows; y aliases neither normed nor hidden.
+template <class T, class Normed, class H, class Y, class Hidden>
+void ffn_rows(const TransformerBlockWeights<T>& w, const Normed& normed, const H& h, Y& y,
+              Hidden& hidden, Index ffn_chunk) {
+  const Index rows = normed.rows();
+  const Index ffn = w.w1.cols();
+  y = h;
+  y.rowwise() += w.b2;
+  for (Index c0 = 0; c0 < ffn; c0 += ffn_chunk) {
+    const Index width = std::min(ffn_chunk, ffn - c0);
+    auto hid = hidden.topLeftCorner(rows, width);
+    hid.noalias() = normed * w.w1.middleCols(c0, width);
+    hid.rowwise() += w.b1.segment(c0, width);
+    activate_in_place(w.activation, hid);
+    y.noalias() += hid * w.w2.middleRows(c0, width);
+  }
+}
+
 /// The fused layer; arguments are valid.
 template <class T>
 void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstMatrixView<T>& x,
@@ -466,16 +486,7 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
 
     // x's rows of this block are not read again (K and V are done), so y may be x.
     auto y_blk = y.middleRows(q0, rows);
-    y_blk = h;
-    y_blk.rowwise() += w.b2;
-    for (Index c0 = 0; c0 < ffn; c0 += ffn_chunk) {
-      const Index width = std::min(ffn_chunk, ffn - c0);
-      auto hidden = buf.hidden.topLeftCorner(rows, width);
-      hidden.noalias() = normed * w.w1.middleCols(c0, width);
-      hidden.rowwise() += w.b1.segment(c0, width);
-      activate_in_place(w.activation, hidden);
-      y_blk.noalias() += hidden * w.w2.middleRows(c0, width);
-    }
+    ffn_rows<T>(w, normed, h, y_blk, buf.hidden, ffn_chunk);
   });
 }
 

@@ -16,6 +16,7 @@
 #include <array>
 #include <climits>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -57,9 +58,32 @@ enum class RingLayout {
   Striped,
 };
 
+/// Reusable memory of ring_attention() and ring_attention_backward() on one rank: pass the same
+/// one (RingOptions::workspace) to repeated calls and only the first call, or one that needs more,
+/// allocates; each part grows to fit and is then reused, never shrinks. Not thread-safe: one per
+/// concurrent call. Move-only.
+struct RingWorkspace {
+  /// The ring's own buffers: the K/V shards in hand and arriving (the backward's dK/dV shards
+  /// too), one block's out and lse, the running lse (the backward's dQ sums).
+  Workspace buffers;
+  /// The scratch of every step's attention() / attention_backward(), unless the call's
+  /// options.workspace is given (then that one is used and this stays empty).
+  Workspace steps;
+
+  /// Bytes currently held by both parts.
+  std::size_t capacity() const { return buffers.capacity() + steps.capacity(); }
+  /// Frees both parts; the next call allocates again.
+  void release() {
+    buffers.release();
+    steps.release();
+  }
+};
+
 /// Options of the ring itself (AttentionOptions keeps the attention's).
 struct RingOptions {
   RingLayout layout = RingLayout::Contiguous;  ///< how q and k/v are split (the same for both)
+  /// Caller's reusable memory (not owned); nullptr: each call allocates its own.
+  RingWorkspace* workspace = nullptr;
 };
 
 /// The global positions of one shard, in local order: up to two runs start[r] + t·stride,
@@ -105,6 +129,44 @@ inline ShardPositions shard_positions(RingLayout layout, Index n, int ranks, int
   return p;
 }
 
+namespace detail {
+
+/// Which way copy_shard() copies.
+enum class ShardCopy { GlobalToShard, ShardToGlobal };
+
+/// The copy behind shard_sequence() and unshard_sequence(): for every token that rank `rank`
+/// holds in `layout`, global [batch, n, heads, dim] at its position ↔ shard [batch, size, heads,
+/// dim] at its local index, in direction kCopy (the destination must be writable). Throws
+/// std::invalid_argument, naming `function`, when the shapes do not match.
+template <ShardCopy kCopy, class GT, class ST>
+void copy_shard(const char* function, TensorView<GT> global, RingLayout layout, int ranks, int rank,
+                TensorView<ST> shard) {
+  static_assert(std::is_same_v<std::remove_const_t<GT>, std::remove_const_t<ST>>,
+                "blockattn: global and shard must have the same element type");
+  static_assert(!std::is_const_v<std::conditional_t<kCopy == ShardCopy::GlobalToShard, ST, GT>>,
+                "blockattn: the destination view must be writable");
+  const ShardPositions p = shard_positions(layout, global.seq, ranks, rank);
+  blockattn::detail::require(shard.batch == global.batch && shard.seq == p.size() &&
+                                 shard.heads == global.heads && shard.dim == global.dim,
+                             function, "shard is [", shard.batch, ", ", shard.seq, ", ",
+                             shard.heads, ", ", shard.dim, "] but rank ", rank, " holds [",
+                             global.batch, ", ", p.size(), ", ", global.heads, ", ", global.dim,
+                             "]");
+  for (Index b = 0; b < global.batch; ++b) {
+    for (Index i = 0; i < p.size(); ++i) {
+      for (Index h = 0; h < global.heads; ++h) {
+        if constexpr (kCopy == ShardCopy::GlobalToShard) {
+          std::copy_n(global.at(b, p[i], h), global.dim, shard.at(b, i, h));
+        } else {
+          std::copy_n(shard.at(b, i, h), global.dim, global.at(b, p[i], h));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
 /// Copies the tokens that rank `rank` holds in `layout` from the global sequence `global`
 /// [batch, n, heads, dim] into `shard` [batch, shard_positions(...).size(), heads, dim]. No MPI.
 /// Element type deduced (global may be TensorView<T> or TensorView<const T>). Throws
@@ -115,19 +177,8 @@ void shard_sequence(TensorView<GT> global, RingLayout layout, int ranks, int ran
                     TensorView<T> shard) {
   static_assert(std::is_same_v<std::remove_const_t<GT>, T>,
                 "blockattn: global and shard must have the same element type (shard writable)");
-  const ShardPositions p = shard_positions(layout, global.seq, ranks, rank);
-  detail::require(shard.batch == global.batch && shard.seq == p.size() &&
-                      shard.heads == global.heads && shard.dim == global.dim,
-                  "shard_sequence", "shard is [", shard.batch, ", ", shard.seq, ", ", shard.heads,
-                  ", ", shard.dim, "] but rank ", rank, " holds [", global.batch, ", ", p.size(),
-                  ", ", global.heads, ", ", global.dim, "]");
-  for (Index b = 0; b < global.batch; ++b) {
-    for (Index i = 0; i < p.size(); ++i) {
-      for (Index h = 0; h < global.heads; ++h) {
-        std::copy_n(global.at(b, p[i], h), global.dim, shard.at(b, i, h));
-      }
-    }
-  }
+  detail::copy_shard<detail::ShardCopy::GlobalToShard>("shard_sequence", global, layout, ranks,
+                                                       rank, shard);
 }
 
 /// The inverse of shard_sequence(): writes rank `rank`'s `shard` back to its positions of
@@ -138,19 +189,8 @@ void unshard_sequence(TensorView<ST> shard, RingLayout layout, int ranks, int ra
                       TensorView<T> global) {
   static_assert(std::is_same_v<std::remove_const_t<ST>, T>,
                 "blockattn: shard and global must have the same element type (global writable)");
-  const ShardPositions p = shard_positions(layout, global.seq, ranks, rank);
-  detail::require(shard.batch == global.batch && shard.seq == p.size() &&
-                      shard.heads == global.heads && shard.dim == global.dim,
-                  "unshard_sequence", "shard is [", shard.batch, ", ", shard.seq, ", ", shard.heads,
-                  ", ", shard.dim, "] but rank ", rank, " holds [", global.batch, ", ", p.size(),
-                  ", ", global.heads, ", ", global.dim, "]");
-  for (Index b = 0; b < global.batch; ++b) {
-    for (Index i = 0; i < p.size(); ++i) {
-      for (Index h = 0; h < global.heads; ++h) {
-        std::copy_n(shard.at(b, i, h), global.dim, global.at(b, p[i], h));
-      }
-    }
-  }
+  detail::copy_shard<detail::ShardCopy::ShardToGlobal>("unshard_sequence", global, layout, ranks,
+                                                       rank, shard);
 }
 
 namespace detail {
@@ -657,6 +697,28 @@ inline AttentionOptions local_options(const AttentionOptions& options, Workspace
   return local;
 }
 
+/// Every ring call's checks, collectively, then its plan: block_sparse is rejected, the global
+/// arrays' lengths checked, and check_local(checked) runs the library's own checks of this rank's
+/// shards with `checked` = `local` plus ALiBi's slopes (checked finite there, not moved). Any
+/// rank's failure makes every rank throw it (make_plan()).
+template <class T, class CheckLocal>
+RingPlan checked_plan(const RingComm& comm, const char* function, const TensorView<const T>& q,
+                      const TensorView<const T>& k, const TensorView<const T>& v,
+                      const AttentionOptions& options, const AttentionOptions& local,
+                      const RingOptions& ring, const CheckLocal& check_local) {
+  const std::string error = local_error([&] {
+    require(options.block_sparse == nullptr, function,
+            "options.block_sparse is not supported (its grid is on local positions); use a mask "
+            "on global positions");
+    validate_global_arrays(function, options, q.batch, q.heads);
+    AttentionOptions checked = local;
+    checked.alibi_slopes = options.alibi_slopes;
+    check_local(checked);
+  });
+  return make_plan(comm, function, describe<T>(q, k, v, options, ring, error), error, options,
+                   ring);
+}
+
 /// Copies a strided [batch, seq, heads, dim] view into contiguous BSHD storage at `to`.
 template <class T>
 void pack(const TensorView<const T>& from, T* to) {
@@ -688,28 +750,62 @@ void add_to(T* sum, const T* part, Index count) {
   for (Index e = 0; e < count; ++e) sum[e] += part[e];
 }
 
-/// One K/V shard (and later its gradients) in one contiguous buffer: keys [batch, seq, heads, d],
-/// then values [batch, seq, heads, d_v].
+/// One K/V shard (and later its gradients) in one contiguous buffer of shard_size(max_seq)
+/// elements (not owned): keys [batch, seq, heads, d], then values [batch, seq, heads, d_v].
 template <class T>
 struct ShardBuffer {
-  std::vector<T> data;
+  T* data = nullptr;
   Index batch = 0;
   Index heads = 0;
   Index d = 0;
   Index d_v = 0;
 
-  ShardBuffer(Index max_seq, Index batch_, Index heads_, Index d_, Index d_v_)
-      : data(static_cast<std::size_t>(batch_ * max_seq * heads_ * (d_ + d_v_))),
-        batch(batch_),
-        heads(heads_),
-        d(d_),
-        d_v(d_v_) {}
-
   Index count(Index seq) const { return batch * seq * heads * (d + d_v); }
-  TensorView<T> keys(Index seq) { return make_tensor_view(data.data(), batch, seq, heads, d); }
+  TensorView<T> keys(Index seq) { return make_tensor_view(data, batch, seq, heads, d); }
   TensorView<T> values(Index seq) {
-    return make_tensor_view(data.data() + batch * seq * heads * d, batch, seq, heads, d_v);
+    return make_tensor_view(data + batch * seq * heads * d, batch, seq, heads, d_v);
   }
+};
+
+/// The ring's own arrays of one call, laid out in one Workspace reservation, each on a 64-byte
+/// line: take() every array first, then reserve() once and at() each. Contents unspecified (the
+/// ring writes every element before reading it).
+class BufferLayout {
+ public:
+  /// Reserves `count` elements of U; returns their byte offset.
+  template <class U>
+  std::size_t take(Index count) {
+    const std::size_t offset = bytes_;
+    bytes_ += (static_cast<std::size_t>(count) * sizeof(U) + kLine - 1) / kLine * kLine;
+    return offset;
+  }
+  /// The storage of every array taken, from `storage` (which grows to fit).
+  unsigned char* reserve(Workspace& storage) const {
+    return static_cast<unsigned char*>(storage.reserve(bytes_));
+  }
+  /// The array at byte `offset` of reserve()'s storage `base`.
+  template <class U>
+  static U* at(unsigned char* base, std::size_t offset) {
+    return reinterpret_cast<U*>(base + offset);
+  }
+
+ private:
+  static constexpr std::size_t kLine = 64;
+  std::size_t bytes_ = 0;
+};
+
+/// The RingWorkspace of one call: the caller's (ring.workspace) or the call's own.
+class RingScratch {
+ public:
+  explicit RingScratch(RingWorkspace* given) : workspace_(given != nullptr ? given : &own_) {}
+  RingScratch(const RingScratch&) = delete;
+  RingScratch& operator=(const RingScratch&) = delete;
+  Workspace& buffers() { return workspace_->buffers; }
+  Workspace& steps() { return workspace_->steps; }
+
+ private:
+  RingWorkspace own_;
+  RingWorkspace* workspace_;
 };
 
 }  // namespace detail
@@ -724,7 +820,9 @@ struct ShardBuffer {
 /// AttentionOptions applies on global positions (causal and windows bottom-right aligned on the
 /// global n_q, n_k; key_lengths [B] and alibi_slopes [H] global and the same on every rank;
 /// softcap, scale), except block_sparse (rejected); options.workspace, when given, is the scratch
-/// of every step's attention() on this rank. The shards are laid out as ring.layout says:
+/// of every step's attention() on this rank, and ring.workspace holds the ring's own buffers
+/// (and that scratch when options.workspace is not given): repeated calls of one shape with
+/// the same RingWorkspace allocate nothing. The shards are laid out as ring.layout says:
 /// Contiguous takes any lengths in rank order (uneven, empty); ZigZag and Striped take exactly
 /// what shard_sequence() gives.
 /// Cost per rank: the attention of its queries against the K/V shards it sees (shards a mask
@@ -754,38 +852,40 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
   const TensorView<const T> v(v_);
   const char* function = "ring_attention";
   detail::RingComm c(comm, function);
-  Workspace workspace;
-  const AttentionOptions local = detail::local_options(options, &workspace);
-  const std::string error = detail::local_error([&] {
-    blockattn::detail::require(options.block_sparse == nullptr, function,
-                               "options.block_sparse is not supported (its grid is on local "
-                               "positions); use a mask on global positions");
-    detail::validate_global_arrays(function, options, q.batch, q.heads);
-    AttentionOptions checked = local;  // ALiBi's slopes are checked here (finite), not moved
-    checked.alibi_slopes = options.alibi_slopes;
-    detail::local_validate<T>(function, q, k, v, out, checked, lse);
-  });
-  const detail::RingPlan plan = detail::make_plan(
-      c, function, detail::describe<T>(q, k, v, options, ring, error), error, options, ring);
+  detail::RingScratch scratch(ring.workspace);
+  const AttentionOptions local = detail::local_options(options, &scratch.steps());
+  const detail::RingPlan plan = detail::checked_plan<T>(
+      c, function, q, k, v, options, local, ring, [&](const AttentionOptions& checked) {
+        detail::local_validate<T>(function, q, k, v, out, checked, lse);
+      });
 
   const Index batch = q.batch;
   const Index heads = q.heads;
   const Index n_q = q.seq;
   Index max_k = 0;
   for (const ShardPositions& p : plan.keys) max_k = std::max(max_k, p.size());
-  detail::ShardBuffer<T> shards[2] = {{max_k, batch, k.heads, k.dim, v.dim},
-                                      {max_k, batch, k.heads, k.dim, v.dim}};
-  detail::pack(k, shards[0].data.data());
+  detail::ShardBuffer<T> shards[2] = {{nullptr, batch, k.heads, k.dim, v.dim},
+                                      {nullptr, batch, k.heads, k.dim, v.dim}};
+  const Index rows = batch * heads * n_q;
+  detail::BufferLayout layout;
+  const std::size_t shard_at[2] = {layout.take<T>(shards[0].count(max_k)),
+                                   layout.take<T>(shards[1].count(max_k))};
+  const std::size_t block_at = layout.take<T>(batch * n_q * heads * v.dim);
+  const std::size_t lse_run_at = layout.take<A>(rows);
+  const std::size_t block_lse_at = layout.take<A>(rows);
+  unsigned char* const base = layout.reserve(scratch.buffers());
+  for (int i = 0; i < 2; ++i) shards[i].data = layout.at<T>(base, shard_at[i]);
+  detail::pack(k, shards[0].data);
   detail::pack(v, shards[0].values(k.seq).data);
   // The running result: out itself and lse_run, starting as the merge's identity (0, −inf).
-  std::vector<A> lse_run(static_cast<std::size_t>(batch * heads * n_q),
-                         -std::numeric_limits<A>::infinity());
+  const Span<A> lse_run(layout.at<A>(base, lse_run_at), rows);
+  std::fill_n(lse_run.data(), rows, -std::numeric_limits<A>::infinity());
   for (Index b = 0; b < batch; ++b) {
     for (Index h = 0; h < heads; ++h) blockattn::detail::mutable_head_slice(out, b, h).setZero();
   }
-  std::vector<T> block_out(static_cast<std::size_t>(batch * n_q * heads * v.dim));
-  std::vector<A> block_lse(lse_run.size());
-  const TensorView<T> block = make_tensor_view(block_out.data(), batch, n_q, heads, v.dim);
+  const Span<A> block_lse(layout.at<A>(base, block_lse_at), rows);
+  const TensorView<T> block =
+      make_tensor_view(layout.at<T>(base, block_at), batch, n_q, heads, v.dim);
 
   for (int s = 0; s < plan.steps; ++s) {
     detail::ShardBuffer<T>& hand = shards[s % 2];
@@ -796,8 +896,8 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
     if (s + 1 < plan.steps) {  // pass the shard in hand on while computing with it
       const Index next_n_k =
           plan.keys[static_cast<std::size_t>(plan.owner_at(c.rank(), s + 1))].size();
-      requests.receive(next.data.data(), next.count(next_n_k), c.left(), detail::kTagKeysValues);
-      requests.send(hand.data.data(), hand.count(n_k), c.right(), detail::kTagKeysValues);
+      requests.receive(next.data, next.count(next_n_k), c.left(), detail::kTagKeysValues);
+      requests.send(hand.data, hand.count(n_k), c.right(), detail::kTagKeysValues);
     }
     if (plan.sees(c.rank(), owner) && n_q > 0) {
       const detail::GlobalMask mask = plan.mask(options, c.rank(), owner);
@@ -806,17 +906,15 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
       if (!options.alibi_slopes.empty()) {
         const detail::GlobalAlibi<T> alibi{mask.queries, mask.keys, mask.offset,
                                            options.alibi_slopes.data()};
-        detail::local_attention<T>(q, keys, values, block, local, Span<A>(block_lse), mask, alibi);
+        detail::local_attention<T>(q, keys, values, block, local, block_lse, mask, alibi);
       } else {
-        detail::local_attention<T>(q, keys, values, block, local, Span<A>(block_lse), mask,
-                                   NoScoreMod{});
+        detail::local_attention<T>(q, keys, values, block, local, block_lse, mask, NoScoreMod{});
       }
-      detail::merge_into<T>(out, Span<A>(lse_run), block, Span<const A>(block_lse),
-                            options.threads);
+      detail::merge_into<T>(out, lse_run, block, Span<const A>(block_lse), options.threads);
     }
     requests.wait_all();
   }
-  if (!lse.empty()) std::copy(lse_run.begin(), lse_run.end(), lse.data());
+  if (!lse.empty()) std::copy_n(lse_run.data(), rows, lse.data());
 }
 
 /// Gradients of ring_attention(), sharded the same way (the paper's backward): given each rank's
@@ -834,8 +932,9 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
 /// required: empty or too short throws, naming it and both sizes).
 /// Cost per rank: 2.5× the forward's attention and twice its messages (K/V out, dK/dV with
 /// them; the dK/dV message of step s overlaps step s + 1). Extra memory O(B·(n_k_r·H_kv·(d +
-/// d_v)·6 + n_q_r·H·d)). Collective, validated like ring_attention(). Deterministic: the sums
-/// run in ring order whatever the message timing.
+/// d_v)·6 + n_q_r·H·d)), and every step's attention_backward() scratch; both reused from
+/// options.workspace / ring.workspace as in ring_attention(). Collective, validated like
+/// ring_attention(). Deterministic: the sums run in ring order whatever the message timing.
 template <class T>
 void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
                              const TensorGradients<T>& grads, const AttentionOptions& options = {},
@@ -847,31 +946,40 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
   const TensorView<const T>& v = in.v;
   const char* function = "ring_attention_backward";
   detail::RingComm c(comm, function);
-  const AttentionOptions local = detail::local_options(options);
-  const std::string error = detail::local_error([&] {
-    blockattn::detail::require(options.block_sparse == nullptr, function,
-                               "options.block_sparse is not supported (its grid is on local "
-                               "positions); use a mask on global positions");
-    detail::validate_global_arrays(function, options, q.batch, q.heads);
-    AttentionOptions checked = local;  // ALiBi's slopes are checked here (finite), not moved
-    checked.alibi_slopes = options.alibi_slopes;
-    detail::local_validate_backward<T>(function, in, grads, checked);
-  });
-  const detail::RingPlan plan = detail::make_plan(
-      c, function, detail::describe<T>(q, k, v, options, ring, error), error, options, ring);
+  detail::RingScratch scratch(ring.workspace);
+  const AttentionOptions local = detail::local_options(options, &scratch.steps());
+  const detail::RingPlan plan = detail::checked_plan<T>(
+      c, function, q, k, v, options, local, ring, [&](const AttentionOptions& checked) {
+        detail::local_validate_backward<T>(function, in, grads, checked);
+      });
 
   const Index batch = q.batch;
   const Index n_q = q.seq;
   Index max_k = 0;
   for (const ShardPositions& p : plan.keys) max_k = std::max(max_k, p.size());
-  const auto shard = [&] { return detail::ShardBuffer<T>(max_k, batch, k.heads, k.dim, v.dim); };
-  detail::ShardBuffer<T> shards[2] = {shard(), shard()};   // K, V in hand / arriving
-  detail::ShardBuffer<T> carried[2] = {shard(), shard()};  // dK, dV travelling with them
-  detail::ShardBuffer<T> block_grad = shard();             // this step's dK, dV
-  detail::pack(k, shards[0].data.data());
+  const Index own_k = k.seq;
+  const detail::ShardBuffer<T> shard{nullptr, batch, k.heads, k.dim, v.dim};
+  detail::ShardBuffer<T> shards[2] = {shard, shard};   // K, V in hand / arriving
+  detail::ShardBuffer<T> carried[2] = {shard, shard};  // dK, dV travelling with them
+  detail::ShardBuffer<T> block_grad = shard;           // this step's dK, dV
+  detail::ShardBuffer<T> returned = shard;             // this rank's dK, dV, back home
+  detail::ShardBuffer<T>* const parts[] = {&shards[0], &shards[1], &carried[0], &carried[1],
+                                           &block_grad};
+  const Index dq_size = batch * n_q * q.heads * q.dim;
+  detail::BufferLayout layout;
+  std::size_t part_at[5];
+  for (int i = 0; i < 5; ++i) part_at[i] = layout.take<T>(shard.count(max_k));
+  const std::size_t returned_at = layout.take<T>(shard.count(own_k));
+  const std::size_t dq_sum_at = layout.take<T>(dq_size);
+  const std::size_t dq_block_at = layout.take<T>(dq_size);
+  unsigned char* const base = layout.reserve(scratch.buffers());
+  for (int i = 0; i < 5; ++i) parts[i]->data = layout.at<T>(base, part_at[i]);
+  returned.data = layout.at<T>(base, returned_at);
+  T* const dq_sum = layout.at<T>(base, dq_sum_at);
+  T* const dq_block = layout.at<T>(base, dq_block_at);
+  std::fill_n(dq_sum, dq_size, T(0));
+  detail::pack(k, shards[0].data);
   detail::pack(v, shards[0].values(k.seq).data);
-  std::vector<T> dq_sum(static_cast<std::size_t>(batch * n_q * q.heads * q.dim), T(0));
-  std::vector<T> dq_block(dq_sum.size());
   detail::Requests grad_sends[2] = {detail::Requests(c), detail::Requests(c)};
 
   const int last = plan.steps - 1;
@@ -886,14 +994,14 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
     if (s < last) {
       const Index next_n_k =
           plan.keys[static_cast<std::size_t>(plan.owner_at(c.rank(), s + 1))].size();
-      kv.receive(next.data.data(), next.count(next_n_k), c.left(), detail::kTagKeysValues);
-      kv.send(hand.data.data(), hand.count(n_k), c.right(), detail::kTagKeysValues);
+      kv.receive(next.data, next.count(next_n_k), c.left(), detail::kTagKeysValues);
+      kv.send(hand.data, hand.count(n_k), c.right(), detail::kTagKeysValues);
     }
     if (s > 0) {  // the gradients so far of the shard in hand, sent by the left neighbour
       grad_sends[s % 2].wait_all();  // this buffer's previous send (step s − 2) is done
-      grad_in.receive(grad.data.data(), grad.count(n_k), c.left(), detail::kTagGradients);
+      grad_in.receive(grad.data, grad.count(n_k), c.left(), detail::kTagGradients);
     } else {
-      std::fill(grad.data.begin(), grad.data.end(), T(0));
+      std::fill_n(grad.data, grad.count(n_k), T(0));
     }
     const bool computed = plan.sees(c.rank(), owner) && n_q > 0;
     if (computed) {
@@ -901,7 +1009,7 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
       step.k = hand.keys(n_k);
       step.v = hand.values(n_k);
       TensorGradients<T> step_grads;
-      step_grads.dq = make_tensor_view(dq_block.data(), batch, n_q, q.heads, q.dim);
+      step_grads.dq = make_tensor_view(dq_block, batch, n_q, q.heads, q.dim);
       step_grads.dk = block_grad.keys(n_k);
       step_grads.dv = block_grad.values(n_k);
       const detail::GlobalMask mask = plan.mask(options, c.rank(), owner);
@@ -912,30 +1020,27 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
       } else {
         detail::local_backward<T>(step, step_grads, local, mask, NoScoreMod{});
       }
-      detail::add_to(dq_sum.data(), dq_block.data(), static_cast<Index>(dq_sum.size()));
+      detail::add_to(dq_sum, dq_block, dq_size);
     }
     grad_in.wait_all();
     if (computed) {
-      detail::add_to(grad.data.data(), block_grad.data.data(), grad.count(n_k));
+      detail::add_to(grad.data, block_grad.data, grad.count(n_k));
     }
     if (s < last) {
-      grad_sends[s % 2].send(grad.data.data(), grad.count(n_k), c.right(), detail::kTagGradients);
+      grad_sends[s % 2].send(grad.data, grad.count(n_k), c.right(), detail::kTagGradients);
     }
     kv.wait_all();
   }
   // The shard in hand after the last step belongs to rank (r − last): its gradients go home.
   const int held = plan.owner_at(c.rank(), last);
-  const Index own_k = k.seq;
   detail::ShardBuffer<T>& final_grad = carried[last % 2];
   detail::ShardBuffer<T>* mine = &final_grad;
-  detail::ShardBuffer<T> returned = last > 0 ? shard() : detail::ShardBuffer<T>(0, 0, 0, 0, 0);
   if (last > 0) {
     detail::Requests home(c);
-    home.receive(returned.data.data(), returned.count(own_k), (c.rank() + last) % c.size(),
+    home.receive(returned.data, returned.count(own_k), (c.rank() + last) % c.size(),
                  detail::kTagReturn);
-    home.send(final_grad.data.data(),
-              final_grad.count(plan.keys[static_cast<std::size_t>(held)].size()), held,
-              detail::kTagReturn);
+    home.send(final_grad.data, final_grad.count(plan.keys[static_cast<std::size_t>(held)].size()),
+              held, detail::kTagReturn);
     home.wait_all();
     mine = &returned;
   }
@@ -943,7 +1048,7 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
   grad_sends[1].wait_all();
   detail::unpack<T>(mine->keys(own_k).data, grads.dk);
   detail::unpack<T>(mine->values(own_k).data, grads.dv);
-  detail::unpack<T>(dq_sum.data(), grads.dq);
+  detail::unpack<T>(dq_sum, grads.dq);
 }
 
 /// One pre-LN transformer layer (transformer_block()'s, BPT) on a sequence sharded across the
@@ -1019,16 +1124,7 @@ void ring_transformer_block(MPI_Comm comm, const TransformerBlockWeights<T>& w,
     blockattn::detail::layer_norm_rows<T>(h.middleRows(q0, rows), normed_blk, w.ln2_gamma,
                                           w.ln2_beta, eps);
     auto y_blk = y.middleRows(q0, rows);
-    y_blk = h.middleRows(q0, rows);
-    y_blk.rowwise() += w.b2;
-    for (Index c0 = 0; c0 < ffn; c0 += ffn_chunk) {
-      const Index width = std::min(ffn_chunk, ffn - c0);
-      auto hid = hidden.topLeftCorner(rows, width);
-      hid.noalias() = normed_blk * w.w1.middleCols(c0, width);
-      hid.rowwise() += w.b1.segment(c0, width);
-      blockattn::detail::activate_in_place(w.activation, hid);
-      y_blk.noalias() += hid * w.w2.middleRows(c0, width);
-    }
+    blockattn::detail::ffn_rows<T>(w, normed_blk, h.middleRows(q0, rows), y_blk, hidden, ffn_chunk);
   }
 }
 
