@@ -13,8 +13,7 @@
 //
 // Special values, exact: exp(−inf) = 0, exp(+inf) = +inf, exp(NaN) = NaN, x below
 // ln(denorm_min/2) gives +0, x above ln(max) gives +inf. Arguments are clamped to
-// [kLow, kHigh] first (the clamp passes NaN through: see the NaN rule of Simd::max and min), and
-// the lanes at kLow are zeroed before the final scaling, without denormal intermediates.
+// [kLow, kHigh] first (the clamp passes NaN through: see the NaN rule of Simd::max and min).
 //
 // Error bound, measured (tests/simd_test.cpp, ExpTest.*): the largest error against long double
 // std::exp, in ulps of the exact result (denormal ulps below the normal range), over every 997th
@@ -47,8 +46,6 @@ struct ExpConstants<float> {
   // exp(−104) < denorm_min/2 (rounds to +0), exp(89) > FLT_MAX: clamping there changes nothing.
   static constexpr float kLow = -104.0f;
   static constexpr float kHigh = 89.0f;
-  // (x − kLow)·kCutoffScale >= 1 for every float x > kLow (the float after kLow is kLow + 2^-17).
-  static constexpr float kCutoffScale = 1048576.0f;  // 2^20
   static constexpr int kDegree = 7;
 };
 
@@ -60,8 +57,6 @@ struct ExpConstants<double> {
   // exp(−746) < denorm_min/2, exp(710) > DBL_MAX.
   static constexpr double kLow = -746.0;
   static constexpr double kHigh = 710.0;
-  // (x − kLow)·kCutoffScale >= 1 for every double x > kLow (the double after kLow is kLow + 2^-43).
-  static constexpr double kCutoffScale = 17592186044416.0;  // 2^44
   static constexpr int kDegree = 13;
 };
 
@@ -102,15 +97,7 @@ inline typename simd::Simd<T>::V simd_exp(typename simd::Simd<T>::V x) {
   V p = S::set1(kC[C::kDegree]);
   BLOCKATTN_UNROLL(16)  // unrolled, so the coefficients are constants at -O2 too
   for (int k = C::kDegree - 1; k >= 0; --k) p = S::fma(p, r, S::set1(kC[k]));
-  // The lanes at the low clamp (x <= kLow: −inf, masked scores) round to +0. Scaling p by
-  // keep = min(1, (x − kLow)·kCutoffScale), exactly 0 there and exactly 1 above kLow (x >= kLow
-  // after the clamp; the fma is exact or rounds an exact value >= 1 to one >= 1; NaN stays NaN),
-  // hands ldexp an exact 0 instead of a product that underflows through denormals (a microcode
-  // assist per instruction on many x86 cores). The same bits for every input
-  // (tests/simd_test.cpp, ExpTest.CutoffKeepsTheBitsOfTheUnmaskedExp).
-  const V keep = S::min(S::set1(T(1)),
-                        S::fma(x, S::set1(C::kCutoffScale), S::set1(-C::kLow * C::kCutoffScale)));
-  return S::ldexp(S::mul(p, keep), n);
+  return S::ldexp(p, n);
 }
 
 /// y[i] = exp(x[i]) for i < count, through simd_exp (the tail with a partial vector). x and y may
