@@ -159,6 +159,34 @@ void merge_segments(const AttentionPlan& plan, const AttentionWorkspace<T>& work
   output.finalize(state, t);
 }
 
+/// attention_forward() (below) on any K/V source family (detail/kv_source.hpp) whose call shapes
+/// are `shapes` (shapes_of the K/V views); the int8 cache's entry point comes in here.
+template <class QS, class Sources, class MaskMod, class ScoreMod>
+void attention_forward_sources(const TensorView<const QS>& q, const AttentionShapes& shapes,
+                               const Sources& sources, const TensorView<QS>& out,
+                               const AttentionOptions& options, accumulator_t<QS>* lse,
+                               const MaskMod& mask_mod, const ScoreMod& score_mod,
+                               Workspace& storage) {
+  using T = accumulator_t<QS>;
+  static_assert(std::is_same_v<typename Sources::Source::Element, T>,
+                "blockattn: the K/V source computes in q's accumulator type");
+  const AttentionPlan plan = plan_attention<T>(shapes, options);
+  if (plan.tasks == 0) return;
+  const auto problem = make_attention_problem<T>(plan, options, mask_mod, score_mod);
+  const ForwardOutput<T, QS> output{out, lse};
+  const int threads = resolve_threads(options.threads, plan.tasks);
+  const AttentionWorkspace<T> workspace(storage, threads, plan.task_shape(),
+                                        plan.segments > 1 ? plan.tasks : 0);
+  // The loops below never allocate (checked in test builds).
+  [[maybe_unused]] const NoMallocScope no_malloc;
+  parallel_for(plan.tasks, threads, [&](Index task, int slot) {
+    run_forward_task(problem, plan, q, sources, workspace, slot, task, output);
+  });
+  if (plan.segments == 1) return;
+  parallel_for(plan.blocks, resolve_threads(options.threads, plan.blocks),
+               [&](Index block, int) { merge_segments(plan, workspace, block, output); });
+}
+
 /// Chunked attention over every task of the call's plan (plan_attention), in parallel, then the
 /// merge of key segments. Arguments are valid (attention.hpp checked them); lse is
 /// [batch, q.heads, n_q] or null; `storage` is the caller's workspace (grown here if too small,
@@ -178,22 +206,8 @@ void attention_forward(const TensorView<const QS>& q, const TensorView<const KS>
                 "reference::attention is the long double path");
   static_assert(std::is_same_v<accumulator_t<KS>, T>,
                 "blockattn: K/V storage must compute in q's accumulator type");
-  const AttentionPlan plan = plan_attention<T>(shapes_of(q, k, v), options);
-  if (plan.tasks == 0) return;
-  const auto problem = make_attention_problem<T>(plan, options, mask_mod, score_mod);
-  const StridedKVHeads<T, KS> sources(k, v);
-  const ForwardOutput<T, QS> output{out, lse};
-  const int threads = resolve_threads(options.threads, plan.tasks);
-  const AttentionWorkspace<T> workspace(storage, threads, plan.task_shape(),
-                                        plan.segments > 1 ? plan.tasks : 0);
-  // The loops below never allocate (checked in test builds).
-  [[maybe_unused]] const NoMallocScope no_malloc;
-  parallel_for(plan.tasks, threads, [&](Index task, int slot) {
-    run_forward_task(problem, plan, q, sources, workspace, slot, task, output);
-  });
-  if (plan.segments == 1) return;
-  parallel_for(plan.blocks, resolve_threads(options.threads, plan.blocks),
-               [&](Index block, int) { merge_segments(plan, workspace, block, output); });
+  attention_forward_sources(q, shapes_of(q, k, v), StridedKVHeads<T, KS>(k, v), out, options, lse,
+                            mask_mod, score_mod, storage);
 }
 
 /// attention_forward() with a workspace of its own (allocated once, before the loops).

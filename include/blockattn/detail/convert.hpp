@@ -173,6 +173,47 @@ struct StorageIo<S, std::enable_if_t<kIs16BitFloat<S>>> {
 #endif
 };
 
+/// int8 (the quantized K/V caches, detail/kv_source.hpp): loads only, each int8 converted exactly
+/// to float (the per-row scale is applied by the caller, one multiply per vector). Sign-extended
+/// to 32 bits and converted with the ISA's instructions on AVX-512, AVX2 and SSE2; element-wise
+/// elsewhere (the same exact values).
+template <>
+struct StorageIo<std::int8_t> {
+  using S = std::int8_t;
+  using E = float;
+  using Simd = simd::Simd<float>;
+  using V = typename Simd::V;
+  static constexpr int kLanes = Simd::kLanes;
+
+  static V load(const S* p) {
+#if defined(BLOCKATTN_SIMD_AVX512)
+    // Masked forms with an all-ones mask, as the 16-bit loads above (GCC 12).
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_maskz_cvtepi32_ps(__mmask16{0xFFFF}, _mm512_maskz_cvtepi8_epi32(0xFFFF, raw));
+#elif defined(BLOCKATTN_SIMD_AVX2)
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+#elif defined(BLOCKATTN_SIMD_SSE2)
+    std::int32_t bits = 0;
+    std::memcpy(&bits, p, sizeof(bits));
+    const __m128i raw = _mm_cvtsi32_si128(bits);
+    // Each byte to the top of its 32-bit lane, then an arithmetic shift back: sign extension.
+    const __m128i bytes = _mm_unpacklo_epi8(raw, raw);
+    return _mm_cvtepi32_ps(_mm_srai_epi32(_mm_unpacklo_epi16(bytes, bytes), 24));
+#else
+    alignas(64) float buf[kLanes];
+    for (int t = 0; t < kLanes; ++t) buf[t] = static_cast<float>(p[t]);
+    return Simd::load(buf);
+#endif
+  }
+
+  static V load_partial(const S* p, int n, float fill) {
+    alignas(64) float buf[kLanes];
+    for (int t = 0; t < kLanes; ++t) buf[t] = t < n ? static_cast<float>(p[t]) : fill;
+    return Simd::load(buf);
+  }
+};
+
 /// dst[i] = to_compute(src[i]) for i < n: whole vectors, then one partial.
 template <class S>
 void widen(const S* src, Index n, accumulator_t<S>* dst) {

@@ -59,6 +59,7 @@ struct ScoreUnit {
   Index keys_left = 0;
   T* s = nullptr;  ///< [rows, keys], row stride ld_s
   Index ld_s = 0;
+  RowScales k_scales{};  ///< the rows' scales (int8 K), from k's first row
 };
 
 /// Decode: a unit whose weights p are ready and whose P·V product is deferred, so that its V rows
@@ -75,6 +76,7 @@ struct PendingValues {
   T* acc = nullptr;     ///< the unit's first row of the running output, row stride ld_acc
   Index ld_acc = 0;
   Index d_v = 0;
+  RowScales v_scales{};  ///< the rows' scales (int8 V), from v's first row
 };
 
 /// Decode: the scores of `next` (score_rows_direct) and the pending unit's acc += P·V
@@ -94,12 +96,12 @@ void scores_with_pending_values(const ScoreUnit<T, S>& next, PendingValues<T, S>
     if (j < keys) {
       score_rows_direct(next.q, next.d, next.rows, next.d, next.k.row(j), next.k.ld,
                         std::min(step, keys - j), next.s + j, next.ld_s,
-                        RowPrefetch{k_ahead, next.keys_left - j});
+                        RowPrefetch{k_ahead, next.keys_left - j}, next.k_scales.from(j));
     }
     if (j < pv_keys) {
       accumulate_pv_direct(pending.p + j, pending.ld_p, pending.rows, std::min(step, pv_keys - j),
                            pending.v.row(j), pending.v.ld, pending.d_v, pending.acc, pending.ld_acc,
-                           RowPrefetch{v_ahead, pending.keys_left - j});
+                           RowPrefetch{v_ahead, pending.keys_left - j}, pending.v_scales.from(j));
     }
   }
   pending.p = nullptr;
@@ -160,23 +162,35 @@ void decode_chunk(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const S
                              keys,
                              chunk.keys_left,
                              s,
-                             ld_s};
+                             ld_s,
+                             kv.key_scales(chunk.k0)};
   scores_with_pending_values(unit, stream.pending);
   problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
   const auto v = kv.values(chunk.k0);
-  if (tile_has_hidden_key(s, ld_s, rows, keys) &&
-      !kv.values_finite(chunk.k0, keys)) {  // the NaN slow path, not pipelined
-    poison_underflowed_values(s, ld_s, first, rows, keys, v.data, v.ld, d_v, state);
-    kv.copy_finite_values(chunk.k0, keys, stream.finite_values);
-    state.update_scores(s, ld_s, first, rows, keys);
-    accumulate_pv_direct(s, ld_s, rows, keys, stream.finite_values, d_v, d_v, state.acc(first),
-                         state.ld_acc());
-    add_non_finite_values(s, ld_s, rows, keys, v.data, v.ld, d_v, state.acc(first), state.ld_acc());
-    return;
+  if constexpr (!Source::kValuesFinite) {
+    if (tile_has_hidden_key(s, ld_s, rows, keys) &&
+        !kv.values_finite(chunk.k0, keys)) {  // the NaN slow path, not pipelined
+      poison_underflowed_values(s, ld_s, first, rows, keys, v.data, v.ld, d_v, state);
+      kv.copy_finite_values(chunk.k0, keys, stream.finite_values);
+      state.update_scores(s, ld_s, first, rows, keys);
+      accumulate_pv_direct(s, ld_s, rows, keys, stream.finite_values, d_v, d_v, state.acc(first),
+                           state.ld_acc());
+      add_non_finite_values(s, ld_s, rows, keys, v.data, v.ld, d_v, state.acc(first),
+                            state.ld_acc());
+      return;
+    }
   }
   state.update_scores(s, ld_s, first, rows, keys);
-  stream.pending = PendingValues<T, S>{
-      s, ld_s, rows, keys, v, chunk.keys_left, state.acc(first), state.ld_acc(), d_v};
+  stream.pending = PendingValues<T, S>{s,
+                                       ld_s,
+                                       rows,
+                                       keys,
+                                       v,
+                                       chunk.keys_left,
+                                       state.acc(first),
+                                       state.ld_acc(),
+                                       d_v,
+                                       kv.value_scales(chunk.k0)};
   if (!stream.pipelined) flush_pending_values(stream.pending);  // its own phase
 }
 

@@ -30,9 +30,16 @@
 //   void copy_finite_values(Index k0, Index keys, Element* dst) const;
 //       the decode slow path's copy: values of those keys as Element, [keys, d_v] contiguous,
 //       every non-finite entry replaced by 0.
+//   RowScales key_scales(Index k0) const;    // int8 K: the scales of its rows from k0 on;
+//   RowScales value_scales(Index k0) const;  // empty (null) for every other storage
+//   static constexpr bool kValuesFinite;
+//       true when every value is finite by construction (int8 with validated scales): the
+//       kernels then compile out the NaN slow path, and values_finite / copy_finite_values are
+//       never called.
 //
 // Rows past the end of the cache are never asked for: 0 <= k0 and k0 + keys <= n_k.
 
+#include <cstdint>
 #include <type_traits>
 
 #include <blockattn/detail/attention_problem.hpp>
@@ -80,10 +87,55 @@ class StridedKV {
   void copy_finite_values(Index k0, Index keys, E* dst) const {
     copy_finite(v_.row(k0), v_.ld, keys, d_v_, dst, d_v_);
   }
+  RowScales key_scales(Index) const { return {}; }
+  RowScales value_scales(Index) const { return {}; }
+  static constexpr bool kValuesFinite = false;
 
  private:
   StridedRows<S> k_;
   StridedRows<S> v_;
+  Index d_;
+  Index d_v_;
+};
+
+/// The K/V source of an int8 cache with one float scale per row (per token and kv head), for K
+/// and for V: element c of row j is scale[j]·q[j, c], the product rounded once in float. Prefill
+/// packs the float products once per tile (pack_k / pack_v with the row scales); decode reads
+/// the int8 rows in place, converts and scales each loaded vector in registers (StorageIo<int8_t>,
+/// scale_row). Both compute the same float products as a scalar float(q)·scale, so an int8 call
+/// is bitwise the float call on the dequantized cache (dequantize_kv). Every value is finite:
+/// the entry point rejects non-finite scales and scales whose ·127 overflows.
+class QuantizedKVSource {
+ public:
+  using Element = float;
+  using Storage = std::int8_t;
+  static constexpr bool kValuesFinite = true;
+
+  QuantizedKVSource(StridedRows<std::int8_t> k, StridedRows<std::int8_t> v, RowScales k_scales,
+                    RowScales v_scales, Index d, Index d_v)
+      : k_(k), v_(v), k_scales_(k_scales), v_scales_(v_scales), d_(d), d_v_(d_v) {}
+
+  Index d() const { return d_; }
+  Index d_v() const { return d_v_; }
+
+  void pack_k(Index k0, Index keys, float* panel) const {
+    detail::pack_k<float>(k_.row(k0), k_.ld, keys, d_, panel, k_scales_.from(k0));
+  }
+  void pack_v(Index k0, Index keys, float* panel) const {
+    detail::pack_v<float>(v_.row(k0), v_.ld, keys, d_v_, panel, v_scales_.from(k0));
+  }
+  bool values_finite(Index, Index) const { return true; }
+
+  StridedRows<std::int8_t> keys(Index k0) const { return k_.from(k0); }
+  StridedRows<std::int8_t> values(Index k0) const { return v_.from(k0); }
+  RowScales key_scales(Index k0) const { return k_scales_.from(k0); }
+  RowScales value_scales(Index k0) const { return v_scales_.from(k0); }
+
+ private:
+  StridedRows<std::int8_t> k_;
+  StridedRows<std::int8_t> v_;
+  RowScales k_scales_;
+  RowScales v_scales_;
   Index d_;
   Index d_v_;
 };
@@ -104,6 +156,32 @@ class StridedKVHeads {
  private:
   TensorView<const S> k_;
   TensorView<const S> v_;
+};
+
+/// The QuantizedKVSource sources of an int8 cache: k, v [B, n_k, H_kv, d] int8 and their scales
+/// [B, n_k, H_kv, 1] float (any strides); head(b, h) is kv head h of batch entry b.
+class QuantizedKVHeads {
+ public:
+  using Source = QuantizedKVSource;
+
+  QuantizedKVHeads(const TensorView<const std::int8_t>& k, const TensorView<const std::int8_t>& v,
+                   const TensorView<const float>& k_scale, const TensorView<const float>& v_scale)
+      : k_(k), v_(v), k_scale_(k_scale), v_scale_(v_scale) {}
+
+  Source head(Index b, Index h) const {
+    return {{k_.at(b, 0, h), k_.seq_stride},
+            {v_.at(b, 0, h), v_.seq_stride},
+            {k_scale_.at(b, 0, h), k_scale_.seq_stride},
+            {v_scale_.at(b, 0, h), v_scale_.seq_stride},
+            k_.dim,
+            v_.dim};
+  }
+
+ private:
+  TensorView<const std::int8_t> k_;
+  TensorView<const std::int8_t> v_;
+  TensorView<const float> k_scale_;
+  TensorView<const float> v_scale_;
 };
 
 }  // namespace detail

@@ -102,6 +102,44 @@ inline void with_count(int count, F&& f) {
   f(std::integral_constant<int, Max>{});
 }
 
+/// The per-row scales of a quantized (int8) K or V in the direct kernels: row j's values are
+/// scale[j·ld]·q, each product rounded once in float (the value the prefill path packs, so both
+/// paths see the same floats). Unused (null) for every other storage type.
+struct RowScales {
+  const float* data = nullptr;
+  Index ld = 0;
+
+  /// The scales from row r on.
+  RowScales from(Index r) const { return {data == nullptr ? nullptr : data + r * ld, ld}; }
+};
+
+/// A loaded K or V vector of row storage KS as the kernels compute with it: for int8, times the
+/// row's scale (one rounding, as the scalar float(q)·scale); otherwise unchanged.
+template <class KS, class V>
+BLOCKATTN_ALWAYS_INLINE V scale_row(V x, const RowScales& scales, Index row) {
+  if constexpr (std::is_same_v<KS, std::int8_t>) {
+    using S = simd::Simd<float>;
+    return S::mul(x, S::set1(scales.data[row * scales.ld]));
+  } else {
+    static_cast<void>(scales);
+    static_cast<void>(row);
+    return x;
+  }
+}
+
+/// One stored K or V element of row `row` as the kernels compute with it: for int8,
+/// float(x)·scale (rounded once, as scale_row); otherwise static_cast<T>(x), exact.
+template <class T, class KS>
+BLOCKATTN_ALWAYS_INLINE T element_of(KS x, const RowScales& scales, Index row) {
+  if constexpr (std::is_same_v<KS, std::int8_t>) {
+    return static_cast<float>(x) * scales.data[row * scales.ld];
+  } else {
+    static_cast<void>(scales);
+    static_cast<void>(row);
+    return static_cast<T>(x);
+  }
+}
+
 /// Elements of the packed K chunk buffer: round_up(n_keys, L)·d.
 template <class T>
 constexpr Index packed_k_size(Index n_keys, Index d) {
@@ -125,7 +163,8 @@ constexpr Index padded_stride(Index cols) {
 /// a 16-bit storage format S (widened exactly to T on the way: the conversion is paid once per
 /// packed chunk).
 template <class T, int KeyVectors = RegisterBlock<T>::kKeyVectors, class S = T>
-inline void pack_k(const S* k, Index ld_k, Index n_keys, Index d, T* packed) {
+inline void pack_k(const S* k, Index ld_k, Index n_keys, Index d, T* packed,
+                   const RowScales& scales = {}) {
   constexpr Index kLanes = simd::Simd<T>::kLanes;
   constexpr Index kPanel = KeyVectors * kLanes;
   for (Index j0 = 0; j0 < n_keys; j0 += kPanel) {
@@ -134,7 +173,7 @@ inline void pack_k(const S* k, Index ld_k, Index n_keys, Index d, T* packed) {
     T* dst = packed + j0 * d;
     for (Index jj = 0; jj < keys; ++jj) {
       const S* src = k + (j0 + jj) * ld_k;
-      for (Index c = 0; c < d; ++c) dst[c * width + jj] = static_cast<T>(src[c]);
+      for (Index c = 0; c < d; ++c) dst[c * width + jj] = element_of<T>(src[c], scales, j0 + jj);
     }
     for (Index c = 0; c < d; ++c) {
       for (Index jj = keys; jj < width; ++jj) dst[c * width + jj] = T(0);
@@ -146,7 +185,8 @@ inline void pack_k(const S* k, Index ld_k, Index n_keys, Index d, T* packed) {
 /// elements) in the V panel layout described at the top of this header. v may hold a 16-bit
 /// storage format VS (widened exactly to T, StorageIo).
 template <class T, int ValueVectors = RegisterBlock<T>::kValueVectors, class VS = T>
-inline void pack_v(const VS* v, Index ld_v, Index n_keys, Index d_v, T* packed) {
+inline void pack_v(const VS* v, Index ld_v, Index n_keys, Index d_v, T* packed,
+                   const RowScales& scales = {}) {
   using S = simd::Simd<T>;
   using Io = StorageIo<VS>;
   static_assert(std::is_same_v<typename Io::E, T>, "blockattn: V widens to the packed type");
@@ -161,8 +201,10 @@ inline void pack_v(const VS* v, Index ld_v, Index n_keys, Index d_v, T* packed) 
       const VS* src = v + j * ld_v + c0;
       T* row = dst + j * width;
       // Whole vectors explicitly: GCC -O2 does not vectorise a loop of unknown count.
-      for (Index cc = 0; cc < full; cc += kLanes) S::store(row + cc, Io::load(src + cc));
-      for (Index cc = full; cc < cols; ++cc) row[cc] = static_cast<T>(src[cc]);
+      for (Index cc = 0; cc < full; cc += kLanes) {
+        S::store(row + cc, scale_row<VS>(Io::load(src + cc), scales, j));
+      }
+      for (Index cc = full; cc < cols; ++cc) row[cc] = element_of<T>(src[cc], scales, j);
       for (Index cc = cols; cc < width; ++cc) row[cc] = T(0);
     }
   }
@@ -336,7 +378,8 @@ inline void prefetch_row(const T* p, Index count) {
 template <class T, int Rows, int Keys, class KS = T>
 BLOCKATTN_ALWAYS_INLINE void score_rows_block(const T* BLOCKATTN_RESTRICT q, Index ld_q, Index full,
                                               int rest, const KS* BLOCKATTN_RESTRICT k, Index ld_k,
-                                              T* BLOCKATTN_RESTRICT s, Index ld_s) {
+                                              T* BLOCKATTN_RESTRICT s, Index ld_s,
+                                              const RowScales& k_scales = {}) {
   using S = simd::Simd<T>;
   using Io = StorageIo<KS>;
   static_assert(std::is_same_v<typename Io::E, T>, "blockattn: K widens to the query type");
@@ -351,7 +394,7 @@ BLOCKATTN_ALWAYS_INLINE void score_rows_block(const T* BLOCKATTN_RESTRICT q, Ind
   for (Index c = 0; c < full; c += kLanes) {
     V kv[Keys];
     BLOCKATTN_UNROLL(16)
-    for (int t = 0; t < Keys; ++t) kv[t] = Io::load(k + t * ld_k + c);
+    for (int t = 0; t < Keys; ++t) kv[t] = scale_row<KS>(Io::load(k + t * ld_k + c), k_scales, t);
     BLOCKATTN_UNROLL(16)
     for (int r = 0; r < Rows; ++r) {
       const V qv = S::load(q + r * ld_q + c);
@@ -362,7 +405,9 @@ BLOCKATTN_ALWAYS_INLINE void score_rows_block(const T* BLOCKATTN_RESTRICT q, Ind
   if (rest > 0) {
     V kv[Keys];
     BLOCKATTN_UNROLL(16)
-    for (int t = 0; t < Keys; ++t) kv[t] = Io::load_partial(k + t * ld_k + full, rest, T(0));
+    for (int t = 0; t < Keys; ++t) {
+      kv[t] = scale_row<KS>(Io::load_partial(k + t * ld_k + full, rest, T(0)), k_scales, t);
+    }
     BLOCKATTN_UNROLL(16)
     for (int r = 0; r < Rows; ++r) {
       const V qv = S::load_partial(q + r * ld_q + full, rest, T(0));
@@ -399,7 +444,8 @@ BLOCKATTN_ALWAYS_INLINE void score_rows_block(const T* BLOCKATTN_RESTRICT q, Ind
 /// converted in registers (no copy of K).
 template <class T, class KS>
 inline void score_rows_direct(const T* q, Index ld_q, Index rows, Index d, const KS* k, Index ld_k,
-                              Index n_keys, T* s, Index ld_s, RowPrefetch prefetch = {}) {
+                              Index n_keys, T* s, Index ld_s, RowPrefetch prefetch = {},
+                              const RowScales& k_scales = {}) {
   constexpr Index kLanes = simd::Simd<T>::kLanes;
   const Index full = d / kLanes * kLanes;
   const int rest = static_cast<int>(d - full);
@@ -421,10 +467,11 @@ inline void score_rows_direct(const T* q, Index ld_q, Index rows, Index d, const
           }
         }
         score_rows_block<T, kRows, kKeys, KS>(qi, ld_q, full, rest, k + j * ld_k, ld_k, si + j,
-                                              ld_s);
+                                              ld_s, k_scales.from(j));
       }
       for (; j < n_keys; ++j) {
-        score_rows_block<T, kRows, 1, KS>(qi, ld_q, full, rest, k + j * ld_k, ld_k, si + j, ld_s);
+        score_rows_block<T, kRows, 1, KS>(qi, ld_q, full, rest, k + j * ld_k, ld_k, si + j, ld_s,
+                                          k_scales.from(j));
       }
     });
   }
@@ -437,7 +484,7 @@ template <class T, int Rows, int Vectors, class VS = T>
 inline void pv_rows_block(const T* BLOCKATTN_RESTRICT p, Index ld_p, Index n_keys,
                           const VS* BLOCKATTN_RESTRICT v, Index ld_v, int rest,
                           T* BLOCKATTN_RESTRICT acc, Index ld_acc, RowPrefetch prefetch,
-                          Index row_elements) {
+                          Index row_elements, const RowScales& v_scales = {}) {
   using S = simd::Simd<T>;
   using Io = StorageIo<VS>;
   static_assert(std::is_same_v<typename Io::E, T>, "blockattn: V widens to the accumulator type");
@@ -460,9 +507,12 @@ inline void pv_rows_block(const T* BLOCKATTN_RESTRICT p, Index ld_p, Index n_key
     }
     V vv[Vectors];
     BLOCKATTN_UNROLL(16)
-    for (int t = 0; t < kLast; ++t) vv[t] = Io::load(v + j * ld_v + t * kLanes);
-    vv[kLast] = rest > 0 ? Io::load_partial(v + j * ld_v + kLast * kLanes, rest, T(0))
-                         : Io::load(v + j * ld_v + kLast * kLanes);
+    for (int t = 0; t < kLast; ++t) {
+      vv[t] = scale_row<VS>(Io::load(v + j * ld_v + t * kLanes), v_scales, j);
+    }
+    vv[kLast] = scale_row<VS>(rest > 0 ? Io::load_partial(v + j * ld_v + kLast * kLanes, rest, T(0))
+                                       : Io::load(v + j * ld_v + kLast * kLanes),
+                              v_scales, j);
     BLOCKATTN_UNROLL(16)
     for (int r = 0; r < Rows; ++r) {
       const V pb = S::set1(p[r * ld_p + j]);
@@ -491,7 +541,7 @@ inline void pv_rows_block(const T* BLOCKATTN_RESTRICT p, Index ld_p, Index n_key
 template <class T, class VS>
 inline void accumulate_pv_direct(const T* p, Index ld_p, Index rows, Index n_keys, const VS* v,
                                  Index ld_v, Index d_v, T* acc, Index ld_acc,
-                                 RowPrefetch prefetch = {}) {
+                                 RowPrefetch prefetch = {}, const RowScales& v_scales = {}) {
   constexpr Index kLanes = simd::Simd<T>::kLanes;
   const Index vectors = (d_v + kLanes - 1) / kLanes;
   const int rest = static_cast<int>(d_v % kLanes);
@@ -507,9 +557,9 @@ inline void accumulate_pv_direct(const T* p, Index ld_p, Index rows, Index n_key
         const int panel_rest = t0 + panel == vectors ? rest : 0;
         with_count<kPanel>(panel, [&](auto nv) {
           const bool fetch = i0 == 0 && t0 == 0 && prefetch.ahead > 0;
-          pv_rows_block<T, kRows, decltype(nv)::value, VS>(pi, ld_p, n_keys, v + t0 * kLanes, ld_v,
-                                                           panel_rest, ai + t0 * kLanes, ld_acc,
-                                                           fetch ? prefetch : RowPrefetch{}, d_v);
+          pv_rows_block<T, kRows, decltype(nv)::value, VS>(
+              pi, ld_p, n_keys, v + t0 * kLanes, ld_v, panel_rest, ai + t0 * kLanes, ld_acc,
+              fetch ? prefetch : RowPrefetch{}, d_v, v_scales);
         });
       }
     });

@@ -50,16 +50,20 @@ void prefill_keys(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const S
       }
       score_tile(ws.queries + r0 * d, d, count, d, ws.packed_k, keys, ws.scores, ld_s);
       problem.mask_rows(ws.scores, ld_s, r0, count, keys, t, k0, /*dry_run=*/false);
-      if (!values_finite) {  // the slow path of detail/non_finite_values.hpp
-        const auto v = kv.values(k0);
-        poison_underflowed_values(ws.scores, ld_s, r0, count, keys, v.data, v.ld, d_v, state);
+      if constexpr (!Source::kValuesFinite) {
+        if (!values_finite) {  // the slow path of detail/non_finite_values.hpp
+          const auto v = kv.values(k0);
+          poison_underflowed_values(ws.scores, ld_s, r0, count, keys, v.data, v.ld, d_v, state);
+        }
       }
       state.update_scores(ws.scores, ld_s, r0, count, keys);
       accumulate_pv(ws.scores, ld_s, count, keys, ws.packed_v, d_v, state.acc(r0), state.ld_acc());
-      if (!values_finite) {
-        const auto v = kv.values(k0);
-        add_non_finite_values(ws.scores, ld_s, count, keys, v.data, v.ld, d_v, state.acc(r0),
-                              state.ld_acc());
+      if constexpr (!Source::kValuesFinite) {
+        if (!values_finite) {
+          const auto v = kv.values(k0);
+          add_non_finite_values(ws.scores, ld_s, count, keys, v.data, v.ld, d_v, state.acc(r0),
+                                state.ld_acc());
+        }
       }
     }
   }
