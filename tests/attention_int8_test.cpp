@@ -278,7 +278,7 @@ TEST(AttentionInt8Test, QuantizeRoundTripError) {
     float amax = 0;
     for (Index c = 0; c < d; ++c) amax = std::max(amax, std::abs(x[count(r * d + c)]));
     EXPECT_EQ(scale[count(r)], amax / 127.0f);
-    const double sc = scale[count(r)];
+    const auto sc = static_cast<double>(scale[count(r)]);
     for (Index c = 0; c < d; ++c) {
       const std::size_t i = count(r * d + c);
       const double bound = sc * (0.5 + std::ldexp(1.0, -16)) + std::ldexp(double(amax) + sc, -23);
