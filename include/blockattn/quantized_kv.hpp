@@ -30,9 +30,13 @@ inline namespace BLOCKATTN_ISA_NAMESPACE {
 /// element is its row's scale times the int8 (see the top of this header). Scales must be finite
 /// with |scale|·128 finite (attention() checks).
 struct QuantizedKV {
+  /// Keys as int8, [B, n_k, H_kv, d].
   TensorView<const std::int8_t> k;
+  /// One float scale per key row (token and kv head), [B, n_k, H_kv, 1].
   TensorView<const float> k_scale;
+  /// Values as int8, [B, n_k, H_kv, d_v].
   TensorView<const std::int8_t> v;
+  /// One float scale per value row (token and kv head), [B, n_k, H_kv, 1].
   TensorView<const float> v_scale;
 };
 
