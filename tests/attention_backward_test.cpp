@@ -169,7 +169,10 @@ TYPED_TEST(AttentionBackwardTest, EveryMaskAndModifierMatchesReference) {
       const char* name;
       AttentionOptions options;
     };
-    std::vector<Case> cases(9);
+    // Sinks (one head): the backward takes the forward's lse, which includes the sink, and the
+    // reference adds the sink to its own softmax; one near the logits, one above all of them.
+    const double sink_near = 0.75, sink_above = 6.0;
+    std::vector<Case> cases(11);
     cases[0].name = "causal";
     cases[0].options.causal = true;
     cases[1].name = "window 4/2";
@@ -198,6 +201,12 @@ TYPED_TEST(AttentionBackwardTest, EveryMaskAndModifierMatchesReference) {
     cases[8].options.block_sparse = &layout;
     cases[8].options.softcap = 2;
     cases[8].options.alibi_slopes = {&slope, 1};
+    cases[9].name = "sink 0.75";
+    cases[9].options.sinks = {&sink_near, 1};
+    cases[10].name = "sink 6, causal, key_lengths";
+    cases[10].options.sinks = {&sink_above, 1};
+    cases[10].options.causal = true;
+    cases[10].options.key_lengths = {&key_length, 1};
     const Inputs<T> in = random_inputs<T>(rng, s);
     for (Case c : cases) {
       SCOPED_TRACE(describe(s, c.name));

@@ -938,6 +938,14 @@ TEST(RingAttentionValidationTest, ShortSpansThrowOnEveryRank) {
       ::testing::ThrowsMessage<std::invalid_argument>(::testing::AllOf(
           ::testing::HasSubstr("options.key_lengths.size() is " + std::to_string(c.batch - 1)),
           ::testing::HasSubstr(where))));
+
+  // Attention sinks are not supported by the ring yet: rejected on every rank.
+  const std::vector<double> sinks(static_cast<std::size_t>(c.heads), 0.5);
+  AttentionOptions with_sinks;
+  with_sinks.sinks = sinks;
+  EXPECT_THAT([&] { shards.ring(out, with_sinks); },
+              ::testing::ThrowsMessage<std::invalid_argument>(::testing::HasSubstr(
+                  "options.sinks has " + std::to_string(c.heads) + " entries but the ring")));
 }
 
 }  // namespace

@@ -97,6 +97,14 @@ inline void validate_attention_options(const char* function, const AttentionOpti
     require(std::isfinite(options.alibi_slopes[h]), function, "options.alibi_slopes[", h, "] is ",
             options.alibi_slopes[h], " but must be finite");
   }
+  require_span(function, "options.sinks", options.sinks, "the number of query heads", q_heads,
+               "one sink logit per query head", /*required=*/false);
+  for (Index h = 0; h < (options.sinks.empty() ? 0 : q_heads); ++h) {
+    require(!std::isnan(options.sinks[h]) &&
+                options.sinks[h] != std::numeric_limits<double>::infinity(),
+            function, "options.sinks[", h, "] is ", options.sinks[h],
+            " but must be finite or -inf (-inf: no sink for that head)");
+  }
   if (const BlockSparseLayout* layout = options.block_sparse) {
     require(layout->heads() == 1 || layout->heads() == q_heads, function,
             "options.block_sparse->heads() is ", layout->heads(), " but q has ", q_heads,

@@ -54,6 +54,8 @@ inline blockattn_dispatch::Options plain(const AttentionOptions& options,
   plain_options.key_lengths_size = options.key_lengths.size();
   plain_options.alibi_slopes = options.alibi_slopes.data();
   plain_options.alibi_slopes_size = options.alibi_slopes.size();
+  plain_options.sinks = options.sinks.data();
+  plain_options.sinks_size = options.sinks.size();
   plain_options.softcap = options.softcap;
   if (const BlockSparseLayout* sparse = options.block_sparse) {
     layout = {sparse->heads(),          sparse->query_blocks(),

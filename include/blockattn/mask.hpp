@@ -19,6 +19,13 @@
 //                     and mask_mod(b, h, i, j)
 // The alignment n_k − n_q uses the tensor's n_k, not key_lengths[b]: key_lengths only removes
 // padding at the end of each sequence's keys.
+//
+// An attention sink (options.sinks, one logit per query head, gpt-oss / ONNX Runtime's head_sink /
+// ggml's add_sinks) joins the softmax denominator only, after every step above: the weights are
+// p_ij = exp(s_ij) / (exp(sinks[h]) + Σ_j' exp(s_ij')), so out = Σ_j p_ij·v_j no longer sums
+// to one weight. The sink is not scaled, soft-capped, ALiBi-shifted, passed to score_mod or masked,
+// and it carries no value; lse includes it (lse = log(exp(sinks[h]) + Σ_j exp(s_ij))). A row with
+// no visible key gives out 0 and lse sinks[h]; a sink of −inf is no sink.
 
 #include <algorithm>
 #include <cmath>
@@ -146,6 +153,10 @@ struct AttentionOptions {
   const BlockSparseLayout* block_sparse = nullptr;  ///< BlockBERT layout; not owned
   Span<const double> alibi_slopes;  ///< [query heads] or empty: s −= slope_h·|i + (n_k − n_q) − j|
   double softcap = 0;               ///< > 0: s = softcap·tanh(s / softcap) (Gemma 2)
+  /// [query heads] or empty: a logit per head that joins the softmax denominator only (see the
+  /// top of mask.hpp); NaN and +inf are rejected, −inf is no sink. Forward passes only; the
+  /// backward pass takes the forward's lse, which includes the sinks, and gives no sink gradient.
+  Span<const double> sinks;
   /// Caller's reusable scratch (not owned; one per concurrent call): with it, repeated calls of
   /// the same shape allocate nothing. nullptr: the call allocates its own.
   Workspace* workspace = nullptr;

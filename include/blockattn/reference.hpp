@@ -140,14 +140,17 @@ void attention_head(const Q& q, const K& k, const V& v, Out&& out, const Attenti
       s(i, j) = attention_visible(o, n_q, n_k, b, h, i, j, mask_mod) ? x : -inf;
     }
   }
+  // The sink (mask.hpp): one more term of the denominator, with no value.
+  const T sink = o.sinks.empty() ? -inf : static_cast<T>(o.sinks[h]);
   for (Index i = 0; i < n_q; ++i) {
-    const T m = n_k > 0 ? s.row(i).maxCoeff() : -inf;
-    if (m == -inf) {  // no visible key
+    const T row_max = n_k > 0 ? s.row(i).maxCoeff() : -inf;
+    const T m = sink > row_max ? sink : row_max;
+    if (m == -inf) {  // no visible key and no sink
       out.row(i).setZero();
       if (lse != nullptr) lse[i] = -inf;
       continue;
     }
-    T l = 0;
+    T l = sink == -inf ? T(0) : std::exp(sink - m);
     out.row(i).setZero();
     for (Index j = 0; j < n_k; ++j) {
       if (s(i, j) == -inf) continue;
@@ -440,13 +443,17 @@ void attention_backward_head(const Q& q, const K& k, const V& v, const DOut& dou
       p(i, j) = attention_visible(o, n_q, n_k, b, h, i, j, mask_mod) ? s : -inf;
     }
   }
+  // The sink joins the denominator only (mask.hpp): P's rows then sum to less than one, and
+  // dS = P ∘ (dP − rowsum(P ∘ dP)) keeps its form (the sink is a constant of each row's sum).
+  const T sink = o.sinks.empty() ? -inf : static_cast<T>(o.sinks[h]);
   for (Index i = 0; i < n_q; ++i) {
-    const T m = n_k > 0 ? p.row(i).maxCoeff() : -inf;
-    if (m == -inf) {  // no visible key: P = 0
+    const T row_max = n_k > 0 ? p.row(i).maxCoeff() : -inf;
+    const T m = sink > row_max ? sink : row_max;
+    if (row_max == -inf) {  // no visible key: P = 0
       p.row(i).setZero();
       continue;
     }
-    T l = 0;
+    T l = sink == -inf ? T(0) : std::exp(sink - m);
     for (Index j = 0; j < n_k; ++j) {
       p(i, j) = p(i, j) == -inf ? T(0) : std::exp(p(i, j) - m);
       l += p(i, j);

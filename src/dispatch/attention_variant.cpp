@@ -46,6 +46,7 @@ void attention(const AttentionCall& call) {
   options.threads = plain.threads;
   options.key_lengths = {plain.key_lengths, plain.key_lengths_size};
   options.alibi_slopes = {plain.alibi_slopes, plain.alibi_slopes_size};
+  options.sinks = {plain.sinks, plain.sinks_size};
   options.softcap = plain.softcap;
   blockattn::BlockSparseLayout sparse;
   if (const Layout* layout = plain.block_sparse) {

@@ -56,6 +56,7 @@ inline double modifier_magnitude(const AttentionOptions& options, Index n_q, Ind
   if (!options.alibi_slopes.empty()) {
     extra += std::abs(options.alibi_slopes[0]) * static_cast<double>(n_q + n_k);
   }
+  if (!options.sinks.empty()) extra += std::abs(options.sinks[0]);  // one more exp argument
   return extra;
 }
 

@@ -73,16 +73,22 @@ class NoMallocScope {
 };
 
 /// Where a forward call writes: out [batch, n_q, heads, d_v] (storage O: T, or a 16-bit format,
-/// rounded once from the normalised float row) and lse [batch, heads, n_q] of T (or null).
+/// rounded once from the normalised float row) and lse [batch, heads, n_q] of T (or null); sinks
+/// (options.sinks: one logit per query head, or null) join each row's denominator here, once,
+/// after every key and segment is merged.
 template <class T, class O = T>
 struct ForwardOutput {
   TensorView<O> out;
   T* lse;
+  const double* sinks = nullptr;
 
-  /// Normalises the finished state of the rows `t` into out and lse.
-  void finalize(const RowBlockState<T>& state, const TileRows& t) const {
+  /// Normalises the finished state of the rows `t` into out and lse (folding in the sinks first).
+  void finalize(RowBlockState<T>& state, const TileRows& t) const {
     for (Index g = 0; g < t.group; ++g) {
       const Index h = t.h0 + g;
+      if (sinks != nullptr) {
+        state.fold_sink(g * t.rows_per_head, t.rows_per_head, static_cast<T>(sinks[h]));
+      }
       T* lse_rows = lse != nullptr ? lse + (t.b * out.heads + h) * out.seq + t.q0 : nullptr;
       state.finalize(g * t.rows_per_head, t.rows_per_head,
                      mutable_head_slice(out, t.b, h).middleRows(t.q0, t.rows_per_head), lse_rows);
@@ -173,7 +179,8 @@ void attention_forward_sources(const TensorView<const QS>& q, const AttentionSha
   const AttentionPlan plan = plan_attention<T>(shapes, options);
   if (plan.tasks == 0) return;
   const auto problem = make_attention_problem<T>(plan, options, mask_mod, score_mod);
-  const ForwardOutput<T, QS> output{out, lse};
+  const ForwardOutput<T, QS> output{out, lse,
+                                    options.sinks.empty() ? nullptr : options.sinks.data()};
   const int threads = resolve_threads(options.threads, plan.tasks);
   const AttentionWorkspace<T> workspace(storage, threads, plan.task_shape(),
                                         plan.segments > 1 ? plan.tasks : 0);

@@ -49,6 +49,8 @@ struct Options {
   const double* alibi_slopes = nullptr;
   Index alibi_slopes_size = 0;
   double softcap = 0;
+  const double* sinks = nullptr;
+  Index sinks_size = 0;
 };
 
 /// One attention() call: q, k, v, out as tensors of the element type the entry point names,

@@ -191,6 +191,24 @@ void merge_row(T& m_a, T& l_a, AccA* acc_a, T m_b, T l_b, const AccB* acc_b, Ind
   m_a = m_new;
 }
 
+/// Folds an attention sink into a finished row's state: the sink is one more term exp(sink) of the
+/// denominator that carries no value, i.e. merge_row() with the state (m = sink, l = 1, acc = 0),
+/// written out so that no row of zeros is needed. sink = −inf is no sink (nothing changes). An
+/// empty row (m = −inf, l = 0) becomes m = sink, l = 1, acc 0: out 0 and lse = sink. A NaN the
+/// row holds stays (NaN · 0 = NaN). O(d_v).
+template <class T>
+void fold_sink(T& m, T& l, T* acc, Index d_v, T sink) {
+  if (sink == kNegativeInfinity<T>) return;
+  const T m_new = running_max(m, sink);
+  const T alpha = rescale_factor(m, m_new);
+  const T beta = rescale_factor(sink, m_new);
+  if (alpha != T(1)) {
+    for (Index c = 0; c < d_v; ++c) acc[c] *= alpha;
+  }
+  l = rounded(alpha * l) + beta;
+  m = m_new;
+}
+
 /// The output and log-sum-exp of a finished state: out = acc / l, lse = m + log(l); a state with
 /// l = 0 (no visible key) gives out 0 and lse −inf, never NaN.
 template <class T, class Acc, class Out>
@@ -245,6 +263,13 @@ class RowBlockState {
     for (Index r = 0; r < rows_; ++r) {
       merge_row(m_[r], l_[r], acc(r), other.m_[r], other.l_[r], other.acc(r), d_v_);
     }
+  }
+
+  /// Folds the sink logit into the finished rows [first, first + count) (fold_sink() on each),
+  /// before finalize(). O(count·d_v).
+  void fold_sink(Index first, Index count, T sink) {
+    for (Index r = first; r < first + count; ++r)
+      detail::fold_sink(m_[r], l_[r], acc(r), d_v_, sink);
   }
 
   /// Running max of row r (the tile update's rule: NaN scores are not counted).

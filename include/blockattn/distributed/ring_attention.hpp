@@ -693,6 +693,7 @@ inline AttentionOptions local_options(const AttentionOptions& options, Workspace
   local.window_right = -1;
   local.key_lengths = {};
   local.alibi_slopes = {};
+  local.sinks = {};
   if (local.workspace == nullptr) local.workspace = own;
   return local;
 }
@@ -710,6 +711,10 @@ RingPlan checked_plan(const RingComm& comm, const char* function, const TensorVi
     require(options.block_sparse == nullptr, function,
             "options.block_sparse is not supported (its grid is on local positions); use a mask "
             "on global positions");
+    // Each ring step's local call would fold the sink into its partial result; the sink must
+    // join the merged denominator once.
+    require(options.sinks.empty(), function, "options.sinks has ", options.sinks.size(),
+            " entries but the ring does not support attention sinks yet (pass an empty Span)");
     validate_global_arrays(function, options, q.batch, q.heads);
     AttentionOptions checked = local;
     checked.alibi_slopes = options.alibi_slopes;
