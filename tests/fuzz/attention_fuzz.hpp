@@ -155,16 +155,29 @@ void check_one(ByteReader& in) {
   }
   const Index lse_count = batch * heads * n_q;
   std::vector<T> lse(static_cast<std::size_t>(lse_count), sentinel);
+  // Attention sinks, read after the values so that inputs saved before they existed keep their
+  // shapes and values (an exhausted reader gives zeros: no sinks): sinks in [−4, 4], −inf (no
+  // sink) and 40 (above every logit).
+  std::vector<double> sinks(static_cast<std::size_t>(heads));
+  if (in.flag()) {
+    for (auto& sink : sinks) {
+      const Index code = in.range(0, 34);
+      sink = code == 33   ? -std::numeric_limits<double>::infinity()
+             : code == 34 ? 40.0
+                          : static_cast<double>(code - 16) / 4;
+    }
+    o.sinks = sinks;
+  }
 
   char shape[320];
   std::snprintf(shape, sizeof shape,
                 "T=%s B=%td n_q=%td n_k=%td H=%td H_kv=%td d=%td d_v=%td pad=%td single=%d "
                 "causal=%d wl=%td wr=%td kl=%d sparse=%d softcap=%g alibi=%d qc=%td kc=%td "
-                "threads=%d scale=%g lse=%d specials=%d invalid=%d",
+                "threads=%d scale=%g lse=%d specials=%d invalid=%d sinks=%d",
                 sizeof(T) == 4 ? "float" : "double", batch, n_q, n_k, heads, kv_heads, d, d_v, pad,
                 single_head_form, o.causal, o.window_left, o.window_right, !o.key_lengths.empty(),
                 o.block_sparse != nullptr, o.softcap, !o.alibi_slopes.empty(), o.query_chunk,
-                o.key_chunk, o.threads, o.scale, want_lse, specials, invalid);
+                o.key_chunk, o.threads, o.scale, want_lse, specials, invalid, !o.sinks.empty());
 
   const auto run = [&](const TensorView<T>& qq, const TensorView<T>& kk, const TensorView<T>& vv,
                        const TensorView<T>& oo, const AttentionOptions& opt, blockattn::Span<T> l) {
@@ -215,10 +228,16 @@ void check_one(ByteReader& in) {
             in.flag() ? -1 : n_k + 1 + in.range(0, 3);
         bad.key_lengths = bad_lengths;
         break;
-      case 8:
+      case 8:  // a non-finite slope, or a NaN or +inf sink
         bad_slopes[static_cast<std::size_t>(in.range(0, heads - 1))] =
             std::numeric_limits<double>::infinity();
         bad.alibi_slopes = bad_slopes;
+        if (in.flag()) {
+          bad.alibi_slopes = o.alibi_slopes;
+          bad_slopes[static_cast<std::size_t>(in.range(0, heads - 1))] =
+              in.flag() ? std::numeric_limits<double>::quiet_NaN() : HUGE_VAL;
+          bad.sinks = bad_slopes;
+        }
         break;
       case 9:  // a layout with the wrong number of heads and too few blocks
         bad.block_sparse = &small_layout;
@@ -270,6 +289,9 @@ void check_one(ByteReader& in) {
   if (!o.alibi_slopes.empty()) {
     for (const double s : slopes) extra = std::max(extra, s * static_cast<double>(n_q + n_k));
   }
+  if (!o.sinks.empty()) {  // the sink's exp argument (−inf: no sink, adds nothing)
+    for (const double s : sinks) extra += std::isinf(s) ? 0.0 : std::abs(s);
+  }
   const Index group = heads / kv_heads;
   for (Index b = 0; b < batch; ++b) {
     for (Index h = 0; h < heads; ++h) {
@@ -289,6 +311,9 @@ void check_one(ByteReader& in) {
       const double slope = !o.alibi_slopes.empty() ? slopes[static_cast<std::size_t>(h)] : 0;
       ho.alibi_slopes = !o.alibi_slopes.empty() ? blockattn::Span<const double>(&slope, 1)
                                                 : blockattn::Span<const double>();
+      const double sink = !o.sinks.empty() ? sinks[static_cast<std::size_t>(h)] : 0;
+      ho.sinks = !o.sinks.empty() ? blockattn::Span<const double>(&sink, 1)
+                                  : blockattn::Span<const double>();
       BlockSparseLayout head_layout;
       if (o.block_sparse != nullptr) {
         const Index lh = layout.heads() == 1 ? 0 : h;
