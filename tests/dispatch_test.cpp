@@ -88,6 +88,7 @@ struct Problem {
   std::vector<T> q, k, v;
   std::vector<Index> key_lengths;
   std::vector<double> slopes;
+  std::vector<double> sinks;
   BlockSparseLayout sparse;
   AttentionOptions options;
   std::string description;
@@ -140,6 +141,10 @@ Problem<T> random_problem(std::mt19937_64& rng) {
   }
   if (coin()) o.softcap = 5;
   if (coin()) {
+    for (Index h = 0; h < p.heads; ++h) p.sinks.push_back(h % 2 == 0 ? 0.5 : 2.0);
+    o.sinks = p.sinks;
+  }
+  if (coin()) {
     const Index block = 8;
     const Index qb = (p.n_q + block - 1) / block;
     const Index kb = (p.n_k + block - 1) / block;
@@ -153,14 +158,14 @@ Problem<T> random_problem(std::mt19937_64& rng) {
     }
     o.block_sparse = &p.sparse;
   }
-  p.description = "batch=" + std::to_string(p.batch) + " n_q=" + std::to_string(p.n_q) +
-                  " n_k=" + std::to_string(p.n_k) + " heads=" + std::to_string(p.heads) + "/" +
-                  std::to_string(p.kv_heads) + " d=" + std::to_string(p.d) +
-                  " d_v=" + std::to_string(p.d_v) + (o.causal ? " causal" : "") +
-                  (o.window_left >= 0 ? " window" : "") +
-                  (p.key_lengths.empty() ? "" : " key_lengths") +
-                  (p.slopes.empty() ? "" : " alibi") + (o.softcap > 0 ? " softcap" : "") +
-                  (o.block_sparse != nullptr ? " block_sparse" : "") + " " + seed_trace();
+  p.description =
+      "batch=" + std::to_string(p.batch) + " n_q=" + std::to_string(p.n_q) +
+      " n_k=" + std::to_string(p.n_k) + " heads=" + std::to_string(p.heads) + "/" +
+      std::to_string(p.kv_heads) + " d=" + std::to_string(p.d) + " d_v=" + std::to_string(p.d_v) +
+      (o.causal ? " causal" : "") + (o.window_left >= 0 ? " window" : "") +
+      (p.key_lengths.empty() ? "" : " key_lengths") + (p.slopes.empty() ? "" : " alibi") +
+      (o.softcap > 0 ? " softcap" : "") + (p.sinks.empty() ? "" : " sinks") +
+      (o.block_sparse != nullptr ? " block_sparse" : "") + " " + seed_trace();
   return p;
 }
 
@@ -194,7 +199,9 @@ void expect_dispatch_matches_header(std::uint64_t salt) {
     }
     const double u = static_cast<double>(blockattn::test::unit_roundoff<T>());
     const double scale = 1 / std::sqrt(static_cast<double>(p.d));
-    const double extra = p.options.softcap + (p.slopes.empty() ? 0.0 : 0.5 * double(p.n_q + p.n_k));
+    const double extra = p.options.softcap +
+                         (p.slopes.empty() ? 0.0 : 0.5 * double(p.n_q + p.n_k)) +
+                         (p.sinks.empty() ? 0.0 : 2.0);  // the sink's exp argument
     const double tol = 2 * 4 * u *
                        (static_cast<double>(p.d) * scale * static_cast<double>(p.d) + extra +
                         static_cast<double>(p.n_k) + 8);
