@@ -8,7 +8,9 @@
 // rows read in place and split at page ends; prefill: K/V packed per tile across pages), pages in
 // shuffled order, page sizes 1, 5 and 16, lengths not multiples of the page size, one token, GQA,
 // n_q ≠ n_k, every mask, key segments (> 8192 keys) and non-finite values (the NaN slow path).
-// Bad tables: std::invalid_argument naming the argument and the sizes, out untouched.
+// int8 pools (PagedQuantizedKV) against attention() on the QuantizedKV of the gathered int8
+// values and scales, likewise. Bad tables and scales: std::invalid_argument naming the argument
+// and the sizes, out untouched.
 // EIGEN_RUNTIME_NO_MALLOC: the no-malloc check of the last test (detail::NoMallocScope).
 
 #define EIGEN_RUNTIME_NO_MALLOC
@@ -72,8 +74,10 @@ struct Problem {
   Index batch = 0;
   Index num_pages = 0;
   std::vector<float> q;
+  static constexpr bool kInt8 = std::is_same_v<S, std::int8_t>;
   std::vector<S> k_pool, v_pool;
-  std::vector<std::vector<std::int32_t>> lists;  // each sequence's page ids
+  std::vector<float> k_scale_pool, v_scale_pool;  // int8 only: [pages, page_size, H_kv, 1]
+  std::vector<std::vector<std::int32_t>> lists;   // each sequence's page ids
   // The tables.
   std::vector<std::int32_t> block_tables, seq_lens;  // vLLM
   Index max_pages = 0;
@@ -94,8 +98,21 @@ struct Problem {
       for (auto& e : x) e = static_cast<std::remove_reference_t<decltype(e)>>(dist(rng));
     };
     fill(q, batch * s.n_q * s.heads * s.d);
-    fill(k_pool, num_pages * s.page_size * s.kv_heads * s.d);
-    fill(v_pool, num_pages * s.page_size * s.kv_heads * s.d_v);
+    if constexpr (kInt8) {  // int8 values and one positive scale per row
+      std::uniform_int_distribution<int> value(-127, 127);
+      std::uniform_real_distribution<float> scale(0.001f, 0.05f);
+      const auto fill8 = [&](std::vector<S>& x, std::vector<float>& sc, Index dim) {
+        x.resize(count(num_pages * s.page_size * s.kv_heads * dim));
+        for (auto& e : x) e = static_cast<S>(value(rng));
+        sc.resize(count(num_pages * s.page_size * s.kv_heads));
+        for (float& e : sc) e = scale(rng);
+      };
+      fill8(k_pool, k_scale_pool, s.d);
+      fill8(v_pool, v_scale_pool, s.d_v);
+    } else {
+      fill(k_pool, num_pages * s.page_size * s.kv_heads * s.d);
+      fill(v_pool, num_pages * s.page_size * s.kv_heads * s.d_v);
+    }
     std::size_t next = 0;
     for (Index b = 0; b < batch; ++b) {
       const Index pages = (s.lengths[count(b)] + s.page_size - 1) / s.page_size;
@@ -121,7 +138,8 @@ struct Problem {
     begins = indptr;
   }
 
-  TensorView<const S> pool(const std::vector<S>& x, Index dim) const {
+  template <class X>
+  TensorView<const X> pool(const std::vector<X>& x, Index dim) const {
     if (s.head_major) {
       return blockattn::make_tensor_view_bhsd(x.data(), num_pages, s.page_size, s.kv_heads, dim);
     }
@@ -138,7 +156,14 @@ struct Problem {
     }
     return {};
   }
-  PagedKV<S> cache(Format f) const { return {pool(k_pool, s.d), pool(v_pool, s.d_v), table(f)}; }
+  auto cache(Format f) const {
+    if constexpr (kInt8) {
+      return blockattn::PagedQuantizedKV{pool(k_pool, s.d), pool(k_scale_pool, 1),
+                                         pool(v_pool, s.d_v), pool(v_scale_pool, 1), table(f)};
+    } else {
+      return PagedKV<S>{pool(k_pool, s.d), pool(v_pool, s.d_v), table(f)};
+    }
+  }
   TensorView<const float> qv() const {
     return blockattn::make_tensor_view<const float>(q.data(), batch, s.n_q, s.heads, s.d);
   }
@@ -149,11 +174,12 @@ struct Problem {
   std::size_t lse_size() const { return count(batch * s.heads * s.n_q); }
 
   /// Sequence b's gathered cache [1, length, H_kv, dim] in the pool's layout.
-  std::vector<S> gather(const std::vector<S>& x, Index dim, Index b) const {
+  template <class X>
+  std::vector<X> gather(const std::vector<X>& x, Index dim, Index b) const {
     const Index n = s.lengths[count(b)];
-    std::vector<S> out(count(n * s.kv_heads * dim));
-    const TensorView<const S> from = pool(x, dim);
-    const TensorView<S> to = contiguous(out.data(), n, dim);
+    std::vector<X> out(count(n * s.kv_heads * dim));
+    const TensorView<const X> from = pool(x, dim);
+    const TensorView<X> to = contiguous(out.data(), n, dim);
     for (Index t = 0; t < n; ++t) {
       const Index page = lists[count(b)][count(t / s.page_size)];
       for (Index h = 0; h < s.kv_heads; ++h) {
@@ -191,16 +217,30 @@ void check_bitwise(const Problem<S>& p, AttentionOptions options, const MaskMod&
     const blockattn::Span<float> lse_b(lse_c.data() + b * s.heads * s.n_q, s.heads * s.n_q);
     const auto k_b = p.contiguous(k.data(), n, s.d);
     const auto v_b = p.contiguous(v.data(), n, s.d_v);
+    // The contiguous call in the same format: a QuantizedKV of the gathered int8 values and
+    // scales for an int8 pool, else the gathered K and V.
+    std::vector<float> k_scale, v_scale;
+    if constexpr (Problem<S>::kInt8) {
+      k_scale = p.gather(p.k_scale_pool, 1, b);
+      v_scale = p.gather(p.v_scale_pool, 1, b);
+    }
+    const auto call = [&](const auto&... mods) {
+      if constexpr (Problem<S>::kInt8) {
+        const blockattn::QuantizedKV kv{
+            TensorView<const S>(k_b), TensorView<const float>(p.contiguous(k_scale.data(), n, 1)),
+            TensorView<const S>(v_b), TensorView<const float>(p.contiguous(v_scale.data(), n, 1))};
+        blockattn::attention(q_b, kv, out_b, ob, lse_b, mods...);
+      } else {
+        blockattn::attention(q_b, TensorView<const S>(k_b), TensorView<const S>(v_b), out_b, ob,
+                             lse_b, mods...);
+      }
+    };
     if constexpr (std::is_same_v<MaskMod, blockattn::NoMaskMod>) {
       if constexpr (std::is_same_v<ScoreMod, blockattn::NoScoreMod>) {
-        blockattn::attention(q_b, TensorView<const S>(k_b), TensorView<const S>(v_b), out_b, ob,
-                             lse_b);
+        call();
       } else {
-        const auto score_b = [&](float x, Index, Index h, Index i, Index j) {
-          return score_mod(x, b, h, i, j);
-        };
-        blockattn::attention(q_b, TensorView<const S>(k_b), TensorView<const S>(v_b), out_b, ob,
-                             lse_b, blockattn::NoMaskMod{}, score_b);
+        call(blockattn::NoMaskMod{},
+             [&](float x, Index, Index h, Index i, Index j) { return score_mod(x, b, h, i, j); });
       }
     } else {
       const auto mask_b = [&](Index, Index h, Index i, Index j) { return mask_mod(b, h, i, j); };
@@ -208,11 +248,9 @@ void check_bitwise(const Problem<S>& p, AttentionOptions options, const MaskMod&
         const auto classify_b = [&](Index, Index h, Index q0, Index q_end, Index k0, Index k_end) {
           return mask_mod.classify_block(b, h, q0, q_end, k0, k_end);
         };
-        blockattn::attention(q_b, TensorView<const S>(k_b), TensorView<const S>(v_b), out_b, ob,
-                             lse_b, blockattn::classified_mask_mod(mask_b, classify_b));
+        call(blockattn::classified_mask_mod(mask_b, classify_b));
       } else {
-        blockattn::attention(q_b, TensorView<const S>(k_b), TensorView<const S>(v_b), out_b, ob,
-                             lse_b, mask_b);
+        call(mask_b);
       }
     }
   }
@@ -279,7 +317,7 @@ void run_cases(std::uint64_t salt) {
   for (const Case& c : cases()) {
     SCOPED_TRACE(describe(c.shape));
     Problem<S> p(c.shape, rng);
-    if (c.non_finite) {
+    if (c.non_finite && !Problem<S>::kInt8) {
       // Sequence 0: key n−12 (inf; hidden from the last queries by the window) and key n−10 (NaN,
       // visible) in one chunk with hidden keys: the slow path. Sequence 1: key n−2 (NaN, visible).
       const auto set = [&](Index b, Index t, float x) {
@@ -313,6 +351,8 @@ void run_cases(std::uint64_t salt) {
 TEST(PagedKVTest, FloatPoolEqualsTheContiguousCall) { run_cases<float>(1901); }
 TEST(PagedKVTest, BFloat16PoolEqualsTheContiguousCall) { run_cases<Eigen::bfloat16>(1902); }
 TEST(PagedKVTest, HalfPoolEqualsTheContiguousCall) { run_cases<Eigen::half>(1903); }
+// An int8 pool (PagedQuantizedKV): bitwise the QuantizedKV call on the gathered int8 cache.
+TEST(PagedKVTest, Int8PoolEqualsTheContiguousCall) { run_cases<std::int8_t>(1907); }
 
 // A user mask_mod (with and without a block classifier) and score_mod see the batch index of the
 // whole call.
@@ -432,6 +472,48 @@ TEST(PagedKVTest, ValidationNamesTheArgument) {
       },
       ::testing::ThrowsMessage<std::invalid_argument>(
           ::testing::HasSubstr("out overlaps the memory of block_tables")));
+}
+
+// An int8 pool's scales: sizes, and a non-finite or too large scale of a token some sequence
+// holds is rejected naming the pool element, token and sequence, out untouched; a NaN scale in
+// a page no sequence reaches is not read.
+TEST(PagedKVTest, Int8ValidationNamesTheScale) {
+  auto rng = make_rng(1908);
+  Problem<std::int8_t> p({{20, 7}, 1, 2, 1, 8, 8, 4}, rng);  // 5 + 2 pages (+3 unused) of 4 tokens
+  const auto expect_error = [&](const blockattn::PagedQuantizedKV& kv, const std::string& message) {
+    std::vector<float> out(p.out_size(), 3.0f);
+    EXPECT_THAT([&] { blockattn::attention(p.qv(), kv, p.outv(out)); },
+                ::testing::ThrowsMessage<std::invalid_argument>(::testing::HasSubstr(message)));
+    for (const float e : out) ASSERT_EQ(e, 3.0f);
+  };
+  blockattn::PagedQuantizedKV kv = p.cache(Format::VLLM);
+  kv.v_scale_pages.seq = 3;
+  expect_error(kv, "v_scale_pages.seq is 3 but v_pages.seq is 4");
+  kv = p.cache(Format::VLLM);
+  kv.k_scale_pages.dim = 2;
+  expect_error(kv, "k_scale_pages.dim is 2 but 1 is 1");
+  kv = p.cache(Format::VLLM);
+  kv.k_scale_pages.data = nullptr;
+  expect_error(kv, "k_scale_pages.data is null but sequence 0 holds 20 tokens");
+  // Token 6 of sequence 1: page lists[1][1], row 2.
+  const Index page = p.lists[1][1];
+  const std::size_t at = count(page * 4 + 2);  // [page, row 2, head 0]
+  p.v_scale_pool[at] = std::numeric_limits<float>::quiet_NaN();
+  expect_error(p.cache(Format::FlashInfer),
+               "v_scale_pages[" + std::to_string(page) + ", 2, 0] (token 6 of sequence 1) is nan");
+  p.v_scale_pool[at] = std::numeric_limits<float>::max() / 64;
+  expect_error(p.cache(Format::OpenVINO), "(token 6 of sequence 1) is");
+  p.v_scale_pool[at] = 0.01f;
+  // Row 3 of that page is past sequence 1's 7 tokens, and every row of an unused page: not read.
+  p.v_scale_pool[at + 1] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<std::int32_t> used(p.indices);
+  std::sort(used.begin(), used.end());
+  Index unused = 0;
+  while (std::binary_search(used.begin(), used.end(), static_cast<std::int32_t>(unused))) ++unused;
+  p.k_scale_pool[count(unused * 4)] = std::numeric_limits<float>::infinity();
+  std::vector<float> out(p.out_size());
+  EXPECT_NO_THROW(blockattn::attention(p.qv(), p.cache(Format::VLLM), p.outv(out)));
+  for (const float e : out) ASSERT_TRUE(std::isfinite(e));
 }
 
 // With a caller's Workspace, a second paged decode call and a chunked prefill call allocate

@@ -1,7 +1,9 @@
 #pragma once
 // Paged K/V caches: PagedKV (a pool of fixed-size pages of keys and values over the caller's
 // memory, and per sequence a list of pages), the page tables of three serving engines taken as
-// they keep them (no copy), and the attention() overload that reads such a cache in place.
+// they keep them (no copy), and the attention() overloads that read such a cache in place:
+// pages of float, double, bfloat16 or half (PagedKV<S>), or of int8 with one float scale per
+// token and kv head (PagedQuantizedKV: quantized_kv.hpp's format in pages).
 //
 // The pool. k_pages and v_pages are TensorViews whose batch axis is the page: [num_pages,
 // page_size, H_kv, d] (vLLM's and FlashInfer's "NHD": make_tensor_view) or the head-major
@@ -33,6 +35,7 @@
 // segments); one plan over sequences of different lengths is issue 18's item 3.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <iterator>
@@ -43,6 +46,7 @@
 #include <blockattn/detail/config.hpp>
 #include <blockattn/detail/kv_source.hpp>
 #include <blockattn/mask.hpp>
+#include <blockattn/quantized_kv.hpp>
 #include <blockattn/types.hpp>
 
 namespace blockattn {
@@ -112,6 +116,24 @@ struct PagedKV {
   PageTable table;
 };
 
+/// A paged int8 K/V cache (QuantizedKV's format in pages, over the caller's memory): k_pages and
+/// v_pages int8 [num_pages, page_size, H_kv, d] (d_v for v), k_scale_pages and v_scale_pages
+/// float [num_pages, page_size, H_kv, 1] (one scale per token and kv head, the value of an
+/// element its row's scale times the int8), each view with strides of its own, and the page
+/// table. quantize_kv() on a one-token slice of a page appends a token in place.
+struct PagedQuantizedKV {
+  /// Key pages as int8, [num_pages, page_size, H_kv, d].
+  TensorView<const std::int8_t> k_pages;
+  /// One float scale per key row, [num_pages, page_size, H_kv, 1].
+  TensorView<const float> k_scale_pages;
+  /// Value pages as int8, [num_pages, page_size, H_kv, d_v].
+  TensorView<const std::int8_t> v_pages;
+  /// One float scale per value row, [num_pages, page_size, H_kv, 1].
+  TensorView<const float> v_scale_pages;
+  /// Each sequence's pages and length.
+  PageTable table;
+};
+
 namespace detail {
 
 /// Sequence b's page ids (`count` of them) in a validated PageTable.
@@ -176,12 +198,10 @@ inline AddressRange span_range(Span<const std::int32_t> s) {
 /// last_page_len in [1, page_size]); the ids of every page a length reaches in [0, num_pages);
 /// options.key_lengths[b] <= length b; no output overlapping an input. O(batch + pages used).
 template <class QS, class S, class OS, class L>
-void validate_paged_attention(const char* f, const TensorView<const QS>& q, const PagedKV<S>& kv,
-                              const TensorView<OS>& out, const AttentionOptions& options,
-                              Span<L> lse) {
-  const TensorView<const S>& k = kv.k_pages;
-  const TensorView<const S>& v = kv.v_pages;
-  const PageTable& table = kv.table;
+void validate_paged_attention(const char* f, const TensorView<const QS>& q,
+                              const TensorView<const S>& k, const TensorView<const S>& v,
+                              const PageTable& table, const TensorView<OS>& out,
+                              const AttentionOptions& options, Span<L> lse) {
   const auto require_sizes = [&](const char* name, Index batch, Index seq, Index heads, Index dim) {
     require(batch >= 0 && seq >= 0 && heads >= 0 && dim >= 0, f, name, " has a negative size [",
             batch, ", ", seq, ", ", heads, ", ", dim, "]");
@@ -290,6 +310,47 @@ void validate_paged_attention(const char* f, const TensorView<const QS>& q, cons
   }
 }
 
+/// The argument names of an int8 paged cache's scale pools and their value pools.
+inline constexpr ScaleNames kKScalePagesNames{
+    "k_scale_pages",     "k_scale_pages.batch", "k_scale_pages.seq", "k_scale_pages.heads",
+    "k_scale_pages.dim", "k_pages.batch",       "k_pages.seq",       "k_pages.heads"};
+inline constexpr ScaleNames kVScalePagesNames{
+    "v_scale_pages",     "v_scale_pages.batch", "v_scale_pages.seq", "v_scale_pages.heads",
+    "v_scale_pages.dim", "v_pages.batch",       "v_pages.seq",       "v_pages.heads"};
+
+/// Checks an int8 paged cache's scale pool against its value pool `of` (validated, with the
+/// table, by validate_paged_attention): sizes [num_pages, page_size, H_kv, 1], data when some
+/// sequence holds a token, and the scale of every token a sequence holds finite with
+/// |scale| <= kMaxInt8Scale (pages no sequence reaches are not read).
+inline void validate_page_scales(const char* f, const ScaleNames& n,
+                                 const TensorView<const float>& scale,
+                                 const TensorView<const std::int8_t>& of, const PageTable& table,
+                                 Index batch, Index n_q) {
+  const char* const why = "one scale per token and kv head";
+  require_size(f, n.batch, scale.batch, n.of_batch, of.batch, why);
+  require_size(f, n.seq, scale.seq, n.of_seq, of.seq, why);
+  require_size(f, n.heads, scale.heads, n.of_heads, of.heads, why);
+  require_size(f, n.dim, scale.dim, "1", 1, why);
+  const Index page_size = of.seq;
+  for (Index b = 0; b < batch; ++b) {
+    const Index length = sequence_length(table, b, n_q, page_size);
+    if (length == 0) continue;
+    require(scale.data != nullptr, f, n.name, ".data is null but sequence ", b, " holds ", length,
+            " tokens");
+    const PageList pages = page_list(table, b);
+    for (Index t = 0; t < length; ++t) {
+      const Index page = pages.ids[t / page_size];
+      for (Index h = 0; h < scale.heads; ++h) {
+        const float x = *scale.at(page, t % page_size, h);
+        require(std::isfinite(x) && std::abs(x) <= kMaxInt8Scale, f, n.name, "[", page, ", ",
+                t % page_size, ", ", h, "] (token ", t, " of sequence ", b, ") is ", x,
+                " (a scale must be finite and at most ", kMaxInt8Scale,
+                " in magnitude, so that every value is finite)");
+      }
+    }
+  }
+}
+
 /// A user mask_mod seen from one sequence's call (batch entry 0 there): called with the
 /// sequence's batch index `b` of the whole call. Forwards classify_block when the mask has one.
 template <class MaskMod, bool = HasClassifyBlock<MaskMod>::value>
@@ -344,6 +405,47 @@ auto sequence_score_mod(const ScoreMod& score_mod, Index b) {
 
 }  // namespace detail
 
+namespace detail {
+
+/// The body of the paged attention() forms after validation: one planned call per sequence
+/// (attention_forward_sources) on the sources make_heads(page ids) gives for its pages, with the
+/// sequence's length as n_k, its key length, and the user's functors seeing its batch index.
+template <class QS, class S, class MakeHeads, class MaskMod, class ScoreMod>
+void paged_attention_forward(const TensorView<const QS>& q, const TensorView<const S>& k_pages,
+                             const TensorView<const S>& v_pages, const PageTable& table,
+                             const TensorView<QS>& out, const AttentionOptions& options,
+                             accumulator_t<QS>* lse, const MaskMod& mask_mod,
+                             const ScoreMod& score_mod, const MakeHeads& make_heads) {
+  Workspace own;
+  Workspace& workspace = options.workspace != nullptr ? *options.workspace : own;
+  const auto rows_interleave = [](const TensorView<const S>& x) {
+    return std::abs(x.head_stride) < std::abs(x.seq_stride);
+  };
+  const bool k_interleave = rows_interleave(k_pages);
+  const bool v_interleave = rows_interleave(v_pages);
+  for (Index b = 0; b < q.batch; ++b) {
+    const Index length = sequence_length(table, b, q.seq, k_pages.seq);
+    TensorView<const QS> q_b = q;
+    q_b.data = q.at(b, 0, 0);
+    q_b.batch = 1;
+    TensorView<QS> out_b = out;
+    out_b.data = out.at(b, 0, 0);
+    out_b.batch = 1;
+    AttentionOptions options_b = options;
+    if (!options.key_lengths.empty()) {
+      options_b.key_lengths = Span<const Index>(options.key_lengths.data() + b, 1);
+    }
+    const AttentionShapes shapes{1,     q.heads, k_pages.heads, q.seq,       length,
+                                 q.dim, out.dim, k_interleave,  v_interleave};
+    attention_forward_sources(q_b, shapes, make_heads(page_list(table, b).ids), out_b, options_b,
+                              lse == nullptr ? nullptr : lse + b * q.heads * q.seq,
+                              sequence_mask_mod(mask_mod, b), sequence_score_mod(score_mod, b),
+                              workspace);
+  }
+}
+
+}  // namespace detail
+
 /// Exact attention of q over a paged K/V cache (PagedKV: a pool of pages and each sequence's page
 /// list in vLLM's, FlashInfer's or OpenVINO's format, read in place). Sequence b's queries
 /// q[b] are its last n_q tokens (decode: n_q = 1; a prefill chunk: more), aligned bottom-right on
@@ -371,37 +473,56 @@ void attention(TensorView<QT> q, const PagedKV<S>& kv, TensorView<OT> out,
                 "blockattn: out is a writable TensorView of q's element type");
   detail::check_mods<T, MaskMod, ScoreMod>();
   const TensorView<const QS> cq(q);
+  detail::validate_paged_attention("attention", cq, kv.k_pages, kv.v_pages, kv.table, out, options,
+                                   lse);
+  detail::paged_attention_forward(
+      cq, kv.k_pages, kv.v_pages, kv.table, out, options, detail::data_or_null(lse), mask_mod,
+      score_mod, [&](const std::int32_t* pages) {
+        return detail::PagedKVHeads<T, S>(kv.k_pages, kv.v_pages, pages);
+      });
+}
+
+/// Exact attention of float queries over a paged int8 K/V cache (PagedQuantizedKV): the pages
+/// hold QuantizedKV's format (int8 values, one float scale per token and kv head), read in place
+/// as attention() on a QuantizedKV reads them. Sequence b's out and lse are bitwise those of
+/// attention() on the QuantizedKV of its gathered int8 cache and scales (hence of the float call
+/// on their dequantize_kv()), with everything else as the PagedKV form. q and out float.
+/// Throws std::invalid_argument as the PagedKV form, and also when a scale pool's sizes differ
+/// from [num_pages, page_size, H_kv, 1], its data is null, or a scale of a token some sequence
+/// holds is not finite or has |scale|·128 beyond float; nothing is written then. Checking the
+/// scales reads those of every held token: O(Σ_b length_b·H_kv).
+template <class QT, class OT, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
+void attention(TensorView<QT> q, const PagedQuantizedKV& kv, TensorView<OT> out,
+               const AttentionOptions& options = {}, Span<float> lse = {},
+               const MaskMod& mask_mod = {}, const ScoreMod& score_mod = {}) {
+  static_assert(std::is_same_v<std::remove_const_t<QT>, float> && std::is_same_v<OT, float>,
+                "blockattn: an int8 paged cache (PagedQuantizedKV) is read under float q and a "
+                "writable float out (TensorView<float>)");
+  detail::check_mods<float, MaskMod, ScoreMod>();
+  const TensorView<const float> cq(q);
   const char* const f = "attention";
-  detail::validate_paged_attention(f, cq, kv, out, options, lse);
-  Workspace own;
-  Workspace& workspace = options.workspace != nullptr ? *options.workspace : own;
-  const auto rows_interleave = [](const TensorView<const S>& x) {
-    return std::abs(x.head_stride) < std::abs(x.seq_stride);
-  };
-  const bool k_interleave = rows_interleave(kv.k_pages);
-  const bool v_interleave = rows_interleave(kv.v_pages);
-  const Index page_size = kv.k_pages.seq;
-  for (Index b = 0; b < q.batch; ++b) {
-    const Index length = detail::sequence_length(kv.table, b, q.seq, page_size);
-    TensorView<const QS> q_b = cq;
-    q_b.data = cq.at(b, 0, 0);
-    q_b.batch = 1;
-    TensorView<QS> out_b = out;
-    out_b.data = out.at(b, 0, 0);
-    out_b.batch = 1;
-    AttentionOptions options_b = options;
-    if (!options.key_lengths.empty()) {
-      options_b.key_lengths = Span<const Index>(options.key_lengths.data() + b, 1);
-    }
-    const detail::AttentionShapes shapes{1,     q.heads, kv.k_pages.heads, q.seq,       length,
-                                         q.dim, out.dim, k_interleave,     v_interleave};
-    const detail::PageList pages = detail::page_list(kv.table, b);
-    detail::attention_forward_sources(
-        q_b, shapes, detail::PagedKVHeads<T, S>(kv.k_pages, kv.v_pages, pages.ids), out_b,
-        options_b, lse.empty() ? nullptr : lse.data() + b * q.heads * q.seq,
-        detail::sequence_mask_mod(mask_mod, b), detail::sequence_score_mod(score_mod, b),
-        workspace);
+  detail::validate_paged_attention(f, cq, kv.k_pages, kv.v_pages, kv.table, out, options, lse);
+  detail::validate_page_scales(f, detail::kKScalePagesNames, kv.k_scale_pages, kv.k_pages, kv.table,
+                               q.batch, q.seq);
+  detail::validate_page_scales(f, detail::kVScalePagesNames, kv.v_scale_pages, kv.v_pages, kv.table,
+                               q.batch, q.seq);
+  const detail::AddressRange out_range = detail::tensor_range(out);
+  const detail::AddressRange k_scale_range = detail::tensor_range(kv.k_scale_pages);
+  const detail::AddressRange v_scale_range = detail::tensor_range(kv.v_scale_pages);
+  detail::require_disjoint(f, "out", out_range, "k_scale_pages", k_scale_range);
+  detail::require_disjoint(f, "out", out_range, "v_scale_pages", v_scale_range);
+  if (!lse.empty()) {
+    const Index count = q.batch * q.heads * q.seq;
+    const detail::AddressRange lse_range = detail::address_range(lse.data(), 1, count, count);
+    detail::require_disjoint(f, "lse", lse_range, "k_scale_pages", k_scale_range);
+    detail::require_disjoint(f, "lse", lse_range, "v_scale_pages", v_scale_range);
   }
+  detail::paged_attention_forward(
+      cq, kv.k_pages, kv.v_pages, kv.table, out, options, detail::data_or_null(lse), mask_mod,
+      score_mod, [&](const std::int32_t* pages) {
+        return detail::PagedKVHeads<float, std::int8_t>(kv.k_pages, kv.v_pages, pages,
+                                                        kv.k_scale_pages, kv.v_scale_pages);
+      });
 }
 
 }  // namespace BLOCKATTN_ISA_NAMESPACE

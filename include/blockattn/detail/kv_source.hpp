@@ -158,27 +158,36 @@ inline constexpr bool
     kSplitsRows<Source, std::void_t<decltype(std::declval<const Source&>().contiguous_keys(0))>> =
         true;
 
-/// The K/V source of one (sequence, kv head) of a paged cache: rows stored in S (E, or a 16-bit
-/// format under E = float), computed in E. Key j lives in page pages[j / page_size] at row
+/// The K/V source of one (sequence, kv head) of a paged cache: rows stored in S (E; a 16-bit
+/// format under E = float; or int8 with one float scale per row under E = float, as
+/// QuantizedKVSource), computed in E. Key j lives in page pages[j / page_size] at row
 /// j % page_size; within a page, rows are `ld` apart (the pool's token stride), pages are
-/// `page_stride` apart. Prefill packs a chunk page run by page run into the same panel layout as
-/// StridedKV (pack_k_rows / pack_v_rows: the same widened values, so the same bits); decode reads
-/// rows in place, split at page boundaries (contiguous_keys). The page ids were validated
-/// (0 <= id < num_pages for every page the sequence's length reaches).
+/// `page_stride` apart, and an int8 pool's scales likewise. Prefill packs a chunk row by row
+/// (K) and page run by page run (V, detail::pack_v's own code) into StridedKV's panel layout,
+/// the same converted values, so the same bits; decode reads rows in place, split at page
+/// boundaries (contiguous_keys). The page ids were validated (0 <= id < num_pages for every page
+/// the sequence's length reaches).
 template <class E, class S = E>
 class PagedKVSource {
  public:
   using Element = E;
   using Storage = S;
-  static_assert(std::is_same_v<S, E> || (kIs16BitFloat<S> && std::is_same_v<E, float>),
-                "blockattn: K/V storage is the compute type, or a 16-bit format computed in float");
-  static constexpr bool kValuesFinite = false;
+  static constexpr bool kInt8 = std::is_same_v<S, std::int8_t>;
+  static_assert(std::is_same_v<S, E> || ((kIs16BitFloat<S> || kInt8) && std::is_same_v<E, float>),
+                "blockattn: K/V storage is the compute type, or a 16-bit format or int8 computed "
+                "in float");
+  /// int8 values are finite by construction (the entry point checked the scales).
+  static constexpr bool kValuesFinite = kInt8;
 
-  /// One pool's rows of one kv head: element [page, row, 0] at data + page·page_stride + row·ld.
+  /// One pool's rows of one kv head: element [page, row, 0] at data + page·page_stride + row·ld;
+  /// for int8, the row's scale at scale + page·scale_page_stride + row·scale_ld.
   struct Pool {
     const S* data = nullptr;
     Index page_stride = 0;
     Index ld = 0;
+    const float* scale = nullptr;
+    Index scale_page_stride = 0;
+    Index scale_ld = 0;
   };
 
   PagedKVSource(const std::int32_t* pages, Index page_size, Pool k, Pool v, Index d, Index d_v)
@@ -192,7 +201,8 @@ class PagedKVSource {
 
   void pack_k(Index k0, Index keys, E* panel) const {
     // The panel layout of detail::pack_k (keys in panels of kKeyVectors·L, each panel of
-    // width round_up(panel keys, L), feature-major, zero-padded), gathered row by row.
+    // width round_up(panel keys, L), feature-major, zero-padded), gathered row by row, each
+    // element converted by element_of as pack_k does.
     constexpr Index kLanes = simd::Simd<E>::kLanes;
     constexpr Index kPanel = RegisterBlock<E>::kKeyVectors * kLanes;
     for (Index j0 = 0; j0 < keys; j0 += kPanel) {
@@ -201,7 +211,8 @@ class PagedKVSource {
       E* dst = panel + j0 * d_;
       for (Index jj = 0; jj < count; ++jj) {
         const S* src = row(k_, k0 + j0 + jj);
-        for (Index c = 0; c < d_; ++c) dst[c * width + jj] = static_cast<E>(src[c]);
+        const RowScales scale = scales(k_, k0 + j0 + jj);
+        for (Index c = 0; c < d_; ++c) dst[c * width + jj] = element_of<E>(src[c], scale, 0);
       }
       for (Index c = 0; c < d_; ++c) {
         for (Index jj = count; jj < width; ++jj) dst[c * width + jj] = E(0);
@@ -218,16 +229,22 @@ class PagedKVSource {
       const Index width = round_up(cols, kLanes);
       for (Index j = 0; j < keys;) {
         const Index run = std::min(keys - j, contiguous_keys(k0 + j));
-        detail::pack_v<E>(row(v_, k0 + j) + c0, v_.ld, run, cols, panel + c0 * keys + j * width);
+        detail::pack_v<E>(row(v_, k0 + j) + c0, v_.ld, run, cols, panel + c0 * keys + j * width,
+                          scales(v_, k0 + j));
         j += run;
       }
     }
   }
   bool values_finite(Index k0, Index keys) const {
-    for (Index j = 0; j < keys;) {
-      const Index run = std::min(keys - j, contiguous_keys(k0 + j));
-      if (!block_is_finite(row(v_, k0 + j), v_.ld, run, d_v_)) return false;
-      j += run;
+    if constexpr (!kValuesFinite) {
+      for (Index j = 0; j < keys;) {
+        const Index run = std::min(keys - j, contiguous_keys(k0 + j));
+        if (!block_is_finite(row(v_, k0 + j), v_.ld, run, d_v_)) return false;
+        j += run;
+      }
+    } else {
+      static_cast<void>(k0);
+      static_cast<void>(keys);
     }
     return true;
   }
@@ -245,12 +262,25 @@ class PagedKVSource {
       j += run;
     }
   }
-  RowScales key_scales(Index) const { return {}; }
-  RowScales value_scales(Index) const { return {}; }
+  /// int8: the scales of K rows from k0 on, valid for contiguous_keys(k0) rows; else empty.
+  RowScales key_scales(Index k0) const { return scales(k_, k0); }
+  /// int8: the scales of V rows from k0 on, valid for contiguous_keys(k0) rows; else empty.
+  RowScales value_scales(Index k0) const { return scales(v_, k0); }
 
  private:
   const S* row(const Pool& pool, Index j) const {
     return pool.data + pages_[j / page_size_] * pool.page_stride + (j % page_size_) * pool.ld;
+  }
+  RowScales scales(const Pool& pool, Index j) const {
+    if constexpr (kInt8) {
+      return {pool.scale + pages_[j / page_size_] * pool.scale_page_stride +
+                  (j % page_size_) * pool.scale_ld,
+              pool.scale_ld};
+    } else {
+      static_cast<void>(pool);
+      static_cast<void>(j);
+      return {};
+    }
   }
 
   const std::int32_t* pages_;
@@ -262,30 +292,36 @@ class PagedKVSource {
 };
 
 /// The PagedKVSource sources of one sequence of a paged cache: head(0, h) is kv head h (the
-/// sequence is batch entry 0 of its call; attention() on a PagedKV runs one call per sequence).
-/// k_pages, v_pages: [num_pages, page_size, H_kv, d] views (any strides); pages: the sequence's
-/// page ids.
+/// sequence is batch entry 0 of its call; attention() on a paged cache runs one call per
+/// sequence). k_pages, v_pages: [num_pages, page_size, H_kv, d] views (any strides); for int8,
+/// k_scale_pages and v_scale_pages [num_pages, page_size, H_kv, 1] float (else empty); pages:
+/// the sequence's page ids.
 template <class E, class S = E>
 class PagedKVHeads {
  public:
   using Source = PagedKVSource<E, S>;
 
   PagedKVHeads(const TensorView<const S>& k_pages, const TensorView<const S>& v_pages,
-               const std::int32_t* pages)
-      : k_(k_pages), v_(v_pages), pages_(pages) {}
+               const std::int32_t* pages, const TensorView<const float>& k_scale_pages = {},
+               const TensorView<const float>& v_scale_pages = {})
+      : k_(k_pages), v_(v_pages), k_scale_(k_scale_pages), v_scale_(v_scale_pages), pages_(pages) {}
 
   Source head(Index, Index h) const {
-    return {pages_,
-            k_.seq,
-            {k_.at(0, 0, h), k_.batch_stride, k_.seq_stride},
-            {v_.at(0, 0, h), v_.batch_stride, v_.seq_stride},
-            k_.dim,
-            v_.dim};
+    return {pages_, k_.seq, pool(k_, k_scale_, h), pool(v_, v_scale_, h), k_.dim, v_.dim};
   }
 
  private:
+  static typename Source::Pool pool(const TensorView<const S>& x,
+                                    const TensorView<const float>& scale, Index h) {
+    const float* scale_data = scale.data != nullptr ? scale.at(0, 0, h) : nullptr;
+    return {x.at(0, 0, h), x.batch_stride,     x.seq_stride,
+            scale_data,    scale.batch_stride, scale.seq_stride};
+  }
+
   TensorView<const S> k_;
   TensorView<const S> v_;
+  TensorView<const float> k_scale_;
+  TensorView<const float> v_scale_;
   const std::int32_t* pages_;
 };
 
