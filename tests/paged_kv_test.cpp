@@ -516,31 +516,36 @@ TEST(PagedKVTest, Int8ValidationNamesTheScale) {
   for (const float e : out) ASSERT_TRUE(std::isfinite(e));
 }
 
-// With a caller's Workspace, a second paged decode call and a chunked prefill call allocate
-// nothing: validation, the loops and the merge of key segments.
+// With a caller's Workspace, a second paged decode call, a chunked prefill call and an int8
+// decode call allocate nothing: validation (the scale scan too), the loops and the merge of key
+// segments.
 TEST(PagedKVTest, SecondCallWithAWorkspaceAllocatesNothing) {
   auto rng = make_rng(1906);
   const Problem<float> decode({{9000, 100, 2000}, 1, 4, 2, 64, 64, 16}, rng);
   const Problem<float> prefill({{300, 120}, 100, 4, 2, 64, 64, 16, true}, rng);
+  const Problem<std::int8_t> int8({{3000, 40}, 1, 4, 2, 64, 64, 16}, rng);
   blockattn::Workspace workspace;
   AttentionOptions options;
   options.threads = 1;
   options.workspace = &workspace;
   options.causal = true;
-  std::vector<float> out_d(decode.out_size()), out_p(prefill.out_size());
+  std::vector<float> out_d(decode.out_size()), out_p(prefill.out_size()), out_8(int8.out_size());
   std::vector<float> lse_d(decode.lse_size());
   blockattn::attention(decode.qv(), decode.cache(Format::FlashInfer), decode.outv(out_d), options,
                        lse_d);
   blockattn::attention(prefill.qv(), prefill.cache(Format::VLLM), prefill.outv(out_p), options);
-  const std::vector<float> first_d = out_d, first_p = out_p;
+  blockattn::attention(int8.qv(), int8.cache(Format::OpenVINO), int8.outv(out_8), options);
+  const std::vector<float> first_d = out_d, first_p = out_p, first_8 = out_8;
   {
     const blockattn::detail::NoMallocScope no_malloc;  // aborts on an allocation
     blockattn::attention(decode.qv(), decode.cache(Format::FlashInfer), decode.outv(out_d), options,
                          lse_d);
     blockattn::attention(prefill.qv(), prefill.cache(Format::VLLM), prefill.outv(out_p), options);
+    blockattn::attention(int8.qv(), int8.cache(Format::OpenVINO), int8.outv(out_8), options);
   }
   EXPECT_TRUE(same_bits(out_d, first_d));
   EXPECT_TRUE(same_bits(out_p, first_p));
+  EXPECT_TRUE(same_bits(out_8, first_8));
 }
 
 }  // namespace
