@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -20,6 +22,7 @@
 #include <blockattn/attention.hpp>
 #include <blockattn/detail/parallel.hpp>
 #include <blockattn/detail/simd.hpp>
+#include <blockattn/paged_kv.hpp>
 #include <blockattn/quantized_kv.hpp>
 
 #include "support/counters.hpp"
@@ -287,6 +290,109 @@ void BM_Attention_DecodeCacheInt8(benchmark::State& state) {
       benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
 }
 
+// Batched decode over a serving cache (issue 18, item 2): 64 sequences, one new token each,
+// 8 query heads on kv_heads, d = 128, cache lengths 128·256^(i/63) for i = 0..63 (geometric from
+// 128 to 32768, 387k tokens in all: as many short sequences as long ones on a log scale).
+// page_size 0: each sequence in a contiguous cache of its own ([1, length, H_kv, d]), one
+// attention() call per sequence; page_size > 0: one paged pool ([pages, page_size, H_kv, d],
+// vLLM's block_tables, pages assigned in shuffled order as a pool after some churn) and one
+// attention() on a PagedKV, which runs the same per-sequence plans, so the ratio is the cost of
+// paging (issue 18's target: within 5%). tokens_per_second: sequences decoded per second;
+// kv_bytes_per_second: sizeof(S)·Σ length·kv_heads·2d per step. Memory: kv_heads = 8 in float
+// is 3.2 GB; run it alone: --benchmark_filter='BM_Attention_BatchedDecode'.
+template <class S>
+void BM_Attention_BatchedDecode(benchmark::State& state) {
+  constexpr Index kBatch = 64;
+  constexpr Index heads = 8;
+  constexpr Index d = 128;
+  const Index kv_heads = state.range(0);
+  const Index page_size = state.range(1);
+  std::vector<Index> lengths;
+  Index total = 0;
+  for (Index i = 0; i < kBatch; ++i) {
+    lengths.push_back(std::llround(128.0 * std::pow(256.0, static_cast<double>(i) / 63.0)));
+    total += lengths.back();
+  }
+  const auto fill = [](std::vector<S>& x, Index rows, unsigned seed) {
+    x.resize(static_cast<std::size_t>(rows * d));
+    for (std::size_t e = 0; e < x.size(); ++e) {
+      const auto h = static_cast<std::uint32_t>(e) * 2654435761u + seed * 40503u;
+      x[e] = static_cast<S>(static_cast<float>(h >> 16) / 32768.0f - 1.0f);
+    }
+  };
+  const Matrix<float> q = random_input<float>(kBatch * heads, d, 1);
+  Matrix<float> out(kBatch * heads, d);
+  const auto q_view = blockattn::make_tensor_view(q.data(), kBatch, 1, heads, d);
+  const auto out_view = blockattn::make_tensor_view(out.data(), kBatch, 1, heads, d);
+  AttentionOptions options;
+  options.threads = static_cast<int>(state.range(2));
+  label_threads(state, options);
+  blockattn::Workspace workspace;
+  options.workspace = &workspace;
+  std::function<void()> step;
+  std::vector<std::vector<S>> k_seq, v_seq;  // page_size 0
+  std::vector<S> k_pool, v_pool;             // page_size > 0
+  std::vector<std::int32_t> block_tables, seq_lens;
+  blockattn::PagedKV<S> paged;
+  if (page_size == 0) {
+    k_seq.resize(kBatch);
+    v_seq.resize(kBatch);
+    for (Index b = 0; b < kBatch; ++b) {
+      fill(k_seq[static_cast<std::size_t>(b)], lengths[static_cast<std::size_t>(b)] * kv_heads,
+           static_cast<unsigned>(2 * b + 2));
+      fill(v_seq[static_cast<std::size_t>(b)], lengths[static_cast<std::size_t>(b)] * kv_heads,
+           static_cast<unsigned>(2 * b + 3));
+    }
+    step = [&] {
+      for (Index b = 0; b < kBatch; ++b) {
+        const auto at = static_cast<std::size_t>(b);
+        const Index n = lengths[at];
+        blockattn::attention(
+            blockattn::make_tensor_view(q.data() + b * heads * d, 1, 1, heads, d),
+            blockattn::make_tensor_view<const S>(k_seq[at].data(), 1, n, kv_heads, d),
+            blockattn::make_tensor_view<const S>(v_seq[at].data(), 1, n, kv_heads, d),
+            blockattn::make_tensor_view(out.data() + b * heads * d, 1, 1, heads, d), options);
+      }
+    };
+  } else {
+    Index max_pages = 0;
+    Index num_pages = 0;
+    for (const Index n : lengths) {
+      max_pages = std::max(max_pages, (n + page_size - 1) / page_size);
+      num_pages += (n + page_size - 1) / page_size;
+    }
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(num_pages));
+    for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<std::int32_t>(i);
+    std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
+    block_tables.assign(static_cast<std::size_t>(kBatch * max_pages), 0);
+    std::size_t next = 0;
+    for (Index b = 0; b < kBatch; ++b) {
+      const Index n = lengths[static_cast<std::size_t>(b)];
+      for (Index p = 0; p < (n + page_size - 1) / page_size; ++p) {
+        block_tables[static_cast<std::size_t>(b * max_pages + p)] = ids[next++];
+      }
+      seq_lens.push_back(static_cast<std::int32_t>(n));
+    }
+    fill(k_pool, num_pages * page_size * kv_heads, 2);
+    fill(v_pool, num_pages * page_size * kv_heads, 3);
+    paged = {blockattn::make_tensor_view<const S>(k_pool.data(), num_pages, page_size, kv_heads, d),
+             blockattn::make_tensor_view<const S>(v_pool.data(), num_pages, page_size, kv_heads, d),
+             blockattn::vllm_page_table(block_tables, max_pages, seq_lens)};
+    step = [&] { blockattn::attention(q_view, paged, out_view, options); };
+  }
+  step();  // sizes the workspace
+  for (auto _ : state) {
+    step();
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["tokens_per_second"] = benchmark::Counter(
+      static_cast<double>(kBatch), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["kv_bytes_per_second"] = benchmark::Counter(
+      static_cast<double>(sizeof(S)) * static_cast<double>(total * kv_heads * 2 * d),
+      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
+}
+
 /// Reads a 1 GiB buffer (touched once before timing, so page faults are not in the figure) with
 /// state.range(0) threads, each its contiguous part, as kStreams interleaved streams
 /// (bench::sum_streams). bytes_per_second = bytes per wall-clock second.
@@ -471,6 +577,21 @@ BENCHMARK_TEMPLATE(BM_Attention_DecodeCache, Eigen::half)
 BENCHMARK(BM_Attention_DecodeCacheInt8)
     ->ArgNames({"n_k", "kv_heads", "d", "threads"})
     ->ArgsProduct({{262144}, {8, 1}, {64, 128}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_Attention_BatchedDecode, float)
+    ->ArgNames({"kv_heads", "page_size", "threads"})
+    ->ArgsProduct({{8, 2}, {0, 16, 128}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_Attention_BatchedDecode, Eigen::bfloat16)
+    ->ArgNames({"kv_heads", "page_size", "threads"})
+    ->ArgsProduct({{8, 2}, {0, 16, 128}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_Attention_BatchedDecode, Eigen::half)
+    ->ArgNames({"kv_heads", "page_size", "threads"})
+    ->ArgsProduct({{8, 2}, {0, 16, 128}, {1, 2}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_StreamRead)

@@ -5,7 +5,9 @@
 // that runs.
 //
 //   readme_tour      (no arguments; returns 0 when every snippet gave a finite, checked result)
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <vector>
 
@@ -118,9 +120,60 @@ bool top_k() {
   return token[0] == 1 && token[1] == 3 && p[0] > p[1];
 }
 
+/// Decode over a paged float cache with a vLLM page table: each sequence's output is bitwise the
+/// call on its own pages gathered into a contiguous cache.
+bool paged_cache() {
+  const Index batch = 2, num_pages = 6, page_size = 4, max_pages = 3;
+  std::vector<float> k_buffer(static_cast<std::size_t>(num_pages * page_size * 8 * 128));
+  std::vector<float> v_buffer(k_buffer.size());
+  std::vector<float> q_buffer(static_cast<std::size_t>(batch * 8 * 128));
+  std::vector<float> out_buffer(q_buffer.size());
+  float seed = 0.0F;
+  for (auto* buffer : {&k_buffer, &v_buffer, &q_buffer}) {
+    for (float& x : *buffer) x = std::sin(seed += 0.29F);
+  }
+  const float* const k_pages = k_buffer.data();
+  const float* const v_pages = v_buffer.data();
+  const std::vector<std::int32_t> block_tables{4, 0, 2, 5, 1, 3};  // [batch, max_pages]
+  const std::vector<std::int32_t> seq_lens{9, 12};                 // tokens of each sequence
+  auto q = blockattn::make_tensor_view<const float>(q_buffer.data(), batch, 1, 8, 128);
+  auto out = blockattn::make_tensor_view(out_buffer.data(), batch, 1, 8, 128);
+  blockattn::AttentionOptions options;
+  // [readme]
+  auto pool_k = blockattn::make_tensor_view<const float>(k_pages, num_pages, page_size, 8, 128);
+  auto pool_v = blockattn::make_tensor_view<const float>(v_pages, num_pages, page_size, 8, 128);
+  blockattn::PagedKV<float> cache{pool_k, pool_v,
+                                  blockattn::vllm_page_table(block_tables, max_pages, seq_lens)};
+  blockattn::attention(q, cache, out, options);  // q, out [batch, n_q, heads, d]
+  // [readme]
+  bool same = true;
+  for (Index b = 0; b < batch; ++b) {  // the contiguous call on sequence b's gathered pages
+    const Index n = seq_lens[static_cast<std::size_t>(b)];
+    std::vector<float> k_seq(static_cast<std::size_t>(n * 8 * 128)), v_seq(k_seq.size());
+    for (Index j = 0; j < n; ++j) {
+      const auto page = block_tables[static_cast<std::size_t>(b * max_pages + j / page_size)];
+      const std::size_t from =
+          static_cast<std::size_t>((page * page_size + j % page_size) * 8 * 128);
+      std::copy_n(k_buffer.begin() + static_cast<std::ptrdiff_t>(from), 8 * 128,
+                  k_seq.begin() + j * 8 * 128);
+      std::copy_n(v_buffer.begin() + static_cast<std::ptrdiff_t>(from), 8 * 128,
+                  v_seq.begin() + j * 8 * 128);
+    }
+    std::vector<float> want(8 * 128);
+    blockattn::attention(
+        blockattn::make_tensor_view<const float>(q_buffer.data() + b * 8 * 128, 1, 1, 8, 128),
+        blockattn::make_tensor_view<const float>(k_seq.data(), 1, n, 8, 128),
+        blockattn::make_tensor_view<const float>(v_seq.data(), 1, n, 8, 128),
+        blockattn::make_tensor_view(want.data(), 1, 1, 8, 128), options);
+    same = same && std::equal(want.begin(), want.end(), out_buffer.begin() + b * 8 * 128);
+  }
+  std::printf("paged decode equals the gathered contiguous call: %s\n", same ? "yes" : "no");
+  return same;
+}
+
 }  // namespace
 
 int main() {
-  const bool ok = tensor_views() && user_mask() && training() && top_k();
+  const bool ok = tensor_views() && user_mask() && training() && top_k() && paged_cache();
   return ok ? 0 : 1;
 }

@@ -13,6 +13,7 @@
 
 #include <blockattn/detail/attention_plan.hpp>
 #include <blockattn/detail/attention_problem.hpp>
+#include <blockattn/detail/kv_source.hpp>
 #include <blockattn/detail/microkernel.hpp>
 #include <blockattn/detail/non_finite_values.hpp>
 #include <blockattn/detail/online_state.hpp>
@@ -138,6 +139,70 @@ struct KeyChunk {
   Index keys_left = 0;
 };
 
+/// Decode: decode_chunk() for a source whose rows lie on several strides (a paged cache,
+/// kSplitsRows): each kernel call covers one run of rows that share a stride (contiguous_keys),
+/// never more. Splitting a chunk's reads changes no bit: every score is one dot product whatever
+/// the key blocking (score_rows_direct), and accumulate_pv_direct adds the keys' products to acc
+/// in key order, stored and reloaded exactly between calls. The chunk grid, the masks and the
+/// softmax update are decode_chunk's, so a paged call is bitwise the call on the gathered cache.
+/// Not pipelined: the chunk's P·V runs at once (a pending unit is one stride of rows).
+template <class T, class MaskMod, class ScoreMod, class Source>
+void decode_chunk_split_rows(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
+                             const Source& kv, const TileRows& t, Index first,
+                             const KeyChunk& chunk,
+                             DecodeStream<T, typename Source::Storage>& stream) {
+  using S = typename Source::Storage;
+  const Index rows = t.rows();
+  const Index keys = chunk.keys;
+  const Index d = problem.d;
+  const Index d_v = problem.d_v;
+  const Index ld_s = stream.ld_s;
+  RowBlockState<T>& state = stream.state;
+  flush_pending_values(stream.pending);
+  T* const s = stream.free_scores();
+  if (!problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/true)) return;
+  const T* const q = stream.queries + first * d;
+  for (Index j = 0; j < keys;) {
+    const Index run = std::min(keys - j, kv.contiguous_keys(chunk.k0 + j));
+    const StridedRows<S> k = kv.keys(chunk.k0 + j);
+    score_rows_direct(q, d, rows, d, k.data, k.ld, run, s + j, ld_s,
+                      RowPrefetch{decode_prefetch_rows<S>(d, k.ld), run},
+                      kv.key_scales(chunk.k0 + j));
+    j += run;
+  }
+  problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
+  const auto for_each_run = [&](auto&& f) {
+    for (Index j = 0; j < keys;) {
+      const Index run = std::min(keys - j, kv.contiguous_keys(chunk.k0 + j));
+      f(j, run, kv.values(chunk.k0 + j));
+      j += run;
+    }
+  };
+  if constexpr (!Source::kValuesFinite) {
+    if (tile_has_hidden_key(s, ld_s, rows, keys) &&
+        !kv.values_finite(chunk.k0, keys)) {  // the NaN slow path
+      poison_underflowed_value_rows(
+          s, ld_s, first, rows, keys, [&](Index j) { return kv.value_row(chunk.k0 + j); }, d_v,
+          state);
+      kv.copy_finite_values(chunk.k0, keys, stream.finite_values);
+      state.update_scores(s, ld_s, first, rows, keys);
+      accumulate_pv_direct(s, ld_s, rows, keys, stream.finite_values, d_v, d_v, state.acc(first),
+                           state.ld_acc());
+      for_each_run([&](Index j, Index run, const StridedRows<S>& v) {
+        add_non_finite_values(s + j, ld_s, rows, run, v.data, v.ld, d_v, state.acc(first),
+                              state.ld_acc());
+      });
+      return;
+    }
+  }
+  state.update_scores(s, ld_s, first, rows, keys);
+  for_each_run([&](Index j, Index run, const StridedRows<S>& v) {
+    accumulate_pv_direct(s + j, ld_s, rows, run, v.data, v.ld, d_v, state.acc(first),
+                         state.ld_acc(), RowPrefetch{decode_prefetch_rows<S>(d_v, v.ld), run},
+                         kv.value_scales(chunk.k0 + j));
+  });
+}
+
 /// Decode: folds one key chunk of one kv head (source `kv`) into rows [first, first + t.rows())
 /// of the stream's state, where `t` holds that kv head's query rows. The chunk's scores are
 /// computed together with the pending unit's P·V; when the stream is pipelined, the chunk's own
@@ -147,6 +212,13 @@ template <class T, class MaskMod, class ScoreMod, class Source>
 void decode_chunk(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const Source& kv,
                   const TileRows& t, Index first, const KeyChunk& chunk,
                   DecodeStream<T, typename Source::Storage>& stream) {
+  // A paged source goes its own way, chosen at compile time: for the strided sources the
+  // statement is discarded and the body below is the same text as before paging, so GCC -O2
+  // makes the same inlining decisions in the hot loop (tests/optlevel compares -O2 with -O3).
+  if constexpr (kSplitsRows<Source>) {
+    decode_chunk_split_rows(problem, kv, t, first, chunk, stream);
+    return;
+  }
   using S = typename Source::Storage;
   const Index rows = t.rows();
   const Index keys = chunk.keys;

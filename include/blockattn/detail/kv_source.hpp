@@ -37,10 +37,19 @@
 //       kernels then compile out the NaN slow path, and values_finite / copy_finite_values are
 //       never called.
 //
+//   Index contiguous_keys(Index k0) const;  // optional (paged caches only, kSplitsRows):
+//       how many rows from k0 on keys(k0) / values(k0) reach: rows of one page share one stride,
+//       the next page is elsewhere. Decode then splits each chunk's reads at page boundaries
+//       (decode_chunk_split_rows); a source without it has every row of the cache on one stride.
+//   const Storage* value_row(Index j) const;  // with contiguous_keys: V row j, for the NaN slow
+//       path, which needs a chunk's rows across page boundaries.
+//
 // Rows past the end of the cache are never asked for: 0 <= k0 and k0 + keys <= n_k.
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include <blockattn/detail/attention_problem.hpp>
 #include <blockattn/detail/config.hpp>
@@ -138,6 +147,182 @@ class QuantizedKVSource {
   RowScales v_scales_;
   Index d_;
   Index d_v_;
+};
+
+/// Whether K/V source `Source` may keep its rows on several strides (a paged cache: member
+/// contiguous_keys, see the contract above).
+template <class Source, class = void>
+inline constexpr bool kSplitsRows = false;
+template <class Source>
+inline constexpr bool
+    kSplitsRows<Source, std::void_t<decltype(std::declval<const Source&>().contiguous_keys(0))>> =
+        true;
+
+/// The K/V source of one (sequence, kv head) of a paged cache: rows stored in S (E; a 16-bit
+/// format under E = float; or int8 with one float scale per row under E = float, as
+/// QuantizedKVSource), computed in E. Key j lives in page pages[j / page_size] at row
+/// j % page_size; within a page, rows are `ld` apart (the pool's token stride), pages are
+/// `page_stride` apart, and an int8 pool's scales likewise. Prefill packs a chunk row by row
+/// (K) and page run by page run (V, detail::pack_v's own code) into StridedKV's panel layout,
+/// the same converted values, so the same bits; decode reads rows in place, split at page
+/// boundaries (contiguous_keys). The page ids were validated (0 <= id < num_pages for every page
+/// the sequence's length reaches).
+template <class E, class S = E>
+class PagedKVSource {
+ public:
+  using Element = E;
+  using Storage = S;
+  static constexpr bool kInt8 = std::is_same_v<S, std::int8_t>;
+  static_assert(std::is_same_v<S, E> || ((kIs16BitFloat<S> || kInt8) && std::is_same_v<E, float>),
+                "blockattn: K/V storage is the compute type, or a 16-bit format or int8 computed "
+                "in float");
+  /// int8 values are finite by construction (the entry point checked the scales).
+  static constexpr bool kValuesFinite = kInt8;
+
+  /// One pool's rows of one kv head: element [page, row, 0] at data + page·page_stride + row·ld;
+  /// for int8, the row's scale at scale + page·scale_page_stride + row·scale_ld.
+  struct Pool {
+    const S* data = nullptr;
+    Index page_stride = 0;
+    Index ld = 0;
+    const float* scale = nullptr;
+    Index scale_page_stride = 0;
+    Index scale_ld = 0;
+  };
+
+  PagedKVSource(const std::int32_t* pages, Index page_size, Pool k, Pool v, Index d, Index d_v)
+      : pages_(pages), page_size_(page_size), k_(k), v_(v), d_(d), d_v_(d_v) {}
+
+  Index d() const { return d_; }
+  Index d_v() const { return d_v_; }
+
+  /// Rows from key k0 to the end of its page.
+  Index contiguous_keys(Index k0) const { return page_size_ - k0 % page_size_; }
+
+  void pack_k(Index k0, Index keys, E* panel) const {
+    // The panel layout of detail::pack_k (keys in panels of kKeyVectors·L, each panel of
+    // width round_up(panel keys, L), feature-major, zero-padded), gathered row by row, each
+    // element converted by element_of as pack_k does.
+    constexpr Index kLanes = simd::Simd<E>::kLanes;
+    constexpr Index kPanel = RegisterBlock<E>::kKeyVectors * kLanes;
+    for (Index j0 = 0; j0 < keys; j0 += kPanel) {
+      const Index count = std::min(kPanel, keys - j0);
+      const Index width = round_up(count, kLanes);
+      E* dst = panel + j0 * d_;
+      for (Index jj = 0; jj < count; ++jj) {
+        const S* src = row(k_, k0 + j0 + jj);
+        const RowScales scale = scales(k_, k0 + j0 + jj);
+        for (Index c = 0; c < d_; ++c) dst[c * width + jj] = element_of<E>(src[c], scale, 0);
+      }
+      for (Index c = 0; c < d_; ++c) {
+        for (Index jj = count; jj < width; ++jj) dst[c * width + jj] = E(0);
+      }
+    }
+  }
+  void pack_v(Index k0, Index keys, E* panel) const {
+    // detail::pack_v's layout: rows are independent, so each page run is packed by pack_v's own
+    // code into the rows it owns of every column panel.
+    constexpr Index kLanes = simd::Simd<E>::kLanes;
+    constexpr Index kPanel = RegisterBlock<E>::kValueVectors * kLanes;
+    for (Index c0 = 0; c0 < d_v_; c0 += kPanel) {
+      const Index cols = std::min(kPanel, d_v_ - c0);
+      const Index width = round_up(cols, kLanes);
+      for (Index j = 0; j < keys;) {
+        const Index run = std::min(keys - j, contiguous_keys(k0 + j));
+        detail::pack_v<E>(row(v_, k0 + j) + c0, v_.ld, run, cols, panel + c0 * keys + j * width,
+                          scales(v_, k0 + j));
+        j += run;
+      }
+    }
+  }
+  bool values_finite(Index k0, Index keys) const {
+    if constexpr (!kValuesFinite) {
+      for (Index j = 0; j < keys;) {
+        const Index run = std::min(keys - j, contiguous_keys(k0 + j));
+        if (!block_is_finite(row(v_, k0 + j), v_.ld, run, d_v_)) return false;
+        j += run;
+      }
+    } else {
+      static_cast<void>(k0);
+      static_cast<void>(keys);
+    }
+    return true;
+  }
+
+  /// K rows from k0 on, valid for contiguous_keys(k0) rows.
+  StridedRows<S> keys(Index k0) const { return {row(k_, k0), k_.ld}; }
+  /// V rows from k0 on, valid for contiguous_keys(k0) rows.
+  StridedRows<S> values(Index k0) const { return {row(v_, k0), v_.ld}; }
+  /// V row j.
+  const S* value_row(Index j) const { return row(v_, j); }
+  void copy_finite_values(Index k0, Index keys, E* dst) const {
+    for (Index j = 0; j < keys;) {
+      const Index run = std::min(keys - j, contiguous_keys(k0 + j));
+      copy_finite(row(v_, k0 + j), v_.ld, run, d_v_, dst + j * d_v_, d_v_);
+      j += run;
+    }
+  }
+  /// int8: the scales of K rows from k0 on, valid for contiguous_keys(k0) rows; else empty.
+  RowScales key_scales(Index k0) const { return scales(k_, k0); }
+  /// int8: the scales of V rows from k0 on, valid for contiguous_keys(k0) rows; else empty.
+  RowScales value_scales(Index k0) const { return scales(v_, k0); }
+
+ private:
+  const S* row(const Pool& pool, Index j) const {
+    return pool.data + pages_[j / page_size_] * pool.page_stride + (j % page_size_) * pool.ld;
+  }
+  RowScales scales(const Pool& pool, Index j) const {
+    if constexpr (kInt8) {
+      return {pool.scale + pages_[j / page_size_] * pool.scale_page_stride +
+                  (j % page_size_) * pool.scale_ld,
+              pool.scale_ld};
+    } else {
+      static_cast<void>(pool);
+      static_cast<void>(j);
+      return {};
+    }
+  }
+
+  const std::int32_t* pages_;
+  Index page_size_;
+  Pool k_;
+  Pool v_;
+  Index d_;
+  Index d_v_;
+};
+
+/// The PagedKVSource sources of one sequence of a paged cache: head(0, h) is kv head h (the
+/// sequence is batch entry 0 of its call; attention() on a paged cache runs one call per
+/// sequence). k_pages, v_pages: [num_pages, page_size, H_kv, d] views (any strides); for int8,
+/// k_scale_pages and v_scale_pages [num_pages, page_size, H_kv, 1] float (else empty); pages:
+/// the sequence's page ids.
+template <class E, class S = E>
+class PagedKVHeads {
+ public:
+  using Source = PagedKVSource<E, S>;
+
+  PagedKVHeads(const TensorView<const S>& k_pages, const TensorView<const S>& v_pages,
+               const std::int32_t* pages, const TensorView<const float>& k_scale_pages = {},
+               const TensorView<const float>& v_scale_pages = {})
+      : k_(k_pages), v_(v_pages), k_scale_(k_scale_pages), v_scale_(v_scale_pages), pages_(pages) {}
+
+  Source head(Index, Index h) const {
+    return {pages_, k_.seq, pool(k_, k_scale_, h), pool(v_, v_scale_, h), k_.dim, v_.dim};
+  }
+
+ private:
+  static typename Source::Pool pool(const TensorView<const S>& x,
+                                    const TensorView<const float>& scale, Index h) {
+    const float* scale_data = scale.data != nullptr ? scale.at(0, 0, h) : nullptr;
+    return {x.at(0, 0, h), x.batch_stride,     x.seq_stride,
+            scale_data,    scale.batch_stride, scale.seq_stride};
+  }
+
+  TensorView<const S> k_;
+  TensorView<const S> v_;
+  TensorView<const float> k_scale_;
+  TensorView<const float> v_scale_;
+  const std::int32_t* pages_;
 };
 
 /// The StridedKV sources of a call's K and V views (storage S, computed in E): head(b, h) is kv

@@ -53,11 +53,12 @@ bool tile_has_hidden_key(const T* s, Index ld_s, Index rows, Index cols) {
 /// score x (not −inf, not NaN) whose weight under the row's coming maximum underflows to 0 and
 /// whose key has a non-finite value, sets acc = NaN in those columns (0·NaN and 0·inf are NaN; the
 /// later rescale keeps NaN). Reads the running max from `state`; s: row stride ld_s, `keys`
-/// columns, already scaled and masked; v: the chunk's values (T or a 16-bit storage format VS),
-/// row stride ld_v.
-template <class T, class VS>
-void poison_underflowed_values(const T* s, Index ld_s, Index first, Index rows, Index keys,
-                               const VS* v, Index ld_v, Index d_v, const RowBlockState<T>& state) {
+/// columns, already scaled and masked; value_row(j): the values of the chunk's key j (T or a
+/// 16-bit storage format), any layout (a paged cache's rows are not one stride apart).
+template <class T, class ValueRow>
+void poison_underflowed_value_rows(const T* s, Index ld_s, Index first, Index rows, Index keys,
+                                   const ValueRow& value_row, Index d_v,
+                                   const RowBlockState<T>& state) {
   // exp(x) > 0 certainly while x >= log(smallest normal): cheaper than calling exp per score.
   const T surely_positive = std::log(std::numeric_limits<T>::min());
   for (Index i = 0; i < rows; ++i) {
@@ -71,12 +72,20 @@ void poison_underflowed_values(const T* s, Index ld_s, Index first, Index rows, 
       const T x = row[j];
       if (x == kNegativeInfinity<T> || !(x - origin < surely_positive)) continue;
       if (softmax_weight(x, m_new) != T(0)) continue;
-      const VS* vj = v + j * ld_v;
+      const auto* vj = value_row(j);
       for (Index c = 0; c < d_v; ++c) {
         if (!std::isfinite(static_cast<T>(vj[c]))) acc[c] = std::numeric_limits<T>::quiet_NaN();
       }
     }
   }
+}
+
+/// poison_underflowed_value_rows() on values v (T or a 16-bit storage format VS), row stride ld_v.
+template <class T, class VS>
+void poison_underflowed_values(const T* s, Index ld_s, Index first, Index rows, Index keys,
+                               const VS* v, Index ld_v, Index d_v, const RowBlockState<T>& state) {
+  poison_underflowed_value_rows(
+      s, ld_s, first, rows, keys, [v, ld_v](Index j) { return v + j * ld_v; }, d_v, state);
 }
 
 /// Slow path step 3, after P·V on the finite copy: acc[i, c] += p[i, j]·v[j, c] for every weight

@@ -10,6 +10,7 @@
 #include <blockattn/detail/attention_plan.hpp>
 #include <blockattn/detail/attention_problem.hpp>
 #include <blockattn/detail/finite.hpp>
+#include <blockattn/detail/kv_source.hpp>
 #include <blockattn/detail/microkernel.hpp>
 #include <blockattn/detail/non_finite_values.hpp>
 #include <blockattn/detail/online_state.hpp>
@@ -51,18 +52,34 @@ void prefill_keys(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const S
       score_tile(ws.queries + r0 * d, d, count, d, ws.packed_k, keys, ws.scores, ld_s);
       problem.mask_rows(ws.scores, ld_s, r0, count, keys, t, k0, /*dry_run=*/false);
       if constexpr (!Source::kValuesFinite) {
-        if (!values_finite) {  // the slow path of detail/non_finite_values.hpp
-          const auto v = kv.values(k0);
-          poison_underflowed_values(ws.scores, ld_s, r0, count, keys, v.data, v.ld, d_v, state);
+        if (!values_finite) {                   // the slow path of detail/non_finite_values.hpp
+          if constexpr (kSplitsRows<Source>) {  // a paged cache: rows on several strides
+            poison_underflowed_value_rows(
+                ws.scores, ld_s, r0, count, keys, [&](Index j) { return kv.value_row(k0 + j); },
+                d_v, state);
+          } else {
+            const auto v = kv.values(k0);
+            poison_underflowed_values(ws.scores, ld_s, r0, count, keys, v.data, v.ld, d_v, state);
+          }
         }
       }
       state.update_scores(ws.scores, ld_s, r0, count, keys);
       accumulate_pv(ws.scores, ld_s, count, keys, ws.packed_v, d_v, state.acc(r0), state.ld_acc());
       if constexpr (!Source::kValuesFinite) {
         if (!values_finite) {
-          const auto v = kv.values(k0);
-          add_non_finite_values(ws.scores, ld_s, count, keys, v.data, v.ld, d_v, state.acc(r0),
-                                state.ld_acc());
+          if constexpr (kSplitsRows<Source>) {  // one call per page run: keys add in order
+            for (Index j = 0; j < keys;) {
+              const Index run = std::min(keys - j, kv.contiguous_keys(k0 + j));
+              const auto v = kv.values(k0 + j);
+              add_non_finite_values(ws.scores + j, ld_s, count, run, v.data, v.ld, d_v,
+                                    state.acc(r0), state.ld_acc());
+              j += run;
+            }
+          } else {
+            const auto v = kv.values(k0);
+            add_non_finite_values(ws.scores, ld_s, count, keys, v.data, v.ld, d_v, state.acc(r0),
+                                  state.ld_acc());
+          }
         }
       }
     }
