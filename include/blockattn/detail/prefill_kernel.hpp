@@ -6,9 +6,11 @@
 // in one sweep) → accumulate_pv, all in the thread's workspace.
 
 #include <algorithm>
+#include <type_traits>
 
 #include <blockattn/detail/attention_plan.hpp>
 #include <blockattn/detail/attention_problem.hpp>
+#include <blockattn/detail/bf16_dot.hpp>
 #include <blockattn/detail/finite.hpp>
 #include <blockattn/detail/microkernel.hpp>
 #include <blockattn/detail/non_finite_values.hpp>
@@ -23,11 +25,13 @@ namespace detail {
 /// Prefill: folds keys `range` (on the key_chunk grid) of the source `kv` into `state`, the
 /// online state of the query rows `t`, whose scaled queries are ws.queries [t.rows(), d]. K and V
 /// chunks are packed once per chunk and shared by the block's kTileRows-row sub-tiles; ws.scores
-/// holds one sub-tile's scores (row stride ld_s).
-template <class T, class MaskMod, class ScoreMod, class Source>
+/// holds one sub-tile's scores (row stride ld_s). Pairs (AVX512_BF16 builds, bf16 q and K only):
+/// ws.queries holds the block's unscaled queries as bf16 pairs (pack_q_bf16_pairs), K is packed
+/// as pairs and the scores come from score_tile_bf16 (detail/bf16_dot.hpp); P·V is unchanged.
+template <class T, class MaskMod, class ScoreMod, class Source, bool Pairs = false>
 void prefill_keys(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const Source& kv,
                   const WorkspaceSlice<T>& ws, Index ld_s, const TileRows& t, KeyRange range,
-                  RowBlockState<T>& state) {
+                  RowBlockState<T>& state, std::bool_constant<Pairs> = {}) {
   const Index rows = t.rows();
   const Index d = problem.d;
   const Index d_v = problem.d_v;
@@ -42,13 +46,30 @@ void prefill_keys(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const S
         continue;  // every mask hides this sub-tile: no FLOPs
       }
       if (!packed) {  // K and V are packed once per chunk, for every sub-tile
+#if defined(BLOCKATTN_BF16_DOT)
+        if constexpr (Pairs) {
+          kv.pack_k_pairs(k0, keys, ws.packed_k);
+        } else {
+          kv.pack_k(k0, keys, ws.packed_k);
+        }
+#else
         kv.pack_k(k0, keys, ws.packed_k);
+#endif
         kv.pack_v(k0, keys, ws.packed_v);
         values_finite = kv.values_finite(k0, keys);
         if (!values_finite) zero_non_finite(ws.packed_v, packed_v_size<T>(keys, d_v));
         packed = true;
       }
+#if defined(BLOCKATTN_BF16_DOT)
+      if constexpr (Pairs) {
+        score_tile_bf16(ws.queries + r0 * bf16_pairs(d), count, d, ws.packed_k, keys, problem.scale,
+                        ws.scores, ld_s);
+      } else {
+        score_tile(ws.queries + r0 * d, d, count, d, ws.packed_k, keys, ws.scores, ld_s);
+      }
+#else
       score_tile(ws.queries + r0 * d, d, count, d, ws.packed_k, keys, ws.scores, ld_s);
+#endif
       problem.mask_rows(ws.scores, ld_s, r0, count, keys, t, k0, /*dry_run=*/false);
       if (!values_finite) {  // the slow path of detail/non_finite_values.hpp
         const auto v = kv.values(k0);
