@@ -27,8 +27,10 @@
 // The buffers are the workspace's float buffers reused; they are written and read only through
 // memcpy and intrinsics (no aliasing through a typed pointer).
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <Eigen/Core>
 
