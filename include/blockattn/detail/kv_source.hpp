@@ -43,6 +43,7 @@
 #include <type_traits>
 
 #include <blockattn/detail/attention_problem.hpp>
+#include <blockattn/detail/bf16_dot.hpp>
 #include <blockattn/detail/config.hpp>
 #include <blockattn/detail/finite.hpp>
 #include <blockattn/detail/microkernel.hpp>
@@ -75,6 +76,12 @@ class StridedKV {
   void pack_k(Index k0, Index keys, E* panel) const {
     detail::pack_k<E>(k_.row(k0), k_.ld, keys, d_, panel);
   }
+#if defined(BLOCKATTN_BF16_DOT)
+  /// bf16 K only: keys [k0, k0 + keys) as bf16 pairs (pack_k_bf16_pairs, detail/bf16_dot.hpp).
+  void pack_k_pairs(Index k0, Index keys, void* panel) const {
+    detail::pack_k_bf16_pairs(k_.row(k0), k_.ld, keys, d_, panel);
+  }
+#endif
   void pack_v(Index k0, Index keys, E* panel) const {
     detail::pack_v<E>(v_.row(k0), v_.ld, keys, d_v_, panel);
   }
