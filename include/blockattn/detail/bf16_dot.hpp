@@ -1,10 +1,14 @@
 #pragma once
-// The prefill score product Q·Kᵀ on bf16 pairs (issue 17 item 3): built only where the compiler
+// The prefill's two products on bf16 pairs (issue 17 item 3): built only where the compiler
 // targets AVX512_BF16 (__AVX512BF16__ on the AVX-512 path, e.g. -march=znver4 or -march=native on
-// Zen 4/5), and used only when q and k are both stored as Eigen::bfloat16. P·V stays on the float
-// path (P in float, V widened once per tile by the source's pack_v), so only the score kernel
-// differs. Elsewhere (no AVX512_BF16, float/double/half storage) nothing here is compiled and the
-// widening path of detail/microkernel.hpp runs.
+// Zen 4/5), and used only when q, k and v are all stored as Eigen::bfloat16 (prefill_keys_bf16 in
+// detail/prefill_kernel.hpp). Q·Kᵀ runs on q and K pairs; P·V rounds P to bf16 and runs on P and
+// V pairs (keys paired), both with vdpbf16ps into float accumulators. The softmax (max, exp, row
+// sum l, rescaling) stays in float on the float scores, and l sums the unrounded p. Elsewhere (no
+// AVX512_BF16, float/double/half storage) nothing here is compiled and the widening path of
+// detail/microkernel.hpp runs. A K/V chunk with a non-finite value keeps P·V in float (the NaN
+// slow path of detail/non_finite_values.hpp needs float P and V). AMX tiles, where a machine has
+// them, would be a third score/P·V kernel pair beside these, chosen at the same place.
 //
 // How it computes. vdpbf16ps multiplies bf16 pairs and adds both products into a float
 // accumulator. bf16 has an 8-bit significand, so every product is exact in float (16 bits ≤ 24);
@@ -16,6 +20,13 @@
 // bf16 inputs as zero and flushes subnormal results to zero (whatever MXCSR says); a score that
 // small is far below anything the softmax can see next to a normal one.
 //
+// P in bf16. Each p_j ∈ [0, 1] is rounded to nearest even (relative error ≤ u_bf16 = 2^-8;
+// below 2^-126 it becomes 0, against a row sum l ≥ 1), the products p̃_j·v_jc are exact and only
+// the float additions round, so out[i, c] moves by at most u_bf16·Σ_j p_j·|v_jc| / l beyond the
+// float path's error: the same order as rounding out to bf16 at the end, which every all-bf16 call
+// pays anyway. Issue 17 allows P in bf16 while the measured error stays within 2× the widening
+// path's: tests/attention_bf16dot_test.cpp checks it; the figures are in docs/performance.md.
+//
 // Layouts (words are 32-bit: one bf16 pair, feature 2p in the low half, 2p + 1 in the high half;
 // an odd d pads the last pair's high half with +0 in both q and k):
 //   K chunk [n_keys, d] → panels of KeyPanel = KeyVectors·16 keys, as pack_k's float layout but
@@ -24,6 +35,13 @@
 //     n_keys are 0. Words: round_up(n_keys, 16)·pairs ≤ packed_k_size<float>(n_keys, d), so the
 //     float path's workspace buffer holds it.
 //   q block [rows, d] → rows of `pairs` words (unscaled), ≤ the float queries buffer [rows, d].
+//   V chunk [n_keys, d_v] → key pairs (word = keys 2m, 2m + 1 of one column; an odd n_keys pads
+//     the last pair's high half with +0), panels of ValuePanel = ValueVectors·16 columns as
+//     pack_v's float layout: the panel at column c0 starts at word c0·key_pairs; its width w is
+//     ValuePanel or round_up(rest, 16); word (pair m, column c0 + cc) is at [m·w + cc]; columns
+//     past d_v are 0. Words: round_up(d_v, 16)·key_pairs ≤ packed_v_size<float>(n_keys, d_v).
+//   P sub-tile [rows, n_keys] → rounded in place: row i of the float score tile (stride ld_s)
+//     begins with its key_pairs words.
 // The buffers are the workspace's float buffers reused; they are written and read only through
 // memcpy and intrinsics (no aliasing through a typed pointer).
 
@@ -170,6 +188,121 @@ inline void score_tile_bf16(const void* q, Index rows, Index d, const void* pack
         with_count<Rows>(r, [&](auto nr) {
           score_block_bf16<decltype(nr)::value, decltype(nv)::value>(
               qb + 4 * i0 * pairs, pairs, panel, scale, s + i0 * ld_s + j0, ld_s);
+        });
+      }
+    });
+  }
+}
+
+/// Packs rows [0, n_keys) of v (row stride ld_v, d_v columns) into `panel` as key pairs (the V
+/// pair layout at the top of this header; any 4-byte-aligned buffer of at least
+/// round_up(d_v, 16)·bf16_pairs(n_keys) words, which packed_v_size<float>(n_keys, d_v) covers).
+template <int ValueVectors = RegisterBlock<float>::kValueVectors>
+inline void pack_v_bf16_pairs(const Eigen::bfloat16* v, Index ld_v, Index n_keys, Index d_v,
+                              void* panel) {
+  constexpr Index kLanes = 16;
+  constexpr Index kPanel = ValueVectors * kLanes;
+  const Index key_pairs = bf16_pairs(n_keys);
+  auto* bytes = static_cast<unsigned char*>(panel);
+  for (Index c0 = 0; c0 < d_v; c0 += kPanel) {
+    const Index cols = std::min(kPanel, d_v - c0);
+    const Index width = round_up(cols, kLanes);
+    unsigned char* dst = bytes + 4 * c0 * key_pairs;
+    for (Index m = 0; m < key_pairs; ++m) {
+      const Eigen::bfloat16* even = v + 2 * m * ld_v + c0;
+      const bool odd = 2 * m + 1 < n_keys;  // the pair has its second key
+      for (Index cc = 0; cc < width; cc += kLanes) {
+        // Columns past d_v and the missing second key read as +0 (masked loads).
+        const Index left = std::max<Index>(0, std::min(kLanes, cols - cc));
+        const auto mask = static_cast<__mmask16>((1u << left) - 1u);
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, even + cc));
+        const __m512i hi = _mm512_cvtepu16_epi32(
+            _mm256_maskz_loadu_epi16(odd ? mask : __mmask16{0}, even + ld_v + cc));
+        _mm512_storeu_si512(dst + 4 * (m * width + cc),
+                            _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+  }
+}
+
+/// Rounds p (rows × n_keys floats, row stride ld_p, the softmax numerators) to bf16 in place:
+/// row i then begins with bf16_pairs(n_keys) words of key pairs (keys 2m, 2m + 1; +0 past
+/// n_keys), read by accumulate_pv_bf16. Round to nearest even (vcvtneps2bf16); the float values
+/// of the row are gone afterwards.
+inline void round_p_bf16_pairs(float* p, Index ld_p, Index rows, Index n_keys) {
+  constexpr Index kLanes = 16;
+  for (Index i = 0; i < rows; ++i) {
+    float* row = p + i * ld_p;
+    auto* out = reinterpret_cast<unsigned char*>(row);
+    // Forward in place: chunk j reads bytes [4j, 4j + 64) and writes [2j, 2j + 32), so it never
+    // overwrites a float it has not read yet.
+    for (Index j = 0; j < n_keys; j += kLanes) {
+      const Index left = std::min(kLanes, n_keys - j);
+      const auto mask = static_cast<__mmask16>((1u << left) - 1u);
+      const __m256bh b = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, row + j));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * j), reinterpret_cast<__m256i>(b));
+    }
+  }
+}
+
+/// One Rows × (Vectors·16) block of acc += P·V over `key_pairs` key pairs, from one V pair panel
+/// of width Vectors·16; p: rows of bf16 pairs, row stride ld_p bytes.
+template <int Rows, int Vectors>
+inline void pv_block_bf16(const unsigned char* BLOCKATTN_RESTRICT p, Index ld_p, Index key_pairs,
+                          const unsigned char* BLOCKATTN_RESTRICT panel,
+                          float* BLOCKATTN_RESTRICT acc, Index ld_acc) {
+  static_assert(Rows <= 16 && Vectors <= 16, "blockattn: BLOCKATTN_UNROLL(16) must cover them");
+  __m512 a[Rows][Vectors];
+  BLOCKATTN_UNROLL(16)
+  for (int r = 0; r < Rows; ++r) {
+    BLOCKATTN_UNROLL(16)
+    for (int t = 0; t < Vectors; ++t) a[r][t] = _mm512_loadu_ps(acc + r * ld_acc + t * 16);
+  }
+  for (Index m = 0; m < key_pairs; ++m) {
+    __m512bh vv[Vectors];
+    BLOCKATTN_UNROLL(16)
+    for (int t = 0; t < Vectors; ++t) {
+      vv[t] =
+          reinterpret_cast<__m512bh>(_mm512_loadu_si512(panel + 4 * (m * (Vectors * 16) + t * 16)));
+    }
+    BLOCKATTN_UNROLL(16)
+    for (int r = 0; r < Rows; ++r) {
+      std::int32_t word;
+      std::memcpy(&word, p + r * ld_p + 4 * m, 4);
+      const __m512bh pb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(word));
+      BLOCKATTN_UNROLL(16)
+      for (int t = 0; t < Vectors; ++t) a[r][t] = _mm512_dpbf16_ps(a[r][t], pb, vv[t]);
+    }
+  }
+  BLOCKATTN_UNROLL(16)
+  for (int r = 0; r < Rows; ++r) {
+    BLOCKATTN_UNROLL(16)
+    for (int t = 0; t < Vectors; ++t) _mm512_storeu_ps(acc + r * ld_acc + t * 16, a[r][t]);
+  }
+}
+
+/// acc[i, c] += Σ_j p[i, j]·v[j, c] for i < rows, c < round_up(d_v, 16) (padded columns + 0), on
+/// bf16 pairs: p after round_p_bf16_pairs (the float row stride ld_p of the score tile),
+/// packed_v from pack_v_bf16_pairs of the same n_keys and d_v; acc: row stride ld_acc >=
+/// padded_stride<float>(d_v).
+template <int Rows = RegisterBlock<float>::kRows,
+          int ValueVectors = RegisterBlock<float>::kValueVectors>
+inline void accumulate_pv_bf16(const float* p, Index ld_p, Index rows, Index n_keys,
+                               const void* packed_v, Index d_v, float* acc, Index ld_acc) {
+  constexpr Index kLanes = 16;
+  constexpr Index kPanel = ValueVectors * kLanes;
+  const Index key_pairs = bf16_pairs(n_keys);
+  const auto* pb = reinterpret_cast<const unsigned char*>(p);
+  const auto* vb = static_cast<const unsigned char*>(packed_v);
+  for (Index c0 = 0; c0 < d_v; c0 += kPanel) {
+    const int vectors = static_cast<int>((std::min(kPanel, d_v - c0) + kLanes - 1) / kLanes);
+    const unsigned char* panel = vb + 4 * c0 * key_pairs;
+    with_count<ValueVectors>(vectors, [&](auto nv) {
+      for (Index i0 = 0; i0 < rows; i0 += Rows) {
+        const int r = static_cast<int>(std::min<Index>(Rows, rows - i0));
+        with_count<Rows>(r, [&](auto nr) {
+          pv_block_bf16<decltype(nr)::value, decltype(nv)::value>(
+              pb + 4 * i0 * ld_p, 4 * ld_p, key_pairs, panel, acc + i0 * ld_acc + c0, ld_acc);
         });
       }
     });

@@ -74,8 +74,10 @@ void prefill_keys(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const S
 #if defined(BLOCKATTN_BF16_DOT)
 /// prefill_keys for an all-bf16 prefill on an AVX512_BF16 build (detail/bf16_dot.hpp): the same
 /// loop, but ws.queries holds the block's unscaled queries as bf16 pairs (pack_q_bf16_pairs), K
-/// is packed as pairs (pack_k_pairs) and the scores come from score_tile_bf16, scale applied
-/// after the dot product; the masks, the softmax update and P·V are prefill_keys'. A separate
+/// and V are packed as pairs (pack_k_pairs, pack_v_pairs), the scores come from score_tile_bf16
+/// (scale applied after the dot product) and, after the float softmax update, P is rounded to
+/// bf16 in place and P·V runs on pairs (accumulate_pv_bf16); a chunk with a non-finite value
+/// packs V in float and keeps prefill_keys' float P·V and NaN slow path. A separate
 /// function, chosen by run_forward_task, rather than a flag through prefill_keys: the float path's
 /// functions stay what they were, so GCC's inlining decisions for them (which the optlevel test
 /// watches at -O2) do not move.
@@ -102,9 +104,13 @@ void prefill_keys_bf16(const AttentionProblem<T, MaskMod, ScoreMod>& problem, co
       }
       if (!packed) {  // K and V are packed once per chunk, for every sub-tile
         kv.pack_k_pairs(k0, keys, ws.packed_k);
-        kv.pack_v(k0, keys, ws.packed_v);
         values_finite = kv.values_finite(k0, keys);
-        if (!values_finite) zero_non_finite(ws.packed_v, packed_v_size<T>(keys, d_v));
+        if (values_finite) {
+          kv.pack_v_pairs(k0, keys, ws.packed_v);
+        } else {  // the NaN slow path needs float P and V: this chunk's P·V stays in float
+          kv.pack_v(k0, keys, ws.packed_v);
+          zero_non_finite(ws.packed_v, packed_v_size<T>(keys, d_v));
+        }
         packed = true;
       }
       // Rows of `pairs` 32-bit words: one float slot per word of the float queries buffer.
@@ -116,8 +122,13 @@ void prefill_keys_bf16(const AttentionProblem<T, MaskMod, ScoreMod>& problem, co
         poison_underflowed_values(ws.scores, ld_s, r0, count, keys, v.data, v.ld, d_v, state);
       }
       state.update_scores(ws.scores, ld_s, r0, count, keys);
-      accumulate_pv(ws.scores, ld_s, count, keys, ws.packed_v, d_v, state.acc(r0), state.ld_acc());
-      if (!values_finite) {
+      if (values_finite) {  // P rounded to bf16 (l keeps the float sum), P·V on pairs
+        round_p_bf16_pairs(ws.scores, ld_s, count, keys);
+        accumulate_pv_bf16(ws.scores, ld_s, count, keys, ws.packed_v, d_v, state.acc(r0),
+                           state.ld_acc());
+      } else {
+        accumulate_pv(ws.scores, ld_s, count, keys, ws.packed_v, d_v, state.acc(r0),
+                      state.ld_acc());
         const auto v = kv.values(k0);
         add_non_finite_values(ws.scores, ld_s, count, keys, v.data, v.ld, d_v, state.acc(r0),
                               state.ld_acc());
