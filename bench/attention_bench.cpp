@@ -490,6 +490,23 @@ void BM_Attention_Prefill(benchmark::State& state) {
   run_prefill<float>(state, shape, static_cast<int>(state.range(4)), q.data(), k.data(), v.data());
 }
 
+// Prefill on [1, n, 8, d] tensors whose q, k, v and out are all stored as T, one thread: the
+// bf16/float GFLOP/s ratio of issue 17's prefill target, from one run. T = Eigen::bfloat16 on an
+// AVX512_BF16 build (-march=native on Zen 4/5) computes its scores with vdpbf16ps
+// (detail/bf16_dot.hpp), P·V in float. Inputs are the float ones rounded to T. Arguments n, d,
+// causal.
+template <class T>
+void BM_Attention_PrefillFormat(benchmark::State& state) {
+  const Index n = state.range(0);
+  const Index d = state.range(1);
+  constexpr Index kHeads = 8;
+  const AttentionShape shape{1, kHeads, kHeads, n, n, d, d, state.range(2) != 0};
+  const Matrix<T> q = random_input<float>(n * kHeads, d, 1).template cast<T>();
+  const Matrix<T> k = random_input<float>(n * kHeads, d, 2).template cast<T>();
+  const Matrix<T> v = random_input<float>(n * kHeads, d, 3).template cast<T>();
+  run_prefill<T>(state, shape, 1, q.data(), k.data(), v.data());
+}
+
 // Block-sparse prefill (BlockBERT layouts) at a fixed density, for several block sizes: a prime
 // block size has no divisor near the default chunks, so the tiles cannot be aligned with its
 // blocks; the kernel then keeps its default chunks and masks the blocks that straddle a tile.
@@ -616,6 +633,19 @@ BENCHMARK_TEMPLATE(BM_Attention_PrefillThreads, float)
 BENCHMARK_TEMPLATE(BM_Attention_BlockSparse, float)
     ->ArgNames({"n", "block", "density"})
     ->ArgsProduct({{4096}, {64, 67, 256, 257, 514}, {25}})
+    ->Unit(benchmark::kMillisecond);
+// Issue 17's prefill formats (run with --benchmark_filter=Format): float against bfloat16.
+BENCHMARK_TEMPLATE(BM_Attention_PrefillFormat, float)
+    ->Name("Large/Format/BM_Attention_PrefillFormat<float>")
+    ->ArgNames({"n", "d", "causal"})
+    ->ArgsProduct({{512, 1024, 2048, 4096}, {64, 128}, {0, 1}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_TEMPLATE(BM_Attention_PrefillFormat, Eigen::bfloat16)
+    ->Name("Large/Format/BM_Attention_PrefillFormat<bfloat16>")
+    ->ArgNames({"n", "d", "causal"})
+    ->ArgsProduct({{512, 1024, 2048, 4096}, {64, 128}, {0, 1}})
+    ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 // The shapes of bench/compare_pytorch.py (run by it with a filter).
 BENCHMARK_TEMPLATE(BM_Attention_PrefillThreads, float)

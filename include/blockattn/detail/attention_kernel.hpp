@@ -20,6 +20,7 @@
 
 #include <blockattn/detail/attention_plan.hpp>
 #include <blockattn/detail/attention_problem.hpp>
+#include <blockattn/detail/bf16_dot.hpp>
 #include <blockattn/detail/convert.hpp>
 #include <blockattn/detail/decode_kernel.hpp>
 #include <blockattn/detail/kv_source.hpp>
@@ -120,6 +121,22 @@ void gather_scaled_queries(const TensorView<const QS>& q, const TileRows& t, T s
   }
 }
 
+#if defined(BLOCKATTN_BF16_DOT)
+/// The bf16 dot path's gather (detail/bf16_dot.hpp): the queries of the rows `t` into `queries`
+/// as rows of bf16_pairs(d) words, unscaled (the score kernel applies the scale), once per query
+/// block.
+inline void gather_query_pairs(const TensorView<const Eigen::bfloat16>& q, const TileRows& t,
+                               void* queries) {
+  const Index pairs = bf16_pairs(q.dim);
+  auto* bytes = static_cast<unsigned char*>(queries);
+  for (Index g = 0; g < t.group; ++g) {
+    const auto q_head = head_slice(q, t.b, t.h0 + g);
+    pack_q_bf16_pairs(q_head.data() + t.q0 * q_head.outerStride(), q_head.outerStride(),
+                      t.rows_per_head, q.dim, bytes + 4 * g * t.rows_per_head * pairs);
+  }
+}
+#endif
+
 /// Runs task `task` of the plan in workspace slice `slot`: its online state lives in the slice
 /// (one segment: finalized into `output` here) or in the task's partial state (merged later).
 template <class T, class MaskMod, class ScoreMod, class QS, class Sources, class O>
@@ -130,15 +147,39 @@ void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
   const Index segment = task % plan.segments;
   const TileRows t = plan.block_rows(task / plan.segments);
   const WorkspaceSlice<T> ws = workspace.slice(slot);
+#if defined(BLOCKATTN_BF16_DOT)
+  // bf16 q and K on an AVX512_BF16 build: the prefill scores run on bf16 pairs (bf16_dot.hpp).
+  constexpr bool kPairs = kBf16DotScores<QS, typename Sources::Source::Storage>;
+  if constexpr (kPairs) {
+    if (!plan.decode()) {
+      gather_query_pairs(q, t, ws.queries);
+    } else {
+      gather_scaled_queries(q, t, problem.scale, ws.queries);
+    }
+  } else {
+    gather_scaled_queries(q, t, problem.scale, ws.queries);
+  }
+#else
   gather_scaled_queries(q, t, problem.scale, ws.queries);
+#endif
   const PartialState<T> own =
       plan.segments > 1 ? workspace.partial(task) : PartialState<T>{ws.m, ws.l, ws.acc};
   RowBlockState<T> state(own.m, own.l, own.acc, t.rows(), problem.d_v, workspace.ld_acc());
   state.reset();
   const KeyRange keys = plan.task_keys(segment, problem.visible_keys(t));
   if (!plan.decode()) {
+#if defined(BLOCKATTN_BF16_DOT)
+    if constexpr (kPairs) {
+      prefill_keys_bf16(problem, sources.head(t.b, t.h0 / problem.shape.group), ws,
+                        workspace.ld_s(), t, keys, state);
+    } else {
+      prefill_keys(problem, sources.head(t.b, t.h0 / problem.shape.group), ws, workspace.ld_s(), t,
+                   keys, state);
+    }
+#else
     prefill_keys(problem, sources.head(t.b, t.h0 / problem.shape.group), ws, workspace.ld_s(), t,
                  keys, state);
+#endif
   } else {
     const Index head_rows = problem.shape.group * t.rows_per_head;
     DecodeStream<T, typename Sources::Source::Storage> stream{

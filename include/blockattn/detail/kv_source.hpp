@@ -22,6 +22,10 @@
 //       whether every value entry of those keys is finite (the NaN slow path's one check,
 //       detail/non_finite_values.hpp; ±inf and NaN of any format count as non-finite);
 //
+//   AVX512_BF16 builds, bf16 StridedKV only (detail/bf16_dot.hpp, prefill_keys_bf16):
+//   void pack_k_pairs(Index k0, Index keys, void* panel) const;  // K tile as bf16 feature pairs
+//   void pack_v_pairs(Index k0, Index keys, void* panel) const;  // V tile as bf16 key pairs
+//
 //   Decode (detail/decode_kernel.hpp): few query rows, each K and V row read once, in place:
 //   StridedRows<Storage> keys(Index k0) const;    // K rows from key k0 on
 //   StridedRows<Storage> values(Index k0) const;  // V rows from key k0 on
@@ -52,6 +56,7 @@
 #include <utility>
 
 #include <blockattn/detail/attention_problem.hpp>
+#include <blockattn/detail/bf16_dot.hpp>
 #include <blockattn/detail/config.hpp>
 #include <blockattn/detail/finite.hpp>
 #include <blockattn/detail/microkernel.hpp>
@@ -84,6 +89,16 @@ class StridedKV {
   void pack_k(Index k0, Index keys, E* panel) const {
     detail::pack_k<E>(k_.row(k0), k_.ld, keys, d_, panel);
   }
+#if defined(BLOCKATTN_BF16_DOT)
+  /// bf16 K only: keys [k0, k0 + keys) as bf16 pairs (pack_k_bf16_pairs, detail/bf16_dot.hpp).
+  void pack_k_pairs(Index k0, Index keys, void* panel) const {
+    detail::pack_k_bf16_pairs(k_.row(k0), k_.ld, keys, d_, panel);
+  }
+  /// bf16 V only: values of keys [k0, k0 + keys) as key pairs (pack_v_bf16_pairs).
+  void pack_v_pairs(Index k0, Index keys, void* panel) const {
+    detail::pack_v_bf16_pairs(v_.row(k0), v_.ld, keys, d_v_, panel);
+  }
+#endif
   void pack_v(Index k0, Index keys, E* panel) const {
     detail::pack_v<E>(v_.row(k0), v_.ld, keys, d_v_, panel);
   }
