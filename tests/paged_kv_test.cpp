@@ -354,6 +354,46 @@ TEST(PagedKVTest, HalfPoolEqualsTheContiguousCall) { run_cases<Eigen::half>(1903
 // An int8 pool (PagedQuantizedKV): bitwise the QuantizedKV call on the gathered int8 cache.
 TEST(PagedKVTest, Int8PoolEqualsTheContiguousCall) { run_cases<std::int8_t>(1907); }
 
+// bf16 q and out over bf16 pages, prefill and decode: the pages widen to float (no bf16-pair
+// packing for pages, so no dot path even on AVX512_BF16 builds), q widens exactly and out is
+// rounded once, so out is bitwise the float-q call's out rounded to bf16, and lse its lse.
+TEST(PagedKVTest, BFloat16QueriesOverBFloat16PagesRoundTheFloatCallOnce) {
+  auto rng = make_rng(1908);
+  for (const Index n_q : {1, 20}) {
+    Shape s;
+    s.lengths = {37, 20, 64};
+    s.n_q = n_q;
+    s.heads = 4;
+    s.kv_heads = 2;
+    s.d = 32;
+    s.d_v = 16;
+    s.page_size = 8;
+    Problem<Eigen::bfloat16> p(s, rng);
+    std::vector<Eigen::bfloat16> q16(p.q.size());
+    for (std::size_t i = 0; i < q16.size(); ++i) {
+      q16[i] = Eigen::bfloat16(p.q[i]);
+      p.q[i] = static_cast<float>(q16[i]);
+    }
+    AttentionOptions options;
+    options.causal = true;
+    std::vector<float> out(p.out_size()), lse(p.lse_size());
+    blockattn::attention(p.qv(), p.cache(Format::VLLM), p.outv(out), options, lse);
+    std::vector<Eigen::bfloat16> out16(p.out_size());
+    std::vector<float> lse16(p.lse_size());
+    blockattn::attention(
+        blockattn::make_tensor_view<const Eigen::bfloat16>(q16.data(), p.batch, n_q, 4, 32),
+        p.cache(Format::VLLM), blockattn::make_tensor_view(out16.data(), p.batch, n_q, 4, 16),
+        options, lse16);
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      const Eigen::bfloat16 want(out[i]);
+      ASSERT_EQ(Eigen::numext::bit_cast<std::uint16_t>(out16[i]),
+                Eigen::numext::bit_cast<std::uint16_t>(want))
+          << "n_q=" << n_q << " i=" << i;
+    }
+    EXPECT_TRUE(same_bits(lse, lse16)) << "n_q=" << n_q;
+  }
+}
+
 // A user mask_mod (with and without a block classifier) and score_mod see the batch index of the
 // whole call.
 TEST(PagedKVTest, MaskModAndScoreModSeeTheSequence) {

@@ -148,8 +148,10 @@ void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
   const TileRows t = plan.block_rows(task / plan.segments);
   const WorkspaceSlice<T> ws = workspace.slice(slot);
 #if defined(BLOCKATTN_BF16_DOT)
-  // bf16 q and K on an AVX512_BF16 build: the prefill scores run on bf16 pairs (bf16_dot.hpp).
-  constexpr bool kPairs = kBf16DotScores<QS, typename Sources::Source::Storage>;
+  // bf16 q and K on an AVX512_BF16 build: the prefill scores run on bf16 pairs (bf16_dot.hpp),
+  // for sources that pack pairs (contiguous and strided caches; pages widen to float for now).
+  constexpr bool kPairs = kBf16DotScores<QS, typename Sources::Source::Storage> &&
+                          kPacksPairs<typename Sources::Source>;
   if constexpr (kPairs) {
     if (!plan.decode()) {
       gather_query_pairs(q, t, ws.queries);

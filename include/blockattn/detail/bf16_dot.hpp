@@ -49,6 +49,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include <Eigen/Core>
 
@@ -72,6 +73,15 @@ namespace detail {
 template <class QS, class KS>
 inline constexpr bool kBf16DotScores =
     std::is_same_v<QS, Eigen::bfloat16>&& std::is_same_v<KS, Eigen::bfloat16>;
+
+/// Whether a K/V source packs bf16 pairs for the dot path (pack_k_pairs; detail/kv_source.hpp).
+template <class Source, class = void>
+inline constexpr bool kPacksPairs = false;
+template <class Source>
+inline constexpr bool kPacksPairs<
+    Source,
+    std::void_t<decltype(std::declval<const Source&>().pack_k_pairs(Index{}, Index{}, nullptr))>> =
+    true;
 
 /// bf16 pairs (words) of d features.
 constexpr Index bf16_pairs(Index d) { return (d + 1) / 2; }
