@@ -278,6 +278,7 @@ struct Case {
   bool alibi = false;
   double softcap = 0;
   bool non_finite = false;  // an inf and a NaN in V (a hidden key's and a visible one's)
+  bool sinks = false;       // options.sinks, one logit per query head
 };
 
 std::string describe(const Shape& s) {
@@ -306,6 +307,9 @@ const std::vector<Case>& cases() {
       {{{70, 33}, 30, 2, 2, 19, 21, 5}, true, 10, 0, true},  // window, padding, odd d
       {{{100, 12}, 12, 2, 2, 16, 16, 1, true}, false, -1, 0, false, true},    // page size 1
       {{{80, 64}, 16, 2, 1, 16, 16, 16}, true, 6, 0, false, false, 0, true},  // NaN slow path
+      // attention sinks, folded after the segment merge (decode) and per query block (prefill)
+      {{{9000, 300}, 1, 4, 2, 16, 16, 16}, false, -1, 0, false, false, 0, false, true},
+      {{{45, 120}, 20, 4, 2, 16, 16, 5}, true, -1, 0, true, false, 0, false, true},
   };
   return all;
 }
@@ -343,6 +347,11 @@ void run_cases(std::uint64_t salt) {
     if (c.alibi) {
       for (Index h = 0; h < c.shape.heads; ++h) slopes.push_back(0.25 / double(h + 1));
       options.alibi_slopes = slopes;
+    }
+    std::vector<double> sinks;
+    if (c.sinks) {
+      for (Index h = 0; h < c.shape.heads; ++h) sinks.push_back(h % 2 == 0 ? 0.5 : 3.0);
+      options.sinks = sinks;
     }
     check_bitwise(p, options);
   }
