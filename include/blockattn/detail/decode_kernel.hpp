@@ -162,21 +162,16 @@ void decode_chunk_split_rows(const AttentionProblem<T, MaskMod, ScoreMod>& probl
   T* const s = stream.free_scores();
   if (!problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/true)) return;
   const T* const q = stream.queries + first * d;
-  for (Index j = 0; j < keys;) {
-    const Index run = std::min(keys - j, kv.contiguous_keys(chunk.k0 + j));
+  kv.for_each_page_run(chunk.k0, keys, [&](Index j, Index run) {
     const StridedRows<S> k = kv.keys(chunk.k0 + j);
     score_rows_direct(q, d, rows, d, k.data, k.ld, run, s + j, ld_s,
                       RowPrefetch{decode_prefetch_rows<S>(d, k.ld), run},
                       kv.key_scales(chunk.k0 + j));
-    j += run;
-  }
+  });
   problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
-  const auto for_each_run = [&](auto&& f) {
-    for (Index j = 0; j < keys;) {
-      const Index run = std::min(keys - j, kv.contiguous_keys(chunk.k0 + j));
-      f(j, run, kv.values(chunk.k0 + j));
-      j += run;
-    }
+  const auto for_each_run = [&](auto&& f) {  // f(j, run, V rows of the run)
+    kv.for_each_page_run(chunk.k0, keys,
+                         [&](Index j, Index run) { f(j, run, kv.values(chunk.k0 + j)); });
   };
   if constexpr (!Source::kValuesFinite) {
     if (tile_has_hidden_key(s, ld_s, rows, keys) &&

@@ -45,6 +45,8 @@
 //       how many rows from k0 on keys(k0) / values(k0) reach: rows of one page share one stride,
 //       the next page is elsewhere. Decode then splits each chunk's reads at page boundaries
 //       (decode_chunk_split_rows); a source without it has every row of the cache on one stride.
+//   void for_each_page_run(Index k0, Index keys, F f) const;  // with contiguous_keys: f(j, run)
+//       for each run of keys [k0, k0 + keys) on one stride, in key order;
 //   const Storage* value_row(Index j) const;  // with contiguous_keys: V row j, for the NaN slow
 //       path, which needs a chunk's rows across page boundaries.
 //
@@ -214,6 +216,17 @@ class PagedKVSource {
   /// Rows from key k0 to the end of its page.
   Index contiguous_keys(Index k0) const { return page_size_ - k0 % page_size_; }
 
+  /// Calls f(j, run) for the runs of keys [k0, k0 + keys) that share one page (one stride):
+  /// keys [k0 + j, k0 + j + run), in key order.
+  template <class F>
+  void for_each_page_run(Index k0, Index keys, F&& f) const {
+    for (Index j = 0; j < keys;) {
+      const Index run = std::min(keys - j, contiguous_keys(k0 + j));
+      f(j, run);
+      j += run;
+    }
+  }
+
   void pack_k(Index k0, Index keys, E* panel) const {
     // The panel layout of detail::pack_k (keys in panels of kKeyVectors·L, each panel of
     // width round_up(panel keys, L), feature-major, zero-padded), gathered row by row, each
@@ -242,21 +255,19 @@ class PagedKVSource {
     for (Index c0 = 0; c0 < d_v_; c0 += kPanel) {
       const Index cols = std::min(kPanel, d_v_ - c0);
       const Index width = round_up(cols, kLanes);
-      for (Index j = 0; j < keys;) {
-        const Index run = std::min(keys - j, contiguous_keys(k0 + j));
+      for_each_page_run(k0, keys, [&](Index j, Index run) {
         detail::pack_v<E>(row(v_, k0 + j) + c0, v_.ld, run, cols, panel + c0 * keys + j * width,
                           scales(v_, k0 + j));
-        j += run;
-      }
+      });
     }
   }
   bool values_finite(Index k0, Index keys) const {
     if constexpr (!kValuesFinite) {
-      for (Index j = 0; j < keys;) {
-        const Index run = std::min(keys - j, contiguous_keys(k0 + j));
-        if (!block_is_finite(row(v_, k0 + j), v_.ld, run, d_v_)) return false;
-        j += run;
-      }
+      bool finite = true;
+      for_each_page_run(k0, keys, [&](Index j, Index run) {
+        finite = finite && block_is_finite(row(v_, k0 + j), v_.ld, run, d_v_);
+      });
+      return finite;
     } else {
       static_cast<void>(k0);
       static_cast<void>(keys);
@@ -271,11 +282,9 @@ class PagedKVSource {
   /// V row j.
   const S* value_row(Index j) const { return row(v_, j); }
   void copy_finite_values(Index k0, Index keys, E* dst) const {
-    for (Index j = 0; j < keys;) {
-      const Index run = std::min(keys - j, contiguous_keys(k0 + j));
+    for_each_page_run(k0, keys, [&](Index j, Index run) {
       copy_finite(row(v_, k0 + j), v_.ld, run, d_v_, dst + j * d_v_, d_v_);
-      j += run;
-    }
+    });
   }
   /// int8: the scales of K rows from k0 on, valid for contiguous_keys(k0) rows; else empty.
   RowScales key_scales(Index k0) const { return scales(k_, k0); }
