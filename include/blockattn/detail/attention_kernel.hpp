@@ -147,9 +147,9 @@ void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
   const Index segment = task % plan.segments;
   const TileRows t = plan.block_rows(task / plan.segments);
   const WorkspaceSlice<T> ws = workspace.slice(slot);
-#if defined(BLOCKATTN_BF16_DOT)
-  // bf16 q and K on an AVX512_BF16 build: the prefill scores run on bf16 pairs (bf16_dot.hpp),
-  // for sources that pack pairs (contiguous and strided caches; pages widen to float for now).
+  // bf16 q and K on an AVX512_BF16 build: the prefill runs on bf16 pairs (bf16_dot.hpp), for
+  // sources that pack pairs (contiguous and strided caches; pages widen to float for now). In
+  // every other build kBf16DotScores is false and the pair branches below are discarded.
   constexpr bool kPairs = kBf16DotScores<QS, typename Sources::Source::Storage> &&
                           kPacksPairs<typename Sources::Source>;
   if constexpr (kPairs) {
@@ -161,16 +161,12 @@ void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
   } else {
     gather_scaled_queries(q, t, problem.scale, ws.queries);
   }
-#else
-  gather_scaled_queries(q, t, problem.scale, ws.queries);
-#endif
   const PartialState<T> own =
       plan.segments > 1 ? workspace.partial(task) : PartialState<T>{ws.m, ws.l, ws.acc};
   RowBlockState<T> state(own.m, own.l, own.acc, t.rows(), problem.d_v, workspace.ld_acc());
   state.reset();
   const KeyRange keys = plan.task_keys(segment, problem.visible_keys(t));
   if (!plan.decode()) {
-#if defined(BLOCKATTN_BF16_DOT)
     if constexpr (kPairs) {
       prefill_keys_bf16(problem, sources.head(t.b, t.h0 / problem.shape.group), ws,
                         workspace.ld_s(), t, keys, state);
@@ -178,10 +174,6 @@ void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
       prefill_keys(problem, sources.head(t.b, t.h0 / problem.shape.group), ws, workspace.ld_s(), t,
                    keys, state);
     }
-#else
-    prefill_keys(problem, sources.head(t.b, t.h0 / problem.shape.group), ws, workspace.ld_s(), t,
-                 keys, state);
-#endif
   } else {
     const Index head_rows = problem.shape.group * t.rows_per_head;
     DecodeStream<T, typename Sources::Source::Storage> stream{

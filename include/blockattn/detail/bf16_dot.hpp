@@ -67,13 +67,6 @@ namespace blockattn {
 inline namespace BLOCKATTN_ISA_NAMESPACE {
 namespace detail {
 
-#if defined(BLOCKATTN_BF16_DOT)
-
-/// Whether a prefill with q stored as QS and K as KS computes its scores on bf16 pairs.
-template <class QS, class KS>
-inline constexpr bool kBf16DotScores =
-    std::is_same_v<QS, Eigen::bfloat16>&& std::is_same_v<KS, Eigen::bfloat16>;
-
 /// Whether a K/V source packs bf16 pairs for the dot path (pack_k_pairs; detail/kv_source.hpp).
 template <class Source, class = void>
 inline constexpr bool kPacksPairs = false;
@@ -82,6 +75,13 @@ inline constexpr bool kPacksPairs<
     Source,
     std::void_t<decltype(std::declval<const Source&>().pack_k_pairs(Index{}, Index{}, nullptr))>> =
     true;
+
+#if defined(BLOCKATTN_BF16_DOT)
+
+/// Whether a prefill with q stored as QS and K as KS computes its scores on bf16 pairs.
+template <class QS, class KS>
+inline constexpr bool kBf16DotScores =
+    std::is_same_v<QS, Eigen::bfloat16>&& std::is_same_v<KS, Eigen::bfloat16>;
 
 /// bf16 pairs (words) of d features.
 constexpr Index bf16_pairs(Index d) { return (d + 1) / 2; }
