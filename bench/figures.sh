@@ -2,12 +2,14 @@
 # Regenerates every measured figure and plot of the README and docs/performance.md: the machine's
 # limits, throughput vs n (chunked against the naive two-GEMM path), peak memory vs n, threads and
 # decode, softmax, and the peer tables (PyTorch when /usr/bin/python3 can import torch, ggml when
-# bench/fetch_ggml.sh has fetched it). Needs a quiet machine (15-25 minutes on 2 cores). Results
-# land in build/figures/: the JSON, tables.md (every benchmark as Markdown, bench/tables.py),
-# pytorch.txt and ggml.txt (the README's peer tables); the plots in docs/. Figures are per
+# bench/fetch_ggml.sh has fetched it, ONNX Runtime when bench/fetch_ort.sh has). Needs a quiet
+# machine (25-35 minutes on 2 cores). Results land in build/figures/: the JSON, tables.md (every
+# benchmark as Markdown, bench/tables.py), pytorch.txt, ggml.txt and ort.txt (the README's peer
+# tables); the plots in docs/. Figures are per
 # machine: name the CPU, the date and load.txt beside any table taken from here.
 #
 # Usage: bash bench/figures.sh        (after: cmake --preset bench && cmake --build --preset bench)
+# The plots need Debian's python3-matplotlib; PyTorch needs python3-torch and libopenblas0-pthread.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=build/bench/bench
@@ -63,3 +65,8 @@ fi
 # ggml (optional): its prebuilt CPU libraries, when bench/fetch_ggml.sh has fetched them.
 python3 bench/compare_ggml.py --bench "$bin/compare_ggml_bench" --json "$out/ggml.json" \
   | tee "$out/ggml.txt"
+# ONNX Runtime (optional): onnxruntime-node's CPU runtime, when bench/fetch_ort.sh has fetched it
+# (compare_ort.py says "skipped" otherwise). The README's rows: 8 heads, d = 64, one thread.
+python3 bench/compare_ort.py --bench "$bin/attention_bench" --dump "$bin/ort_reference_dump" \
+  --shapes '^n_q:(1024|4096)/n_k:(1024|4096)/heads:8/d:64/causal:[01]/threads:1$|^n_q:1/n_k:32768/.*threads:1$' \
+  --json "$out/ort.json" | tee "$out/ort.txt"
