@@ -111,11 +111,9 @@ bool training() {
 /// softmax_topk on plain arrays: each Span carries its length.
 bool top_k() {
   const std::vector<float> logits{0.5F, 3.0F, -1.0F, 2.0F, 0.0F};
-  // [readme]
   std::vector<float> p(2);                 // the two largest probabilities, descending
   std::vector<blockattn::Index> token(2);  // and their indices in logits
   blockattn::softmax_topk(blockattn::Span(logits), 2, blockattn::Span(p), blockattn::Span(token));
-  // [readme]
   std::printf("top-2: tokens %ld, %ld\n", static_cast<long>(token[0]), static_cast<long>(token[1]));
   return token[0] == 1 && token[1] == 3 && p[0] > p[1];
 }
