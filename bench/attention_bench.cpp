@@ -548,8 +548,8 @@ void BM_Attention_BlockSparse(benchmark::State& state) {
 // Issue 18's packed varlen batch: one sequence of 100,000 cached tokens beside 63 short ones
 // (128 + 61·s tokens, s = 1..63), H = 8 query heads on H_kv = 2, d = 128, float, packed
 // [total, H, d] buffers. new_tokens 1: batched decode (one query per sequence, each over its own
-// cache); new_tokens 64: a short prefill (64 new tokens after the long cache; the short ones are
-// whole prompts), causal. varlen 1: one attention_varlen() call (one balanced plan); varlen 0: one
+// cache); new_tokens 64: a short (chunked) prefill, 64 new tokens per sequence after its cache,
+// causal. varlen 1: one attention_varlen() call (one balanced plan); varlen 0: one
 // attention() per sequence over the same buffers, each call with the threads to itself.
 // GFLOP/s: 4·d·H per visible (query, key) pair (formula) over the measured time. Memory: ~0.3 GB.
 void BM_Attention_Varlen(benchmark::State& state) {
@@ -564,7 +564,7 @@ void BM_Attention_Varlen(benchmark::State& state) {
   double pairs = 0;
   for (Index s = 0; s < kBatch; ++s) {
     const Index n_k = s == 0 ? kLong + new_tokens : 128 + 61 * s;
-    const Index n_q = new_tokens == 1 ? 1 : s == 0 ? new_tokens : n_k;
+    const Index n_q = std::min(new_tokens, n_k);
     cu_q.push_back(static_cast<std::int32_t>(cu_q.back() + n_q));
     cu_k.push_back(static_cast<std::int32_t>(cu_k.back() + n_k));
     const auto nq = static_cast<double>(n_q);
