@@ -20,6 +20,7 @@
 #include <benchmark/benchmark.h>
 
 #include <blockattn/attention.hpp>
+#include <blockattn/attention_varlen.hpp>
 #include <blockattn/detail/parallel.hpp>
 #include <blockattn/detail/simd.hpp>
 #include <blockattn/paged_kv.hpp>
@@ -544,6 +545,74 @@ void BM_Attention_BlockSparse(benchmark::State& state) {
   state.counters["density"] = pairs / (static_cast<double>(n) * static_cast<double>(n));
 }
 
+// Issue 18's packed varlen batch: one sequence of 100,000 cached tokens beside 63 short ones
+// (128 + 61·s tokens, s = 1..63), H = 8 query heads on H_kv = 2, d = 128, float, packed
+// [total, H, d] buffers. new_tokens 1: batched decode (one query per sequence, each over its own
+// cache); new_tokens 64: a short (chunked) prefill, 64 new tokens per sequence after its cache,
+// causal. varlen 1: one attention_varlen() call (one balanced plan); varlen 0: one
+// attention() per sequence over the same buffers, each call with the threads to itself.
+// GFLOP/s: 4·d·H per visible (query, key) pair (formula) over the measured time. Memory: ~0.3 GB.
+void BM_Attention_Varlen(benchmark::State& state) {
+  constexpr Index kBatch = 64;
+  constexpr Index kLong = 100000;
+  constexpr Index heads = 8;
+  constexpr Index kv_heads = 2;
+  constexpr Index d = 128;
+  const Index new_tokens = state.range(0);
+  const bool varlen = state.range(1) != 0;
+  std::vector<std::int32_t> cu_q{0}, cu_k{0};
+  double pairs = 0;
+  for (Index s = 0; s < kBatch; ++s) {
+    const Index n_k = s == 0 ? kLong + new_tokens : 128 + 61 * s;
+    const Index n_q = std::min(new_tokens, n_k);
+    cu_q.push_back(static_cast<std::int32_t>(cu_q.back() + n_q));
+    cu_k.push_back(static_cast<std::int32_t>(cu_k.back() + n_k));
+    const auto nq = static_cast<double>(n_q);
+    pairs += new_tokens == 1 ? static_cast<double>(n_k)
+                             : nq * static_cast<double>(n_k - n_q) + 0.5 * nq * (nq + 1);
+  }
+  const Index total_q = cu_q.back();
+  const Index total_k = cu_k.back();
+  const Matrix<float> q = random_input<float>(total_q * heads, d, 1);
+  const Matrix<float> k = random_input<float>(total_k * kv_heads, d, 2);
+  const Matrix<float> v = random_input<float>(total_k * kv_heads, d, 3);
+  Matrix<float> out(total_q * heads, d);
+  AttentionOptions options;
+  options.causal = new_tokens > 1;
+  options.threads = static_cast<int>(state.range(2));
+  if (options.threads == 1) Eigen::setNbThreads(1);
+  label_threads(state, options);
+  blockattn::Workspace workspace;
+  options.workspace = &workspace;
+  const auto view = [](const float* data, Index rows, Index h) {
+    return blockattn::make_tensor_view(data, 1, rows, h, d);
+  };
+  for (auto _ : state) {
+    if (varlen) {
+      blockattn::attention_varlen(view(q.data(), total_q, heads), view(k.data(), total_k, kv_heads),
+                                  view(v.data(), total_k, kv_heads),
+                                  blockattn::make_tensor_view(out.data(), 1, total_q, heads, d),
+                                  cu_q, cu_k, options);
+    } else {
+      for (std::size_t s = 0; s + 1 < cu_q.size(); ++s) {
+        const Index n_q = cu_q[s + 1] - cu_q[s];
+        const Index n_k = cu_k[s + 1] - cu_k[s];
+        blockattn::attention(
+            view(q.data() + cu_q[s] * heads * d, n_q, heads),
+            view(k.data() + cu_k[s] * kv_heads * d, n_k, kv_heads),
+            view(v.data() + cu_k[s] * kv_heads * d, n_k, kv_heads),
+            blockattn::make_tensor_view(out.data() + cu_q[s] * heads * d, 1, n_q, heads, d),
+            options);
+      }
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(4.0 * d * heads * pairs * 1e-9,
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * total_q);
+}
+
 void square_args(benchmark::internal::Benchmark* b, std::vector<std::int64_t> sizes) {
   b->ArgNames({"n", "d", "causal"})
       ->ArgsProduct({std::move(sizes), {64, 128}, {0, 1}})
@@ -668,6 +737,14 @@ BENCHMARK(BM_Attention_Prefill)
     ->Name("Large/CompareOrt/BM_Attention_Prefill<float>")
     ->ArgNames({"n", "heads", "d", "causal", "threads"})
     ->ArgsProduct({{512, 1024, 2048, 4096}, {8}, {64, 128}, {0, 1}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+// Issue 18's varlen batch (run it alone: --benchmark_filter=Varlen).
+BENCHMARK(BM_Attention_Varlen)
+    ->Name("Large/Varlen/BM_Attention_Varlen<float>")
+    ->ArgNames({"new_tokens", "varlen", "threads"})
+    ->ArgsProduct({{1, 64}, {0, 1}, {1, 2}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 

@@ -3,6 +3,7 @@
 
 #include <blockattn/attention.hpp>
 #include <blockattn/attention_backward.hpp>
+#include <blockattn/attention_varlen.hpp>
 #include <blockattn/detail/config.hpp>
 #include <blockattn/mask.hpp>
 #include <blockattn/paged_kv.hpp>

@@ -76,12 +76,14 @@ class NoMallocScope {
 /// Where a forward call writes: out [batch, n_q, heads, d_v] (storage O: T, or a 16-bit format,
 /// rounded once from the normalised float row) and lse [batch, heads, n_q] of T (or null); sinks
 /// (options.sinks: one logit per query head, or null) join each row's denominator here, once,
-/// after every key and segment is merged.
+/// after every key and segment is merged. A packed varlen sequence writes head h's lse at
+/// lse + h·lse_head_stride instead ([heads, total_q], lse pointing at the sequence's first row).
 template <class T, class O = T>
 struct ForwardOutput {
   TensorView<O> out;
   T* lse;
   const double* sinks = nullptr;
+  Index lse_head_stride = 0;  ///< 0: the [batch, heads, n_q] layout
 
   /// Normalises the finished state of the rows `t` into out and lse (folding in the sinks first).
   void finalize(RowBlockState<T>& state, const TileRows& t) const {
@@ -90,7 +92,9 @@ struct ForwardOutput {
       if (sinks != nullptr) {
         state.fold_sink(g * t.rows_per_head, t.rows_per_head, static_cast<T>(sinks[h]));
       }
-      T* lse_rows = lse != nullptr ? lse + (t.b * out.heads + h) * out.seq + t.q0 : nullptr;
+      const Index lse_row =
+          lse_head_stride != 0 ? h * lse_head_stride : (t.b * out.heads + h) * out.seq;
+      T* lse_rows = lse != nullptr ? lse + lse_row + t.q0 : nullptr;
       state.finalize(g * t.rows_per_head, t.rows_per_head,
                      mutable_head_slice(out, t.b, h).middleRows(t.q0, t.rows_per_head), lse_rows);
     }
@@ -137,15 +141,15 @@ inline void gather_query_pairs(const TensorView<const Eigen::bfloat16>& q, const
 }
 #endif
 
-/// Runs task `task` of the plan in workspace slice `slot`: its online state lives in the slice
-/// (one segment: finalized into `output` here) or in the task's partial state (merged later).
+/// Runs key segment `segment` of the query rows `t` (a block of `plan`) in workspace slice
+/// `slot`: its online state lives in the slice (one segment: finalized into `output` here) or in
+/// `*partial` (the plan has segments: merged later by merge_partials()).
 template <class T, class MaskMod, class ScoreMod, class QS, class Sources, class O>
-void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
+void run_forward_rows(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
                       const AttentionPlan& plan, const TensorView<const QS>& q,
                       const Sources& sources, const AttentionWorkspace<T>& workspace, int slot,
-                      Index task, const ForwardOutput<T, O>& output) {
-  const Index segment = task % plan.segments;
-  const TileRows t = plan.block_rows(task / plan.segments);
+                      const TileRows& t, Index segment, const PartialState<T>* partial,
+                      const ForwardOutput<T, O>& output) {
   const WorkspaceSlice<T> ws = workspace.slice(slot);
   // bf16 q and K on an AVX512_BF16 build: the prefill runs on bf16 pairs (bf16_dot.hpp), for
   // sources that pack pairs (contiguous and strided caches; pages widen to float for now). In
@@ -161,8 +165,7 @@ void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
   } else {
     gather_scaled_queries(q, t, problem.scale, ws.queries);
   }
-  const PartialState<T> own =
-      plan.segments > 1 ? workspace.partial(task) : PartialState<T>{ws.m, ws.l, ws.acc};
+  const PartialState<T> own = partial != nullptr ? *partial : PartialState<T>{ws.m, ws.l, ws.acc};
   RowBlockState<T> state(own.m, own.l, own.acc, t.rows(), problem.d_v, workspace.ld_acc());
   state.reset();
   const KeyRange keys = plan.task_keys(segment, problem.visible_keys(t));
@@ -181,23 +184,45 @@ void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
         workspace.ld_s(), ws.packed_v, plan.pipelined};
     decode_task(problem, plan, sources, t, keys, stream);
   }
-  if (plan.segments == 1) output.finalize(state, t);
+  if (partial == nullptr) output.finalize(state, t);
 }
 
-/// Flash-Decoding merge: the segment states of query block `block` folded into segment 0's, in
-/// segment order, then finalized into `output`.
+/// Runs task `task` of the plan in workspace slice `slot` (run_forward_rows() of its block and
+/// segment; partial state `task` of the workspace when the plan has segments).
+template <class T, class MaskMod, class ScoreMod, class QS, class Sources, class O>
+void run_forward_task(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
+                      const AttentionPlan& plan, const TensorView<const QS>& q,
+                      const Sources& sources, const AttentionWorkspace<T>& workspace, int slot,
+                      Index task, const ForwardOutput<T, O>& output) {
+  const PartialState<T> partial =
+      plan.segments > 1 ? workspace.partial(task) : PartialState<T>{nullptr, nullptr, nullptr};
+  run_forward_rows(problem, plan, q, sources, workspace, slot,
+                   plan.block_rows(task / plan.segments), task % plan.segments,
+                   plan.segments > 1 ? &partial : nullptr, output);
+}
+
+/// Flash-Decoding merge of the rows `t`: the states part(0), ..., part(segments − 1) (each a
+/// PartialState<T> of t.rows() rows, acc stride ld_acc) folded into part(0)'s, in segment order,
+/// then finalized into `output`.
+template <class T, class Part, class O>
+void merge_partials(const TileRows& t, Index d_v, Index ld_acc, Index segments, const Part& part,
+                    const ForwardOutput<T, O>& output) {
+  const PartialState<T> first = part(Index(0));
+  RowBlockState<T> state(first.m, first.l, first.acc, t.rows(), d_v, ld_acc);
+  for (Index segment = 1; segment < segments; ++segment) {
+    const PartialState<T> next = part(segment);
+    state.merge(RowBlockState<T>(next.m, next.l, next.acc, t.rows(), d_v, ld_acc));
+  }
+  output.finalize(state, t);
+}
+
+/// merge_partials() of query block `block` of the plan (its tasks' partial states).
 template <class T, class O>
 void merge_segments(const AttentionPlan& plan, const AttentionWorkspace<T>& workspace, Index block,
                     const ForwardOutput<T, O>& output) {
-  const TileRows t = plan.block_rows(block);
-  const Index d_v = plan.shape.d_v;
-  const PartialState<T> first = workspace.partial(block * plan.segments);
-  RowBlockState<T> state(first.m, first.l, first.acc, t.rows(), d_v, workspace.ld_acc());
-  for (Index segment = 1; segment < plan.segments; ++segment) {
-    const PartialState<T> part = workspace.partial(block * plan.segments + segment);
-    state.merge(RowBlockState<T>(part.m, part.l, part.acc, t.rows(), d_v, workspace.ld_acc()));
-  }
-  output.finalize(state, t);
+  merge_partials(
+      plan.block_rows(block), plan.shape.d_v, workspace.ld_acc(), plan.segments,
+      [&](Index segment) { return workspace.partial(block * plan.segments + segment); }, output);
 }
 
 /// attention_forward() (below) on any K/V source family (detail/kv_source.hpp) whose call shapes
@@ -214,8 +239,8 @@ void attention_forward_sources(const TensorView<const QS>& q, const AttentionSha
   const AttentionPlan plan = plan_attention<T>(shapes, options);
   if (plan.tasks == 0) return;
   const auto problem = make_attention_problem<T>(plan, options, mask_mod, score_mod);
-  const ForwardOutput<T, QS> output{out, lse,
-                                    options.sinks.empty() ? nullptr : options.sinks.data()};
+  const ForwardOutput<T, QS> output{
+      out, lse, options.sinks.empty() ? nullptr : options.sinks.data(), /*lse_head_stride=*/0};
   const int threads = resolve_threads(options.threads, plan.tasks);
   const AttentionWorkspace<T> workspace(storage, threads, plan.task_shape(),
                                         plan.segments > 1 ? plan.tasks : 0);

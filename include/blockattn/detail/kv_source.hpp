@@ -367,6 +367,29 @@ class StridedKVHeads {
   TensorView<const S> v_;
 };
 
+/// The StridedKV sources of packed variable-length K and V (attention_varlen): k, v
+/// [1, total_k, H_kv, d] (any strides) and the sequences' first rows `starts` (cu_seqlens_k);
+/// head(b, h) is kv head h of sequence b.
+template <class E, class S = E>
+class VarlenKVHeads {
+ public:
+  using Source = StridedKV<E, S>;
+
+  VarlenKVHeads(const TensorView<const S>& k, const TensorView<const S>& v,
+                const std::int32_t* starts)
+      : k_(k), v_(v), starts_(starts) {}
+
+  Source head(Index b, Index h) const {
+    const Index row = starts_[b];
+    return {{k_.at(0, row, h), k_.seq_stride}, {v_.at(0, row, h), v_.seq_stride}, k_.dim, v_.dim};
+  }
+
+ private:
+  TensorView<const S> k_;
+  TensorView<const S> v_;
+  const std::int32_t* starts_;
+};
+
 /// The QuantizedKVSource sources of an int8 cache: k, v [B, n_k, H_kv, d] int8 and their scales
 /// [B, n_k, H_kv, 1] float (any strides); head(b, h) is kv head h of batch entry b.
 class QuantizedKVHeads {

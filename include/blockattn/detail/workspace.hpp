@@ -122,16 +122,19 @@ struct PartialState {
   T* acc;  ///< [rows, ld_acc]
 };
 
-/// One call's layout over a blockattn::Workspace: `slots` thread slices and `partials` partial
-/// states. Elements per slice: rows·(d + ld_acc + 2) + packed K/V + one score tile, each part
+/// One call's layout over a blockattn::Workspace: `slots` thread slices, `partials` partial
+/// states and `extra` elements of the caller's own (varlen's partial states of several row
+/// counts). Elements per slice: rows·(d + ld_acc + 2) + packed K/V + one score tile, each part
 /// padded to a cache line.
 template <class T>
 class AttentionWorkspace {
  public:
-  AttentionWorkspace(Workspace& storage, int slots, const TileShape& shape, Index partials)
-      : AttentionWorkspace(slots, shape, partials) {
+  AttentionWorkspace(Workspace& storage, int slots, const TileShape& shape, Index partials,
+                     Index extra = 0)
+      : AttentionWorkspace(slots, shape, partials, extra) {
     base_ = static_cast<T*>(storage.reserve(bytes()));
     partials_ = base_ + slice_size_ * slots;
+    extra_ = partials_ + partial_size_ * partials;
   }
 
   /// The bytes that a call of this layout reserves from its Workspace, so that a caller can size
@@ -152,13 +155,17 @@ class AttentionWorkspace {
     return {base, base + rows, base + 2 * rows};
   }
 
+  /// The `extra` elements (64-byte aligned).
+  T* extra() const { return extra_; }
+
   const TileShape& shape() const { return shape_; }
   Index ld_s() const { return ld_s_; }
   Index ld_acc() const { return ld_acc_; }
 
  private:
   /// The layout alone, no storage.
-  AttentionWorkspace(int slots, const TileShape& shape, Index partials) : shape_(shape) {
+  AttentionWorkspace(int slots, const TileShape& shape, Index partials, Index extra = 0)
+      : shape_(shape) {
     const Index rows = shape.group * shape.query_chunk;
     ld_s_ = padded_stride<T>(shape.key_chunk);
     ld_acc_ = padded_stride<T>(shape.d_v);
@@ -175,7 +182,7 @@ class AttentionWorkspace {
     l_ = layout.take(rows);
     slice_size_ = layout.size();
     partial_size_ = SliceLayout<T>::padded(rows * (ld_acc_ + 2));
-    total_ = slice_size_ * slots + partial_size_ * partials;
+    total_ = slice_size_ * slots + partial_size_ * partials + extra;
   }
 
   std::size_t bytes() const { return static_cast<std::size_t>(total_) * sizeof(T); }
@@ -195,6 +202,7 @@ class AttentionWorkspace {
   Index total_ = 0;  ///< elements of the whole layout
   T* base_ = nullptr;
   T* partials_ = nullptr;
+  T* extra_ = nullptr;
 };
 
 }  // namespace detail
