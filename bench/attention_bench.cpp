@@ -291,6 +291,69 @@ void BM_Attention_DecodeCacheInt8(benchmark::State& state) {
       benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
 }
 
+// BM_Attention_DecodeCacheInt8 with keys per channel (ChannelQuantizedKV: int8 keys with a
+// scale and a zero point per 32-token block, kv head and channel; values as there), the same
+// hashed values quantized by quantize_kv in one call. Decode scales the query once per 32-key
+// block and streams the int8 keys raw: compare tokens_per_second with <float> and with
+// BM_Attention_DecodeCacheInt8 from the same run. kv_bytes_per_second counts the int8 keys and
+// values, the value scales and the key blocks' scales and zero points:
+// n_k·kv_heads·(2d + 4 + 8d/32).
+void BM_Attention_DecodeCacheInt8Channel(benchmark::State& state) {
+  const Index heads = 8;
+  const Index n_k = state.range(0);
+  const Index kv_heads = state.range(1);
+  const Index d = state.range(2);
+  const auto values = [&](unsigned seed) {
+    return Matrix<float>::NullaryExpr(n_k * kv_heads, d, [seed, d](Index r, Index c) {
+      const auto h = static_cast<std::uint32_t>(r * d + c) * 2654435761u + seed * 40503u;
+      return static_cast<float>(h >> 16) / 32768.0f - 1.0f;
+    });
+  };
+  const auto size = [](Index n) { return static_cast<std::size_t>(n); };
+  const Index blocks = (n_k + blockattn::kKeyBlockTokens - 1) / blockattn::kKeyBlockTokens;
+  std::vector<std::int8_t> k8(size(n_k * kv_heads * d)), v8(k8.size());
+  std::vector<float> k_scale(size(blocks * kv_heads * d)), k_zero(k_scale.size());
+  std::vector<float> v_scale(size(n_k * kv_heads));
+  {
+    const Matrix<float> k = values(2);
+    const Matrix<float> v = values(3);
+    blockattn::quantize_kv(blockattn::make_tensor_view(k.data(), 1, n_k, kv_heads, d), 0,
+                           blockattn::make_tensor_view(k8.data(), 1, n_k, kv_heads, d),
+                           blockattn::make_tensor_view(k_scale.data(), 1, blocks, kv_heads, d),
+                           blockattn::make_tensor_view(k_zero.data(), 1, blocks, kv_heads, d));
+    blockattn::quantize_kv(blockattn::make_tensor_view(v.data(), 1, n_k, kv_heads, d),
+                           blockattn::make_tensor_view(v8.data(), 1, n_k, kv_heads, d),
+                           blockattn::make_tensor_view(v_scale.data(), 1, n_k, kv_heads, 1));
+  }
+  const Matrix<float> q = random_input<float>(heads, d, 1);
+  Matrix<float> out(heads, d);
+  const auto q_view = blockattn::make_tensor_view(q.data(), 1, 1, heads, d);
+  const blockattn::ChannelQuantizedKV kv{
+      blockattn::make_tensor_view<const std::int8_t>(k8.data(), 1, n_k, kv_heads, d),
+      blockattn::make_tensor_view<const float>(k_scale.data(), 1, blocks, kv_heads, d),
+      blockattn::make_tensor_view<const float>(k_zero.data(), 1, blocks, kv_heads, d),
+      blockattn::make_tensor_view<const std::int8_t>(v8.data(), 1, n_k, kv_heads, d),
+      blockattn::make_tensor_view<const float>(v_scale.data(), 1, n_k, kv_heads, 1)};
+  const auto out_view = blockattn::make_tensor_view(out.data(), 1, 1, heads, d);
+  AttentionOptions options;
+  options.threads = static_cast<int>(state.range(3));
+  label_threads(state, options);
+  blockattn::Workspace workspace;
+  options.workspace = &workspace;
+  blockattn::attention(q_view, kv, out_view, options);  // sizes the workspace
+  for (auto _ : state) {
+    blockattn::attention(q_view, kv, out_view, options);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["tokens_per_second"] =
+      benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["kv_bytes_per_second"] = benchmark::Counter(
+      static_cast<double>(n_k * kv_heads * (2 * d + 4)) +
+          static_cast<double>(blocks * kv_heads * 8 * d),
+      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
+}
+
 // Batched decode over a serving cache (issue 18, item 2): 64 sequences, one new token each,
 // 8 query heads on kv_heads, d = 128, cache lengths 128·256^(i/63) for i = 0..63 (geometric from
 // 128 to 32768, 387k tokens in all: as many short sequences as long ones on a log scale).
@@ -661,6 +724,11 @@ BENCHMARK_TEMPLATE(BM_Attention_DecodeCache, Eigen::half)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Attention_DecodeCacheInt8)
+    ->ArgNames({"n_k", "kv_heads", "d", "threads"})
+    ->ArgsProduct({{262144}, {8, 1}, {64, 128}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Attention_DecodeCacheInt8Channel)
     ->ArgNames({"n_k", "kv_heads", "d", "threads"})
     ->ArgsProduct({{262144}, {8, 1}, {64, 128}, {1, 2}})
     ->UseRealTime()

@@ -9,12 +9,21 @@
 // view with strides of its own (BSHD, BHSD, a slice of a larger cache). The product is rounded
 // once in float: dequantize_kv() writes exactly the floats the kernels compute with, so an int8
 // call is bitwise the float call on dequantize_kv()'s output.
+//
+// ChannelQuantizedKV: the same values, with keys quantized per channel over blocks of
+// kKeyBlockTokens tokens with a zero point (KIVI's key format, chosen by the error measured in
+// docs/quantized_kv.md): element c of key j is k_scale[b, j/32, h, c]·(k[b, j, h, c] −
+// k_zero[b, j/32, h, c]), the difference and the product each rounded once in float. Prefill
+// dequantizes once per K tile and is bitwise the float call on dequantize_kv()'s cache; decode
+// scales the query by each block's channel scales instead of the keys, so it matches that call
+// within a stated tolerance (see its attention() overload).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include <blockattn/attention.hpp>
 #include <blockattn/detail/check.hpp>
@@ -225,6 +234,312 @@ inline void dequantize_kv(TensorView<const std::int8_t> q, TensorView<const floa
         const float sc = *scale.at(b, s, h);
         float* dst = out.at(b, s, h);
         for (Index c = 0; c < q.dim; ++c) dst[c] = static_cast<float>(row[c]) * sc;
+      }
+    }
+  }
+}
+
+/// Tokens per block of a ChannelQuantizedKV's keys: each block of 32 tokens (from token 0) has
+/// one scale and one zero point per kv head and channel.
+inline constexpr Index kKeyBlockTokens = 32;
+
+/// An int8 K/V cache over the caller's memory whose keys are quantized per channel over blocks
+/// of kKeyBlockTokens tokens with a zero point, values per token as QuantizedKV's: k [B, n_k,
+/// H_kv, d] int8, k_scale and k_zero [B, ceil(n_k / 32), H_kv, d] float (block, then channel),
+/// v [B, n_k, H_kv, d_v] int8, v_scale [B, n_k, H_kv, 1] float, every view with strides of its
+/// own. Key element value: k_scale·(float(k) − k_zero) in float (see the top of this header).
+struct ChannelQuantizedKV {
+  /// Keys as int8, [B, n_k, H_kv, d].
+  TensorView<const std::int8_t> k;
+  /// One scale per key block, kv head and channel, [B, ceil(n_k / 32), H_kv, d].
+  TensorView<const float> k_scale;
+  /// One zero point per key block, kv head and channel (in int8 steps), same sizes as k_scale.
+  TensorView<const float> k_zero;
+  /// Values as int8, [B, n_k, H_kv, d_v].
+  TensorView<const std::int8_t> v;
+  /// One float scale per value row (token and kv head), [B, n_k, H_kv, 1].
+  TensorView<const float> v_scale;
+};
+
+namespace detail {
+
+/// ceil(n / kKeyBlockTokens): the key blocks that n tokens reach.
+constexpr Index key_blocks(Index n) { return (n + kKeyBlockTokens - 1) / kKeyBlockTokens; }
+
+/// The argument names of a per-channel key parameter view (k_scale or k_zero), for
+/// validate_key_block_sizes' messages (string literals: validation must not allocate).
+struct KeyBlockNames {
+  const char* name;
+  const char* batch;
+  const char* seq;
+  const char* heads;
+  const char* dim;
+};
+inline constexpr KeyBlockNames kKScaleBlockNames{"k_scale", "k_scale.batch", "k_scale.seq",
+                                                 "k_scale.heads", "k_scale.dim"};
+inline constexpr KeyBlockNames kKZeroBlockNames{"k_zero", "k_zero.batch", "k_zero.seq",
+                                                "k_zero.heads", "k_zero.dim"};
+
+/// Checks one per-channel key parameter view x (k_scale or k_zero) against the int8 keys k:
+/// sizes [B, ceil(n_k / 32), H_kv, d] and data when not empty.
+inline void validate_key_block_sizes(const char* function, const KeyBlockNames& n,
+                                     const TensorView<const float>& x,
+                                     const TensorView<const std::int8_t>& k) {
+  const char* const why = "one per key block of 32 tokens, kv head and channel";
+  require_size(function, n.batch, x.batch, "k.batch", k.batch, why);
+  require_size(function, n.seq, x.seq, "ceil(k.seq / 32)", key_blocks(k.seq), why);
+  require_size(function, n.heads, x.heads, "k.heads", k.heads, why);
+  require_size(function, n.dim, x.dim, "k.dim", k.dim, why);
+  if (x.batch == 0 || x.seq == 0 || x.heads == 0 || x.dim == 0) return;
+  require(x.data != nullptr, function, n.name, ".data is null for a non-empty cache");
+}
+
+/// Checks the key block parameters [b, block, h, ·] for blocks [block0, block1): every scale and
+/// zero point finite, and the extreme values scale·(−128 − zero) and scale·(127 − zero) finite
+/// in float (then every key is: |scale·(q − zero)| is largest at an end of the int8 range).
+inline void validate_key_block_values(const char* function, const TensorView<const float>& scale,
+                                      const TensorView<const float>& zero, Index block0,
+                                      Index block1) {
+  for (Index b = 0; b < scale.batch; ++b) {
+    for (Index blk = block0; blk < block1; ++blk) {
+      for (Index h = 0; h < scale.heads; ++h) {
+        const float* sc = scale.at(b, blk, h);
+        const float* zp = zero.at(b, blk, h);
+        for (Index c = 0; c < scale.dim; ++c) {
+          const bool ok = std::isfinite(sc[c]) && std::isfinite(zp[c]) &&
+                          std::isfinite(sc[c] * (-128.0f - zp[c])) &&
+                          std::isfinite(sc[c] * (127.0f - zp[c]));
+          require(ok, function, "k_scale[", b, ", ", blk, ", ", h, ", ", c, "] is ", sc[c],
+                  " and k_zero[", b, ", ", blk, ", ", h, ", ", c, "] is ", zp[c],
+                  " (both must be finite, and k_scale·(q − k_zero) finite for every int8 q)");
+        }
+      }
+    }
+  }
+}
+
+/// One channel's parameters for values in [lo, hi]: scale (hi − lo)/254 and an integral zero
+/// point so that every x in [lo, hi] maps to x/scale + zero in [−128, 127] up to float rounding
+/// (lo to −127.5 + e, hi to 126.5 + e with |e| <= 1/2 from rounding the zero point: 254 steps
+/// and that shift fit in int8's 255, so nothing clamps and the error is <= scale/2); a constant
+/// channel is symmetric (|x|/127, zero 0); all zero: scale 0, zero 0.
+inline void key_channel_params(float lo, float hi, float* scale, float* zero) {
+  float s = static_cast<float>((static_cast<double>(hi) - static_cast<double>(lo)) / 254.0);
+  float z = 0.0f;
+  if (s > 0.0f) {
+    z = static_cast<float>(
+        std::nearbyint(-127.5 - static_cast<double>(lo) / static_cast<double>(s)));
+  } else {
+    s = std::max(std::abs(lo), std::abs(hi)) / 127.0f;  // constant (or subnormal) channel
+  }
+  *scale = s;
+  *zero = z;
+}
+
+/// The int8 of x under (scale, zero): x/scale + zero rounded to nearest (ties to even) in double,
+/// clamped to [−128, 127]; 0 when scale is 0.
+inline std::int8_t quantize_key(float x, float scale, float zero) {
+  if (!(scale > 0.0f)) return 0;
+  const double r = std::nearbyint(static_cast<double>(x) / static_cast<double>(scale) +
+                                  static_cast<double>(zero));
+  return static_cast<std::int8_t>(std::clamp(r, -128.0, 127.0));
+}
+
+}  // namespace detail
+
+/// Exact attention of float queries over an int8 cache with per-channel keys
+/// (ChannelQuantizedKV). Prefill (more than 8 query rows per kv head) dequantizes each K tile
+/// once into the packed panel and is bitwise the TensorView attention() on
+/// dequantize_kv(kv.k, kv.k_scale, kv.k_zero) and dequantize_kv(kv.v, kv.v_scale). Decode (at
+/// most 8 rows per kv head) reads the int8 keys raw: per 32-key block the scaled query is
+/// multiplied by the block's channel scales and the zero points become one dot product per row,
+/// score = (q∘scale)·k8 − q·(scale∘zero); that is the same real number rounded in another order,
+/// so decode matches the float call within attention_tolerance with A taken over
+/// Σ_c |q_c·scale_c|·(|k8_c| + |zero_c|) (the terms actually summed), not bitwise. Sizes and
+/// the rest as the QuantizedKV overload. Throws std::invalid_argument as that overload does, and
+/// when k_scale or k_zero is not [B, ceil(n_k / 32), H_kv, d], null, not finite, or makes a key
+/// non-finite; nothing is written then. Checking reads every scale: O(B·n_k·H_kv·(1 + d/32)).
+template <class QT, class OT, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
+void attention(TensorView<QT> q, const ChannelQuantizedKV& kv, TensorView<OT> out,
+               const AttentionOptions& options = {}, Span<float> lse = {},
+               const MaskMod& mask_mod = {}, const ScoreMod& score_mod = {}) {
+  static_assert(std::is_same_v<std::remove_const_t<QT>, float> && std::is_same_v<OT, float>,
+                "blockattn: an int8 K/V cache (ChannelQuantizedKV) is read under float q and a "
+                "writable float out (TensorView<float>)");
+  detail::check_mods<float, MaskMod, ScoreMod>();
+  const TensorView<const float> cq(q);
+  detail::validate_attention<float>("attention", cq, kv.k, kv.v, out, options, lse);
+  detail::validate_key_block_sizes("attention", detail::kKScaleBlockNames, kv.k_scale, kv.k);
+  detail::validate_key_block_sizes("attention", detail::kKZeroBlockNames, kv.k_zero, kv.k);
+  if (kv.k.dim > 0) {
+    detail::validate_key_block_values("attention", kv.k_scale, kv.k_zero, 0, kv.k_scale.seq);
+  }
+  detail::validate_scales("attention", detail::kVScaleNames, kv.v_scale, kv.v);
+  const detail::AddressRange out_range = detail::tensor_range(out);
+  const Index count = q.batch * q.heads * q.seq;
+  const detail::AddressRange lse_range =
+      lse.empty() ? detail::AddressRange{} : detail::address_range(lse.data(), 1, count, count);
+  const std::pair<const char*, detail::AddressRange> inputs[] = {
+      {"k_scale", detail::tensor_range(kv.k_scale)},
+      {"k_zero", detail::tensor_range(kv.k_zero)},
+      {"v_scale", detail::tensor_range(kv.v_scale)}};
+  for (const auto& [name, range] : inputs) {
+    detail::require_disjoint("attention", "out", out_range, name, range);
+    detail::require_disjoint("attention", "lse", lse_range, name, range);
+  }
+  Workspace own;
+  Workspace& workspace = options.workspace != nullptr ? *options.workspace : own;
+  detail::attention_forward_sources(
+      cq, detail::shapes_of(cq, kv.k, kv.v),
+      detail::ChannelQuantizedKVHeads(kv.k, kv.k_scale, kv.k_zero, kKeyBlockTokens, kv.v,
+                                      kv.v_scale),
+      out, options, detail::data_or_null(lse), mask_mod, score_mod, workspace);
+}
+
+/// Appends keys x [B, S, H, D] (float, Eigen::bfloat16 or Eigen::half) as tokens [position,
+/// position + S) of a per-channel key cache: k [B, ≥ position + S, H, D] int8, k_scale and k_zero
+/// [B, ≥ ceil((position + S) / 32), H, D] float (capacity views; tokens before `position` must
+/// have been written by this function). Each 32-token block gets, per head and channel, scale =
+/// (max − min)/254 and an integral zero point (|x − scale·(q − zero)| <= scale/2 plus float
+/// roundings; a constant channel |x|/127 and zero 0). A block that already holds tokens (position
+/// not a multiple of 32, the open block of a growing cache) keeps its scale and zero point when
+/// the new tokens fit its range, leaving its tokens' bits alone; otherwise the block is
+/// re-quantized over the union of its dequantized tokens and the new ones, which adds at most
+/// the new scale/2 to each earlier token (docs/quantized_kv.md measures the effect). Throws
+/// std::invalid_argument naming the argument and the sizes when sizes do not fit, data is null,
+/// position < 0, x is not finite, or the open block's parameters are not finite; nothing is
+/// written then. O(B·H·D·(S + 32)), no allocation.
+template <class XT>
+void quantize_kv(TensorView<XT> x, Index position, TensorView<std::int8_t> k,
+                 TensorView<float> k_scale, TensorView<float> k_zero) {
+  using X = std::remove_const_t<XT>;
+  static_assert(std::is_same_v<X, float> || detail::kIs16BitFloat<X>,
+                "blockattn: quantize_kv reads float, Eigen::bfloat16 or Eigen::half");
+  const char* const f = "quantize_kv";
+  detail::require(x.batch >= 0 && x.seq >= 0 && x.heads >= 0 && x.dim >= 0, f,
+                  "x has a negative size");
+  detail::require(position >= 0, f, "position is ", position, " (must be >= 0)");
+  const Index end = position + x.seq;
+  const char* const why = "one int8 per element";
+  detail::require_size(f, "k.batch", k.batch, "x.batch", x.batch, why);
+  detail::require_size(f, "k.heads", k.heads, "x.heads", x.heads, why);
+  detail::require_size(f, "k.dim", k.dim, "x.dim", x.dim, why);
+  detail::require(k.seq >= end, f, "k.seq is ", k.seq, " but position + x.seq is ", end,
+                  " (the cache must hold the appended tokens)");
+  const char* const names[][4] = {{"k_scale.batch", "k_scale.seq", "k_scale.heads", "k_scale.dim"},
+                                  {"k_zero.batch", "k_zero.seq", "k_zero.heads", "k_zero.dim"}};
+  const TensorView<float>* params[] = {&k_scale, &k_zero};
+  for (int i = 0; i < 2; ++i) {
+    const TensorView<float>& p = *params[i];
+    const char* const per = "one per key block of 32 tokens, head and channel";
+    detail::require_size(f, names[i][0], p.batch, "x.batch", x.batch, per);
+    detail::require_size(f, names[i][2], p.heads, "x.heads", x.heads, per);
+    detail::require_size(f, names[i][3], p.dim, "x.dim", x.dim, per);
+    detail::require(p.seq >= detail::key_blocks(end), f, names[i][1], " is ", p.seq,
+                    " but ceil((position + x.seq) / 32) is ", detail::key_blocks(end), " (", per,
+                    ")");
+  }
+  if (x.batch == 0 || x.seq == 0 || x.heads == 0 || x.dim == 0) return;
+  detail::require(
+      x.data != nullptr && k.data != nullptr && k_scale.data != nullptr && k_zero.data != nullptr,
+      f, "x.data, k.data, k_scale.data or k_zero.data is null for a non-empty x");
+  for (Index b = 0; b < x.batch; ++b) {
+    for (Index s = 0; s < x.seq; ++s) {
+      for (Index h = 0; h < x.heads; ++h) {
+        const X* row = x.at(b, s, h);
+        for (Index c = 0; c < x.dim; ++c) {
+          const float value = static_cast<float>(row[c]);
+          detail::require(std::isfinite(value), f, "x[", b, ", ", s, ", ", h, ", ", c, "] is ",
+                          value, " (only finite values can be quantized)");
+        }
+      }
+    }
+  }
+  const Index open = position % kKeyBlockTokens;  // tokens already in the first block
+  if (open > 0) {
+    const Index blk = position / kKeyBlockTokens;
+    detail::validate_key_block_values(f, TensorView<const float>(k_scale),
+                                      TensorView<const float>(k_zero), blk, blk + 1);
+  }
+  for (Index b = 0; b < x.batch; ++b) {
+    for (Index h = 0; h < x.heads; ++h) {
+      for (Index t0 = position - open; t0 < end; t0 += kKeyBlockTokens) {
+        const Index blk = t0 / kKeyBlockTokens;
+        const Index first_new = std::max(t0, position);  // earlier tokens of the block are old
+        const Index last = std::min(t0 + kKeyBlockTokens, end);
+        float* scale = k_scale.at(b, blk, h);
+        float* zero = k_zero.at(b, blk, h);
+        for (Index c = 0; c < x.dim; ++c) {
+          float lo = std::numeric_limits<float>::infinity();
+          float hi = -lo;
+          for (Index t = first_new; t < last; ++t) {
+            const float value = static_cast<float>(x.at(b, t - position, h)[c]);
+            lo = std::min(lo, value);
+            hi = std::max(hi, value);
+          }
+          const float old_scale = scale[c];
+          const float old_zero = zero[c];
+          bool requantize = false;
+          if (first_new > t0) {
+            const float a = old_scale * (-128.0f - old_zero);
+            const float z = old_scale * (127.0f - old_zero);
+            requantize = !(old_scale > 0.0f && lo >= std::min(a, z) && hi <= std::max(a, z));
+            if (requantize) {
+              for (Index t = t0; t < first_new; ++t) {
+                const float value = old_scale * (static_cast<float>(k.at(b, t, h)[c]) - old_zero);
+                lo = std::min(lo, value);
+                hi = std::max(hi, value);
+              }
+            }
+          }
+          if (first_new == t0 || requantize)
+            detail::key_channel_params(lo, hi, scale + c, zero + c);
+          if (requantize) {
+            for (Index t = t0; t < first_new; ++t) {
+              std::int8_t& q = k.at(b, t, h)[c];
+              q = detail::quantize_key(old_scale * (static_cast<float>(q) - old_zero), scale[c],
+                                       zero[c]);
+            }
+          }
+          for (Index t = first_new; t < last; ++t) {
+            k.at(b, t, h)[c] = detail::quantize_key(static_cast<float>(x.at(b, t - position, h)[c]),
+                                                    scale[c], zero[c]);
+          }
+        }
+      }
+    }
+  }
+}
+
+/// out = the floats a per-channel int8 key cache holds: out[b, j, h, c] = k_scale[b, j/32, h, c]·
+/// (float(k[b, j, h, c]) − k_zero[b, j/32, h, c]), the difference and the product each rounded
+/// once in float, exactly as attention() on a ChannelQuantizedKV packs them for prefill. k and
+/// out [B, S, H, D], k_scale and k_zero [B, ceil(S / 32), H, D]; throws std::invalid_argument
+/// naming the argument and both sizes on a mismatch or null data, nothing written. O(B·S·H·D).
+inline void dequantize_kv(TensorView<const std::int8_t> k, TensorView<const float> k_scale,
+                          TensorView<const float> k_zero, TensorView<float> out) {
+  const char* const f = "dequantize_kv";
+  detail::require_size(f, "out.batch", out.batch, "k.batch", k.batch, "one float per element");
+  detail::require_size(f, "out.seq", out.seq, "k.seq", k.seq, "one float per element");
+  detail::require_size(f, "out.heads", out.heads, "k.heads", k.heads, "one float per element");
+  detail::require_size(f, "out.dim", out.dim, "k.dim", k.dim, "one float per element");
+  detail::require(k.batch >= 0 && k.seq >= 0 && k.heads >= 0 && k.dim >= 0, f,
+                  "k has a negative size");
+  detail::validate_key_block_sizes(f, detail::kKScaleBlockNames, k_scale, k);
+  detail::validate_key_block_sizes(f, detail::kKZeroBlockNames, k_zero, k);
+  if (k.batch == 0 || k.seq == 0 || k.heads == 0 || k.dim == 0) return;
+  detail::require(k.data != nullptr && out.data != nullptr, f,
+                  "k.data or out.data is null for a non-empty k");
+  for (Index b = 0; b < k.batch; ++b) {
+    for (Index j = 0; j < k.seq; ++j) {
+      for (Index h = 0; h < k.heads; ++h) {
+        const std::int8_t* row = k.at(b, j, h);
+        const float* scale = k_scale.at(b, j / kKeyBlockTokens, h);
+        const float* zero = k_zero.at(b, j / kKeyBlockTokens, h);
+        float* dst = out.at(b, j, h);
+        for (Index c = 0; c < k.dim; ++c) {
+          dst[c] = scale[c] * (static_cast<float>(row[c]) - zero[c]);
+        }
       }
     }
   }

@@ -181,7 +181,8 @@ void run_forward_rows(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
     const Index head_rows = problem.shape.group * t.rows_per_head;
     DecodeStream<T, typename Sources::Source::Storage> stream{
         ws.queries,       state,       {ws.scores, ws.scores + head_rows * workspace.ld_s()},
-        workspace.ld_s(), ws.packed_v, plan.pipelined};
+        workspace.ld_s(), ws.packed_v, plan.pipelined,
+        ws.packed_k};
     decode_task(problem, plan, sources, t, keys, stream);
   }
   if (partial == nullptr) output.finalize(state, t);

@@ -125,6 +125,9 @@ struct DecodeStream {
   Index ld_s;        ///< row stride of the score buffers
   T* finite_values;  ///< [key_chunk, d_v]: the slow path's finite copy of a chunk's values
   bool pipelined;    ///< leave each chunk's P·V pending (AttentionPlan::pipelined)
+  /// [rows of one kv head, d + 1]: per-channel int8 keys only (kChannelKeys), one key block's
+  /// scaled queries then their zero-point terms (decode_chunk_channel_keys)
+  T* block_queries = nullptr;
   PendingValues<T, S> pending{};
 
   /// The score buffer the pending unit does not use.
@@ -198,6 +201,57 @@ void decode_chunk_split_rows(const AttentionProblem<T, MaskMod, ScoreMod>& probl
   });
 }
 
+/// The row scale of a raw int8 row: 1 for every row (ld 0), an exact multiply.
+inline constexpr float kUnitScale = 1.0f;
+
+/// Decode: decode_chunk() for int8 keys quantized per channel in blocks (kChannelKeys). Within a
+/// block, key j's features are scale[c]·(k8[j, c] − zero[c]), so a score is
+/// Σ_c (q_c·scale[c])·k8[j, c] − Σ_c (q_c·scale[c])·zero[c]: the queries are scaled once per block
+/// (block_queries: rows·d multiplies and rows·d FMAs for the bias, against the block's
+/// keys·rows·d FMAs), the int8 rows stream through score_rows_direct converted in registers (times
+/// a unit row scale, exact), and one subtraction per score applies the block's bias. The chunk is
+/// cut at block boundaries (a chunk need not start on one); the masks, the softmax update and
+/// P·V (per-row value scales, as QuantizedKVSource) are decode_chunk's. Not pipelined: the
+/// chunk's P·V runs at once.
+template <class T, class MaskMod, class ScoreMod, class Source>
+void decode_chunk_channel_keys(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
+                               const Source& kv, const TileRows& t, Index first,
+                               const KeyChunk& chunk,
+                               DecodeStream<T, typename Source::Storage>& stream) {
+  using S = typename Source::Storage;
+  const Index rows = t.rows();
+  const Index keys = chunk.keys;
+  const Index d = problem.d;
+  const Index d_v = problem.d_v;
+  const Index ld_s = stream.ld_s;
+  RowBlockState<T>& state = stream.state;
+  flush_pending_values(stream.pending);
+  T* const s = stream.free_scores();
+  if (!problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/true)) return;
+  T* const qs = stream.block_queries;
+  T* const bias = qs + rows * d;
+  const Index block = kv.key_block();
+  const StridedRows<S> k = kv.keys(chunk.k0);
+  const Index k_ahead = decode_prefetch_rows<S>(d, k.ld);
+  for (Index j = 0; j < keys;) {
+    const Index run = std::min(keys - j, block - (chunk.k0 + j) % block);
+    kv.block_queries(chunk.k0 + j, stream.queries + first * d, rows, qs, bias);
+    score_rows_direct(qs, d, rows, d, k.row(j), k.ld, run, s + j, ld_s,
+                      RowPrefetch{k_ahead, chunk.keys_left - j}, RowScales{&kUnitScale, 0});
+    for (Index r = 0; r < rows; ++r) {
+      T* sr = s + r * ld_s + j;
+      for (Index jj = 0; jj < run; ++jj) sr[jj] -= bias[r];
+    }
+    j += run;
+  }
+  problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
+  state.update_scores(s, ld_s, first, rows, keys);
+  const StridedRows<S> v = kv.values(chunk.k0);
+  accumulate_pv_direct(s, ld_s, rows, keys, v.data, v.ld, d_v, state.acc(first), state.ld_acc(),
+                       RowPrefetch{decode_prefetch_rows<S>(d_v, v.ld), chunk.keys_left},
+                       kv.value_scales(chunk.k0));
+}
+
 /// Decode: folds one key chunk of one kv head (source `kv`) into rows [first, first + t.rows())
 /// of the stream's state, where `t` holds that kv head's query rows. The chunk's scores are
 /// computed together with the pending unit's P·V; when the stream is pipelined, the chunk's own
@@ -212,6 +266,9 @@ void decode_chunk(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const S
   // makes the same inlining decisions in the hot loop (tests/optlevel compares -O2 with -O3).
   if constexpr (kSplitsRows<Source>) {
     decode_chunk_split_rows(problem, kv, t, first, chunk, stream);
+    return;
+  } else if constexpr (kChannelKeys<Source>) {
+    decode_chunk_channel_keys(problem, kv, t, first, chunk, stream);
     return;
   }
   using S = typename Source::Storage;

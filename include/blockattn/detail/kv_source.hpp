@@ -41,6 +41,13 @@
 //       kernels then compile out the NaN slow path, and values_finite / copy_finite_values are
 //       never called.
 //
+//   Index key_block() const;  // optional (int8 keys per channel only, kChannelKeys): keys
+//       share per-channel scales and zero points in blocks of key_block() tokens from key 0, and
+//   void block_queries(Index k0, const Element* q, Index rows, Element* qs, Element* bias) const;
+//       for the block of key k0, qs[r, c] = q[r, c]·scale[c] ([rows, d], q's rows d apart) and
+//       bias[r] = Σ_c qs[r, c]·zero[c]: a score is then qs·k8 − bias over the raw int8 row
+//       (decode_chunk_channel_keys), whose keys(k0) carry no row scales.
+//
 //   Index contiguous_keys(Index k0) const;  // optional (paged caches only, kSplitsRows):
 //       how many rows from k0 on keys(k0) / values(k0) reach: rows of one page share one stride,
 //       the next page is elsewhere. Decode then splits each chunk's reads at page boundaries
@@ -165,6 +172,106 @@ class QuantizedKVSource {
   Index d_;
   Index d_v_;
 };
+
+/// The K/V source of an int8 cache whose keys are quantized per channel over blocks of
+/// `block` tokens with a zero point, and whose values have one float scale per row (as
+/// QuantizedKVSource): element c of key j is scale[j / block, c]·(float(k8[j, c]) − zero[j /
+/// block, c]), the difference and the product each rounded once in float (dequantize_kv's
+/// formula). Prefill packs those floats once per tile, so a prefill call is bitwise the float call
+/// on the dequantized cache. Decode reads the int8 keys raw: per block, the queries are
+/// multiplied by the block's scales (block_queries) and the zero points fold into one bias per
+/// query row, so a score is qs·k8 − q·(scale∘zero): the same real number in another order of
+/// roundings, hence within a stated tolerance, not bitwise (tests/attention_int8_channel_test.cpp).
+class ChannelQuantizedKVSource {
+ public:
+  using Element = float;
+  using Storage = std::int8_t;
+  static constexpr bool kValuesFinite = true;
+
+  /// k: int8 key rows; k_scale, k_zero: the first block's d floats, each next block's one row
+  /// stride (.ld) on; v, v_scales as QuantizedKVSource.
+  ChannelQuantizedKVSource(StridedRows<std::int8_t> k, StridedRows<float> k_scale,
+                           StridedRows<float> k_zero, Index block, StridedRows<std::int8_t> v,
+                           RowScales v_scales, Index d, Index d_v)
+      : k_(k),
+        k_scale_(k_scale),
+        k_zero_(k_zero),
+        block_(block),
+        v_(v),
+        v_scales_(v_scales),
+        d_(d),
+        d_v_(d_v) {}
+
+  Index d() const { return d_; }
+  Index d_v() const { return d_v_; }
+  Index key_block() const { return block_; }
+
+  void pack_k(Index k0, Index keys, float* panel) const {
+    // detail::pack_k's panel layout (keys in panels of kKeyVectors·L, each of width
+    // round_up(panel keys, L), feature-major, zero-padded), each element dequantized as
+    // dequantize_kv does.
+    constexpr Index kLanes = simd::Simd<float>::kLanes;
+    constexpr Index kPanel = RegisterBlock<float>::kKeyVectors * kLanes;
+    for (Index j0 = 0; j0 < keys; j0 += kPanel) {
+      const Index count = std::min(kPanel, keys - j0);
+      const Index width = round_up(count, kLanes);
+      float* dst = panel + j0 * d_;
+      for (Index jj = 0; jj < count; ++jj) {
+        const Index j = k0 + j0 + jj;
+        const std::int8_t* src = k_.row(j);
+        const float* scale = k_scale_.row(j / block_);
+        const float* zero = k_zero_.row(j / block_);
+        for (Index c = 0; c < d_; ++c) {
+          dst[c * width + jj] = scale[c] * (static_cast<float>(src[c]) - zero[c]);
+        }
+      }
+      for (Index c = 0; c < d_; ++c) {
+        for (Index jj = count; jj < width; ++jj) dst[c * width + jj] = 0.0f;
+      }
+    }
+  }
+  void pack_v(Index k0, Index keys, float* panel) const {
+    detail::pack_v<float>(v_.row(k0), v_.ld, keys, d_v_, panel, v_scales_.from(k0));
+  }
+  bool values_finite(Index, Index) const { return true; }
+
+  void block_queries(Index k0, const float* q, Index rows, float* qs, float* bias) const {
+    const float* scale = k_scale_.row(k0 / block_);
+    const float* zero = k_zero_.row(k0 / block_);
+    for (Index r = 0; r < rows; ++r) {
+      float sum = 0.0f;
+      for (Index c = 0; c < d_; ++c) {
+        qs[r * d_ + c] = q[r * d_ + c] * scale[c];
+        sum += qs[r * d_ + c] * zero[c];
+      }
+      bias[r] = sum;
+    }
+  }
+
+  /// Raw int8 key rows from k0 on (no row scales: see block_queries).
+  StridedRows<std::int8_t> keys(Index k0) const { return k_.from(k0); }
+  StridedRows<std::int8_t> values(Index k0) const { return v_.from(k0); }
+  RowScales key_scales(Index) const { return {}; }
+  RowScales value_scales(Index k0) const { return v_scales_.from(k0); }
+
+ private:
+  StridedRows<std::int8_t> k_;
+  StridedRows<float> k_scale_;
+  StridedRows<float> k_zero_;
+  Index block_;
+  StridedRows<std::int8_t> v_;
+  RowScales v_scales_;
+  Index d_;
+  Index d_v_;
+};
+
+/// Whether K/V source `Source` holds int8 keys per channel in blocks (member key_block, see the
+/// contract above): decode then scales the queries per block instead of the keys.
+template <class Source, class = void>
+inline constexpr bool kChannelKeys = false;
+template <class Source>
+inline constexpr bool
+    kChannelKeys<Source, std::void_t<decltype(std::declval<const Source&>().key_block())>> = true;
 
 /// Whether K/V source `Source` may keep its rows on several strides (a paged cache: member
 /// contiguous_keys, see the contract above).
@@ -413,6 +520,40 @@ class QuantizedKVHeads {
   TensorView<const std::int8_t> k_;
   TensorView<const std::int8_t> v_;
   TensorView<const float> k_scale_;
+  TensorView<const float> v_scale_;
+};
+
+/// The ChannelQuantizedKVSource sources of a per-channel int8 key cache: k [B, n_k, H_kv, d] int8,
+/// k_scale and k_zero [B, ceil(n_k / block), H_kv, d] float, v [B, n_k, H_kv, d_v] int8 and
+/// v_scale [B, n_k, H_kv, 1] float, each view with strides of its own.
+class ChannelQuantizedKVHeads {
+ public:
+  using Source = ChannelQuantizedKVSource;
+
+  ChannelQuantizedKVHeads(const TensorView<const std::int8_t>& k,
+                          const TensorView<const float>& k_scale,
+                          const TensorView<const float>& k_zero, Index block,
+                          const TensorView<const std::int8_t>& v,
+                          const TensorView<const float>& v_scale)
+      : k_(k), k_scale_(k_scale), k_zero_(k_zero), block_(block), v_(v), v_scale_(v_scale) {}
+
+  Source head(Index b, Index h) const {
+    return {{k_.at(b, 0, h), k_.seq_stride},
+            {k_scale_.at(b, 0, h), k_scale_.seq_stride},
+            {k_zero_.at(b, 0, h), k_zero_.seq_stride},
+            block_,
+            {v_.at(b, 0, h), v_.seq_stride},
+            {v_scale_.at(b, 0, h), v_scale_.seq_stride},
+            k_.dim,
+            v_.dim};
+  }
+
+ private:
+  TensorView<const std::int8_t> k_;
+  TensorView<const float> k_scale_;
+  TensorView<const float> k_zero_;
+  Index block_;
+  TensorView<const std::int8_t> v_;
   TensorView<const float> v_scale_;
 };
 

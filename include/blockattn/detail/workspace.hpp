@@ -106,7 +106,8 @@ class SliceLayout {
 template <class T>
 struct WorkspaceSlice {
   T* queries;   ///< [rows, d]: the scaled queries of the task's block
-  T* packed_k;  ///< packed_k_size(key_chunk, d): the current K chunk (pack_k layout)
+  T* packed_k;  ///< packed_k_size(key_chunk, d): the current K chunk (pack_k layout); decode
+                ///< over per-channel int8 keys: a block's scaled queries (kDirectRows·(d + 1))
   T* packed_v;  ///< packed_v_size(key_chunk, d_v): the current V chunk (pack_v layout)
   T* scores;    ///< [max(min(rows, kTileRows), 2·min(rows, kDirectRows)), ld_s]: scores, then p
   T* acc;       ///< [rows, ld_acc]: running output
@@ -171,7 +172,10 @@ class AttentionWorkspace {
     ld_acc_ = padded_stride<T>(shape.d_v);
     SliceLayout<T> layout;
     queries_ = layout.take(rows * shape.d);
-    packed_k_ = layout.take(packed_k_size<T>(shape.key_chunk, shape.d));
+    // Decode over per-channel int8 keys also keeps one key block's scaled queries and their
+    // zero-point terms here (DecodeStream::block_queries): at most kDirectRows·(d + 1).
+    packed_k_ = layout.take(std::max(packed_k_size<T>(shape.key_chunk, shape.d),
+                                     std::min(rows, kDirectRows) * (shape.d + 1)));
     packed_v_ = layout.take(packed_v_size<T>(shape.key_chunk, shape.d_v));
     // Prefill: one sub-tile of scores; decode: two of at most kDirectRows rows (the pending
     // unit's weights and the next unit's scores).
