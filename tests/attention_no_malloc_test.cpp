@@ -294,4 +294,72 @@ TYPED_TEST(AttentionNoMallocTest, SecondBackwardCallWithAWorkspaceAllocatesNothi
   }
 }
 
+// The 16-bit backward and BPT layer with a caller's workspace: the first call sizes it (the
+// backward's widened tiles, float dK/dV per slice and float dQ accumulator; the layer's widened
+// weights and buffers), the second runs whole inside the no-malloc scope with the same capacity
+// and gives the same bits.
+TYPED_TEST(AttentionNoMalloc16BitTest, SecondBackwardAndBlockCallsAllocateNothing) {
+  using S = TypeParam;
+  auto rng = make_rng(39);
+  const Index n_q = 90;
+  const Index n_k = 130;
+  const Index d = 32;
+  const auto random16 = [&](Index rows, Index cols) {
+    return Matrix<S>(random_matrix<float>(rng, rows, cols).template cast<S>());
+  };
+  const Matrix<S> q = random16(n_q, d), k = random16(n_k, d), v = random16(n_k, d);
+  const Matrix<S> dout = random16(n_q, d);
+  Matrix<S> out(n_q, d);
+  std::vector<float> lse(static_cast<std::size_t>(n_q));
+  AttentionOptions options;
+  options.causal = true;
+  options.threads = 2;
+  options.key_chunk = 48;
+  blockattn::attention(q, k, v, out, options, lse);
+  blockattn::AttentionBackwardInputs<S> in;
+  in.q = q;
+  in.k = k;
+  in.v = v;
+  in.out = out;
+  in.lse = lse;
+  in.dout = dout;
+  Matrix<S> dq(n_q, d), dk(n_k, d), dv(n_k, d);
+  blockattn::AttentionGradients<S> grads;
+  grads.dq = dq;
+  grads.dk = dk;
+  grads.dv = dv;
+  blockattn::Workspace workspace;
+  options.workspace = &workspace;
+  blockattn::attention_backward(in, grads, options);
+  const Matrix<S> dq_first = dq, dk_first = dk, dv_first = dv;
+  const std::size_t capacity = workspace.capacity();
+
+  auto w = blockattn::make_transformer_block_weights<S>(32, 4, 48, 2);
+  for (Matrix<S>* m : {&w.wq, &w.wk, &w.wv, &w.wo, &w.w1, &w.w2}) {
+    *m = random16(m->rows(), m->cols());
+  }
+  const Matrix<S> x = random16(70, 32);
+  blockattn::TransformerBlockWorkspace block_workspace;
+  blockattn::BlockOptions block_options;
+  block_options.causal = true;
+  block_options.query_block = 16;
+  block_options.ffn_chunk = 20;
+  block_options.threads = 2;
+  block_options.workspace = &block_workspace;
+  Matrix<S> y(70, 32), y_first(70, 32);
+  blockattn::transformer_block(w, x, y_first, block_options);
+  const std::size_t block_capacity = block_workspace.capacity();
+  {
+    const blockattn::detail::NoMallocScope no_malloc;  // aborts on an allocation
+    blockattn::attention_backward(in, grads, options);
+    blockattn::transformer_block(w, x, y, block_options);
+  }
+  EXPECT_EQ(workspace.capacity(), capacity);
+  EXPECT_EQ(block_workspace.capacity(), block_capacity);
+  EXPECT_TRUE(dq.template cast<float>() == dq_first.template cast<float>());
+  EXPECT_TRUE(dk.template cast<float>() == dk_first.template cast<float>());
+  EXPECT_TRUE(dv.template cast<float>() == dv_first.template cast<float>());
+  EXPECT_TRUE(y.template cast<float>() == y_first.template cast<float>());
+}
+
 }  // namespace

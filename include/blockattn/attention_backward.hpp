@@ -7,6 +7,12 @@
 // User score_mod functors are forward-only: their derivative is unknown, so attention_backward()
 // has no score_mod parameter, and passing one is a compile-time error. Masks (mask_mod) need no
 // derivative and are supported.
+//
+// Element types: float, double, Eigen::bfloat16, Eigen::half; q, k, v, out, dout and dq, dk, dv
+// all of one type T (the T of the argument structs). 16-bit storage is computed in float: the
+// tiles are widened exactly as they are loaded, dQ, dK and dV accumulate in float over the whole
+// pass and are each rounded once at the end, and lse is float (the forward's). Anything else
+// (long double: blockattn::reference) is a compile-time error.
 
 #include <array>
 #include <cstddef>
@@ -224,13 +230,16 @@ void validate_attention_backward(const char* function, const AttentionBackwardIn
 /// b = h = 0; a user score_mod is forward-only and rejected at compile time. A query with no
 /// visible key (lse = −inf) gets dq = 0 and contributes nothing to dk, dv: never NaN.
 /// Arguments by name: AttentionBackwardInputs<T> (q, k, v, out, lse, dout) and
-/// AttentionGradients<T> (dq, dk, dv). Element types: float or double (T of the structs).
+/// AttentionGradients<T> (dq, dk, dv). Element types (T of the structs): float, double,
+/// Eigen::bfloat16 or Eigen::half; 16-bit storage computes in float and rounds each gradient once.
 /// Shapes: q [n_q, d], k [n_k, d], v [n_k, d_v], out and dout [n_q, d_v], lse [n_q]; dq, dk, dv
 /// have the shapes of q, k, v and are overwritten entirely.
 /// Time O(n_q·n_k·(d + d_v)) for the visible tiles (5 tile products against the forward's 2);
 /// extra memory O(threads·query_chunk·(d + 3·key_chunk)) plus one integer per query chunk,
-/// independent of n otherwise; taken from options.workspace when given (then a repeated call of
-/// one shape allocates nothing), else allocated once per call before the loops.
+/// independent of n otherwise; 16-bit storage adds O(threads·(query_chunk + key_chunk)·(d + d_v))
+/// widened tiles and a float dQ accumulator of n_q·d values (the one part that grows with n);
+/// taken from options.workspace when given (then a repeated call of one shape allocates nothing),
+/// else allocated once per call before the loops.
 /// Throws std::invalid_argument naming the argument and both sizes (bad shapes, an empty or
 /// too-short lse, an output overlapping an input or another output), before writing anything.
 /// Deterministic: bitwise identical for any thread count (dk, dv: one owner per key chunk; dq:
@@ -239,7 +248,7 @@ template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
 void attention_backward(const AttentionBackwardInputs<T>& in, const AttentionGradients<T>& grads,
                         const AttentionOptions& options = {}, const MaskMod& mask_mod = {},
                         const ScoreMod& /*score_mod*/ = {}) {
-  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
   detail::check_mods<T, MaskMod, NoScoreMod>();
   detail::check_backward_score_mod<ScoreMod>();
   detail::validate_attention_backward<T>("attention_backward", in, grads, options);
@@ -265,7 +274,7 @@ template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
 void attention_backward(const TensorBackwardInputs<T>& in, const TensorGradients<T>& grads,
                         const AttentionOptions& options = {}, const MaskMod& mask_mod = {},
                         const ScoreMod& /*score_mod*/ = {}) {
-  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
   detail::check_mods<T, MaskMod, NoScoreMod>();
   detail::check_backward_score_mod<ScoreMod>();
   detail::validate_attention_backward<T>("attention_backward", in.q, in.k, in.v, in.out, in.lse,

@@ -6,6 +6,11 @@
 // computed once for all tokens; then each query block runs LN1 → Q → attention over the keys →
 // output projection + residual → LN2 → FFN (in chunks of the hidden dimension) → residual, so
 // neither the n×n scores nor the n×ffn hidden activations ever exist.
+//
+// Element types: float, double, Eigen::bfloat16, Eigen::half (weights, x and y of one type). A
+// 16-bit layer computes in float: its weights are widened once per call (exactly) into the
+// workspace, each block's x rows as the block starts, and every intermediate (LayerNorm, Q, K, V,
+// attention, the FFN's hidden layer, the residuals) is float; y is rounded once per element.
 
 #include <algorithm>
 #include <cmath>
@@ -17,6 +22,7 @@
 #include <blockattn/attention.hpp>
 #include <blockattn/detail/attention_plan.hpp>
 #include <blockattn/detail/check.hpp>
+#include <blockattn/detail/convert.hpp>
 #include <blockattn/detail/parallel.hpp>
 #include <blockattn/detail/workspace.hpp>
 #include <blockattn/types.hpp>
@@ -99,7 +105,9 @@ struct TransformerBlockWorkspaceAccess;
 /// (BlockOptions::workspace) and only the first call, or one that needs more, allocates: every
 /// part is sized before the parallel loops, grows to fit and never shrinks (release() frees it).
 /// Its size is 2·n·kv_dim elements plus O(threads·query_block·(4·model + ffn_chunk + key_block
-/// + head_dim)). Not thread-safe: one per concurrent call. Move-only.
+/// + head_dim)), in the compute type (float for 16-bit storage); 16-bit storage adds the weights
+/// widened to float and one more [query_block, model] buffer per thread. Not thread-safe: one per
+/// concurrent call. Move-only.
 class TransformerBlockWorkspace {
  public:
   /// Empty: the first call allocates.
@@ -113,7 +121,7 @@ class TransformerBlockWorkspace {
 
   /// Bytes currently held by every part (0 before the first call). O(threads).
   std::size_t capacity() const {
-    std::size_t bytes = kv_.capacity();
+    std::size_t bytes = kv_.capacity() + weights_.capacity();
     for (const Workspace& w : buffers_) bytes += w.capacity();
     for (const Workspace& w : attention_) bytes += w.capacity();
     return bytes;
@@ -125,6 +133,7 @@ class TransformerBlockWorkspace {
   /// Frees the memory; the next call allocates again.
   void release() {
     kv_.release();
+    weights_.release();
     buffers_.clear();
     buffers_.shrink_to_fit();
     attention_.clear();
@@ -134,6 +143,7 @@ class TransformerBlockWorkspace {
  private:
   friend struct detail::TransformerBlockWorkspaceAccess;
   Workspace kv_;                      ///< K and V, [n, kv_dim] each
+  Workspace weights_;                 ///< 16-bit storage: the weights widened to float
   std::vector<Workspace> buffers_;    ///< per thread slot: its BlockBuffers
   std::vector<Workspace> attention_;  ///< per thread slot: attention()'s workspace
 };
@@ -260,9 +270,8 @@ void validate_transformer_block(const char* function, const TransformerBlockWeig
 
 /// out.row(r) = LayerNorm(in.row(r))·gamma + beta for every row: mean and biased variance over
 /// the row (two passes), (x − mean)/sqrt(var + eps). No allocation.
-template <class T, class In, class Out>
-void layer_norm_rows(const In& in, Out& out, const RowVector<T>& gamma, const RowVector<T>& beta,
-                     T eps) {
+template <class T, class In, class Out, class Gamma, class Beta>
+void layer_norm_rows(const In& in, Out& out, const Gamma& gamma, const Beta& beta, T eps) {
   const auto cols = static_cast<T>(in.cols());
   for (Index r = 0; r < in.rows(); ++r) {
     const T mean = in.row(r).sum() / cols;
@@ -308,20 +317,96 @@ struct BlockBuffers {
   Buffer attn;    ///< [rows, model]: attention output, heads side by side
   Buffer h;       ///< [rows, model]: x + attn·wo + bo
   Buffer hidden;  ///< [rows, ffn_chunk]: one chunk of the FFN's hidden layer
+  Buffer wide;    ///< [rows, model] with `widen` (16-bit storage), else empty: x widened, then y
 
   /// Elements of T that the buffers take (cache-line padded).
-  static Index size(Index rows, Index model, Index ffn_chunk) {
-    return 4 * SliceLayout<T>::padded(rows * model) + SliceLayout<T>::padded(rows * ffn_chunk);
+  static Index size(Index rows, Index model, Index ffn_chunk, bool widen) {
+    return (widen ? 5 : 4) * SliceLayout<T>::padded(rows * model) +
+           SliceLayout<T>::padded(rows * ffn_chunk);
   }
 
   /// The buffers over `base` (size() elements, 64-byte aligned).
-  BlockBuffers(T* base, Index rows, Index model, Index ffn_chunk)
+  BlockBuffers(T* base, Index rows, Index model, Index ffn_chunk, bool widen)
       : normed(base, rows, model),
         q(base + SliceLayout<T>::padded(rows * model), rows, model),
         attn(base + 2 * SliceLayout<T>::padded(rows * model), rows, model),
         h(base + 3 * SliceLayout<T>::padded(rows * model), rows, model),
-        hidden(base + 4 * SliceLayout<T>::padded(rows * model), rows, ffn_chunk) {}
+        hidden(base + 4 * SliceLayout<T>::padded(rows * model), rows, ffn_chunk),
+        wide(base + 4 * SliceLayout<T>::padded(rows * model) +
+                 SliceLayout<T>::padded(rows * ffn_chunk),
+             widen ? rows : 0, model) {}
 };
+
+/// The weights of a 16-bit layer widened (exactly) to float: the fields of
+/// TransformerBlockWeights as maps over a float copy, so the layer's code reads either.
+template <class T>
+struct WidenedBlockWeights {
+  using M = Eigen::Map<const Matrix<T>>;
+  using R = Eigen::Map<const RowVector<T>>;
+  Index heads;                                 ///< as TransformerBlockWeights::heads
+  Index kv_heads;                              ///< as TransformerBlockWeights::kv_heads
+  M wq, wk, wv, wo;                            ///< the projections
+  R bq, bk, bv, bo;                            ///< their biases
+  M w1;                                        ///< [model, ffn]
+  R b1;                                        ///< [ffn]
+  M w2;                                        ///< [ffn, model]
+  R b2;                                        ///< [model]
+  R ln1_gamma, ln1_beta, ln2_gamma, ln2_beta;  ///< the LayerNorms
+  Activation activation;                       ///< the FFN's nonlinearity
+  double ln_eps;                               ///< LayerNorm's ε
+
+  /// As TransformerBlockWeights::resolved_kv_heads. O(1).
+  Index resolved_kv_heads() const { return kv_heads == 0 ? heads : kv_heads; }
+};
+
+/// Widens every weight of `w` into `memory` (grown to fit: the weights' element count in
+/// accumulator_t<S>, each field on its own cache line) and returns the maps over the copy.
+/// O(weights) time.
+template <class S>
+WidenedBlockWeights<accumulator_t<S>> widen_weights(const TransformerBlockWeights<S>& w,
+                                                    Workspace& memory) {
+  using T = accumulator_t<S>;
+  const auto padded = [](const auto& m) { return SliceLayout<T>::padded(m.size()); };
+  const Index total = padded(w.wq) + padded(w.wk) + padded(w.wv) + padded(w.wo) + padded(w.bq) +
+                      padded(w.bk) + padded(w.bv) + padded(w.bo) + padded(w.w1) + padded(w.b1) +
+                      padded(w.w2) + padded(w.b2) + padded(w.ln1_gamma) + padded(w.ln1_beta) +
+                      padded(w.ln2_gamma) + padded(w.ln2_beta);
+  T* next = static_cast<T*>(memory.reserve(static_cast<std::size_t>(total) * sizeof(T)));
+  // Each call takes the next field: widened into `next`, which then moves past it.
+  const auto matrix = [&](const Matrix<S>& m) {
+    widen(m.data(), m.size(), next);
+    const typename WidenedBlockWeights<T>::M view(next, m.rows(), m.cols());
+    next += padded(m);
+    return view;
+  };
+  const auto vector = [&](const RowVector<S>& v) {
+    widen(v.data(), v.size(), next);
+    const typename WidenedBlockWeights<T>::R view(next, v.size());
+    next += padded(v);
+    return view;
+  };
+  // Braced initialisation runs left to right, so the fields take the buffer in order.
+  return WidenedBlockWeights<T>{w.heads,
+                                w.kv_heads,
+                                matrix(w.wq),
+                                matrix(w.wk),
+                                matrix(w.wv),
+                                matrix(w.wo),
+                                vector(w.bq),
+                                vector(w.bk),
+                                vector(w.bv),
+                                vector(w.bo),
+                                matrix(w.w1),
+                                vector(w.b1),
+                                matrix(w.w2),
+                                vector(w.b2),
+                                vector(w.ln1_gamma),
+                                vector(w.ln1_beta),
+                                vector(w.ln2_gamma),
+                                vector(w.ln2_beta),
+                                w.activation,
+                                w.ln_eps};
+}
 
 /// transformer_block()'s access to a TransformerBlockWorkspace: grows every part to a call's
 /// needs, before the parallel loops.
@@ -348,14 +433,16 @@ struct TransformerBlockWorkspaceAccess {
   static Workspace& attention(TransformerBlockWorkspace& w, int slot) {
     return w.attention_[static_cast<std::size_t>(slot)];
   }
+  /// The widened weights of a 16-bit layer.
+  static Workspace& weights(TransformerBlockWorkspace& w) { return w.weights_; }
 };
 
 /// The FFN of one block of rows: y = h + b2 + act(normed·w1 + b1)·w2, the hidden layer in
 /// ffn_chunk-wide slices of `hidden` [>= rows, >= ffn_chunk]. h is read (into y) before anything
 /// else is written, so y may be h's own source rows; y aliases neither normed nor hidden.
-template <class T, class Normed, class H, class Y, class Hidden>
-void ffn_rows(const TransformerBlockWeights<T>& w, const Normed& normed, const H& h, Y& y,
-              Hidden& hidden, Index ffn_chunk) {
+/// `w`: TransformerBlockWeights<T> or WidenedBlockWeights<T>.
+template <class T, class W, class Normed, class H, class Y, class Hidden>
+void ffn_rows(const W& w, const Normed& normed, const H& h, Y& y, Hidden& hidden, Index ffn_chunk) {
   const Index rows = normed.rows();
   const Index ffn = w.w1.cols();
   y = h;
@@ -370,12 +457,15 @@ void ffn_rows(const TransformerBlockWeights<T>& w, const Normed& normed, const H
   }
 }
 
-/// The fused layer; arguments are valid.
-template <class T>
-void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstMatrixView<T>& x,
-                               MatrixView<T>& y, const BlockOptions& options) {
+/// The fused layer on x, y stored in S, computed in T = accumulator_t<S> with the weights `w`
+/// (TransformerBlockWeights<T>, or WidenedBlockWeights<T> for 16-bit S), in `memory`; arguments
+/// are valid.
+template <class S, class W>
+void transformer_block_layer(const W& w, const ConstMatrixView<S>& x, MatrixView<S>& y,
+                             const BlockOptions& options, TransformerBlockWorkspace& memory) {
+  using T = accumulator_t<S>;
+  constexpr bool kWiden = !std::is_same_v<S, T>;
   const Index n = x.rows();
-  if (n == 0) return;
   const Index model = w.wq.rows();
   const Index heads = w.heads;
   const Index kv_heads = w.resolved_kv_heads();
@@ -390,9 +480,6 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
   const T eps = static_cast<T>(w.ln_eps);
   const int threads = resolve_threads(options.threads, blocks);
 
-  // Every buffer of the call, sized before the loops: the caller's workspace or one of our own.
-  TransformerBlockWorkspace own;
-  TransformerBlockWorkspace& memory = options.workspace != nullptr ? *options.workspace : own;
   using Access = TransformerBlockWorkspaceAccess;
   Access::reserve_slots(memory, threads);
   // K and V for every token: the only O(n) storage of the layer.
@@ -400,14 +487,24 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
   Eigen::Map<Matrix<T>> k(kv, n, kv_dim);
   Eigen::Map<Matrix<T>> v(kv + Access::kv_offset<T>(n, kv_dim), n, kv_dim);
   const auto buffer_bytes =
-      static_cast<std::size_t>(BlockBuffers<T>::size(block, model, ffn_chunk)) * sizeof(T);
+      static_cast<std::size_t>(BlockBuffers<T>::size(block, model, ffn_chunk, kWiden)) * sizeof(T);
   for (int t = 0; t < threads; ++t) {
     static_cast<void>(Access::buffers(memory, t).reserve(buffer_bytes));
   }
   // Slot `slot`'s buffers (its Workspace fits them already: nothing allocates).
   const auto slot_buffers = [&](int slot) {
     return BlockBuffers<T>(static_cast<T*>(Access::buffers(memory, slot).reserve(buffer_bytes)),
-                           block, model, ffn_chunk);
+                           block, model, ffn_chunk, kWiden);
+  };
+  // Rows [q0, q0 + rows) of x as T: x's own rows, or widened into the slot's `wide` buffer.
+  const auto x_rows = [&](BlockBuffers<T>& buf, Index q0, Index rows) {
+    using Rows = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+    if constexpr (kWiden) {
+      for (Index r = 0; r < rows; ++r) widen(x.row(q0 + r).data(), model, buf.wide.row(r).data());
+      return Rows(buf.wide.data(), rows, model, Eigen::OuterStride<>(model));
+    } else {
+      return Rows(x.row(q0).data(), rows, model, Eigen::OuterStride<>(x.outerStride()));
+    }
   };
 
   AttentionOptions attention_options;
@@ -451,7 +548,7 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
     const Index q0 = b * block;
     const Index rows = std::min(block, n - q0);
     auto normed = buf.normed.topRows(rows);
-    layer_norm_rows<T>(x.middleRows(q0, rows), normed, w.ln1_gamma, w.ln1_beta, eps);
+    layer_norm_rows<T>(x_rows(buf, q0, rows), normed, w.ln1_gamma, w.ln1_beta, eps);
     auto k_blk = k.middleRows(q0, rows);
     auto v_blk = v.middleRows(q0, rows);
     k_blk.noalias() = normed * w.wk;
@@ -466,7 +563,7 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
     const Index b = options.causal ? blocks - 1 - task : task;
     const Index q0 = b * block;
     const Index rows = std::min(block, n - q0);
-    const auto x_blk = x.middleRows(q0, rows);
+    const auto x_blk = x_rows(buf, q0, rows);
     auto normed = buf.normed.topRows(rows);
     auto q = buf.q.topRows(rows);
     auto attn = buf.attn.topRows(rows);
@@ -486,8 +583,31 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
 
     // x's rows of this block are not read again (K and V are done), so y may be x.
     auto y_blk = y.middleRows(q0, rows);
-    ffn_rows<T>(w, normed, h, y_blk, buf.hidden, ffn_chunk);
+    if constexpr (kWiden) {
+      // y in float in `wide` (x's widened rows are read already), then rounded once.
+      auto y_wide = buf.wide.topRows(rows);
+      ffn_rows<T>(w, normed, h, y_wide, buf.hidden, ffn_chunk);
+      for (Index r = 0; r < rows; ++r) narrow(y_wide.row(r).data(), model, y_blk.row(r).data());
+    } else {
+      ffn_rows<T>(w, normed, h, y_blk, buf.hidden, ffn_chunk);
+    }
   });
+}
+
+/// The fused layer; arguments are valid. Every buffer of the call, sized before the loops: the
+/// caller's workspace or one of our own; 16-bit weights widened into it first.
+template <class S>
+void transformer_block_forward(const TransformerBlockWeights<S>& w, const ConstMatrixView<S>& x,
+                               MatrixView<S>& y, const BlockOptions& options) {
+  if (x.rows() == 0) return;
+  TransformerBlockWorkspace own;
+  TransformerBlockWorkspace& memory = options.workspace != nullptr ? *options.workspace : own;
+  if constexpr (kIs16BitFloat<S>) {
+    const auto wide = widen_weights(w, TransformerBlockWorkspaceAccess::weights(memory));
+    transformer_block_layer<S>(wide, x, y, options, memory);
+  } else {
+    transformer_block_layer<S>(w, x, y, options, memory);
+  }
 }
 
 }  // namespace detail
@@ -503,17 +623,20 @@ void transformer_block_forward(const TransformerBlockWeights<T>& w, const ConstM
 /// Extra memory: K and V, 2·n·kv_dim elements, plus O(threads·query_block·(4·model + ffn_chunk))
 /// buffers and attention()'s O(query_block·(key_block + head_dim)) per thread — never O(n²),
 /// never O(n·ffn); all of it sized before the loops, taken from options.workspace when given
-/// (then a second call of the same shapes and threads allocates nothing).
+/// (then a second call of the same shapes and threads allocates nothing). 16-bit storage: those
+/// buffers in float, plus the weights widened to float and one more [query_block, model] buffer
+/// per thread.
 /// Throws std::invalid_argument naming the field or argument and the sizes ("wk is 64x32,
 /// expected 64x64"), before writing anything.
 /// y may be exactly x (in place: same data and row stride); any other overlap of y with x or a
 /// weight is rejected. Bitwise identical for any thread count; block sizes change rounding only.
-/// Element types: float or double (T of the weights; x and y must match, as row-major storage);
-/// long double: use reference::transformer_block.
+/// Element types: float, double, Eigen::bfloat16 or Eigen::half (T of the weights; x and y must
+/// match, as row-major storage). 16-bit storage computes in float throughout (weights and x
+/// widened exactly) and rounds y once; long double: use reference::transformer_block.
 template <class T, class X, class Y>
 void transformer_block(const TransformerBlockWeights<T>& weights, const Eigen::MatrixBase<X>& x,
                        const Eigen::MatrixBase<Y>& y, const BlockOptions& options = {}) {
-  static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
+  static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
   detail::check_matrix_arguments<T, X, Y>();
   detail::check_matrix_outputs<Y>();
   const ConstMatrixView<T> x_view(x.derived());

@@ -23,6 +23,16 @@
 // deadlock as long as each thread takes its tasks in increasing order (parallel_for's dynamic
 // and static schedules both do): the lowest unfinished task never waits. The tokens cost one
 // integer per (batch, head, query chunk) — n_q / query_chunk of them, 2 KiB at n = 16K.
+//
+// 16-bit storage (Eigen::bfloat16, Eigen::half; S ≠ T = accumulator_t<S> = float). Every tile is
+// widened to float as it is loaded (convert.hpp's widen: exact), into the slice's wide_* buffers,
+// and the loop body below runs on the float values unchanged. dK and dV of the task's key chunk
+// accumulate in float in the slice (acc_dk, acc_dv) and are rounded once, when the task ends; dQ
+// accumulates in a float buffer of the whole call ([batch, heads, n_q, d], FlashAttention-2's
+// dq_accum) and each block is rounded once, by the task of the last key chunk. So no gradient is
+// rounded inside its sum: its error is the float call's on the widened inputs plus one rounding
+// to the format. That float dQ buffer is the one part of the workspace that grows with n (2·n·d
+// bytes per head more than the 16-bit dq itself); float and double calls do not have it.
 
 #include <algorithm>
 #include <atomic>
@@ -35,6 +45,7 @@
 #include <Eigen/Core>
 
 #include <blockattn/detail/attention_kernel.hpp>
+#include <blockattn/detail/convert.hpp>
 #include <blockattn/detail/finite.hpp>
 #include <blockattn/detail/microkernel.hpp>
 #include <blockattn/detail/online_state.hpp>
@@ -64,17 +75,29 @@ struct BackwardSlice {
   T* finite_dout;  ///< [query_chunk, d_v]: the dO tile, non-finite entries 0 (slow path only)
   T* packed_keys;  ///< packed_k_size(key_chunk, d): the task's K chunk packed (prefill scores)
   T* tile_scores;  ///< [query_chunk, padded_stride(key_chunk)]: score_tile's output
+  // 16-bit storage only (empty otherwise): the tiles widened to T, and dK, dV in T.
+  T* wide_q;     ///< [query_chunk, d]: q of the tile, unscaled
+  T* wide_out;   ///< [query_chunk, d_v]: out of the tile
+  T* wide_dout;  ///< [query_chunk, d_v]: dout of the tile
+  T* wide_k;     ///< [key_chunk, d]: the task's K chunk
+  T* wide_v;     ///< [key_chunk, d_v]: its V chunk
+  T* acc_dk;     ///< [key_chunk, d]: its dK, rounded to storage when the task ends
+  T* acc_dv;     ///< [key_chunk, d_v]: its dV, likewise
 };
 
 /// The backward workspace, one slice per thread:
 /// O(threads·(query_chunk·(d + d_v + 3·key_chunk) + key_chunk·d)), independent of n, followed by
-/// the dQ tokens (one atomic integer per (batch, head, query chunk)). Carved out of the caller's
+/// the dQ tokens (one atomic integer per (batch, head, query chunk)). With `widen` (16-bit
+/// storage) each slice also holds the wide_* and acc_* buffers, O(query_chunk·(d + 2·d_v) +
+/// key_chunk·2·(d + d_v)), and `dq_elements` floats follow the slices: the call's dQ accumulator.
+/// Carved out of the caller's
 /// Workspace when options.workspace is given (then a repeated call of one shape allocates
 /// nothing), else one allocation of its own.
 template <class T>
 class BackwardWorkspace {
  public:
-  BackwardWorkspace(int slots, const TileShape& shape, Index token_count, Workspace* external) {
+  BackwardWorkspace(int slots, const TileShape& shape, Index token_count, Workspace* external,
+                    bool widen = false, Index dq_elements = 0) {
     const Index area = shape.query_chunk * shape.key_chunk;
     SliceLayout<T> layout;
     queries_ = layout.take(shape.query_chunk * shape.d);
@@ -88,9 +111,21 @@ class BackwardWorkspace {
       packed_keys_ = layout.take(packed_k_size<T>(shape.key_chunk, shape.d));
       tile_scores_ = layout.take(shape.query_chunk * padded_stride<T>(shape.key_chunk));
     }
+    if (widen) {
+      wide_q_ = layout.take(shape.query_chunk * shape.d);
+      wide_out_ = layout.take(shape.query_chunk * shape.d_v);
+      wide_dout_ = layout.take(shape.query_chunk * shape.d_v);
+      wide_k_ = layout.take(shape.key_chunk * shape.d);
+      wide_v_ = layout.take(shape.key_chunk * shape.d_v);
+      acc_dk_ = layout.take(shape.key_chunk * shape.d);
+      acc_dv_ = layout.take(shape.key_chunk * shape.d_v);
+    }
     slice_size_ = layout.size();
-    // The slices are whole cache lines, so the tokens after them start on one too.
-    const auto slice_bytes = static_cast<std::size_t>(slice_size_ * slots) * sizeof(T);
+    // The slices and the dQ accumulator are whole cache lines, so the tokens after them start
+    // on one too.
+    const auto slice_bytes =
+        static_cast<std::size_t>(slice_size_ * slots + SliceLayout<T>::padded(dq_elements)) *
+        sizeof(T);
     const std::size_t bytes =
         slice_bytes + static_cast<std::size_t>(token_count) * sizeof(std::atomic<Index>);
     unsigned char* raw = nullptr;
@@ -107,6 +142,7 @@ class BackwardWorkspace {
       raw = storage_.get();
     }
     base_ = reinterpret_cast<T*>(raw);
+    dq_accumulator_ = base_ + slice_size_ * slots;
     tokens_ = reinterpret_cast<std::atomic<Index>*>(raw + slice_bytes);
     for (Index t = 0; t < token_count; ++t) new (tokens_ + t) std::atomic<Index>(0);
   }
@@ -114,11 +150,15 @@ class BackwardWorkspace {
   /// The token of dQ block t: the number of key chunks already added to it.
   std::atomic<Index>& token(Index t) const { return tokens_[t]; }
 
+  /// The call's float dQ accumulator (16-bit storage only): dq_elements values.
+  T* dq_accumulator() const { return dq_accumulator_; }
+
   BackwardSlice<T> slice(int slot) const {
     T* base = base_ + static_cast<Index>(slot) * slice_size_;
-    return {base + queries_,     base + probs_,       base + grad_scores_,
-            base + raw_scores_,  base + delta_,       base + finite_keys_,
-            base + finite_dout_, base + packed_keys_, base + tile_scores_};
+    return {base + queries_,     base + probs_,       base + grad_scores_, base + raw_scores_,
+            base + delta_,       base + finite_keys_, base + finite_dout_, base + packed_keys_,
+            base + tile_scores_, base + wide_q_,      base + wide_out_,    base + wide_dout_,
+            base + wide_k_,      base + wide_v_,      base + acc_dk_,      base + acc_dv_};
   }
 
  private:
@@ -130,6 +170,7 @@ class BackwardWorkspace {
                 "the tokens live in raw storage and are never destroyed");
   std::unique_ptr<unsigned char[], Free> storage_;
   T* base_ = nullptr;
+  T* dq_accumulator_ = nullptr;
   std::atomic<Index>* tokens_ = nullptr;
   Index slice_size_ = 0;
   Index queries_ = 0;
@@ -141,6 +182,13 @@ class BackwardWorkspace {
   Index finite_dout_ = 0;
   Index packed_keys_ = 0;
   Index tile_scores_ = 0;
+  Index wide_q_ = 0;
+  Index wide_out_ = 0;
+  Index wide_dout_ = 0;
+  Index wide_k_ = 0;
+  Index wide_v_ = 0;
+  Index acc_dk_ = 0;
+  Index acc_dv_ = 0;
 };
 
 // NaN in the backward pass (README, "Numerical conventions": a NaN reaches the gradient rows it
@@ -269,16 +317,60 @@ Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> mutable_row_block(const TensorVie
   return {t.at(b, first, h), count, t.dim, Eigen::OuterStride<>(t.seq_stride)};
 }
 
+/// Rows [first, first + count) of the (batch b, head h) slice of a tensor of storage S, as
+/// accumulator_t<S> values: the tensor's own rows when S is that type (no copy), else widened
+/// (exactly) into `buffer` [count, t.dim], contiguous.
+template <class S, class T>
+Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>> compute_rows(const TensorView<const S>& t,
+                                                                  Index b, Index h, Index first,
+                                                                  Index count,
+                                                                  [[maybe_unused]] T* buffer) {
+  if constexpr (std::is_same_v<S, T>) {
+    return row_block(t, b, h, first, count);
+  } else {
+    for (Index r = 0; r < count; ++r) widen(t.at(b, first + r, h), t.dim, buffer + r * t.dim);
+    return {buffer, count, t.dim, Eigen::OuterStride<>(t.dim)};
+  }
+}
+
+/// Where rows [first, first + count) of a gradient accumulate: the gradient's own rows when its
+/// storage S is the compute type T, else `buffer` (rows of t.dim values, contiguous), which
+/// store_rows() rounds into the gradient afterwards.
+template <class S, class T>
+Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> accumulator_rows(const TensorView<S>& t, Index b,
+                                                                Index h, Index first, Index count,
+                                                                [[maybe_unused]] T* buffer) {
+  if constexpr (std::is_same_v<S, T>) {
+    return mutable_row_block(t, b, h, first, count);
+  } else {
+    return {buffer, count, t.dim, Eigen::OuterStride<>(t.dim)};
+  }
+}
+
+/// Rounds accumulated rows (accumulator_rows' buffer) once into the gradient's storage; nothing
+/// when the gradient is stored in T (it was accumulated in place).
+template <class S, class T>
+void store_rows([[maybe_unused]] const Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>& acc,
+                [[maybe_unused]] const TensorView<S>& t, [[maybe_unused]] Index b,
+                [[maybe_unused]] Index h, [[maybe_unused]] Index first) {
+  if constexpr (!std::is_same_v<S, T>) {
+    for (Index r = 0; r < acc.rows(); ++r) narrow(acc.row(r).data(), t.dim, t.at(b, first + r, h));
+  }
+}
+
 /// Gradients of attention() on valid arguments (attention_backward.hpp checked them). lse is
 /// [batch, q.heads, n_q]. dq, dk, dv are overwritten entirely. score_mod: only s + bias(b, h, i, j)
 /// (∂ = 1, as ALiBi; the chain rule assumes it), e.g. the ring's ALiBi on global positions.
-template <class T, class MaskMod, class ScoreMod = NoScoreMod>
-void attention_backward_kernel(const TensorView<const T>& q, const TensorView<const T>& k,
-                               const TensorView<const T>& v, const TensorView<const T>& out,
-                               const T* lse, const TensorView<const T>& dout,
-                               const TensorView<T>& dq, const TensorView<T>& dk,
-                               const TensorView<T>& dv, const AttentionOptions& options,
+/// Storage S: float, double, or a 16-bit format computed in float (the note at the top).
+template <class S, class MaskMod, class ScoreMod = NoScoreMod>
+void attention_backward_kernel(const TensorView<const S>& q, const TensorView<const S>& k,
+                               const TensorView<const S>& v, const TensorView<const S>& out,
+                               const accumulator_t<S>* lse, const TensorView<const S>& dout,
+                               const TensorView<S>& dq, const TensorView<S>& dk,
+                               const TensorView<S>& dv, const AttentionOptions& options,
                                const MaskMod& mask_mod, const ScoreMod& score_mod = {}) {
+  using T = accumulator_t<S>;
+  constexpr bool kWiden = !std::is_same_v<S, T>;
   const Index n_q = q.seq;
   const Index n_k = k.seq;
   const Index d = q.dim;
@@ -303,7 +395,9 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
   const int threads = resolve_threads(options.threads, tasks);
   // token((b·heads + h)·query_chunks + qc): key chunks already added to that dQ block.
   const Index token_count = batch * heads * query_chunks;
-  const BackwardWorkspace<T> workspace(threads, shape, token_count, options.workspace);
+  const Index dq_elements = kWiden ? batch * heads * n_q * d : 0;
+  const BackwardWorkspace<T> workspace(threads, shape, token_count, options.workspace, kWiden,
+                                       dq_elements);
 
   parallel_for(tasks, threads, [&](Index task, int slot) {
     const Index kc = task % key_chunks;
@@ -314,11 +408,12 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
     const Index k_end = k0 + cols;
     const BackwardSlice<T> ws = workspace.slice(slot);
 
-    const auto k_blk = row_block(k, b, kvh, k0, cols);
-    const auto v_blk = row_block(v, b, kvh, k0, cols);
-    // This task owns these rows of dK and dV: it accumulates into them directly.
-    auto dk_blk = mutable_row_block(dk, b, kvh, k0, cols);
-    auto dv_blk = mutable_row_block(dv, b, kvh, k0, cols);
+    const auto k_blk = compute_rows(k, b, kvh, k0, cols, ws.wide_k);
+    const auto v_blk = compute_rows(v, b, kvh, k0, cols, ws.wide_v);
+    // This task owns these rows of dK and dV: it accumulates into them directly (in float in the
+    // slice for 16-bit storage, rounded once after the loop).
+    auto dk_blk = accumulator_rows(dk, b, kvh, k0, cols, ws.acc_dk);
+    auto dv_blk = accumulator_rows(dv, b, kvh, k0, cols, ws.acc_dv);
     dk_blk.setZero();
     dv_blk.setZero();
     const bool keys_finite = block_is_finite(k_blk.data(), k_blk.outerStride(), cols, d);
@@ -342,10 +437,11 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
         Eigen::Map<Matrix<T>> p(ws.probs, rows, cols);
         bool slow_keys = false;  // the NaN slow path above, per operand
         if (visible) {
-          const auto dout_blk = row_block(dout, b, h, q0, rows);
-          const auto out_blk = row_block(out, b, h, q0, rows);
+          const auto dout_blk = compute_rows(dout, b, h, q0, rows, ws.wide_dout);
+          const auto out_blk = compute_rows(out, b, h, q0, rows, ws.wide_out);
+          const auto q_src = compute_rows(q, b, h, q0, rows, ws.wide_q);
           Eigen::Map<Matrix<T>> q_blk(ws.queries, rows, d);
-          q_blk.noalias() = row_block(q, b, h, q0, rows) * scale;  // as the forward scales it
+          q_blk.noalias() = q_src * scale;  // as the forward scales it
           recompute_scores(q_blk.data(), rows, d, k_blk, direct_scores, ws, p);
           Eigen::Map<Matrix<T>> raw(ws.raw_scores, rows, cols);
           if (modifier.scales_gradient()) raw = p;
@@ -385,7 +481,7 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
           if (slow_queries) {
             copy_finite(q_blk, q_blk);  // q_blk is the tile's own copy; p no longer needs it
             dk_blk.noalias() += ds.transpose() * q_blk;
-            add_non_finite_terms(ds, row_block(q, b, h, q0, rows), scale, p, dk_blk);
+            add_non_finite_terms(ds, q_src, scale, p, dk_blk);
           } else {
             dk_blk.noalias() += ds.transpose() * q_blk;  // = scale·dSᵀ·q
           }
@@ -393,7 +489,9 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
         // dQ in key-chunk order: wait for key chunk kc − 1 to have added its part.
         std::atomic<Index>& token = workspace.token((b * heads + h) * query_chunks + qc);
         while (token.load(std::memory_order_acquire) != kc) std::this_thread::yield();
-        auto dq_blk = mutable_row_block(dq, b, h, q0, rows);
+        auto dq_blk = accumulator_rows(
+            dq, b, h, q0, rows,
+            kWiden ? workspace.dq_accumulator() + ((b * heads + h) * n_q + q0) * d : nullptr);
         if (kc == 0) dq_blk.setZero();
         if (visible && slow_keys) {
           dq_blk.noalias() += (ds * scale) * finite_keys;
@@ -402,9 +500,12 @@ void attention_backward_kernel(const TensorView<const T>& q, const TensorView<co
         } else if (visible) {
           dq_blk.noalias() += (ds * scale) * k_blk;
         }
+        if (kc == key_chunks - 1) store_rows(dq_blk, dq, b, h, q0);  // dQ complete: round once
         token.store(kc + 1, std::memory_order_release);
       }
     }
+    store_rows(dk_blk, dk, b, kvh, k0);
+    store_rows(dv_blk, dv, b, kvh, k0);
   });
 }
 

@@ -69,12 +69,10 @@
 // The scalar policy, decided here once. Every fast entry point (softmax, softmax_topk, attention,
 // attention_backward, merge_attention_states, transformer_block) deduces its element type and
 // checks it with
-//   static_assert(detail::kKernelScalar<T>, BLOCKATTN_KERNEL_SCALAR_MESSAGE);
-// at the call; blockattn::reference checks kReferenceScalar the same way. Adding an element type
-// is one entry in kKernelScalar's list (and, if it is not float or double, its SIMD kernels).
-#define BLOCKATTN_KERNEL_SCALAR_MESSAGE                                                 \
-  "blockattn: the element type must be float or double (long double runs only through " \
-  "blockattn::reference)"
+//   static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
+// at the call (the 16-bit formats compute in float); blockattn::reference checks kReferenceScalar
+// the same way. Adding a kernel type is one entry in kKernelScalar's list plus its SIMD kernels;
+// adding a storage format, one entry in kIs16BitFloat's plus its StorageIo (detail/convert.hpp).
 #define BLOCKATTN_STORAGE_SCALAR_MESSAGE                                                     \
   "blockattn: the element type must be float, double, Eigen::bfloat16 or Eigen::half (long " \
   "double runs only through blockattn::reference)"
