@@ -211,8 +211,10 @@ inline constexpr float kUnitScale = 1.0f;
 /// keys·rows·d FMAs), the int8 rows stream through score_rows_direct converted in registers (times
 /// a unit row scale, exact), and one subtraction per score applies the block's bias. The chunk is
 /// cut at block boundaries (a chunk need not start on one); the masks, the softmax update and
-/// P·V (per-row value scales, as QuantizedKVSource) are decode_chunk's. Not pipelined: the
-/// chunk's P·V runs at once.
+/// P·V (per-row value scales, as QuantizedKVSource) are decode_chunk's. Pipelined as
+/// decode_chunk: after each block run's scores, as many keys of the pending unit's P·V (so K and
+/// V stream together; split in key order, so the same bits as one call), and the chunk's own P·V
+/// is left pending when the stream is pipelined.
 template <class T, class MaskMod, class ScoreMod, class Source>
 void decode_chunk_channel_keys(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
                                const Source& kv, const TileRows& t, Index first,
@@ -225,7 +227,6 @@ void decode_chunk_channel_keys(const AttentionProblem<T, MaskMod, ScoreMod>& pro
   const Index d_v = problem.d_v;
   const Index ld_s = stream.ld_s;
   RowBlockState<T>& state = stream.state;
-  flush_pending_values(stream.pending);
   T* const s = stream.free_scores();
   if (!problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/true)) return;
   T* const qs = stream.block_queries;
@@ -233,6 +234,19 @@ void decode_chunk_channel_keys(const AttentionProblem<T, MaskMod, ScoreMod>& pro
   const Index block = kv.key_block();
   const StridedRows<S> k = kv.keys(chunk.k0);
   const Index k_ahead = decode_prefetch_rows<S>(d, k.ld);
+  PendingValues<T, S>& pending = stream.pending;
+  const Index pv_keys = pending.p != nullptr ? pending.keys : 0;
+  const Index v_ahead = decode_prefetch_rows<S>(pending.d_v, pending.v.ld);
+  Index pv_done = 0;
+  // acc += the pending unit's P·V over its next `count` keys (all of them before this chunk's
+  // softmax update, which may rescale the same rows).
+  const auto pending_values = [&](Index count) {
+    accumulate_pv_direct(pending.p + pv_done, pending.ld_p, pending.rows, count,
+                         pending.v.row(pv_done), pending.v.ld, pending.d_v, pending.acc,
+                         pending.ld_acc, RowPrefetch{v_ahead, pending.keys_left - pv_done},
+                         pending.v_scales.from(pv_done));
+    pv_done += count;
+  };
   for (Index j = 0; j < keys;) {
     const Index run = std::min(keys - j, block - (chunk.k0 + j) % block);
     kv.block_queries(chunk.k0 + j, stream.queries + first * d, rows, qs, bias);
@@ -242,14 +256,24 @@ void decode_chunk_channel_keys(const AttentionProblem<T, MaskMod, ScoreMod>& pro
       T* sr = s + r * ld_s + j;
       for (Index jj = 0; jj < run; ++jj) sr[jj] -= bias[r];
     }
+    if (pv_done < pv_keys) pending_values(std::min(run, pv_keys - pv_done));
     j += run;
   }
+  if (pv_done < pv_keys) pending_values(pv_keys - pv_done);
+  pending.p = nullptr;
   problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
   state.update_scores(s, ld_s, first, rows, keys);
-  const StridedRows<S> v = kv.values(chunk.k0);
-  accumulate_pv_direct(s, ld_s, rows, keys, v.data, v.ld, d_v, state.acc(first), state.ld_acc(),
-                       RowPrefetch{decode_prefetch_rows<S>(d_v, v.ld), chunk.keys_left},
-                       kv.value_scales(chunk.k0));
+  pending = PendingValues<T, S>{s,
+                                ld_s,
+                                rows,
+                                keys,
+                                kv.values(chunk.k0),
+                                chunk.keys_left,
+                                state.acc(first),
+                                state.ld_acc(),
+                                d_v,
+                                kv.value_scales(chunk.k0)};
+  if (!stream.pipelined) flush_pending_values(pending);  // its own phase
 }
 
 /// Decode: folds one key chunk of one kv head (source `kv`) into rows [first, first + t.rows())
