@@ -36,6 +36,7 @@
 #include <blockattn/attention.hpp>
 #include <blockattn/reference.hpp>
 
+#include "support/format16.hpp"
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
@@ -45,7 +46,9 @@ using blockattn::AttentionOptions;
 using blockattn::Index;
 using blockattn::Matrix;
 using blockattn::TensorView;
+using blockattn::test::format_u;
 using blockattn::test::make_rng;
+using blockattn::test::random16;
 using blockattn::test::seed_trace;
 
 using Real = long double;
@@ -54,24 +57,6 @@ template <class S>
 class Attention16BitTest : public ::testing::Test {};
 using Formats = ::testing::Types<Eigen::bfloat16, Eigen::half>;
 TYPED_TEST_SUITE(Attention16BitTest, Formats, );
-
-/// The format's unit roundoff: 2^-8 (bfloat16), 2^-11 (half).
-template <class S>
-double format_u() {
-  return std::is_same_v<S, Eigen::bfloat16> ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
-}
-
-/// rows × cols values uniform in [lo, hi] rounded to S (not multiples of anything: the rounding
-/// to the format is part of what is tested).
-template <class S>
-Matrix<S> random16(std::mt19937_64& rng, Index rows, Index cols, double lo = -1, double hi = 1) {
-  std::uniform_real_distribution<double> dist(lo, hi);
-  Matrix<S> m(rows, cols);
-  for (Index r = 0; r < rows; ++r) {
-    for (Index c = 0; c < cols; ++c) m(r, c) = static_cast<S>(static_cast<float>(dist(rng)));
-  }
-  return m;
-}
 
 template <class S>
 Matrix<float> widened(const Matrix<S>& m) {

@@ -36,6 +36,7 @@
 #include <blockattn/reference.hpp>
 #include <blockattn/transformer_block.hpp>
 
+#include "support/format16.hpp"
 #include "support/gradient_tolerance.hpp"
 #include "support/layer_error_bound.hpp"
 #include "support/random.hpp"
@@ -49,9 +50,11 @@ using blockattn::Index;
 using blockattn::Matrix;
 using blockattn::Span;
 using blockattn::TensorView;
+using blockattn::test::format_u;
 using blockattn::test::GradientTolerance;
 using blockattn::test::make_rng;
 using blockattn::test::max_abs;
+using blockattn::test::random16;
 using blockattn::test::seed_trace;
 
 using Real = long double;
@@ -60,24 +63,6 @@ template <class S>
 class Backward16BitTest : public ::testing::Test {};
 using Formats = ::testing::Types<Eigen::bfloat16, Eigen::half>;
 TYPED_TEST_SUITE(Backward16BitTest, Formats, );
-
-/// The format's unit roundoff: 2^-8 (bfloat16: 8 significant bits), 2^-11 (half: 11).
-template <class S>
-double format_u() {
-  return std::is_same_v<S, Eigen::bfloat16> ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
-}
-
-/// rows × cols values uniform in [lo, hi], rounded to S (not on a grid: the inputs' rounding to
-/// the format is part of what runs).
-template <class S>
-Matrix<S> random16(std::mt19937_64& rng, Index rows, Index cols, double lo = -1, double hi = 1) {
-  std::uniform_real_distribution<double> dist(lo, hi);
-  Matrix<S> m(rows, cols);
-  for (Index r = 0; r < rows; ++r) {
-    for (Index c = 0; c < cols; ++c) m(r, c) = static_cast<S>(static_cast<float>(dist(rng)));
-  }
-  return m;
-}
 
 /// Every element of a 16-bit or float matrix as To (exact: each value is a float).
 template <class To, class From>
