@@ -250,6 +250,10 @@ TEST(AttentionBf16Dot, PrefillMatchesTheReference) {
 // with the tolerance at the top of the file, and the dot path's out error against 2× the
 // widening path's (issue 17's condition for P in bf16; deterministic: fixed seed and shapes).
 TEST(AttentionBf16Dot, MeasuredErrorOfBothPaths) {
+  // Without the dot-product path both runs are the widening path: the comparison would be of a
+  // path with itself, and PrefillMatchesTheReference already checks that path against the
+  // reference (under qemu-aarch64 this test's long double references cost over a minute).
+  if (!kDotPath) GTEST_SKIP() << "no bf16 dot-product path on this SIMD path";
   SCOPED_TRACE(seed_trace());
   auto rng = make_rng(1702);
   const Shape shapes[] = {
@@ -262,12 +266,11 @@ TEST(AttentionBf16Dot, MeasuredErrorOfBothPaths) {
       const Errors dot = errors_of(r, r.out16, r.lse16);
       const Errors wide = errors_of(r, r.out_f, r.lse_f);
       std::printf(
-          "%s d=%ld n_q=%ld n_k=%ld heads=%ld/%ld causal=%d: out max|err| %s %.3g, widening "
-          "%.3g; lse max|err| %s %.3g, widening %.3g\n",
-          kDotPath ? "[dot]" : "[no dot path]", static_cast<long>(s.d), static_cast<long>(s.n_q),
-          static_cast<long>(s.n_k), static_cast<long>(s.heads), static_cast<long>(s.kv_heads),
-          causal ? 1 : 0, kDotPath ? "dot" : "this", dot.out, wide.out, kDotPath ? "dot" : "this",
-          dot.lse, wide.lse);
+          "[dot] d=%ld n_q=%ld n_k=%ld heads=%ld/%ld causal=%d: out max|err| dot %.3g, widening "
+          "%.3g; lse max|err| dot %.3g, widening %.3g\n",
+          static_cast<long>(s.d), static_cast<long>(s.n_q), static_cast<long>(s.n_k),
+          static_cast<long>(s.heads), static_cast<long>(s.kv_heads), causal ? 1 : 0, dot.out,
+          wide.out, dot.lse, wide.lse);
       check_reference(r, 1 / std::sqrt(double(s.d)));
       // Issue 17's condition for rounding P to bf16: within 2× what the widening path (float
       // P·V on the same bf16 inputs, out rounded to bf16) errs by on the same problem.

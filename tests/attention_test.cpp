@@ -719,7 +719,11 @@ TYPED_TEST(AttentionTest, MultiHeadDecodeOverLongCacheMatchesReferenceAndIgnores
   const Index d_v = 5;
   const Index key_lengths[batch] = {n_k, 1500};
   const auto mask = [](Index, Index h, Index, Index j) { return h != 1 || j % 2 == 0; };
-  for (const auto& [heads, kv_heads] : std::vector<std::pair<Index, Index>>{{3, 3}, {4, 2}}) {
+  for (const auto& head_counts : std::vector<std::pair<Index, Index>>{{3, 3}, {4, 2}}) {
+    // Plain locals, not a structured binding: the lambdas below capture them, which C++17 (and
+    // so clang) does not allow for bindings.
+    const Index heads = head_counts.first;
+    const Index kv_heads = head_counts.second;
     for (const Index n_q : {Index{1}, Index{2}}) {
       for (const bool bhsd : {false, true}) {
         SCOPED_TRACE("heads=" + std::to_string(heads) + " kv_heads=" + std::to_string(kv_heads) +
