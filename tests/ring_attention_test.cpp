@@ -1051,6 +1051,39 @@ TYPED_TEST(Ring16BitTest, SinksRowsWithoutKeysStriped) {
   check_forward16<TypeParam>(c);
 }
 
+// float q and out over a 16-bit K/V (attention()'s KV-cache form): the shards travel in 16 bits
+// and every step is attention()'s mixed call, bitwise the float call on the widened K/V, so the
+// ring is bitwise the float ring on the widened K/V at every P (which the float tests compare
+// with one process) and, at P = 1, bitwise the one-process mixed attention().
+TYPED_TEST(Ring16BitTest, FloatQueriesOverCacheCausalZigZag) {
+  using S = TypeParam;
+  Case c{"float q over 16-bit K/V, causal zigzag", RingLayout::ZigZag};
+  c.causal = true;
+  c.d_v = 16;
+  SCOPED_TRACE(std::string(c.name) + " P=" + std::to_string(world_size()) +
+               " rank=" + std::to_string(world_rank()) + " " + blockattn::test::seed_trace());
+  const Problem<float> p = stored_problem<S>(c);
+  const Shards<float> wide(p);
+  const Tensor<S> k = convert<S>(wide.k), v = convert<S>(wide.v);
+  Tensor<float> out = wide.out();
+  std::vector<float> lse = wide.lse();
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, wide.q.view(), k.view(), v.view(),
+                                         out.view(), p.options, lse, {c.layout});
+  Tensor<float> out_f = wide.out();
+  std::vector<float> lse_f = wide.lse();
+  wide.ring(out_f, p.options, lse_f, {c.layout});
+  EXPECT_EQ(out.data, out_f.data);
+  EXPECT_EQ(lse, lse_f);
+  if (p.ranks == 1) {
+    const Tensor<S> k_all = convert<S>(p.k), v_all = convert<S>(p.v);
+    Tensor<float> full(c.batch, c.n_q, c.heads, c.d_v);
+    std::vector<float> full_lse(lse.size());
+    blockattn::attention(p.q.view(), k_all.view(), v_all.view(), full.view(), p.options, full_lse);
+    EXPECT_EQ(out.data, full.data);
+    EXPECT_EQ(lse, full_lse);
+  }
+}
+
 TYPED_TEST(Ring16BitTest, BackwardCausalZigZagSinks) {
   Case c{"16-bit backward causal zigzag sinks", RingLayout::ZigZag};
   c.causal = true;
@@ -1069,7 +1102,8 @@ TYPED_TEST(Ring16BitTest, BackwardWindowUneven) {
 }
 
 // Element types that differ between ranks — bfloat16 on rank 0, half elsewhere (the same size),
-// then float on rank 0 — make every rank throw the same std::invalid_argument before any message.
+// then float on rank 0, then the K/V type under float q — make every rank throw the same
+// std::invalid_argument before any message.
 TEST(RingAttentionValidationTest, ElementTypesThatDifferThrowOnEveryRank) {
   if (world_size() < 2) GTEST_SKIP() << "needs two ranks";
   Case c{"element types"};
@@ -1089,6 +1123,17 @@ TEST(RingAttentionValidationTest, ElementTypesThatDifferThrowOnEveryRank) {
   EXPECT_THAT([&] { p.rank == 0 ? run(float()) : run(Eigen::bfloat16()); },
               ::testing::ThrowsMessage<std::invalid_argument>(
                   ::testing::HasSubstr("the element type differs between rank 0 (4) and rank 1")));
+  // float q over a bfloat16 K/V on rank 0, over a half K/V elsewhere.
+  const auto run_cache = [&](auto format) {
+    using S = decltype(format);
+    const Tensor<S> k = convert<S>(shards.k), v = convert<S>(shards.v);
+    Tensor<float> out = shards.out();
+    blockattn::distributed::ring_attention(MPI_COMM_WORLD, shards.q.view(), k.view(), v.view(),
+                                           out.view());
+  };
+  EXPECT_THAT([&] { p.rank == 0 ? run_cache(Eigen::bfloat16()) : run_cache(Eigen::half()); },
+              ::testing::ThrowsMessage<std::invalid_argument>(::testing::HasSubstr(
+                  "the key/value element type differs between rank 0 (16) and rank 1 (17)")));
 }
 
 // --- messages larger than one MPI count ---------------------------------------------------

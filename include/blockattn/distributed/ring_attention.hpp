@@ -425,10 +425,11 @@ void local_backward(const TensorBackwardInputs<T>& in, const TensorGradients<T>&
   }
 }
 
-/// attention()'s argument checks on this rank's shards (throws std::invalid_argument).
-template <class T>
+/// attention()'s argument checks on this rank's shards (throws std::invalid_argument); KS: the
+/// K/V storage (T, or a 16-bit format under a float q).
+template <class T, class KS>
 void local_validate(const char* function, const TensorView<const T>& q,
-                    const TensorView<const T>& k, const TensorView<const T>& v,
+                    const TensorView<const KS>& k, const TensorView<const KS>& v,
                     const TensorView<T>& out, const AttentionOptions& options,
                     Span<accumulator_t<T>> lse) {
   blockattn::detail::validate_attention<T>(function, q, k, v, out, options, lse);
@@ -483,6 +484,7 @@ std::string local_error(const Check& check) {
 /// What every rank tells every other rank before the ring starts.
 enum Field : int {
   kElementType,
+  kKeyElementType,
   kBatch,
   kQueryHeads,
   kKeyHeads,
@@ -602,6 +604,7 @@ inline RingPlan make_plan(const RingComm& comm, const char* function,
     if (at(r, kLocalError) != 0) throw_from_rank(comm, r, error);
   }
   const char* const names[] = {"the element type",
+                               "the key/value element type",
                                "batch",
                                "q.heads",
                                "k.heads",
@@ -681,14 +684,15 @@ inline RingPlan make_plan(const RingComm& comm, const char* function,
   return plan;
 }
 
-template <class T>
+template <class T, class KS>
 std::array<std::int64_t, kFieldCount> describe(const TensorView<const T>& q,
-                                               const TensorView<const T>& k,
-                                               const TensorView<const T>& v,
+                                               const TensorView<const KS>& k,
+                                               const TensorView<const KS>& v,
                                                const AttentionOptions& options,
                                                const RingOptions& ring, const std::string& error) {
   std::array<std::int64_t, kFieldCount> f{};
   f[kElementType] = element_code<T>();
+  f[kKeyElementType] = element_code<KS>();
   f[kBatch] = q.batch;
   f[kQueryHeads] = q.heads;
   f[kKeyHeads] = k.heads;
@@ -730,9 +734,9 @@ inline AttentionOptions local_options(const AttentionOptions& options, Workspace
 /// arrays' lengths checked, and check_local(checked) runs the library's own checks of this rank's
 /// shards with `checked` = `local` plus ALiBi's slopes and the sinks (checked for length and value
 /// there, not moved). Any rank's failure makes every rank throw it (make_plan()).
-template <class T, class CheckLocal>
+template <class T, class KS, class CheckLocal>
 RingPlan checked_plan(const RingComm& comm, const char* function, const TensorView<const T>& q,
-                      const TensorView<const T>& k, const TensorView<const T>& v,
+                      const TensorView<const KS>& k, const TensorView<const KS>& v,
                       const AttentionOptions& options, const AttentionOptions& local,
                       const RingOptions& ring, const CheckLocal& check_local) {
   const std::string error = local_error([&] {
@@ -745,7 +749,7 @@ RingPlan checked_plan(const RingComm& comm, const char* function, const TensorVi
     checked.sinks = options.sinks;
     check_local(checked);
   });
-  return make_plan(comm, function, describe<T>(q, k, v, options, ring, error), error, options,
+  return make_plan(comm, function, describe<T, KS>(q, k, v, options, ring, error), error, options,
                    ring);
 }
 
@@ -855,12 +859,12 @@ class RingScratch {
 /// `comm` (Liu, Zaharia & Abbeel 2023). Each rank passes its shard of q [B, n_q_r, H, d], k
 /// [B, n_k_r, H_kv, d] and v [B, n_k_r, H_kv, d_v] and receives out [B, n_q_r, H, d_v] and
 /// (optional, empty = not wanted) lse [B, H, n_q_r] contiguous for its own queries. Element
-/// types: float, double, Eigen::bfloat16 or Eigen::half, one type for q, k, v and out, deduced
-/// from the views as in attention() (q, k, v TensorView<T> or TensorView<const T>, out
-/// TensorView<T>); lse is accumulator_t<T>. 16-bit storage: the K/V shards travel in it (half
-/// float's bytes per message), q is widened once, every step computes in float and the partial
-/// results merge in float; out is rounded once at the end, so the result is bitwise
-/// round(the float ring on the widened inputs). GQA as in attention(). Every option of
+/// types as attention(), deduced from the views (q, k, v TensorView<T> or TensorView<const T>, out
+/// TensorView<T>): float, double, Eigen::bfloat16 or Eigen::half for all four, or float q and out
+/// over a bfloat16 or half K/V; lse is accumulator_t<T>. 16-bit storage: the K/V shards travel in
+/// it (half float's bytes per message), a 16-bit q is widened once, every step computes in float
+/// and the partial results merge in float; a 16-bit out is rounded once at the end, so the result
+/// is bitwise round(the float ring on the widened inputs). GQA as in attention(). Every option of
 /// AttentionOptions applies on global positions (causal and windows bottom-right aligned on the
 /// global n_q, n_k; key_lengths [B], alibi_slopes [H] and sinks [H] global and the same on every
 /// rank; softcap, scale), except block_sparse (rejected); a sink joins each query's denominator
@@ -888,24 +892,26 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
                     TensorView<OT> out, const AttentionOptions& options = {},
                     Span<accumulator_t<std::remove_const_t<QT>>> lse = {},
                     const RingOptions& ring = {}) {
-  using T = std::remove_const_t<QT>;
+  using T = std::remove_const_t<QT>;   // q and out
+  using KS = std::remove_const_t<KT>;  // k and v: T, or a 16-bit cache under a float q
   static_assert(
       std::is_same_v<T, float> || std::is_same_v<T, double> || blockattn::detail::kIs16BitFloat<T>,
       "blockattn: ring_attention runs on float, double, bfloat16 and half");
-  blockattn::detail::check_tensor_arguments<T, KT, VT, OT>();
+  blockattn::detail::check_attention_types<T, KS, std::remove_const_t<VT>,
+                                           std::remove_const_t<OT>>();
   static_assert(!std::is_const_v<OT>, "blockattn: out must be a writable TensorView<T>");
   using A = accumulator_t<T>;  // the compute type: q, every block's out and the running out
   constexpr bool kWiden = !std::is_same_v<T, A>;
   const TensorView<const T> q(q_);
-  const TensorView<const T> k(k_);
-  const TensorView<const T> v(v_);
+  const TensorView<const KS> k(k_);
+  const TensorView<const KS> v(v_);
   const char* function = "ring_attention";
   detail::RingComm c(comm, function);
   detail::RingScratch scratch(ring.workspace);
   const AttentionOptions local = detail::local_options(options, &scratch.steps());
-  const detail::RingPlan plan = detail::checked_plan<T>(
+  const detail::RingPlan plan = detail::checked_plan<T, KS>(
       c, function, q, k, v, options, local, ring, [&](const AttentionOptions& checked) {
-        detail::local_validate<T>(function, q, k, v, out, checked, lse);
+        detail::local_validate<T, KS>(function, q, k, v, out, checked, lse);
       });
 
   const Index batch = q.batch;
@@ -913,13 +919,13 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
   const Index n_q = q.seq;
   Index max_k = 0;
   for (const ShardPositions& p : plan.keys) max_k = std::max(max_k, p.size());
-  detail::ShardBuffer<T> shards[2] = {{nullptr, batch, k.heads, k.dim, v.dim},
-                                      {nullptr, batch, k.heads, k.dim, v.dim}};
+  detail::ShardBuffer<KS> shards[2] = {{nullptr, batch, k.heads, k.dim, v.dim},
+                                       {nullptr, batch, k.heads, k.dim, v.dim}};
   const Index rows = batch * heads * n_q;
   const Index out_size = batch * n_q * heads * v.dim;
   detail::BufferLayout layout;
-  const std::size_t shard_at[2] = {layout.take<T>(shards[0].count(max_k)),
-                                   layout.take<T>(shards[1].count(max_k))};
+  const std::size_t shard_at[2] = {layout.take<KS>(shards[0].count(max_k)),
+                                   layout.take<KS>(shards[1].count(max_k))};
   const std::size_t block_at = layout.take<A>(out_size);
   const std::size_t lse_run_at = layout.take<A>(rows);
   const std::size_t block_lse_at = layout.take<A>(rows);
@@ -927,7 +933,7 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
   const std::size_t wide_q_at = layout.take<A>(kWiden ? batch * n_q * heads * q.dim : 0);
   const std::size_t run_at = layout.take<A>(kWiden ? out_size : 0);
   unsigned char* const base = layout.reserve(scratch.buffers());
-  for (int i = 0; i < 2; ++i) shards[i].data = layout.at<T>(base, shard_at[i]);
+  for (int i = 0; i < 2; ++i) shards[i].data = layout.at<KS>(base, shard_at[i]);
   detail::pack(k, shards[0].data);
   detail::pack(v, shards[0].values(k.seq).data);
   TensorView<const A> q_compute;
@@ -958,8 +964,8 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
       make_tensor_view(layout.at<A>(base, block_at), batch, n_q, heads, v.dim);
 
   for (int s = 0; s < plan.steps; ++s) {
-    detail::ShardBuffer<T>& hand = shards[s % 2];
-    detail::ShardBuffer<T>& next = shards[(s + 1) % 2];
+    detail::ShardBuffer<KS>& hand = shards[s % 2];
+    detail::ShardBuffer<KS>& next = shards[(s + 1) % 2];
     const int owner = plan.owner_at(c.rank(), s);
     const Index n_k = plan.keys[static_cast<std::size_t>(owner)].size();
     detail::Requests requests(c);
@@ -971,8 +977,8 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
     }
     if (plan.sees(c.rank(), owner) && n_q > 0) {
       const detail::GlobalMask mask = plan.mask(options, c.rank(), owner);
-      const TensorView<const T> keys = hand.keys(n_k);
-      const TensorView<const T> values = hand.values(n_k);
+      const TensorView<const KS> keys = hand.keys(n_k);
+      const TensorView<const KS> values = hand.values(n_k);
       if (!options.alibi_slopes.empty()) {
         const detail::GlobalAlibi<A> alibi{mask.queries, mask.keys, mask.offset,
                                            options.alibi_slopes.data()};
