@@ -16,6 +16,7 @@
 #include <limits>
 #include <numeric>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -27,6 +28,7 @@
 #include <blockattn/reference.hpp>
 
 #include "support/backward.hpp"
+#include "support/format16.hpp"
 #include "support/gradient_tolerance.hpp"
 #include "support/layer_error_bound.hpp"
 #include "support/mpi_session.hpp"
@@ -107,7 +109,14 @@ struct Case {
   bool key_lengths = false;
   bool alibi = false;
   double softcap = 0;
+  bool sinks = false;  ///< a sink logit per query head (sink_pattern)
 };
+
+/// The sinks of query head h: near the logits, none (−inf), above every logit, below them.
+double sink_pattern(Index h) {
+  const double pattern[4] = {0.75, -std::numeric_limits<double>::infinity(), 6.0, -1.5};
+  return pattern[h % 4];
+}
 
 /// Rank r's positions of n tokens: the layout's, or for `uneven` weights (r + 1) with every third
 /// rank empty (rank 1, 4, 7, …), the remainder on the last rank.
@@ -135,6 +144,7 @@ struct Problem {
   Tensor<T> q, k, v;
   std::vector<Index> key_lengths;
   std::vector<double> slopes;
+  std::vector<double> sinks;
   AttentionOptions options;
   int ranks = world_size();
   int rank = world_rank();
@@ -158,6 +168,10 @@ struct Problem {
       for (Index h = 0; h < c.heads; ++h) slopes.push_back(std::pow(2.0, -double(h + 1)));
       options.alibi_slopes = slopes;
     }
+    if (c.sinks) {
+      for (Index h = 0; h < c.heads; ++h) sinks.push_back(sink_pattern(h));
+      options.sinks = sinks;
+    }
   }
   static Tensor<T> make(const Case& c, std::uint64_t salt, Index s, Index h, Index d, double x) {
     std::mt19937_64 rng = blockattn::test::make_rng(salt);
@@ -166,11 +180,14 @@ struct Problem {
   ShardPositions query_positions(int r) const { return positions_of(c, c.n_q, ranks, r); }
   ShardPositions key_positions(int r) const { return positions_of(c, c.n_k, ranks, r); }
   double scale() const { return 1.0 / std::sqrt(static_cast<double>(c.d)); }
-  /// E of tolerance.hpp: a bound on what modifiers add to a logit.
+  /// E of tolerance.hpp: a bound on what modifiers add to a logit, and the largest finite |sink|
+  /// (its exp(sink − m) is one more term whose argument is rounded once, attention_sinks_test).
   double extra() const {
     double e = c.softcap;
     if (c.alibi) e += slopes.front() * static_cast<double>(c.n_q + c.n_k);
-    return e;
+    double sink = 0;
+    for (const double x : sinks) sink = std::isinf(x) ? sink : std::max(sink, std::abs(x));
+    return e + sink;
   }
 };
 
@@ -234,14 +251,18 @@ struct Gradients {
 };
 
 /// The serial emulation of the ring on this rank: the same local calls on the same shards,
-/// merged in ring order.
+/// merged in ring order, after the sinks' state (0, sinks[h]).
 template <class T>
 void emulate_ring(const Problem<T>& p, const Tensor<T>& q_shard, Tensor<T>& out,
                   std::vector<T>& lse) {
   namespace dd = blockattn::distributed::detail;
   const ShardPositions qp = p.query_positions(p.rank);
   std::fill(out.data.begin(), out.data.end(), T(0));
-  std::fill(lse.begin(), lse.end(), -std::numeric_limits<T>::infinity());
+  for (Index bh = 0; bh < p.c.batch * p.c.heads; ++bh) {
+    const T start = p.c.sinks ? static_cast<T>(sink_pattern(bh % p.c.heads))
+                              : -std::numeric_limits<T>::infinity();
+    std::fill_n(lse.begin() + bh * qp.size(), qp.size(), start);
+  }
   Tensor<T> block(out.batch, out.seq, out.heads, out.dim);
   std::vector<T> block_lse(lse.size());
   blockattn::Workspace workspace;
@@ -364,7 +385,8 @@ void check_forward(const Case& c) {
   // One rank: one attention() call with the masks as functors, the same bits as attention() —
   // except with a left window, where attention() starts each query block's key loop at its first
   // visible key (interval masks) and the functor mask cannot move the tile grid: other roundings.
-  if (p.ranks == 1 && c.window_left < 0) {
+  // Sinks: attention() folds the sink in after its keys, the ring starts from it (other roundings).
+  if (p.ranks == 1 && c.window_left < 0 && !c.sinks) {
     EXPECT_EQ(out.data, full.data);
     EXPECT_EQ(lse, full_lse);
   }
@@ -442,6 +464,25 @@ TYPED_TEST(RingAttentionTest, CrossAttentionBottomRight) {
   Case c{"n_q 29, n_k 61, causal"};
   c.n_q = 29;
   c.causal = true;
+  check_forward<TypeParam>(c);
+}
+
+// Sinks join each query's denominator once: the plain causal case (every rank's queries see
+// several shards: a sink per step would show), and queries that see no key at all (n_q > n_k,
+// bottom-right: the first 32 rows), which get out 0 and lse = sink, as in attention().
+TYPED_TEST(RingAttentionTest, SinksCausalZigZagGqa) {
+  Case c{"sinks causal zigzag GQA", RingLayout::ZigZag};
+  c.causal = true;
+  c.sinks = true;
+  check_forward<TypeParam>(c);
+}
+
+TYPED_TEST(RingAttentionTest, SinksRowsWithoutKeysUneven) {
+  Case c{"sinks n_q 61, n_k 29, causal, uneven"};
+  c.n_k = 29;
+  c.causal = true;
+  c.uneven = true;
+  c.sinks = true;
   check_forward<TypeParam>(c);
 }
 
@@ -644,12 +685,455 @@ TYPED_TEST(RingAttentionBackwardTest, AlibiSoftcapUneven) {
   check_backward<TypeParam>(c);
 }
 
+// Sinks in the backward live in the forward's lse (the global one): nothing else changes.
+TYPED_TEST(RingAttentionBackwardTest, SinksCausalZigZag) {
+  Case c{"backward sinks causal zigzag", RingLayout::ZigZag};
+  c.causal = true;
+  c.sinks = true;
+  check_backward<TypeParam>(c);
+}
+
 TYPED_TEST(RingAttentionBackwardTest, AlibiCausalCrossAttentionStriped) {
   Case c{"backward alibi causal cross striped", RingLayout::Striped};
   c.n_q = 45;  // bottom-right aligned: query i sits at global position i + 16
   c.causal = true;
   c.alibi = true;
   check_backward<TypeParam>(c);
+}
+
+// --- 16-bit storage ------------------------------------------------------------------------
+//
+// bfloat16 and half q, k, v: the K/V shards travel in 16 bits, every step computes in float and
+// the merge runs in float, out is rounded once. Oracles, each rank on its own rows:
+//   1. bitwise: the float ring on the widened shards (the stored values, exactly), out rounded
+//      once to the format, lse its float lse — at every P, since the merge order is the ring's in
+//      both. At P = 1 without a left window or sinks the ring is one attention() call: bitwise
+//      round(one-process float attention() on the widened inputs).
+//   2. one-process attention() on the gathered 16-bit sequence, and the long double reference on
+//      the stored inputs. t = the float tolerance (support/tolerance.hpp) on the stored inputs,
+//      u_S = 2^-8 (bfloat16) or 2^-11 (half), M_v = max|v|: against the reference
+//      t + u_S·(M_v + t) (the float bound, then one rounding of |out| <= M_v); against attention()
+//      twice that plus u_S·M_v (an AVX512_BF16 build's one-process bf16 call rounds P to bf16 for
+//      P·V: <= u_S·M_v more, attention_16bit_test). lse is float: the float tolerances.
+// The backward, likewise: bitwise round(the float ring backward on the widened shards, out and
+// lse); and against one-process attention_backward() in the format on the gathered sequence,
+// given the ring's own out and lse (gathered), so both round the float gradients of the same
+// inputs: within twice the float gradient bound (support/gradient_tolerance.hpp, as the float
+// tests) plus one rounding of each, u_S·(|a| + |b|).
+
+/// The same as `t` in S (each element rounded once), or widened back exactly.
+template <class U, class T>
+Tensor<U> convert(const Tensor<T>& t) {
+  Tensor<U> u(t.batch, t.seq, t.heads, t.dim);
+  std::transform(t.data.begin(), t.data.end(), u.data.begin(),
+                 [](T x) { return static_cast<U>(static_cast<float>(x)); });
+  return u;
+}
+
+/// A float problem whose q, k, v hold values of the format S (rounded once): the widened stored
+/// inputs, for the float oracles and the tolerances.
+template <class S>
+Problem<float> stored_problem(const Case& c) {
+  Problem<float> p(c);
+  for (Tensor<float>* t : {&p.q, &p.k, &p.v}) *t = convert<float>(convert<S>(*t));
+  return p;
+}
+
+/// Every rank's query rows of a [B, n_q_r, H, d] tensor gathered into [B, n_q, H, d] on every
+/// rank: each places its rows into zeros, and a sum adds nothing else (exact).
+Tensor<float> gather_rows(const Tensor<float>& shard, const Case& c) {
+  Tensor<float> global(shard.batch, c.n_q, shard.heads, shard.dim);
+  const ShardPositions pos = positions_of(c, c.n_q, world_size(), world_rank());
+  for (Index b = 0; b < shard.batch; ++b) {
+    for (Index i = 0; i < pos.size(); ++i) {
+      for (Index h = 0; h < shard.heads; ++h) {
+        std::copy_n(shard.view().at(b, i, h), shard.dim, global.view().at(b, pos[i], h));
+      }
+    }
+  }
+  MPI_Allreduce(MPI_IN_PLACE, global.data.data(), static_cast<int>(global.data.size()), MPI_FLOAT,
+                MPI_SUM, MPI_COMM_WORLD);
+  return global;
+}
+
+/// Every rank's lse [B, H, n_q_r] gathered into [B, H, n_q] (−inf stays −inf: the other ranks add
+/// 0 to it).
+std::vector<float> gather_lse(const std::vector<float>& lse, const Case& c, Index heads) {
+  const ShardPositions qp = positions_of(c, c.n_q, world_size(), world_rank());
+  std::vector<float> global(static_cast<std::size_t>(c.batch * heads * c.n_q), 0.0f);
+  for (Index bh = 0; bh < c.batch * heads; ++bh) {
+    for (Index i = 0; i < qp.size(); ++i) {
+      global[static_cast<std::size_t>(bh * c.n_q + qp[i])] =
+          lse[static_cast<std::size_t>(bh * qp.size() + i)];
+    }
+  }
+  MPI_Allreduce(MPI_IN_PLACE, global.data(), static_cast<int>(global.size()), MPI_FLOAT, MPI_SUM,
+                MPI_COMM_WORLD);
+  return global;
+}
+
+/// The elements of a 16-bit result that differ from the float one rounded once (0: bitwise).
+template <class S>
+Index rounding_mismatches(const Tensor<S>& got, const Tensor<float>& wide) {
+  Index count = 0;
+  for (std::size_t e = 0; e < got.data.size(); ++e) {
+    const S want = static_cast<S>(wide.data[e]);
+    count += std::memcmp(&got.data[e], &want, sizeof(S)) != 0 ? 1 : 0;
+  }
+  return count;
+}
+
+template <class S>
+void check_forward16(const Case& c) {
+  SCOPED_TRACE(std::string(c.name) + " P=" + std::to_string(world_size()) +
+               " rank=" + std::to_string(world_rank()) + " " + blockattn::test::seed_trace());
+  const double u_s = blockattn::test::format_u<S>();
+  const Problem<float> p = stored_problem<S>(c);
+  const Shards<float> wide(p);  // this rank's shards, widened
+  const Tensor<S> q = convert<S>(wide.q), k = convert<S>(wide.k), v = convert<S>(wide.v);
+  Tensor<S> out(q.batch, q.seq, q.heads, c.d_v);
+  std::vector<float> lse = wide.lse();
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q.view(), k.view(), v.view(), out.view(),
+                                         p.options, lse, {c.layout});
+
+  // 1. Bitwise the float ring on the widened shards, rounded once.
+  Tensor<float> out_f = wide.out();
+  std::vector<float> lse_f = wide.lse();
+  wide.ring(out_f, p.options, lse_f, {c.layout});
+  EXPECT_EQ(rounding_mismatches(out, out_f), 0) << "not round(the float ring)";
+  EXPECT_EQ(lse, lse_f);
+  // A reused RingWorkspace poisoned with NaN, and 2 threads per rank: the same bits.
+  blockattn::distributed::RingWorkspace reused;
+  for (int call = 0; call < 2; ++call) {
+    AttentionOptions options = p.options;
+    options.threads = 1 + call;
+    Tensor<S> again(q.batch, q.seq, q.heads, c.d_v);
+    blockattn::distributed::ring_attention(MPI_COMM_WORLD, q.view(), k.view(), v.view(),
+                                           again.view(), options, {}, {c.layout, &reused});
+    EXPECT_EQ(rounding_mismatches(again, out_f), 0) << "call " << call;
+    poison(reused);
+  }
+
+  // 2. One process on the gathered sequence: attention() in the format, in float on the widened
+  // inputs, and the long double reference.
+  const Tensor<S> q_all = convert<S>(p.q), k_all = convert<S>(p.k), v_all = convert<S>(p.v);
+  Tensor<S> full(c.batch, c.n_q, c.heads, c.d_v);
+  blockattn::attention(q_all.view(), k_all.view(), v_all.view(), full.view(), p.options);
+  Tensor<float> full_f(c.batch, c.n_q, c.heads, c.d_v);
+  std::vector<float> full_lse(static_cast<std::size_t>(c.batch * c.heads * c.n_q));
+  blockattn::attention(p.q.view(), p.k.view(), p.v.view(), full_f.view(), p.options, full_lse);
+  const auto q_ld = p.q.template cast<long double>();
+  const auto k_ld = p.k.template cast<long double>();
+  const auto v_ld = p.v.template cast<long double>();
+  Tensor<long double> ref(c.batch, c.n_q, c.heads, c.d_v);
+  std::vector<long double> ref_lse(full_lse.size());
+  blockattn::reference::attention(q_ld.view(), k_ld.view(), v_ld.view(), ref.view(), p.options,
+                                  ref_lse);
+  const ShardPositions& qp = wide.qp;
+  if (p.ranks == 1 && c.window_left < 0 && !c.sinks) {
+    EXPECT_EQ(rounding_mismatches(out, full_f), 0) << "P = 1: not round(one float attention())";
+    EXPECT_EQ(lse, full_lse);
+  }
+  const Index group = c.heads / c.kv_heads;
+  for (Index b = 0; b < c.batch; ++b) {
+    for (Index h = 0; h < c.heads; ++h) {
+      const Matrix<double> qh = p.q.head(b, h);
+      const Matrix<double> kh = p.k.head(b, h / group);
+      const Matrix<double> vh = p.v.head(b, h / group);
+      const double m_v = vh.cwiseAbs().maxCoeff();
+      const auto tol =
+          blockattn::test::attention_tolerance<float>(qh, kh, vh, p.scale(), p.extra());
+      const auto lse_tol = blockattn::test::lse_tolerance<float>(qh, kh, p.scale(), p.extra());
+      for (Index i = 0; i < qp.size(); ++i) {
+        const Index gi = qp[i];
+        const auto row = static_cast<std::size_t>(gi);
+        const double t = tol[row] + u_s * (m_v + tol[row]);
+        const long double want_lse =
+            ref_lse[static_cast<std::size_t>((b * c.heads + h) * c.n_q + gi)];
+        const float got_lse = lse[static_cast<std::size_t>((b * c.heads + h) * qp.size() + i)];
+        if (std::isinf(want_lse)) {
+          EXPECT_EQ(got_lse, -std::numeric_limits<float>::infinity()) << "b=" << b << " i=" << gi;
+        } else {
+          EXPECT_NEAR(got_lse, static_cast<double>(want_lse), lse_tol[row])
+              << "b=" << b << " h=" << h << " i=" << gi;
+          EXPECT_NEAR(got_lse, full_lse[static_cast<std::size_t>((b * c.heads + h) * c.n_q + gi)],
+                      2 * lse_tol[row])
+              << "b=" << b << " h=" << h << " i=" << gi;
+        }
+        for (Index col = 0; col < c.d_v; ++col) {
+          const auto got = static_cast<double>(static_cast<float>(out.at(b, i, h, col)));
+          EXPECT_NEAR(got, static_cast<double>(ref.at(b, gi, h, col)), t)
+              << "b=" << b << " h=" << h << " i=" << gi << " c=" << col;
+          EXPECT_NEAR(got, static_cast<double>(static_cast<float>(full.at(b, gi, h, col))),
+                      2 * t + u_s * m_v)
+              << "b=" << b << " h=" << h << " i=" << gi << " c=" << col;
+        }
+      }
+    }
+  }
+}
+
+template <class S>
+void check_backward16(const Case& c) {
+  SCOPED_TRACE(std::string(c.name) + " P=" + std::to_string(world_size()) +
+               " rank=" + std::to_string(world_rank()) + " " + blockattn::test::seed_trace());
+  const double u_s = blockattn::test::format_u<S>();
+  const Problem<float> p = stored_problem<S>(c);
+  const Shards<float> wide(p);
+  const Tensor<S> q = convert<S>(wide.q), k = convert<S>(wide.k), v = convert<S>(wide.v);
+  const Tensor<S> dout_all = convert<S>(Problem<float>::make(c, 4, c.n_q, c.heads, c.d_v, 1.0));
+  const Tensor<S> dout = take_rows(dout_all, wide.qp);
+  Tensor<S> out(q.batch, q.seq, q.heads, c.d_v);
+  std::vector<float> lse = wide.lse();
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, q.view(), k.view(), v.view(), out.view(),
+                                         p.options, lse, {c.layout});
+  blockattn::TensorBackwardInputs<S> in;
+  in.q = q.view();
+  in.k = k.view();
+  in.v = v.view();
+  in.out = out.view();
+  in.lse = lse;
+  in.dout = dout.view();
+  Tensor<S> dq(q.batch, q.seq, q.heads, q.dim), dk(k.batch, k.seq, k.heads, k.dim),
+      dv(v.batch, v.seq, v.heads, v.dim);
+  blockattn::TensorGradients<S> grads;
+  grads.dq = dq.view();
+  grads.dk = dk.view();
+  grads.dv = dv.view();
+  blockattn::distributed::ring_attention_backward(MPI_COMM_WORLD, in, grads, p.options, {c.layout});
+
+  // 1. Bitwise the float ring backward on the widened shards, out and dout, rounded once.
+  const Tensor<float> out_w = convert<float>(out), dout_w = convert<float>(dout);
+  const blockattn::TensorBackwardInputs<float> in_f = wide.backward_inputs(out_w, lse, dout_w);
+  Gradients<float> grads_f(wide);
+  blockattn::distributed::ring_attention_backward(MPI_COMM_WORLD, in_f, grads_f.views(), p.options,
+                                                  {c.layout});
+  EXPECT_EQ(rounding_mismatches(dq, grads_f.dq), 0) << "dq is not round(the float ring's)";
+  EXPECT_EQ(rounding_mismatches(dk, grads_f.dk), 0) << "dk is not round(the float ring's)";
+  EXPECT_EQ(rounding_mismatches(dv, grads_f.dv), 0) << "dv is not round(the float ring's)";
+
+  // 2. One-process attention_backward() in the format on the gathered sequence, with the ring's
+  // out and lse gathered (the same inputs).
+  const Tensor<S> out_all = convert<S>(gather_rows(out_w, c));
+  const std::vector<float> lse_all = gather_lse(lse, c, c.heads);
+  Tensor<S> dq1(c.batch, c.n_q, c.heads, c.d), dk1(c.batch, c.n_k, c.kv_heads, c.d),
+      dv1(c.batch, c.n_k, c.kv_heads, c.d_v);
+  const Tensor<S> q_all = convert<S>(p.q), k_all = convert<S>(p.k), v_all = convert<S>(p.v);
+  blockattn::test::backward(q_all.view(), k_all.view(), v_all.view(), out_all.view(), lse_all,
+                            dout_all.view(), dq1.view(), dk1.view(), dv1.view(), p.options);
+  // The float gradient bound per row, from the exact probabilities (as check_backward).
+  using Long = long double;
+  const Tensor<float> dout_f = convert<float>(dout_all);
+  const Index group = c.heads / c.kv_heads;
+  std::vector<double> tol_dq(static_cast<std::size_t>(c.batch * c.heads * c.n_q));
+  std::vector<double> tol_dk(static_cast<std::size_t>(c.batch * c.kv_heads * c.n_k), 0.0);
+  std::vector<double> tol_dv(tol_dk.size(), 0.0);
+  const Matrix<Long> identity = Matrix<Long>::Identity(c.n_k, c.n_k);
+  for (Index b = 0; b < c.batch; ++b) {
+    AttentionOptions one = p.options;
+    if (!p.options.key_lengths.empty()) {
+      one.key_lengths = blockattn::Span<const Index>(p.options.key_lengths.data() + b, 1);
+    }
+    for (Index h = 0; h < c.heads; ++h) {
+      Matrix<Long> prob(c.n_q, c.n_k);
+      blockattn::reference::attention(p.q.head(b, h).template cast<Long>(),
+                                      p.k.head(b, h / group).template cast<Long>(), identity, prob,
+                                      one);
+      const auto tol = blockattn::test::backward_tolerance<float>(
+          p.q.head(b, h), p.k.head(b, h / group), p.v.head(b, h / group), dout_f.head(b, h),
+          prob.template cast<double>(), p.scale(), p.extra(), group);
+      for (Index i = 0; i < c.n_q; ++i) {
+        tol_dq[static_cast<std::size_t>((b * c.heads + h) * c.n_q + i)] =
+            tol.dq[static_cast<std::size_t>(i)];
+      }
+      for (Index j = 0; j < c.n_k; ++j) {
+        const auto at = static_cast<std::size_t>((b * c.kv_heads + h / group) * c.n_k + j);
+        tol_dk[at] += tol.dk[static_cast<std::size_t>(j)];
+        tol_dv[at] += tol.dv[static_cast<std::size_t>(j)];
+      }
+    }
+  }
+  const auto check = [&](const char* name, const Tensor<S>& got, const ShardPositions& pos,
+                         const Tensor<S>& one_process, const std::vector<double>& tol, Index n) {
+    for (Index b = 0; b < got.batch; ++b) {
+      for (Index i = 0; i < got.seq; ++i) {
+        for (Index h = 0; h < got.heads; ++h) {
+          const double t = tol[static_cast<std::size_t>((b * got.heads + h) * n + pos[i])];
+          for (Index col = 0; col < got.dim; ++col) {
+            const auto g = static_cast<double>(static_cast<float>(got.at(b, i, h, col)));
+            const auto o =
+                static_cast<double>(static_cast<float>(one_process.at(b, pos[i], h, col)));
+            EXPECT_NEAR(g, o, 2 * t + u_s * (std::abs(g) + std::abs(o)))
+                << name << " b=" << b << " i=" << pos[i] << " h=" << h << " c=" << col;
+          }
+        }
+      }
+    }
+  };
+  check("dq", dq, wide.qp, dq1, tol_dq, c.n_q);
+  check("dk", dk, wide.kp, dk1, tol_dk, c.n_k);
+  check("dv", dv, wide.kp, dv1, tol_dv, c.n_k);
+
+  // 3. Float accumulation (issue 19, item 4): against the long double reference on the stored
+  // inputs, the normwise relative error of every gradient, over all ranks, stays below u_S —
+  // about one rounding to the format, whatever P (16-bit dK, dV sums would add one per hop).
+  const auto q_ld = p.q.template cast<Long>();
+  const auto k_ld = p.k.template cast<Long>();
+  const auto v_ld = p.v.template cast<Long>();
+  const auto dout_ld = dout_f.template cast<Long>();
+  Tensor<Long> ref(c.batch, c.n_q, c.heads, c.d_v);
+  std::vector<Long> ref_lse(static_cast<std::size_t>(c.batch * c.heads * c.n_q));
+  blockattn::reference::attention(q_ld.view(), k_ld.view(), v_ld.view(), ref.view(), p.options,
+                                  ref_lse);
+  Tensor<Long> dq_ref(c.batch, c.n_q, c.heads, c.d), dk_ref(c.batch, c.n_k, c.kv_heads, c.d),
+      dv_ref(c.batch, c.n_k, c.kv_heads, c.d_v);
+  blockattn::test::reference_backward(q_ld.view(), k_ld.view(), v_ld.view(),
+                                      std::as_const(ref).view(), ref_lse, dout_ld.view(),
+                                      dq_ref.view(), dk_ref.view(), dv_ref.view(), p.options);
+  const auto relative = [&](const Tensor<S>& got, const ShardPositions& pos,
+                            const Tensor<Long>& exact) {
+    double sums[2] = {0, 0};  // Σ (got − exact)², Σ exact² over this rank's rows
+    for (Index b = 0; b < got.batch; ++b) {
+      for (Index i = 0; i < got.seq; ++i) {
+        for (Index h = 0; h < got.heads; ++h) {
+          for (Index col = 0; col < got.dim; ++col) {
+            const auto e = static_cast<double>(exact.at(b, pos[i], h, col));
+            const auto g = static_cast<double>(static_cast<float>(got.at(b, i, h, col)));
+            sums[0] += (g - e) * (g - e);
+            sums[1] += e * e;
+          }
+        }
+      }
+    }
+    MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    return std::sqrt(sums[0] / sums[1]);
+  };
+  const double rel[3] = {relative(dq, wide.qp, dq_ref), relative(dk, wide.kp, dk_ref),
+                         relative(dv, wide.kp, dv_ref)};
+  for (const double r : rel) EXPECT_LT(r, u_s);
+  if (p.rank == 0) {
+    std::printf(
+        "[ error    ] %s P=%d %s: ‖ring − exact‖ / ‖exact‖ (u_S = %.1e): dq %.2e, dk %.2e, "
+        "dv %.2e\n",
+        c.name, p.ranks, std::is_same_v<S, Eigen::bfloat16> ? "bfloat16" : "half", u_s, rel[0],
+        rel[1], rel[2]);
+  }
+}
+
+template <class S>
+class Ring16BitTest : public ::testing::Test {};
+using Formats = ::testing::Types<Eigen::bfloat16, Eigen::half>;
+TYPED_TEST_SUITE(Ring16BitTest, Formats, );
+
+// d, d_v multiples of 16: every widened row starts 64-byte aligned, as in the float ring's buffers.
+TYPED_TEST(Ring16BitTest, CausalZigZagGqa) {
+  Case c{"16-bit causal zigzag GQA", RingLayout::ZigZag};
+  c.causal = true;
+  c.d_v = 16;
+  check_forward16<TypeParam>(c);
+}
+
+TYPED_TEST(Ring16BitTest, SinksUnevenAlibi) {
+  Case c{"16-bit sinks uneven alibi"};
+  c.uneven = true;
+  c.alibi = true;
+  c.sinks = true;
+  c.d_v = 16;
+  check_forward16<TypeParam>(c);
+}
+
+TYPED_TEST(Ring16BitTest, SinksRowsWithoutKeysStriped) {
+  Case c{"16-bit sinks n_q 61, n_k 29, causal, striped", RingLayout::Striped};
+  c.n_k = 29;
+  c.causal = true;
+  c.sinks = true;
+  c.d_v = 16;
+  check_forward16<TypeParam>(c);
+}
+
+// float q and out over a 16-bit K/V (attention()'s KV-cache form): the shards travel in 16 bits
+// and every step is attention()'s mixed call, bitwise the float call on the widened K/V, so the
+// ring is bitwise the float ring on the widened K/V at every P (which the float tests compare
+// with one process) and, at P = 1, bitwise the one-process mixed attention().
+TYPED_TEST(Ring16BitTest, FloatQueriesOverCacheCausalZigZag) {
+  using S = TypeParam;
+  Case c{"float q over 16-bit K/V, causal zigzag", RingLayout::ZigZag};
+  c.causal = true;
+  c.d_v = 16;
+  SCOPED_TRACE(std::string(c.name) + " P=" + std::to_string(world_size()) +
+               " rank=" + std::to_string(world_rank()) + " " + blockattn::test::seed_trace());
+  const Problem<float> p = stored_problem<S>(c);
+  const Shards<float> wide(p);
+  const Tensor<S> k = convert<S>(wide.k), v = convert<S>(wide.v);
+  Tensor<float> out = wide.out();
+  std::vector<float> lse = wide.lse();
+  blockattn::distributed::ring_attention(MPI_COMM_WORLD, wide.q.view(), k.view(), v.view(),
+                                         out.view(), p.options, lse, {c.layout});
+  Tensor<float> out_f = wide.out();
+  std::vector<float> lse_f = wide.lse();
+  wide.ring(out_f, p.options, lse_f, {c.layout});
+  EXPECT_EQ(out.data, out_f.data);
+  EXPECT_EQ(lse, lse_f);
+  if (p.ranks == 1) {
+    const Tensor<S> k_all = convert<S>(p.k), v_all = convert<S>(p.v);
+    Tensor<float> full(c.batch, c.n_q, c.heads, c.d_v);
+    std::vector<float> full_lse(lse.size());
+    blockattn::attention(p.q.view(), k_all.view(), v_all.view(), full.view(), p.options, full_lse);
+    EXPECT_EQ(out.data, full.data);
+    EXPECT_EQ(lse, full_lse);
+  }
+}
+
+TYPED_TEST(Ring16BitTest, BackwardCausalZigZagSinks) {
+  Case c{"16-bit backward causal zigzag sinks", RingLayout::ZigZag};
+  c.causal = true;
+  c.sinks = true;
+  c.d_v = 16;
+  check_backward16<TypeParam>(c);
+}
+
+TYPED_TEST(Ring16BitTest, BackwardWindowUneven) {
+  Case c{"16-bit backward window uneven"};
+  c.window_left = 6;
+  c.window_right = 2;
+  c.uneven = true;
+  c.d_v = 16;
+  check_backward16<TypeParam>(c);
+}
+
+// Element types that differ between ranks — bfloat16 on rank 0, half elsewhere (the same size),
+// then float on rank 0, then the K/V type under float q — make every rank throw the same
+// std::invalid_argument before any message.
+TEST(RingAttentionValidationTest, ElementTypesThatDifferThrowOnEveryRank) {
+  if (world_size() < 2) GTEST_SKIP() << "needs two ranks";
+  Case c{"element types"};
+  const Problem<float> p(c);
+  const Shards<float> shards(p);
+  const auto run = [&](auto format) {
+    using S = decltype(format);
+    const Tensor<S> q = convert<S>(shards.q), k = convert<S>(shards.k), v = convert<S>(shards.v);
+    Tensor<S> out(q.batch, q.seq, q.heads, c.d_v);
+    blockattn::distributed::ring_attention(MPI_COMM_WORLD, q.view(), k.view(), v.view(),
+                                           out.view());
+  };
+  EXPECT_THAT(
+      [&] { p.rank == 0 ? run(Eigen::bfloat16()) : run(Eigen::half()); },
+      ::testing::ThrowsMessage<std::invalid_argument>(::testing::HasSubstr(
+          "the element type differs between rank 0 (16) and rank 1 (17); every rank must pass")));
+  EXPECT_THAT([&] { p.rank == 0 ? run(float()) : run(Eigen::bfloat16()); },
+              ::testing::ThrowsMessage<std::invalid_argument>(
+                  ::testing::HasSubstr("the element type differs between rank 0 (4) and rank 1")));
+  // float q over a bfloat16 K/V on rank 0, over a half K/V elsewhere.
+  const auto run_cache = [&](auto format) {
+    using S = decltype(format);
+    const Tensor<S> k = convert<S>(shards.k), v = convert<S>(shards.v);
+    Tensor<float> out = shards.out();
+    blockattn::distributed::ring_attention(MPI_COMM_WORLD, shards.q.view(), k.view(), v.view(),
+                                           out.view());
+  };
+  EXPECT_THAT([&] { p.rank == 0 ? run_cache(Eigen::bfloat16()) : run_cache(Eigen::half()); },
+              ::testing::ThrowsMessage<std::invalid_argument>(::testing::HasSubstr(
+                  "the key/value element type differs between rank 0 (16) and rank 1 (17)")));
 }
 
 // --- messages larger than one MPI count ---------------------------------------------------
@@ -815,6 +1299,63 @@ TYPED_TEST(RingAttentionTest, TransformerBlockContiguous) {
   check_layer<TypeParam>(RingLayout::Contiguous, /*causal=*/false);
 }
 
+/// The sharded BPT layer in the format S against the float ring layer on the widened weights and
+/// x (bitwise, rounded once: ring_transformer_block computes a 16-bit layer in float), and
+/// against one-process transformer_block() in S on the whole sequence within twice the float
+/// layer's bound (support/layer_error_bound.hpp) plus one rounding of each, u_S·(|a| + |b|).
+template <class S>
+void check_layer16(RingLayout layout, bool causal) {
+  const int ranks = world_size();
+  const int rank = world_rank();
+  SCOPED_TRACE("P=" + std::to_string(ranks) + " rank=" + std::to_string(rank) + " " +
+               blockattn::test::seed_trace());
+  const double u_s = blockattn::test::format_u<S>();
+  const Index n = 45, model = 32, heads = 4, kv_heads = 2, ffn = 48;
+  const auto w =
+      blockattn::test::cast_weights<S>(random_weights<float>(model, heads, kv_heads, ffn));
+  const auto w_f = blockattn::test::cast_weights<float>(w);
+  std::mt19937_64 rng = blockattn::test::make_rng(12);
+  const Matrix<S> x = blockattn::test::random_matrix<float>(rng, n, model).template cast<S>();
+  const ShardPositions p = blockattn::distributed::shard_positions(layout, n, ranks, rank);
+  Matrix<S> x_shard(p.size(), model);
+  for (Index i = 0; i < p.size(); ++i) x_shard.row(i) = x.row(p[i]);
+  const Matrix<float> x_shard_f = x_shard.template cast<float>();
+  blockattn::BlockOptions options;
+  options.causal = causal;
+  options.query_block = 8;
+  options.ffn_chunk = 20;
+  Matrix<S> y_shard(p.size(), model);
+  blockattn::distributed::ring_transformer_block(MPI_COMM_WORLD, w, x_shard, y_shard, options,
+                                                 {layout});
+  Matrix<float> y_f(p.size(), model);
+  blockattn::distributed::ring_transformer_block(MPI_COMM_WORLD, w_f, x_shard_f, y_f, options,
+                                                 {layout});
+  const Matrix<S> y_f_rounded = y_f.template cast<S>();
+  EXPECT_EQ(std::memcmp(y_shard.data(), y_f_rounded.data(),
+                        static_cast<std::size_t>(y_shard.size()) * sizeof(S)),
+            0)
+      << "not round(the float ring layer)";
+
+  Matrix<S> y_all(n, model);
+  blockattn::transformer_block(w, x, y_all, options);
+  using Long = long double;
+  const Matrix<Long> bound = blockattn::test::layer_error_bound<float>(
+      blockattn::test::cast_weights<Long>(w_f), x.template cast<float>().template cast<Long>(),
+      causal);
+  for (Index i = 0; i < p.size(); ++i) {
+    for (Index c = 0; c < model; ++c) {
+      const auto g = static_cast<double>(static_cast<float>(y_shard(i, c)));
+      const auto o = static_cast<double>(static_cast<float>(y_all(p[i], c)));
+      EXPECT_NEAR(g, o, 2 * static_cast<double>(bound(p[i], c)) + u_s * (std::abs(g) + std::abs(o)))
+          << "token " << p[i] << ", feature " << c;
+    }
+  }
+}
+
+TYPED_TEST(Ring16BitTest, TransformerBlockZigZagCausal) {
+  check_layer16<TypeParam>(RingLayout::ZigZag, /*causal=*/true);
+}
+
 // Ring steps that no rank needs are not run: a causal window shorter than every shard needs the
 // own shard and the left neighbour's (2 steps); plain causal and full attention need all P, and
 // so does a window over striped shards (every shard spans the whole sequence).
@@ -939,13 +1480,23 @@ TEST(RingAttentionValidationTest, ShortSpansThrowOnEveryRank) {
           ::testing::HasSubstr("options.key_lengths.size() is " + std::to_string(c.batch - 1)),
           ::testing::HasSubstr(where))));
 
-  // Attention sinks are not supported by the ring yet: rejected on every rank.
-  const std::vector<double> sinks(static_cast<std::size_t>(c.heads), 0.5);
+  // Sinks are global: one rank's that differ, or a too-short Span on one rank, throw everywhere.
+  std::vector<double> sinks(static_cast<std::size_t>(c.heads), 0.5);
+  if (last) sinks.back() = 0.25;
   AttentionOptions with_sinks;
   with_sinks.sinks = sinks;
+  if (p.ranks > 1) {
+    EXPECT_THAT([&] { shards.ring(out, with_sinks); },
+                ::testing::ThrowsMessage<std::invalid_argument>(
+                    ::testing::HasSubstr("options.sinks differs between rank 0")));
+  }
+  const std::vector<double> short_sinks(static_cast<std::size_t>(last ? c.heads - 1 : c.heads),
+                                        0.5);
+  with_sinks.sinks = short_sinks;
   EXPECT_THAT([&] { shards.ring(out, with_sinks); },
-              ::testing::ThrowsMessage<std::invalid_argument>(::testing::HasSubstr(
-                  "options.sinks has " + std::to_string(c.heads) + " entries but the ring")));
+              ::testing::ThrowsMessage<std::invalid_argument>(::testing::AllOf(
+                  ::testing::HasSubstr("options.sinks.size() is " + std::to_string(c.heads - 1)),
+                  ::testing::HasSubstr(where))));
 }
 
 }  // namespace

@@ -7,7 +7,8 @@
 // (out, lse) into its running result through merge_attention_states(), the library's one
 // online-softmax merge. The transfer of the next shard (MPI_Isend / MPI_Irecv on a double
 // buffer) overlaps the attention of the shard in hand. The backward pass sends dK and dV around
-// with their shards and returns them to their owner; dQ stays home.
+// with their shards and returns them to their owner; dQ stays home. bfloat16 and half shards
+// travel in their 16 bits; the partial results merge, and the gradients sum, in float.
 //
 // The only blockattn header that includes <mpi.h>; link blockattn::mpi. The core library never
 // needs MPI.
@@ -64,7 +65,8 @@ enum class RingLayout {
 /// concurrent call. Move-only.
 struct RingWorkspace {
   /// The ring's own buffers: the K/V shards in hand and arriving (the backward's dK/dV shards
-  /// too), one block's out and lse, the running lse (the backward's dQ sums).
+  /// too), one block's out and lse, the running lse (the backward's dQ sums), and for 16-bit
+  /// storage the float copies (q and the running out; q, out, dout and the shard in hand).
   Workspace buffers;
   /// The scratch of every step's attention() / attention_backward(), unless the call's
   /// options.workspace is given (then that one is used and this stays empty).
@@ -197,11 +199,20 @@ namespace detail {
 
 using blockattn::detail::require;
 
+/// The MPI type of one element: float and double as themselves, the 16-bit formats as their
+/// 16 bits (MPI has no bfloat16 or half; the ring only moves them, never reduces them).
 template <class T>
 MPI_Datatype mpi_type() {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "blockattn: ring_attention runs on float and double");
-  return std::is_same_v<T, float> ? MPI_FLOAT : MPI_DOUBLE;
+  static_assert(
+      std::is_same_v<T, float> || std::is_same_v<T, double> || blockattn::detail::kIs16BitFloat<T>,
+      "blockattn: ring_attention runs on float, double, bfloat16 and half");
+  if constexpr (blockattn::detail::kIs16BitFloat<T>) {
+    static_assert(sizeof(T) == sizeof(std::uint16_t) && std::is_trivially_copyable_v<T>,
+                  "blockattn: a 16-bit format travels as its 16 bits");
+    return MPI_UINT16_T;
+  } else {
+    return std::is_same_v<T, float> ? MPI_FLOAT : MPI_DOUBLE;
+  }
 }
 
 /// Throws std::runtime_error carrying MPI's own error string unless `code` is MPI_SUCCESS.
@@ -387,9 +398,11 @@ struct GlobalAlibi {
 // --- the one place that calls into the library (adapt here when its API changes) -------------
 
 /// attention() of the local queries against one K/V shard, masks on global positions; lse is the
-/// block's [B, H, n_q_r] (required here: the merge needs it).
-template <class T, class ScoreMod>
-void local_attention(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v,
+/// block's [B, H, n_q_r] (required here: the merge needs it). T: the compute type of q and the
+/// block's out (float for 16-bit storage: the partial results merge unrounded); KS: the shard's
+/// storage (T, or a 16-bit format under a float q, which attention() reads in place).
+template <class T, class ScoreMod, class KS>
+void local_attention(TensorView<const T> q, TensorView<const KS> k, TensorView<const KS> v,
                      TensorView<T> out, const AttentionOptions& options, Span<accumulator_t<T>> lse,
                      const GlobalMask& mask, const ScoreMod& score_mod) {
   blockattn::attention(q, k, v, out, options, lse, mask, score_mod);
@@ -412,10 +425,11 @@ void local_backward(const TensorBackwardInputs<T>& in, const TensorGradients<T>&
   }
 }
 
-/// attention()'s argument checks on this rank's shards (throws std::invalid_argument).
-template <class T>
+/// attention()'s argument checks on this rank's shards (throws std::invalid_argument); KS: the
+/// K/V storage (T, or a 16-bit format under a float q).
+template <class T, class KS>
 void local_validate(const char* function, const TensorView<const T>& q,
-                    const TensorView<const T>& k, const TensorView<const T>& v,
+                    const TensorView<const KS>& k, const TensorView<const KS>& v,
                     const TensorView<T>& out, const AttentionOptions& options,
                     Span<accumulator_t<T>> lse) {
   blockattn::detail::validate_attention<T>(function, q, k, v, out, options, lse);
@@ -469,7 +483,8 @@ std::string local_error(const Check& check) {
 
 /// What every rank tells every other rank before the ring starts.
 enum Field : int {
-  kElementSize,
+  kElementType,
+  kKeyElementType,
   kBatch,
   kQueryHeads,
   kKeyHeads,
@@ -485,9 +500,20 @@ enum Field : int {
   kSoftcapBits,
   kKeyLengthsHash,
   kAlibiHash,
+  kSinksHash,
   kLocalError,
   kFieldCount
 };
+
+/// The element type as a number that differs between every pair of types the ring takes
+/// (bfloat16 and half have the same size, so sizeof cannot tell them apart): 4 float, 8 double,
+/// 16 bfloat16, 17 half.
+template <class T>
+constexpr std::int64_t element_code() {
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) return 16;
+  if constexpr (std::is_same_v<T, Eigen::half>) return 17;
+  return static_cast<std::int64_t>(sizeof(T));
+}
 
 inline std::int64_t bits_of(double x) {
   std::int64_t bits = 0;
@@ -578,6 +604,7 @@ inline RingPlan make_plan(const RingComm& comm, const char* function,
     if (at(r, kLocalError) != 0) throw_from_rank(comm, r, error);
   }
   const char* const names[] = {"the element type",
+                               "the key/value element type",
                                "batch",
                                "q.heads",
                                "k.heads",
@@ -592,8 +619,9 @@ inline RingPlan make_plan(const RingComm& comm, const char* function,
                                "options.scale",
                                "options.softcap",
                                "options.key_lengths",
-                               "options.alibi_slopes"};
-  for (int f = kElementSize; f <= kAlibiHash; ++f) {
+                               "options.alibi_slopes",
+                               "options.sinks"};
+  for (int f = kElementType; f <= kSinksHash; ++f) {
     if (f == kQuerySeq || f == kKeySeq) continue;
     for (int r = 1; r < ranks; ++r) {
       require(at(r, Field(f)) == at(0, Field(f)), function, names[f], " differs between rank 0 (",
@@ -656,14 +684,15 @@ inline RingPlan make_plan(const RingComm& comm, const char* function,
   return plan;
 }
 
-template <class T>
+template <class T, class KS>
 std::array<std::int64_t, kFieldCount> describe(const TensorView<const T>& q,
-                                               const TensorView<const T>& k,
-                                               const TensorView<const T>& v,
+                                               const TensorView<const KS>& k,
+                                               const TensorView<const KS>& v,
                                                const AttentionOptions& options,
                                                const RingOptions& ring, const std::string& error) {
   std::array<std::int64_t, kFieldCount> f{};
-  f[kElementSize] = static_cast<std::int64_t>(sizeof(T));
+  f[kElementType] = element_code<T>();
+  f[kKeyElementType] = element_code<KS>();
   f[kBatch] = q.batch;
   f[kQueryHeads] = q.heads;
   f[kKeyHeads] = k.heads;
@@ -679,13 +708,16 @@ std::array<std::int64_t, kFieldCount> describe(const TensorView<const T>& q,
   f[kSoftcapBits] = bits_of(options.softcap);
   f[kKeyLengthsHash] = fingerprint(options.key_lengths, q.batch);
   f[kAlibiHash] = fingerprint(options.alibi_slopes, q.heads);
+  f[kSinksHash] = fingerprint(options.sinks, q.heads);
   f[kLocalError] = error.empty() ? 0 : 1;
   return f;
 }
 
 /// The options of every local call: the positional masks and ALiBi move into the global-position
-/// functors; scale, soft-capping, chunks and threads pass through, and every step's attention()
-/// runs in the caller's options.workspace or else in `own` (one workspace for the whole ring).
+/// functors; the sinks leave too (a local call would fold them into every step's partial result:
+/// the ring starts its running state at the sink instead, so it joins each denominator once);
+/// scale, soft-capping, chunks and threads pass through, and every step's attention() runs in the
+/// caller's options.workspace or else in `own` (one workspace for the whole ring).
 inline AttentionOptions local_options(const AttentionOptions& options, Workspace* own = nullptr) {
   AttentionOptions local = options;
   local.causal = false;
@@ -700,49 +732,57 @@ inline AttentionOptions local_options(const AttentionOptions& options, Workspace
 
 /// Every ring call's checks, collectively, then its plan: block_sparse is rejected, the global
 /// arrays' lengths checked, and check_local(checked) runs the library's own checks of this rank's
-/// shards with `checked` = `local` plus ALiBi's slopes (checked finite there, not moved). Any
-/// rank's failure makes every rank throw it (make_plan()).
-template <class T, class CheckLocal>
+/// shards with `checked` = `local` plus ALiBi's slopes and the sinks (checked for length and value
+/// there, not moved). Any rank's failure makes every rank throw it (make_plan()).
+template <class T, class KS, class CheckLocal>
 RingPlan checked_plan(const RingComm& comm, const char* function, const TensorView<const T>& q,
-                      const TensorView<const T>& k, const TensorView<const T>& v,
+                      const TensorView<const KS>& k, const TensorView<const KS>& v,
                       const AttentionOptions& options, const AttentionOptions& local,
                       const RingOptions& ring, const CheckLocal& check_local) {
   const std::string error = local_error([&] {
     require(options.block_sparse == nullptr, function,
             "options.block_sparse is not supported (its grid is on local positions); use a mask "
             "on global positions");
-    // Each ring step's local call would fold the sink into its partial result; the sink must
-    // join the merged denominator once.
-    require(options.sinks.empty(), function, "options.sinks has ", options.sinks.size(),
-            " entries but the ring does not support attention sinks yet (pass an empty Span)");
     validate_global_arrays(function, options, q.batch, q.heads);
     AttentionOptions checked = local;
     checked.alibi_slopes = options.alibi_slopes;
+    checked.sinks = options.sinks;
     check_local(checked);
   });
-  return make_plan(comm, function, describe<T>(q, k, v, options, ring, error), error, options,
+  return make_plan(comm, function, describe<T, KS>(q, k, v, options, ring, error), error, options,
                    ring);
 }
 
-/// Copies a strided [batch, seq, heads, dim] view into contiguous BSHD storage at `to`.
-template <class T>
-void pack(const TensorView<const T>& from, T* to) {
+/// Copies a strided [batch, seq, heads, dim] view into contiguous BSHD storage at `to`: of the
+/// same type, or of accumulator_t<S> from a 16-bit S (widened exactly, detail/convert.hpp).
+template <class S, class D>
+void pack(const TensorView<const S>& from, D* to) {
   for (Index b = 0; b < from.batch; ++b) {
     for (Index s = 0; s < from.seq; ++s) {
       for (Index h = 0; h < from.heads; ++h) {
-        to = std::copy_n(from.at(b, s, h), from.dim, to);
+        if constexpr (std::is_same_v<S, D>) {
+          std::copy_n(from.at(b, s, h), from.dim, to);
+        } else {
+          blockattn::detail::widen(from.at(b, s, h), from.dim, to);
+        }
+        to += from.dim;
       }
     }
   }
 }
 
-/// Copies contiguous BSHD storage at `from` into a strided view.
-template <class T>
-void unpack(const T* from, const TensorView<T>& to) {
+/// Copies contiguous BSHD storage at `from` into a strided view: of the same type, or from
+/// accumulator_t<S> into a 16-bit S (each element rounded once, detail/convert.hpp).
+template <class S, class F>
+void unpack(const F* from, const TensorView<S>& to) {
   for (Index b = 0; b < to.batch; ++b) {
     for (Index s = 0; s < to.seq; ++s) {
       for (Index h = 0; h < to.heads; ++h) {
-        std::copy_n(from, to.dim, to.at(b, s, h));
+        if constexpr (std::is_same_v<S, F>) {
+          std::copy_n(from, to.dim, to.at(b, s, h));
+        } else {
+          blockattn::detail::narrow(from, to.dim, to.at(b, s, h));
+        }
         from += to.dim;
       }
     }
@@ -819,12 +859,17 @@ class RingScratch {
 /// `comm` (Liu, Zaharia & Abbeel 2023). Each rank passes its shard of q [B, n_q_r, H, d], k
 /// [B, n_k_r, H_kv, d] and v [B, n_k_r, H_kv, d_v] and receives out [B, n_q_r, H, d_v] and
 /// (optional, empty = not wanted) lse [B, H, n_q_r] contiguous for its own queries. Element
-/// types: float or double, deduced from the views as in attention() (q, k, v TensorView<T> or
-/// TensorView<const T>, out TensorView<T>); lse is accumulator_t<T>. GQA as in attention(). Every
-/// option of
+/// types as attention(), deduced from the views (q, k, v TensorView<T> or TensorView<const T>, out
+/// TensorView<T>): float, double, Eigen::bfloat16 or Eigen::half for all four, or float q and out
+/// over a bfloat16 or half K/V; lse is accumulator_t<T>. 16-bit storage: the K/V shards travel in
+/// it (half float's bytes per message), a 16-bit q is widened once, every step computes in float
+/// and the partial results merge in float; a 16-bit out is rounded once at the end, so the result
+/// is bitwise round(the float ring on the widened inputs). GQA as in attention(). Every option of
 /// AttentionOptions applies on global positions (causal and windows bottom-right aligned on the
-/// global n_q, n_k; key_lengths [B] and alibi_slopes [H] global and the same on every rank;
-/// softcap, scale), except block_sparse (rejected); options.workspace, when given, is the scratch
+/// global n_q, n_k; key_lengths [B], alibi_slopes [H] and sinks [H] global and the same on every
+/// rank; softcap, scale), except block_sparse (rejected); a sink joins each query's denominator
+/// once (the running state starts as the sink's), and lse includes it, as in attention().
+/// options.workspace, when given, is the scratch
 /// of every step's attention() on this rank, and ring.workspace holds the ring's own buffers
 /// (and that scratch when options.workspace is not given): repeated calls of one shape with
 /// the same RingWorkspace allocate nothing. The shards are laid out as ring.layout says:
@@ -834,10 +879,11 @@ class RingScratch {
 /// hides are skipped; ring steps that no rank needs are not run, e.g. a causal window shorter
 /// than a shard needs one neighbour), ≤ P − 1 messages of one K/V shard each (split into pieces
 /// of at most INT_MAX elements), overlapped with that work. Extra memory: two K/V shard buffers and
-/// one block of out, O(B·(n_k_r + n_q_r)·H·d). Collective: every rank of comm must call it. Shapes,
+/// one block of out, O(B·(n_k_r + n_q_r)·H·d); 16-bit storage adds q and the running out in float,
+/// B·n_q_r·H·(d + d_v) floats. Collective: every rank of comm must call it. Shapes,
 /// options or element types that differ between ranks, or a rank whose arguments fail attention()'s
-/// checks (a too-short lse, key_lengths or alibi_slopes included, named with both sizes): every
-/// rank throws the same std::invalid_argument before any ring message. An MPI error throws
+/// checks (a too-short lse, key_lengths, alibi_slopes or sinks included, named with both sizes):
+/// every rank throws the same std::invalid_argument before any ring message. An MPI error throws
 /// std::runtime_error with MPI's error string. The merge order is fixed (ring step order), so
 /// results are bitwise reproducible for a given P, layout and thread count, and the same bits for
 /// any thread count.
@@ -846,22 +892,26 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
                     TensorView<OT> out, const AttentionOptions& options = {},
                     Span<accumulator_t<std::remove_const_t<QT>>> lse = {},
                     const RingOptions& ring = {}) {
-  using T = std::remove_const_t<QT>;
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "blockattn: ring_attention runs on float and double");
-  blockattn::detail::check_tensor_arguments<T, KT, VT, OT>();
+  using T = std::remove_const_t<QT>;   // q and out
+  using KS = std::remove_const_t<KT>;  // k and v: T, or a 16-bit cache under a float q
+  static_assert(
+      std::is_same_v<T, float> || std::is_same_v<T, double> || blockattn::detail::kIs16BitFloat<T>,
+      "blockattn: ring_attention runs on float, double, bfloat16 and half");
+  blockattn::detail::check_attention_types<T, KS, std::remove_const_t<VT>,
+                                           std::remove_const_t<OT>>();
   static_assert(!std::is_const_v<OT>, "blockattn: out must be a writable TensorView<T>");
-  using A = accumulator_t<T>;
+  using A = accumulator_t<T>;  // the compute type: q, every block's out and the running out
+  constexpr bool kWiden = !std::is_same_v<T, A>;
   const TensorView<const T> q(q_);
-  const TensorView<const T> k(k_);
-  const TensorView<const T> v(v_);
+  const TensorView<const KS> k(k_);
+  const TensorView<const KS> v(v_);
   const char* function = "ring_attention";
   detail::RingComm c(comm, function);
   detail::RingScratch scratch(ring.workspace);
   const AttentionOptions local = detail::local_options(options, &scratch.steps());
-  const detail::RingPlan plan = detail::checked_plan<T>(
+  const detail::RingPlan plan = detail::checked_plan<T, KS>(
       c, function, q, k, v, options, local, ring, [&](const AttentionOptions& checked) {
-        detail::local_validate<T>(function, q, k, v, out, checked, lse);
+        detail::local_validate<T, KS>(function, q, k, v, out, checked, lse);
       });
 
   const Index batch = q.batch;
@@ -869,32 +919,53 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
   const Index n_q = q.seq;
   Index max_k = 0;
   for (const ShardPositions& p : plan.keys) max_k = std::max(max_k, p.size());
-  detail::ShardBuffer<T> shards[2] = {{nullptr, batch, k.heads, k.dim, v.dim},
-                                      {nullptr, batch, k.heads, k.dim, v.dim}};
+  detail::ShardBuffer<KS> shards[2] = {{nullptr, batch, k.heads, k.dim, v.dim},
+                                       {nullptr, batch, k.heads, k.dim, v.dim}};
   const Index rows = batch * heads * n_q;
+  const Index out_size = batch * n_q * heads * v.dim;
   detail::BufferLayout layout;
-  const std::size_t shard_at[2] = {layout.take<T>(shards[0].count(max_k)),
-                                   layout.take<T>(shards[1].count(max_k))};
-  const std::size_t block_at = layout.take<T>(batch * n_q * heads * v.dim);
+  const std::size_t shard_at[2] = {layout.take<KS>(shards[0].count(max_k)),
+                                   layout.take<KS>(shards[1].count(max_k))};
+  const std::size_t block_at = layout.take<A>(out_size);
   const std::size_t lse_run_at = layout.take<A>(rows);
   const std::size_t block_lse_at = layout.take<A>(rows);
+  // 16-bit storage: q widened and the running out, in float (else q and out themselves).
+  const std::size_t wide_q_at = layout.take<A>(kWiden ? batch * n_q * heads * q.dim : 0);
+  const std::size_t run_at = layout.take<A>(kWiden ? out_size : 0);
   unsigned char* const base = layout.reserve(scratch.buffers());
-  for (int i = 0; i < 2; ++i) shards[i].data = layout.at<T>(base, shard_at[i]);
+  for (int i = 0; i < 2; ++i) shards[i].data = layout.at<KS>(base, shard_at[i]);
   detail::pack(k, shards[0].data);
   detail::pack(v, shards[0].values(k.seq).data);
-  // The running result: out itself and lse_run, starting as the merge's identity (0, −inf).
+  TensorView<const A> q_compute;
+  TensorView<A> run;
+  if constexpr (kWiden) {
+    A* const wide_q = layout.at<A>(base, wide_q_at);
+    detail::pack(q, wide_q);
+    q_compute = make_tensor_view(static_cast<const A*>(wide_q), batch, n_q, heads, q.dim);
+    run = make_tensor_view(layout.at<A>(base, run_at), batch, n_q, heads, v.dim);
+  } else {
+    q_compute = q;
+    run = out;
+  }
+  // The running result: run and lse_run, starting as the merge's identity (0, −inf) — or, with
+  // sinks, as the sink's own state (0, sinks[h]): a denominator term without a value, merged
+  // once like any other part (attention() folds it in after its keys: other roundings only).
   const Span<A> lse_run(layout.at<A>(base, lse_run_at), rows);
-  std::fill_n(lse_run.data(), rows, -std::numeric_limits<A>::infinity());
   for (Index b = 0; b < batch; ++b) {
-    for (Index h = 0; h < heads; ++h) blockattn::detail::mutable_head_slice(out, b, h).setZero();
+    for (Index h = 0; h < heads; ++h) {
+      const A start = options.sinks.empty() ? -std::numeric_limits<A>::infinity()
+                                            : static_cast<A>(options.sinks[h]);
+      std::fill_n(lse_run.data() + (b * heads + h) * n_q, n_q, start);
+      blockattn::detail::mutable_head_slice(run, b, h).setZero();
+    }
   }
   const Span<A> block_lse(layout.at<A>(base, block_lse_at), rows);
-  const TensorView<T> block =
-      make_tensor_view(layout.at<T>(base, block_at), batch, n_q, heads, v.dim);
+  const TensorView<A> block =
+      make_tensor_view(layout.at<A>(base, block_at), batch, n_q, heads, v.dim);
 
   for (int s = 0; s < plan.steps; ++s) {
-    detail::ShardBuffer<T>& hand = shards[s % 2];
-    detail::ShardBuffer<T>& next = shards[(s + 1) % 2];
+    detail::ShardBuffer<KS>& hand = shards[s % 2];
+    detail::ShardBuffer<KS>& next = shards[(s + 1) % 2];
     const int owner = plan.owner_at(c.rank(), s);
     const Index n_k = plan.keys[static_cast<std::size_t>(owner)].size();
     detail::Requests requests(c);
@@ -906,19 +977,21 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
     }
     if (plan.sees(c.rank(), owner) && n_q > 0) {
       const detail::GlobalMask mask = plan.mask(options, c.rank(), owner);
-      const TensorView<const T> keys = hand.keys(n_k);
-      const TensorView<const T> values = hand.values(n_k);
+      const TensorView<const KS> keys = hand.keys(n_k);
+      const TensorView<const KS> values = hand.values(n_k);
       if (!options.alibi_slopes.empty()) {
-        const detail::GlobalAlibi<T> alibi{mask.queries, mask.keys, mask.offset,
+        const detail::GlobalAlibi<A> alibi{mask.queries, mask.keys, mask.offset,
                                            options.alibi_slopes.data()};
-        detail::local_attention<T>(q, keys, values, block, local, block_lse, mask, alibi);
+        detail::local_attention<A>(q_compute, keys, values, block, local, block_lse, mask, alibi);
       } else {
-        detail::local_attention<T>(q, keys, values, block, local, block_lse, mask, NoScoreMod{});
+        detail::local_attention<A>(q_compute, keys, values, block, local, block_lse, mask,
+                                   NoScoreMod{});
       }
-      detail::merge_into<T>(out, lse_run, block, Span<const A>(block_lse), options.threads);
+      detail::merge_into<A>(run, lse_run, block, Span<const A>(block_lse), options.threads);
     }
     requests.wait_all();
   }
+  if constexpr (kWiden) detail::unpack<T>(run.data, out);
   if (!lse.empty()) std::copy_n(lse_run.data(), rows, lse.data());
 }
 
@@ -928,24 +1001,34 @@ void ring_attention(MPI_Comm comm, TensorView<QT> q_, TensorView<KT> k_, TensorV
 /// again; each rank adds its queries' contribution (attention_backward() of its queries against
 /// the shard in hand, with the global lse, so the probabilities are the global ones) to the dK,
 /// dV that travel with the shard, and after the last step they return to their owner. dQ stays
-/// home and is summed in ring order. Accumulation is in T (float for float, double for double).
+/// home and is summed in ring order. Accumulation is in accumulator_t<T> (float for float and the
+/// 16-bit formats, double for double): the dK, dV that travel and dQ's sum stay unrounded until
+/// the end, where each gradient is rounded once into a 16-bit T; the K/V shards travel in T.
 /// Options as ring_attention(): causal, windows, key lengths, ALiBi (on global positions),
-/// soft-capping and GQA; block_sparse is rejected.
+/// soft-capping, sinks (they live in lse, as for attention_backward(); no sink gradient) and GQA;
+/// block_sparse is rejected.
 /// Arguments by name, as attention_backward(): TensorBackwardInputs<T> (this rank's q, k, v, out,
-/// lse, dout) and TensorGradients<T> (its dq, dk, dv); T float or double (deduced from them).
+/// lse, dout) and TensorGradients<T> (its dq, dk, dv); T float, double, Eigen::bfloat16 or
+/// Eigen::half (deduced from them). 16-bit storage computes each step in float on q, out, dout
+/// (widened once) and the shard in hand (widened per step): bitwise round(the float ring on the
+/// widened inputs).
 /// Shapes: those of attention_backward() per shard; lse [B, H, n_q_r] (ring_attention()'s,
 /// required: empty or too short throws, naming it and both sizes).
 /// Cost per rank: 2.5× the forward's attention and twice its messages (K/V out, dK/dV with
 /// them; the dK/dV message of step s overlaps step s + 1). Extra memory O(B·(n_k_r·H_kv·(d +
-/// d_v)·6 + n_q_r·H·d)), and every step's attention_backward() scratch; both reused from
-/// options.workspace / ring.workspace as in ring_attention(). Collective, validated like
+/// d_v)·6 + n_q_r·H·d)) — for 16-bit storage the gradient buffers in float, plus one widened
+/// shard and q, out, dout in float — and every step's attention_backward() scratch; both reused
+/// from options.workspace / ring.workspace as in ring_attention(). Collective, validated like
 /// ring_attention(). Deterministic: the sums run in ring order whatever the message timing.
 template <class T>
 void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
                              const TensorGradients<T>& grads, const AttentionOptions& options = {},
                              const RingOptions& ring = {}) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "blockattn: ring_attention_backward runs on float and double");
+  static_assert(
+      std::is_same_v<T, float> || std::is_same_v<T, double> || blockattn::detail::kIs16BitFloat<T>,
+      "blockattn: ring_attention_backward runs on float, double, bfloat16 and half");
+  using A = accumulator_t<T>;  // the compute type: every step's inputs and all gradient sums
+  constexpr bool kWiden = !std::is_same_v<T, A>;
   const TensorView<const T>& q = in.q;
   const TensorView<const T>& k = in.k;
   const TensorView<const T>& v = in.v;
@@ -964,34 +1047,61 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
   for (const ShardPositions& p : plan.keys) max_k = std::max(max_k, p.size());
   const Index own_k = k.seq;
   const detail::ShardBuffer<T> shard{nullptr, batch, k.heads, k.dim, v.dim};
-  detail::ShardBuffer<T> shards[2] = {shard, shard};   // K, V in hand / arriving
-  detail::ShardBuffer<T> carried[2] = {shard, shard};  // dK, dV travelling with them
-  detail::ShardBuffer<T> block_grad = shard;           // this step's dK, dV
-  detail::ShardBuffer<T> returned = shard;             // this rank's dK, dV, back home
-  detail::ShardBuffer<T>* const parts[] = {&shards[0], &shards[1], &carried[0], &carried[1],
-                                           &block_grad};
+  const detail::ShardBuffer<A> grad_shard{nullptr, batch, k.heads, k.dim, v.dim};
+  detail::ShardBuffer<T> shards[2] = {shard, shard};             // K, V in hand / arriving
+  detail::ShardBuffer<A> carried[2] = {grad_shard, grad_shard};  // dK, dV travelling with them
+  detail::ShardBuffer<A> block_grad = grad_shard;                // this step's dK, dV
+  detail::ShardBuffer<A> returned = grad_shard;                  // this rank's dK, dV, back home
+  detail::ShardBuffer<A> wide = grad_shard;  // 16-bit storage: the K, V in hand, widened
+  detail::ShardBuffer<A>* const grad_parts[] = {&carried[0], &carried[1], &block_grad};
   const Index dq_size = batch * n_q * q.heads * q.dim;
+  const Index out_size = batch * n_q * q.heads * in.out.dim;
   detail::BufferLayout layout;
-  std::size_t part_at[5];
-  for (int i = 0; i < 5; ++i) part_at[i] = layout.take<T>(shard.count(max_k));
-  const std::size_t returned_at = layout.take<T>(shard.count(own_k));
-  const std::size_t dq_sum_at = layout.take<T>(dq_size);
-  const std::size_t dq_block_at = layout.take<T>(dq_size);
+  std::size_t shard_at[2];
+  for (int i = 0; i < 2; ++i) shard_at[i] = layout.take<T>(shard.count(max_k));
+  std::size_t grad_at[3];
+  for (int i = 0; i < 3; ++i) grad_at[i] = layout.take<A>(shard.count(max_k));
+  const std::size_t returned_at = layout.take<A>(shard.count(own_k));
+  const std::size_t dq_sum_at = layout.take<A>(dq_size);
+  const std::size_t dq_block_at = layout.take<A>(dq_size);
+  const std::size_t wide_at = layout.take<A>(kWiden ? shard.count(max_k) : 0);
+  const std::size_t wide_q_at = layout.take<A>(kWiden ? dq_size : 0);
+  const std::size_t wide_out_at = layout.take<A>(kWiden ? out_size : 0);
+  const std::size_t wide_dout_at = layout.take<A>(kWiden ? out_size : 0);
   unsigned char* const base = layout.reserve(scratch.buffers());
-  for (int i = 0; i < 5; ++i) parts[i]->data = layout.at<T>(base, part_at[i]);
-  returned.data = layout.at<T>(base, returned_at);
-  T* const dq_sum = layout.at<T>(base, dq_sum_at);
-  T* const dq_block = layout.at<T>(base, dq_block_at);
-  std::fill_n(dq_sum, dq_size, T(0));
+  for (int i = 0; i < 2; ++i) shards[i].data = layout.at<T>(base, shard_at[i]);
+  for (int i = 0; i < 3; ++i) grad_parts[i]->data = layout.at<A>(base, grad_at[i]);
+  returned.data = layout.at<A>(base, returned_at);
+  wide.data = layout.at<A>(base, wide_at);
+  A* const dq_sum = layout.at<A>(base, dq_sum_at);
+  A* const dq_block = layout.at<A>(base, dq_block_at);
+  std::fill_n(dq_sum, dq_size, A(0));
   detail::pack(k, shards[0].data);
   detail::pack(v, shards[0].values(k.seq).data);
+  // Every step's q, out, dout in the compute type: the caller's own, or widened once.
+  TensorBackwardInputs<A> step;
+  step.lse = in.lse;
+  if constexpr (kWiden) {
+    const auto widened = [&](const TensorView<const T>& x, std::size_t at) {
+      A* const to = layout.at<A>(base, at);
+      detail::pack(x, to);
+      return make_tensor_view(static_cast<const A*>(to), x.batch, x.seq, x.heads, x.dim);
+    };
+    step.q = widened(q, wide_q_at);
+    step.out = widened(in.out, wide_out_at);
+    step.dout = widened(in.dout, wide_dout_at);
+  } else {
+    step.q = q;
+    step.out = in.out;
+    step.dout = in.dout;
+  }
   detail::Requests grad_sends[2] = {detail::Requests(c), detail::Requests(c)};
 
   const int last = plan.steps - 1;
   for (int s = 0; s <= last; ++s) {
     detail::ShardBuffer<T>& hand = shards[s % 2];
     detail::ShardBuffer<T>& next = shards[(s + 1) % 2];
-    detail::ShardBuffer<T>& grad = carried[s % 2];
+    detail::ShardBuffer<A>& grad = carried[s % 2];
     const int owner = plan.owner_at(c.rank(), s);
     const Index n_k = plan.keys[static_cast<std::size_t>(owner)].size();
     detail::Requests kv(c);
@@ -1006,24 +1116,29 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
       grad_sends[s % 2].wait_all();  // this buffer's previous send (step s − 2) is done
       grad_in.receive(grad.data, grad.count(n_k), c.left(), detail::kTagGradients);
     } else {
-      std::fill_n(grad.data, grad.count(n_k), T(0));
+      std::fill_n(grad.data, grad.count(n_k), A(0));
     }
     const bool computed = plan.sees(c.rank(), owner) && n_q > 0;
     if (computed) {
-      TensorBackwardInputs<T> step = in;  // this rank's q, out, lse, dout; the shard in hand
-      step.k = hand.keys(n_k);
-      step.v = hand.values(n_k);
-      TensorGradients<T> step_grads;
+      if constexpr (kWiden) {  // the shard in hand, widened: K and V are contiguous in it
+        blockattn::detail::widen(hand.data, hand.count(n_k), wide.data);
+        step.k = wide.keys(n_k);
+        step.v = wide.values(n_k);
+      } else {
+        step.k = hand.keys(n_k);
+        step.v = hand.values(n_k);
+      }
+      TensorGradients<A> step_grads;
       step_grads.dq = make_tensor_view(dq_block, batch, n_q, q.heads, q.dim);
       step_grads.dk = block_grad.keys(n_k);
       step_grads.dv = block_grad.values(n_k);
       const detail::GlobalMask mask = plan.mask(options, c.rank(), owner);
       if (!options.alibi_slopes.empty()) {
-        const detail::GlobalAlibi<T> alibi{mask.queries, mask.keys, mask.offset,
+        const detail::GlobalAlibi<A> alibi{mask.queries, mask.keys, mask.offset,
                                            options.alibi_slopes.data()};
-        detail::local_backward<T>(step, step_grads, local, mask, alibi);
+        detail::local_backward<A>(step, step_grads, local, mask, alibi);
       } else {
-        detail::local_backward<T>(step, step_grads, local, mask, NoScoreMod{});
+        detail::local_backward<A>(step, step_grads, local, mask, NoScoreMod{});
       }
       detail::add_to(dq_sum, dq_block, dq_size);
     }
@@ -1038,8 +1153,8 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
   }
   // The shard in hand after the last step belongs to rank (r − last): its gradients go home.
   const int held = plan.owner_at(c.rank(), last);
-  detail::ShardBuffer<T>& final_grad = carried[last % 2];
-  detail::ShardBuffer<T>* mine = &final_grad;
+  detail::ShardBuffer<A>& final_grad = carried[last % 2];
+  detail::ShardBuffer<A>* mine = &final_grad;
   if (last > 0) {
     detail::Requests home(c);
     home.receive(returned.data, returned.count(own_k), (c.rank() + last) % c.size(),
@@ -1056,35 +1171,13 @@ void ring_attention_backward(MPI_Comm comm, const TensorBackwardInputs<T>& in,
   detail::unpack<T>(dq_sum, grads.dq);
 }
 
-/// One pre-LN transformer layer (transformer_block()'s, BPT) on a sequence sharded across the
-/// ranks of `comm`, the paper's full system: each rank runs LayerNorm, the Q/K/V projections, the
-/// output projection and the FFN on its own tokens only, and the attention through
-/// ring_attention() (causal on global positions, laid out as ring.layout says). Shapes: x, y
-/// [n_r, model], this rank's tokens in the layout's order; weights as transformer_block() (the
-/// same on every rank, not checked across ranks). Per rank: K, V, Q and the attention output of
-/// its tokens, 4·n_r·model elements, plus O(query_block·(model + ffn_chunk)) for the FFN, and the
-/// ring's two K/V shards in flight. Throws as transformer_block() does, collectively (every rank
-/// throws when one rank's arguments are bad), and as ring_attention(). y may be exactly x.
-/// Element types: float or double (T of the weights; x and y must match, as row-major storage, as
-/// in transformer_block()).
-template <class T, class X, class Y>
-void ring_transformer_block(MPI_Comm comm, const TransformerBlockWeights<T>& w,
-                            const Eigen::MatrixBase<X>& x_, const Eigen::MatrixBase<Y>& y_,
-                            const BlockOptions& options = {}, const RingOptions& ring = {}) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "blockattn: ring_transformer_block runs on float and double");
-  blockattn::detail::check_matrix_arguments<T, X, Y>();
-  blockattn::detail::check_matrix_outputs<Y>();
-  const ConstMatrixView<T> x(x_.derived());
-  MatrixView<T> y = blockattn::detail::writable_view(y_);
-  const char* function = "ring_transformer_block";
-  {
-    const detail::RingComm c(comm, function);
-    detail::agree_on_errors(c, detail::local_error([&] {
-                              blockattn::detail::validate_transformer_block<T>(function, w, x, y,
-                                                                               options);
-                            }));
-  }
+namespace detail {
+
+/// The sharded layer on x, y of the compute type T (arguments valid, checked collectively): w is
+/// TransformerBlockWeights<T>, or WidenedBlockWeights<T> for a 16-bit layer. y may be exactly x.
+template <class T, class W>
+void ring_block_layer(MPI_Comm comm, const W& w, const ConstMatrixView<T>& x, MatrixView<T>& y,
+                      const BlockOptions& options, const RingOptions& ring) {
   const Index n = x.rows();
   const Index model = w.wq.rows();
   const Index heads = w.heads;
@@ -1130,6 +1223,59 @@ void ring_transformer_block(MPI_Comm comm, const TransformerBlockWeights<T>& w,
                                           w.ln2_beta, eps);
     auto y_blk = y.middleRows(q0, rows);
     blockattn::detail::ffn_rows<T>(w, normed_blk, h.middleRows(q0, rows), y_blk, hidden, ffn_chunk);
+  }
+}
+
+}  // namespace detail
+
+/// One pre-LN transformer layer (transformer_block()'s, BPT) on a sequence sharded across the
+/// ranks of `comm`, the paper's full system: each rank runs LayerNorm, the Q/K/V projections, the
+/// output projection and the FFN on its own tokens only, and the attention through
+/// ring_attention() (causal on global positions, laid out as ring.layout says). Shapes: x, y
+/// [n_r, model], this rank's tokens in the layout's order; weights as transformer_block() (the
+/// same on every rank, not checked across ranks). Per rank: K, V, Q and the attention output of
+/// its tokens, 4·n_r·model elements, plus O(query_block·(model + ffn_chunk)) for the FFN, and the
+/// ring's two K/V shards in flight. Throws as transformer_block() does, collectively (every rank
+/// throws when one rank's arguments are bad), and as ring_attention(). y may be exactly x.
+/// Element types: float, double, Eigen::bfloat16 or Eigen::half (T of the weights; x and y must
+/// match, as row-major storage, as in transformer_block()). 16-bit storage computes in float as
+/// transformer_block() does (weights and x widened exactly, y rounded once): the layer is bitwise
+/// round(the float layer on the widened weights and x), and its K/V, float intermediates, travel
+/// in float; 16-bit adds the widened weights and x, n_r·model floats.
+template <class T, class X, class Y>
+void ring_transformer_block(MPI_Comm comm, const TransformerBlockWeights<T>& w,
+                            const Eigen::MatrixBase<X>& x_, const Eigen::MatrixBase<Y>& y_,
+                            const BlockOptions& options = {}, const RingOptions& ring = {}) {
+  static_assert(
+      std::is_same_v<T, float> || std::is_same_v<T, double> || blockattn::detail::kIs16BitFloat<T>,
+      "blockattn: ring_transformer_block runs on float, double, bfloat16 and half");
+  blockattn::detail::check_matrix_arguments<T, X, Y>();
+  blockattn::detail::check_matrix_outputs<Y>();
+  const ConstMatrixView<T> x(x_.derived());
+  MatrixView<T> y = blockattn::detail::writable_view(y_);
+  const char* function = "ring_transformer_block";
+  {
+    const detail::RingComm c(comm, function);
+    detail::agree_on_errors(c, detail::local_error([&] {
+                              blockattn::detail::validate_transformer_block<T>(function, w, x, y,
+                                                                               options);
+                            }));
+  }
+  if constexpr (blockattn::detail::kIs16BitFloat<T>) {
+    using A = accumulator_t<T>;
+    Workspace weights;
+    const auto wide = blockattn::detail::widen_weights(w, weights);
+    Matrix<A> work(x.rows(), x.cols());  // x widened, then y in float (the layer runs in place)
+    for (Index r = 0; r < x.rows(); ++r) {
+      blockattn::detail::widen(x.row(r).data(), x.cols(), work.row(r).data());
+    }
+    MatrixView<A> work_view(work);
+    detail::ring_block_layer<A>(comm, wide, ConstMatrixView<A>(work), work_view, options, ring);
+    for (Index r = 0; r < x.rows(); ++r) {
+      blockattn::detail::narrow(work.row(r).data(), x.cols(), y.row(r).data());
+    }
+  } else {
+    detail::ring_block_layer<T>(comm, w, x, y, options, ring);
   }
 }
 
