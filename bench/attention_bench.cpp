@@ -23,6 +23,7 @@
 #include <blockattn/attention_varlen.hpp>
 #include <blockattn/detail/parallel.hpp>
 #include <blockattn/detail/simd.hpp>
+#include <blockattn/int4_kv.hpp>
 #include <blockattn/paged_kv.hpp>
 #include <blockattn/quantized_kv.hpp>
 
@@ -350,6 +351,65 @@ void BM_Attention_DecodeCacheInt8Channel(benchmark::State& state) {
       benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["kv_bytes_per_second"] = benchmark::Counter(
       static_cast<double>(n_k * kv_heads * (2 * d + 4)) +
+          static_cast<double>(blocks * kv_heads * 8 * d),
+      benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
+}
+
+// Decode over an int4 cache (Int4QuantizedKV: keys per channel over 32-token blocks with a zero
+// point, values in per-token groups of 32), the same shapes and inputs as the int8 rows above.
+void BM_Attention_DecodeCacheInt4(benchmark::State& state) {
+  const Index heads = 8;
+  const Index n_k = state.range(0);
+  const Index kv_heads = state.range(1);
+  const Index d = state.range(2);
+  const auto values = [&](unsigned seed) {
+    return Matrix<float>::NullaryExpr(n_k * kv_heads, d, [seed, d](Index r, Index c) {
+      const auto h = static_cast<std::uint32_t>(r * d + c) * 2654435761u + seed * 40503u;
+      return static_cast<float>(h >> 16) / 32768.0f - 1.0f;
+    });
+  };
+  const auto size = [](Index n) { return static_cast<std::size_t>(n); };
+  const Index blocks = (n_k + blockattn::kKeyBlockTokens - 1) / blockattn::kKeyBlockTokens;
+  const Index groups = (d + blockattn::kInt4Group - 1) / blockattn::kInt4Group;
+  std::vector<std::uint8_t> k4(size(n_k * kv_heads * ((d + 1) / 2))), v4(k4.size());
+  std::vector<float> k_scale(size(blocks * kv_heads * d)), k_zero(k_scale.size());
+  std::vector<float> v_scale(size(n_k * kv_heads * groups));
+  {
+    const Matrix<float> k = values(2);
+    const Matrix<float> v = values(3);
+    blockattn::quantize_kv(blockattn::make_tensor_view(k.data(), 1, n_k, kv_heads, d), 0,
+                           blockattn::make_int4_tensor_view(k4.data(), 1, n_k, kv_heads, d),
+                           blockattn::make_tensor_view(k_scale.data(), 1, blocks, kv_heads, d),
+                           blockattn::make_tensor_view(k_zero.data(), 1, blocks, kv_heads, d));
+    blockattn::quantize_kv(blockattn::make_tensor_view(v.data(), 1, n_k, kv_heads, d),
+                           blockattn::make_int4_tensor_view(v4.data(), 1, n_k, kv_heads, d),
+                           blockattn::make_tensor_view(v_scale.data(), 1, n_k, kv_heads, groups));
+  }
+  const Matrix<float> q = random_input<float>(heads, d, 1);
+  Matrix<float> out(heads, d);
+  const auto q_view = blockattn::make_tensor_view(q.data(), 1, 1, heads, d);
+  const blockattn::Int4QuantizedKV kv{
+      blockattn::make_int4_tensor_view<const std::uint8_t>(k4.data(), 1, n_k, kv_heads, d),
+      blockattn::make_tensor_view<const float>(k_scale.data(), 1, blocks, kv_heads, d),
+      blockattn::make_tensor_view<const float>(k_zero.data(), 1, blocks, kv_heads, d),
+      blockattn::make_int4_tensor_view<const std::uint8_t>(v4.data(), 1, n_k, kv_heads, d),
+      blockattn::make_tensor_view<const float>(v_scale.data(), 1, n_k, kv_heads, groups)};
+  const auto out_view = blockattn::make_tensor_view(out.data(), 1, 1, heads, d);
+  AttentionOptions options;
+  options.threads = static_cast<int>(state.range(3));
+  label_threads(state, options);
+  blockattn::Workspace workspace;
+  options.workspace = &workspace;
+  blockattn::attention(q_view, kv, out_view, options);  // sizes the workspace
+  for (auto _ : state) {
+    blockattn::attention(q_view, kv, out_view, options);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["tokens_per_second"] =
+      benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["kv_bytes_per_second"] = benchmark::Counter(
+      static_cast<double>(n_k * kv_heads * (2 * ((d + 1) / 2) + 4 * groups)) +
           static_cast<double>(blocks * kv_heads * 8 * d),
       benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
 }
@@ -729,6 +789,11 @@ BENCHMARK(BM_Attention_DecodeCacheInt8)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Attention_DecodeCacheInt8Channel)
+    ->ArgNames({"n_k", "kv_heads", "d", "threads"})
+    ->ArgsProduct({{262144}, {8, 1}, {64, 128}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Attention_DecodeCacheInt4)
     ->ArgNames({"n_k", "kv_heads", "d", "threads"})
     ->ArgsProduct({{262144}, {8, 1}, {64, 128}, {1, 2}})
     ->UseRealTime()

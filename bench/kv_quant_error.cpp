@@ -15,6 +15,9 @@
 //   int8 channel/32 asym    as above with a zero point (min/max), KIVI's key format
 //   int4 group32            symmetric, one scale per 32 consecutive values of a row (q4_0's idea)
 //   int4 channel/32 asym    per channel over each 32-token block, with a zero point
+//   int8 ChannelQuantizedKV, int4 Int4QuantizedKV: the library's formats as quantize_kv writes
+//                           them (keys per channel/32 with a zero point; values per token for
+//                           int8, per token in groups of 32 (q4_0's -8 trick) for int4)
 // K and V are quantized with the format named, except the "K only" rows, which keep V float to
 // show how much of the error K's format alone causes.
 //
@@ -254,6 +257,55 @@ int main(int argc, char** argv) {
     blockattn::attention(blockattn::make_tensor_view(in.q.data(), 1, kQueries, kHeads, kDim), cache,
                          blockattn::make_tensor_view(out.data(), 1, kQueries, kHeads, kDim));
     print_row(family, "int8 token, QuantizedKV call in float", error_of(out, want));
+
+    // The library's per-channel formats as written by quantize_kv and read by dequantize_kv:
+    // ChannelQuantizedKV (int8 keys per channel with a zero point, values per token) and
+    // Int4QuantizedKV (int4 keys likewise, values in per-token groups of 32, q4_0), in double;
+    // then the int4 call itself in float.
+    const Index blocks = (n_k + kBlock - 1) / kBlock;
+    const Index groups = (kDim + kBlock - 1) / kBlock;
+    const auto view = [&](auto* data, Index seq, Index dim) {
+      return blockattn::make_tensor_view(data, 1, seq, kHeads, dim);
+    };
+    std::vector<float> k_scale(static_cast<std::size_t>(blocks * kHeads * kDim));
+    std::vector<float> k_zero(k_scale.size()), kf(in.k.size()), vf(in.v.size());
+    blockattn::quantize_kv(view(in.k.data(), n_k, kDim), 0, view(k8.data(), n_k, kDim),
+                           view(k_scale.data(), blocks, kDim), view(k_zero.data(), blocks, kDim));
+    blockattn::dequantize_kv(view(static_cast<const std::int8_t*>(k8.data()), n_k, kDim),
+                             view(static_cast<const float*>(k_scale.data()), blocks, kDim),
+                             view(static_cast<const float*>(k_zero.data()), blocks, kDim),
+                             view(kf.data(), n_k, kDim));
+    blockattn::dequantize_kv(view(static_cast<const std::int8_t*>(v8q.data()), n_k, kDim),
+                             view(static_cast<const float*>(vs.data()), n_k, 1),
+                             view(vf.data(), n_k, kDim));
+    row("int8 ChannelQuantizedKV (K channel/32 asym, V token)", kf, vf);
+    const auto view4 = [&](auto* data, Index seq) {
+      return blockattn::make_int4_tensor_view(data, 1, seq, kHeads, kDim);
+    };
+    std::vector<std::uint8_t> k4(static_cast<std::size_t>(n_k * kHeads * ((kDim + 1) / 2)));
+    std::vector<std::uint8_t> v4(k4.size());
+    std::vector<float> v_scale(static_cast<std::size_t>(n_k * kHeads * groups));
+    blockattn::quantize_kv(view(in.k.data(), n_k, kDim), 0, view4(k4.data(), n_k),
+                           view(k_scale.data(), blocks, kDim), view(k_zero.data(), blocks, kDim));
+    blockattn::quantize_kv(view(in.v.data(), n_k, kDim), view4(v4.data(), n_k),
+                           view(v_scale.data(), n_k, groups));
+    const blockattn::Int4QuantizedKV cache4{
+        view4(static_cast<const std::uint8_t*>(k4.data()), n_k),
+        view(static_cast<const float*>(k_scale.data()), blocks, kDim),
+        view(static_cast<const float*>(k_zero.data()), blocks, kDim),
+        view4(static_cast<const std::uint8_t*>(v4.data()), n_k),
+        view(static_cast<const float*>(v_scale.data()), n_k, groups)};
+    blockattn::dequantize_kv(cache4.k, cache4.k_scale, cache4.k_zero, view(kf.data(), n_k, kDim));
+    blockattn::dequantize_kv(cache4.v, cache4.v_scale, view(vf.data(), n_k, kDim));
+    row("int4 Int4QuantizedKV (K channel/32 asym, V group32 q4_0)", kf, vf);
+    row("int4 Int4QuantizedKV, K only", kf, in.v);
+    row("int4 group32 K and V (q4_0 along d for both)",
+        quantized(in.k, n_k, Grouping::kRowGroup32, 7, false),
+        quantized(in.v, n_k, Grouping::kRowGroup32, 7, false));
+    blockattn::attention(blockattn::make_tensor_view(in.q.data(), 1, kQueries, kHeads, kDim),
+                         cache4,
+                         blockattn::make_tensor_view(out.data(), 1, kQueries, kHeads, kDim));
+    print_row(family, "int4 Int4QuantizedKV call in float", error_of(out, want));
   }
   return 0;
 }

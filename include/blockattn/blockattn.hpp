@@ -5,6 +5,7 @@
 #include <blockattn/attention_backward.hpp>
 #include <blockattn/attention_varlen.hpp>
 #include <blockattn/detail/config.hpp>
+#include <blockattn/int4_kv.hpp>
 #include <blockattn/mask.hpp>
 #include <blockattn/paged_kv.hpp>
 #include <blockattn/quantized_kv.hpp>

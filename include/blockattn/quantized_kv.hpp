@@ -280,11 +280,12 @@ inline constexpr KeyBlockNames kKScaleBlockNames{"k_scale", "k_scale.batch", "k_
 inline constexpr KeyBlockNames kKZeroBlockNames{"k_zero", "k_zero.batch", "k_zero.seq",
                                                 "k_zero.heads", "k_zero.dim"};
 
-/// Checks one per-channel key parameter view x (k_scale or k_zero) against the int8 keys k:
-/// sizes [B, ceil(n_k / 32), H_kv, d] and data when not empty.
-inline void validate_key_block_sizes(const char* function, const KeyBlockNames& n,
-                                     const TensorView<const float>& x,
-                                     const TensorView<const std::int8_t>& k) {
+/// Checks one per-channel key parameter view x (k_scale or k_zero) against the keys k (int8, or
+/// 4-bit values in bytes for Int4QuantizedKV): sizes [B, ceil(n_k / 32), H_kv, d] and data when
+/// not empty.
+template <class K>
+void validate_key_block_sizes(const char* function, const KeyBlockNames& n,
+                              const TensorView<const float>& x, const TensorView<const K>& k) {
   const char* const why = "one per key block of 32 tokens, kv head and channel";
   require_size(function, n.batch, x.batch, "k.batch", k.batch, why);
   require_size(function, n.seq, x.seq, "ceil(k.seq / 32)", key_blocks(k.seq), why);
@@ -295,11 +296,30 @@ inline void validate_key_block_sizes(const char* function, const KeyBlockNames& 
 }
 
 /// Checks the key block parameters [b, block, h, ·] for blocks [block0, block1): every scale and
-/// zero point finite, and the extreme values scale·(−128 − zero) and scale·(127 − zero) finite
-/// in float (then every key is: |scale·(q − zero)| is largest at an end of the int8 range).
+/// zero point finite, and the extreme values scale·(q_min − zero) and scale·(q_max − zero) finite
+/// in float (then every key is: |scale·(q − zero)| is largest at an end of the integer range,
+/// int8's [−128, 127] or int4's [−8, 7]).
 inline void validate_key_block_values(const char* function, const TensorView<const float>& scale,
                                       const TensorView<const float>& zero, Index block0,
-                                      Index block1) {
+                                      Index block1, float q_min = -128.0f, float q_max = 127.0f) {
+  // A branch-free scan first (NaN and ±inf fail the comparisons), since this reads 2·d floats
+  // per 32 keys on every call; the loop below names the first bad pair only when there is one.
+  constexpr float kMax = std::numeric_limits<float>::max();
+  bool all_ok = true;
+  for (Index b = 0; b < scale.batch; ++b) {
+    for (Index blk = block0; blk < block1; ++blk) {
+      for (Index h = 0; h < scale.heads; ++h) {
+        const float* sc = scale.at(b, blk, h);
+        const float* zp = zero.at(b, blk, h);
+        for (Index c = 0; c < scale.dim; ++c) {
+          all_ok &= (std::abs(sc[c]) <= kMax) & (std::abs(zp[c]) <= kMax) &
+                    (std::abs(sc[c] * (q_min - zp[c])) <= kMax) &
+                    (std::abs(sc[c] * (q_max - zp[c])) <= kMax);
+        }
+      }
+    }
+  }
+  if (all_ok) return;
   for (Index b = 0; b < scale.batch; ++b) {
     for (Index blk = block0; blk < block1; ++blk) {
       for (Index h = 0; h < scale.heads; ++h) {
@@ -307,11 +327,12 @@ inline void validate_key_block_values(const char* function, const TensorView<con
         const float* zp = zero.at(b, blk, h);
         for (Index c = 0; c < scale.dim; ++c) {
           const bool ok = std::isfinite(sc[c]) && std::isfinite(zp[c]) &&
-                          std::isfinite(sc[c] * (-128.0f - zp[c])) &&
-                          std::isfinite(sc[c] * (127.0f - zp[c]));
+                          std::isfinite(sc[c] * (q_min - zp[c])) &&
+                          std::isfinite(sc[c] * (q_max - zp[c]));
           require(ok, function, "k_scale[", b, ", ", blk, ", ", h, ", ", c, "] is ", sc[c],
                   " and k_zero[", b, ", ", blk, ", ", h, ", ", c, "] is ", zp[c],
-                  " (both must be finite, and k_scale·(q − k_zero) finite for every int8 q)");
+                  " (both must be finite, and k_scale·(q − k_zero) finite for every q in [", q_min,
+                  ", ", q_max, "])");
         }
       }
     }

@@ -121,12 +121,15 @@ template <class T, class S = T>
 struct DecodeStream {
   const T* queries;  ///< [task rows, d]: the task's scaled queries, in state row order
   RowBlockState<T>& state;
-  T* scores[2];      ///< two [rows of one kv head, ld_s] buffers
-  Index ld_s;        ///< row stride of the score buffers
-  T* finite_values;  ///< [key_chunk, d_v]: the slow path's finite copy of a chunk's values
-  bool pipelined;    ///< leave each chunk's P·V pending (AttentionPlan::pipelined)
+  T* scores[2];  ///< two [rows of one kv head, ld_s] buffers
+  Index ld_s;    ///< row stride of the score buffers
+  /// [key_chunk, d_v]: the slow path's finite copy of a chunk's values; int4 (whose values are
+  /// finite, no slow path): a run of dequantized values (decode_chunk_dequantized)
+  T* finite_values;
+  bool pipelined;  ///< leave each chunk's P·V pending (AttentionPlan::pipelined)
   /// [rows of one kv head, d + 1]: per-channel int8 keys only (kChannelKeys), one key block's
-  /// scaled queries then their zero-point terms (decode_chunk_channel_keys)
+  /// scaled queries then their zero-point terms (decode_chunk_channel_keys); int4 only
+  /// (kDequantizesRows): [min(key_chunk, kDecodeDequantizeKeys), d], a run of dequantized keys
   T* block_queries = nullptr;
   PendingValues<T, S> pending{};
 
@@ -276,6 +279,51 @@ void decode_chunk_channel_keys(const AttentionProblem<T, MaskMod, ScoreMod>& pro
   if (!stream.pipelined) flush_pending_values(pending);  // its own phase
 }
 
+/// Decode: rows that decode_chunk_dequantized converts at a time: 32 rows of d = 128 floats are
+/// 16 KiB, so the converted rows are still in L1 when the float kernel reads them.
+inline constexpr Index kDecodeDequantizeKeys = 32;
+
+/// Decode: decode_chunk() for a source that dequantizes runs of rows (kDequantizesRows: int4).
+/// The chunk's keys are converted kDecodeDequantizeKeys rows at a time into the stream's
+/// block_queries buffer and scored there by score_rows_direct; after the masks and the softmax
+/// update its values likewise into finite_values (unused: int4 values are finite) and added by
+/// accumulate_pv_direct. Splitting a chunk's reads changes no bit (every score is one dot product
+/// whatever the key blocking, and P·V adds keys in order, acc stored and reloaded exactly between
+/// calls; see decode_chunk_split_rows), and the rows are the float cache's rows, so the call is
+/// bitwise the float call on the dequantized cache. Not pipelined: the chunk's P·V runs at once
+/// (a pending unit would need its converted values kept beside the next chunk's keys).
+template <class T, class MaskMod, class ScoreMod, class Source>
+void decode_chunk_dequantized(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
+                              const Source& kv, const TileRows& t, Index first,
+                              const KeyChunk& chunk,
+                              DecodeStream<T, typename Source::Storage>& stream) {
+  const Index rows = t.rows();
+  const Index keys = chunk.keys;
+  const Index d = problem.d;
+  const Index d_v = problem.d_v;
+  const Index ld_s = stream.ld_s;
+  RowBlockState<T>& state = stream.state;
+  flush_pending_values(stream.pending);
+  T* const s = stream.free_scores();
+  if (!problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/true)) return;
+  const T* const q = stream.queries + first * d;
+  T* const k_rows = stream.block_queries;
+  T* const v_rows = stream.finite_values;
+  for (Index j = 0; j < keys; j += kDecodeDequantizeKeys) {
+    const Index run = std::min(kDecodeDequantizeKeys, keys - j);
+    kv.dequantize_keys(chunk.k0 + j, run, k_rows);
+    score_rows_direct(q, d, rows, d, k_rows, d, run, s + j, ld_s);
+  }
+  problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
+  state.update_scores(s, ld_s, first, rows, keys);
+  for (Index j = 0; j < keys; j += kDecodeDequantizeKeys) {
+    const Index run = std::min(kDecodeDequantizeKeys, keys - j);
+    kv.dequantize_values(chunk.k0 + j, run, v_rows);
+    accumulate_pv_direct(s + j, ld_s, rows, run, v_rows, d_v, d_v, state.acc(first),
+                         state.ld_acc());
+  }
+}
+
 /// Decode: folds one key chunk of one kv head (source `kv`) into rows [first, first + t.rows())
 /// of the stream's state, where `t` holds that kv head's query rows. The chunk's scores are
 /// computed together with the pending unit's P·V; when the stream is pipelined, the chunk's own
@@ -285,61 +333,66 @@ template <class T, class MaskMod, class ScoreMod, class Source>
 void decode_chunk(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const Source& kv,
                   const TileRows& t, Index first, const KeyChunk& chunk,
                   DecodeStream<T, typename Source::Storage>& stream) {
-  // A paged source goes its own way, chosen at compile time: for the strided sources the
-  // statement is discarded and the body below is the same text as before paging, so GCC -O2
-  // makes the same inlining decisions in the hot loop (tests/optlevel compares -O2 with -O3).
+  // A paged, per-channel or int4 source goes its own way, chosen at compile time: for the
+  // strided sources those branches are discarded and the last is the same text as before paging,
+  // so GCC -O2 makes the same inlining decisions in the hot loop (tests/optlevel compares -O2
+  // with -O3).
   if constexpr (kSplitsRows<Source>) {
     decode_chunk_split_rows(problem, kv, t, first, chunk, stream);
     return;
   } else if constexpr (kChannelKeys<Source>) {
     decode_chunk_channel_keys(problem, kv, t, first, chunk, stream);
     return;
-  }
-  using S = typename Source::Storage;
-  const Index rows = t.rows();
-  const Index keys = chunk.keys;
-  const Index d_v = problem.d_v;
-  const Index ld_s = stream.ld_s;
-  RowBlockState<T>& state = stream.state;
-  T* const s = stream.free_scores();
-  if (!problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/true)) return;
-  const ScoreUnit<T, S> unit{stream.queries + first * problem.d,
-                             rows,
-                             problem.d,
-                             kv.keys(chunk.k0),
-                             keys,
-                             chunk.keys_left,
-                             s,
-                             ld_s,
-                             kv.key_scales(chunk.k0)};
-  scores_with_pending_values(unit, stream.pending);
-  problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
-  const auto v = kv.values(chunk.k0);
-  if constexpr (!Source::kValuesFinite) {
-    if (tile_has_hidden_key(s, ld_s, rows, keys) &&
-        !kv.values_finite(chunk.k0, keys)) {  // the NaN slow path, not pipelined
-      poison_underflowed_values(s, ld_s, first, rows, keys, v.data, v.ld, d_v, state);
-      kv.copy_finite_values(chunk.k0, keys, stream.finite_values);
-      state.update_scores(s, ld_s, first, rows, keys);
-      accumulate_pv_direct(s, ld_s, rows, keys, stream.finite_values, d_v, d_v, state.acc(first),
-                           state.ld_acc());
-      add_non_finite_values(s, ld_s, rows, keys, v.data, v.ld, d_v, state.acc(first),
-                            state.ld_acc());
-      return;
+  } else if constexpr (kDequantizesRows<Source>) {
+    decode_chunk_dequantized(problem, kv, t, first, chunk, stream);
+    return;
+  } else {
+    using S = typename Source::Storage;
+    const Index rows = t.rows();
+    const Index keys = chunk.keys;
+    const Index d_v = problem.d_v;
+    const Index ld_s = stream.ld_s;
+    RowBlockState<T>& state = stream.state;
+    T* const s = stream.free_scores();
+    if (!problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/true)) return;
+    const ScoreUnit<T, S> unit{stream.queries + first * problem.d,
+                               rows,
+                               problem.d,
+                               kv.keys(chunk.k0),
+                               keys,
+                               chunk.keys_left,
+                               s,
+                               ld_s,
+                               kv.key_scales(chunk.k0)};
+    scores_with_pending_values(unit, stream.pending);
+    problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
+    const auto v = kv.values(chunk.k0);
+    if constexpr (!Source::kValuesFinite) {
+      if (tile_has_hidden_key(s, ld_s, rows, keys) &&
+          !kv.values_finite(chunk.k0, keys)) {  // the NaN slow path, not pipelined
+        poison_underflowed_values(s, ld_s, first, rows, keys, v.data, v.ld, d_v, state);
+        kv.copy_finite_values(chunk.k0, keys, stream.finite_values);
+        state.update_scores(s, ld_s, first, rows, keys);
+        accumulate_pv_direct(s, ld_s, rows, keys, stream.finite_values, d_v, d_v, state.acc(first),
+                             state.ld_acc());
+        add_non_finite_values(s, ld_s, rows, keys, v.data, v.ld, d_v, state.acc(first),
+                              state.ld_acc());
+        return;
+      }
     }
+    state.update_scores(s, ld_s, first, rows, keys);
+    stream.pending = PendingValues<T, S>{s,
+                                         ld_s,
+                                         rows,
+                                         keys,
+                                         v,
+                                         chunk.keys_left,
+                                         state.acc(first),
+                                         state.ld_acc(),
+                                         d_v,
+                                         kv.value_scales(chunk.k0)};
+    if (!stream.pipelined) flush_pending_values(stream.pending);  // its own phase
   }
-  state.update_scores(s, ld_s, first, rows, keys);
-  stream.pending = PendingValues<T, S>{s,
-                                       ld_s,
-                                       rows,
-                                       keys,
-                                       v,
-                                       chunk.keys_left,
-                                       state.acc(first),
-                                       state.ld_acc(),
-                                       d_v,
-                                       kv.value_scales(chunk.k0)};
-  if (!stream.pipelined) flush_pending_values(stream.pending);  // its own phase
 }
 
 /// Decode: one task, keys `range` of the query rows `t` (every query head of plan.task_heads kv

@@ -48,6 +48,14 @@
 //       bias[r] = Σ_c qs[r, c]·zero[c]: a score is then qs·k8 − bias over the raw int8 row
 //       (decode_chunk_channel_keys), whose keys(k0) carry no row scales.
 //
+//   void dequantize_keys(Index k0, Index keys, float* dst) const;    // optional (int4 caches
+//   void dequantize_values(Index k0, Index keys, float* dst) const;  // only, kDequantizesRows):
+//       keys [k0, k0 + keys) as float rows d apart, their values as rows d_v apart: the floats
+//       pack_k / pack_v put in the panels. Decode then converts a short run of rows at a time
+//       into a buffer that stays in L1 and runs the float kernels on it (decode_chunk_dequantized),
+//       because a 4-bit row has no vector load of its own; Storage is then float (what the
+//       kernels read) and keys(k0) / values(k0) are not members.
+//
 //   Index contiguous_keys(Index k0) const;  // optional (paged caches only, kSplitsRows):
 //       how many rows from k0 on keys(k0) / values(k0) reach: rows of one page share one stride,
 //       the next page is elsewhere. Decode then splits each chunk's reads at page boundaries
@@ -68,6 +76,7 @@
 #include <blockattn/detail/bf16_dot.hpp>
 #include <blockattn/detail/config.hpp>
 #include <blockattn/detail/finite.hpp>
+#include <blockattn/detail/int4.hpp>
 #include <blockattn/detail/microkernel.hpp>
 #include <blockattn/types.hpp>
 
@@ -264,6 +273,117 @@ class ChannelQuantizedKVSource {
   Index d_;
   Index d_v_;
 };
+
+/// The K/V source of an int4 cache (Int4QuantizedKV): keys per channel over blocks of `block`
+/// tokens with a scale and a zero point, element c of key j scale[j / block, c]·(float(q) −
+/// zero[j / block, c]); values per token in groups of 32 channels, element c of value j
+/// scale[j, c / 32]·float(q); q in [−8, 7] packed two per byte (detail/int4.hpp). Prefill packs
+/// those floats once per tile; decode dequantizes runs of rows into an L1 buffer
+/// (dequantize_keys / dequantize_values) and runs the float kernels on them. Both produce
+/// exactly dequantize_kv()'s floats, and the kernels see them as they see a float cache, so an
+/// int4 call is bitwise the float call on the dequantized cache. Every value is finite: the entry
+/// point checked the scales and zero points.
+class Int4KVSource {
+ public:
+  using Element = float;
+  using Storage = float;  // decode reads the dequantized rows (see dequantize_keys)
+  static constexpr bool kValuesFinite = true;
+
+  /// k, v: rows of packed 4-bit values (int4_row_bytes(d) bytes each, .ld bytes apart);
+  /// k_scale, k_zero: the first key block's d floats, each next block's one .ld on; v_scale: the
+  /// first value row's int4_groups(d_v) scales, each next row's one .ld on.
+  Int4KVSource(StridedRows<std::uint8_t> k, StridedRows<float> k_scale, StridedRows<float> k_zero,
+               Index block, StridedRows<std::uint8_t> v, StridedRows<float> v_scale, Index d,
+               Index d_v)
+      : k_(k),
+        k_scale_(k_scale),
+        k_zero_(k_zero),
+        block_(block),
+        v_(v),
+        v_scale_(v_scale),
+        d_(d),
+        d_v_(d_v) {}
+
+  Index d() const { return d_; }
+  Index d_v() const { return d_v_; }
+
+  void pack_k(Index k0, Index keys, float* panel) const {
+    // detail::pack_k's panel layout (keys in panels of kKeyVectors·L, each of width
+    // round_up(panel keys, L), feature-major, zero-padded), each element dequantized as
+    // dequantize_kv does.
+    constexpr Index kLanes = simd::Simd<float>::kLanes;
+    constexpr Index kPanel = RegisterBlock<float>::kKeyVectors * kLanes;
+    for (Index j0 = 0; j0 < keys; j0 += kPanel) {
+      const Index count = std::min(kPanel, keys - j0);
+      const Index width = round_up(count, kLanes);
+      float* dst = panel + j0 * d_;
+      for (Index jj = 0; jj < count; ++jj) {
+        const Index j = k0 + j0 + jj;
+        const std::uint8_t* src = k_.row(j);
+        const float* scale = k_scale_.row(j / block_);
+        const float* zero = k_zero_.row(j / block_);
+        for (Index c = 0; c < d_; ++c) {
+          dst[c * width + jj] = scale[c] * (static_cast<float>(int4_get(src, c, d_)) - zero[c]);
+        }
+      }
+      for (Index c = 0; c < d_; ++c) {
+        for (Index jj = count; jj < width; ++jj) dst[c * width + jj] = 0.0f;
+      }
+    }
+  }
+  void pack_v(Index k0, Index keys, float* panel) const {
+    // detail::pack_v's layout: column panels of kValueVectors·L, key rows of width
+    // round_up(columns, L) within each, zero-padded.
+    constexpr Index kLanes = simd::Simd<float>::kLanes;
+    constexpr Index kPanel = RegisterBlock<float>::kValueVectors * kLanes;
+    for (Index c0 = 0; c0 < d_v_; c0 += kPanel) {
+      const Index cols = std::min(kPanel, d_v_ - c0);
+      const Index width = round_up(cols, kLanes);
+      float* dst = panel + c0 * keys;
+      for (Index j = 0; j < keys; ++j) {
+        const std::uint8_t* src = v_.row(k0 + j);
+        const float* scale = v_scale_.row(k0 + j);
+        float* row = dst + j * width;
+        for (Index cc = 0; cc < cols; ++cc) {
+          const Index c = c0 + cc;
+          row[cc] = scale[c / kInt4Group] * static_cast<float>(int4_get(src, c, d_v_));
+        }
+        for (Index cc = cols; cc < width; ++cc) row[cc] = 0.0f;
+      }
+    }
+  }
+  bool values_finite(Index, Index) const { return true; }
+
+  void dequantize_keys(Index k0, Index keys, float* dst) const {
+    for (Index j = k0; j < k0 + keys; ++j, dst += d_) {
+      int4_row_channels(k_.row(j), d_, k_scale_.row(j / block_), k_zero_.row(j / block_), dst);
+    }
+  }
+  void dequantize_values(Index k0, Index keys, float* dst) const {
+    for (Index j = k0; j < k0 + keys; ++j, dst += d_v_) {
+      int4_row_groups(v_.row(j), d_v_, v_scale_.row(j), dst);
+    }
+  }
+
+ private:
+  StridedRows<std::uint8_t> k_;
+  StridedRows<float> k_scale_;
+  StridedRows<float> k_zero_;
+  Index block_;
+  StridedRows<std::uint8_t> v_;
+  StridedRows<float> v_scale_;
+  Index d_;
+  Index d_v_;
+};
+
+/// Whether K/V source `Source` hands decode dequantized runs of rows (member dequantize_keys, see
+/// the contract above: the int4 cache).
+template <class Source, class = void>
+inline constexpr bool kDequantizesRows = false;
+template <class Source>
+inline constexpr bool kDequantizesRows<
+    Source, std::void_t<decltype(std::declval<const Source&>().dequantize_keys(0, 0, nullptr))>> =
+    true;
 
 /// Whether K/V source `Source` holds int8 keys per channel in blocks (member key_block, see the
 /// contract above): decode then scales the queries per block instead of the keys.
@@ -554,6 +674,39 @@ class ChannelQuantizedKVHeads {
   TensorView<const float> k_zero_;
   Index block_;
   TensorView<const std::int8_t> v_;
+  TensorView<const float> v_scale_;
+};
+
+/// The Int4KVSource sources of an int4 cache: k [B, n_k, H_kv, d] and v [B, n_k, H_kv, d_v] of
+/// 4-bit values (dim counts values, strides count bytes), k_scale and k_zero [B, ceil(n_k /
+/// block), H_kv, d] float, v_scale [B, n_k, H_kv, ceil(d_v / 32)] float, each view with strides of
+/// its own.
+class Int4KVHeads {
+ public:
+  using Source = Int4KVSource;
+
+  Int4KVHeads(const TensorView<const std::uint8_t>& k, const TensorView<const float>& k_scale,
+              const TensorView<const float>& k_zero, Index block,
+              const TensorView<const std::uint8_t>& v, const TensorView<const float>& v_scale)
+      : k_(k), k_scale_(k_scale), k_zero_(k_zero), block_(block), v_(v), v_scale_(v_scale) {}
+
+  Source head(Index b, Index h) const {
+    return {{k_.at(b, 0, h), k_.seq_stride},
+            {k_scale_.at(b, 0, h), k_scale_.seq_stride},
+            {k_zero_.at(b, 0, h), k_zero_.seq_stride},
+            block_,
+            {v_.at(b, 0, h), v_.seq_stride},
+            {v_scale_.at(b, 0, h), v_scale_.seq_stride},
+            k_.dim,
+            v_.dim};
+  }
+
+ private:
+  TensorView<const std::uint8_t> k_;
+  TensorView<const float> k_scale_;
+  TensorView<const float> k_zero_;
+  Index block_;
+  TensorView<const std::uint8_t> v_;
   TensorView<const float> v_scale_;
 };
 
