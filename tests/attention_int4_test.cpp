@@ -661,6 +661,37 @@ TEST(AttentionInt4Test, ValidationNamesTheArgument) {
 
 // With a caller's Workspace, a second decode call and a prefill call allocate nothing
 // (validation's scale scan, the dequantized runs, the loops and the merge).
+// The alias check reads k's and v's rows as the ceil(dim / 2) bytes they hold: an out that
+// starts right after k's last byte in the same buffer is no alias (the check once counted dim
+// bytes a row and rejected it whenever the allocator put the two side by side), and one that
+// starts on k's last byte still is.
+TEST(AttentionInt4Test, OutRightAfterThePackedKeysIsNoAlias) {
+  auto rng = make_rng(1845);
+  const Problem p({1, 3, 40, 2, 1, 9, 7}, rng);
+  std::vector<float> expected(p.out_size());
+  blockattn::attention(p.qv(), p.cache(), p.outv(expected));
+  const std::size_t key_bytes = p.k4.size();  // 40 rows of ceil(9 / 2) = 5 bytes
+  const std::size_t out_floats = p.out_size();
+  // One float buffer holds k's bytes (rounded up to whole floats) and then out.
+  const std::size_t key_floats = (key_bytes + sizeof(float) - 1) / sizeof(float);
+  ASSERT_EQ(key_bytes % sizeof(float), 0u) << "out must start exactly at k's end";
+  std::vector<float> buffer(key_floats + out_floats, 3.0f);
+  std::memcpy(buffer.data(), p.k4.data(), key_bytes);
+  Int4QuantizedKV kv = p.cache();
+  kv.k = p.kv4<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(buffer.data()), p.s.d);
+  float* out = buffer.data() + key_floats;
+  blockattn::attention(p.qv(), kv, view_of<float>(out, 1, p.s.n_q, p.s.heads, p.s.d_v, false));
+  EXPECT_TRUE(same_bits(std::vector<float>(out, out + out_floats), expected));
+  float* overlapping = out - 1;  // its first float is k's last 4 bytes
+  EXPECT_THAT(
+      [&] {
+        blockattn::attention(p.qv(), kv,
+                             view_of<float>(overlapping, 1, p.s.n_q, p.s.heads, p.s.d_v, false));
+      },
+      ::testing::ThrowsMessage<std::invalid_argument>(
+          ::testing::HasSubstr("out overlaps the memory of k")));
+}
+
 TEST(AttentionInt4Test, SecondCallWithAWorkspaceAllocatesNothing) {
   auto rng = make_rng(1846);
   const Problem decode({1, 1, 9000, 4, 2, 64, 64}, rng);

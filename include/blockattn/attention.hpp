@@ -27,9 +27,10 @@ inline namespace BLOCKATTN_ISA_NAMESPACE {
 
 namespace detail {
 
-/// Address range of a strided 4-D view (any stride signs).
+/// Address range of a strided 4-D view (any stride signs) whose rows each hold dim values,
+/// values_per_element to an element (2: 4-bit values packed two per byte).
 template <class T>
-AddressRange tensor_range(const TensorView<T>& t) {
+AddressRange tensor_range(const TensorView<T>& t, Index values_per_element = 1) {
   if (t.data == nullptr || t.batch <= 0 || t.seq <= 0 || t.heads <= 0 || t.dim <= 0) return {};
   Index lo = 0;
   Index hi = 0;
@@ -37,7 +38,7 @@ AddressRange tensor_range(const TensorView<T>& t) {
                              (t.heads - 1) * t.head_stride}) {
     (extent < 0 ? lo : hi) += extent;
   }
-  return {t.data + lo, t.data + hi + t.dim};
+  return {t.data + lo, t.data + hi + (t.dim + values_per_element - 1) / values_per_element};
 }
 
 /// True when every element of the 4-D view has its own address: with the dimensions of extent
@@ -152,12 +153,13 @@ void validate_attention(const char* function, const ConstMatrixView<T>& q,
 }
 
 /// Checks every argument of the TensorView attention() before anything is written. k and v may
-/// have another element type than q and out (a 16-bit KV cache under float q).
+/// have another element type than q and out (a 16-bit KV cache under float q) and hold
+/// kv_values_per_element values to an element (2: an int4 cache's bytes).
 template <class T, class KT, class OT, class L>
 void validate_attention(const char* function, const TensorView<const T>& q,
                         const TensorView<const KT>& k, const TensorView<const KT>& v,
                         const TensorView<OT>& out, const AttentionOptions& options, Span<L> lse,
-                        bool lse_required = false) {
+                        bool lse_required = false, Index kv_values_per_element = 1) {
   const auto require_sizes = [&](const char* name, Index batch, Index seq, Index heads, Index dim) {
     require(batch >= 0 && seq >= 0 && heads >= 0 && dim >= 0, function, name,
             " has a negative size [", batch, ", ", seq, ", ", heads, ", ", dim, "]");
@@ -191,17 +193,19 @@ void validate_attention(const char* function, const TensorView<const T>& q,
           "] share memory (every output element needs its own address)");
   validate_attention_options(function, options, q.batch, q.heads, q.seq, k.seq);
   const AddressRange out_range = tensor_range(out);
+  const AddressRange k_range = tensor_range(k, kv_values_per_element);
+  const AddressRange v_range = tensor_range(v, kv_values_per_element);
   require_disjoint(function, "out", out_range, "q", tensor_range(q));
-  require_disjoint(function, "out", out_range, "k", tensor_range(k));
-  require_disjoint(function, "out", out_range, "v", tensor_range(v));
+  require_disjoint(function, "out", out_range, "k", k_range);
+  require_disjoint(function, "out", out_range, "v", v_range);
   const Index count = q.batch * q.heads * q.seq;
   require_span(function, "lse", lse, "batch·heads·n_q", count,
                "one log-sum-exp per query row, [batch, heads, n_q]", lse_required);
   if (!lse.empty()) {
     const AddressRange lse_range = address_range(lse.data(), 1, count, count);
     require_disjoint(function, "lse", lse_range, "q", tensor_range(q));
-    require_disjoint(function, "lse", lse_range, "k", tensor_range(k));
-    require_disjoint(function, "lse", lse_range, "v", tensor_range(v));
+    require_disjoint(function, "lse", lse_range, "k", k_range);
+    require_disjoint(function, "lse", lse_range, "v", v_range);
     require_disjoint(function, "lse", lse_range, "out", out_range);
   }
 }

@@ -165,8 +165,8 @@ inline int quantize_int4_key(float x, float scale, float zero) {
 /// every option, mask, thread count, prefill and decode. Prefill dequantizes once per K/V tile
 /// into the packed panels; decode (at most 8 query rows per kv head) 32 rows at a time into an L1
 /// buffer read by the float kernels. q [B, n_q, H, d], out [B, n_q, H, d_v] float; lse (optional)
-/// [B, H, n_q]. Throws std::invalid_argument as attention() does (k's and v's address ranges are
-/// checked as dim bytes per row, a bound on the ceil(dim / 2) they hold), and also when a scale
+/// [B, H, n_q]. Throws std::invalid_argument as attention() does (k's and v's rows are the
+/// ceil(dim / 2) bytes they hold when checked against out and lse), and also when a scale
 /// or zero point view's sizes differ from those of Int4QuantizedKV, its data is null, or a scale
 /// or zero point is not finite or makes a value non-finite; nothing is written then. Checking
 /// reads every scale: O(B·n_k·H_kv·(d/32 + d_v/32)); one extra buffer, none per call beyond the
@@ -180,7 +180,8 @@ void attention(TensorView<QT> q, const Int4QuantizedKV& kv, TensorView<OT> out,
                 "writable float out (TensorView<float>)");
   detail::check_mods<float, MaskMod, ScoreMod>();
   const TensorView<const float> cq(q);
-  detail::validate_attention<float>("attention", cq, kv.k, kv.v, out, options, lse);
+  detail::validate_attention<float>("attention", cq, kv.k, kv.v, out, options, lse,
+                                    /*lse_required=*/false, /*kv_values_per_element=*/2);
   detail::validate_key_block_sizes("attention", detail::kKScaleBlockNames, kv.k_scale, kv.k);
   detail::validate_key_block_sizes("attention", detail::kKZeroBlockNames, kv.k_zero, kv.k);
   if (kv.k.dim > 0) {
