@@ -202,36 +202,11 @@ void validate_paged_attention(const char* f, const TensorView<const QS>& q,
                               const TensorView<const S>& k, const TensorView<const S>& v,
                               const PageTable& table, const TensorView<OS>& out,
                               const AttentionOptions& options, Span<L> lse) {
-  const auto require_sizes = [&](const char* name, Index batch, Index seq, Index heads, Index dim) {
-    require(batch >= 0 && seq >= 0 && heads >= 0 && dim >= 0, f, name, " has a negative size [",
-            batch, ", ", seq, ", ", heads, ", ", dim, "]");
-  };
-  require_sizes("q", q.batch, q.seq, q.heads, q.dim);
-  require_sizes("k_pages", k.batch, k.seq, k.heads, k.dim);
-  require_sizes("v_pages", v.batch, v.seq, v.heads, v.dim);
-  require(q.dim > 0, f, "q.dim is 0 (the head dimension must be positive)");
-  require_size(f, "k_pages.dim", k.dim, "q.dim", q.dim, "head dimensions must match");
+  const bool empty = validate_query_kv_out(f, kPoolKVNames, q, k, v, out);
   require(k.seq > 0, f, "k_pages.seq (the page size) is 0 (a page holds at least one token)");
   require_size(f, "v_pages.batch", v.batch, "k_pages.batch", k.batch,
                "keys and values have the same pages");
   require_size(f, "v_pages.seq", v.seq, "k_pages.seq", k.seq, "keys and values share pages");
-  require_size(f, "v_pages.heads", v.heads, "k_pages.heads", k.heads,
-               "keys and values have the same heads");
-  require(k.heads > 0, f, "k_pages.heads is 0 (at least one key/value head)");
-  require(q.heads % k.heads == 0, f, "q.heads is ", q.heads, " but k_pages.heads is ", k.heads,
-          " (the number of query heads must be a multiple of the key/value heads)");
-  require_size(f, "out.batch", out.batch, "q.batch", q.batch, "one output per sequence");
-  require_size(f, "out.seq", out.seq, "q.seq", q.seq, "one output row per query");
-  require_size(f, "out.heads", out.heads, "q.heads", q.heads, "one output per query head");
-  require_size(f, "out.dim", out.dim, "v_pages.dim", v.dim,
-               "the output has the values' head dimension");
-  const bool empty = q.batch == 0 || q.seq == 0 || q.heads == 0;
-  require(empty || (q.data != nullptr && out.data != nullptr), f,
-          "q.data or out.data is null for a non-empty problem");
-  require(empty || elements_distinct(out), f, "out's strides [", out.batch_stride, ", ",
-          out.seq_stride, ", ", out.head_stride, "] make elements of out [", out.batch, ", ",
-          out.seq, ", ", out.heads, ", ", out.dim,
-          "] share memory (every output element needs its own address)");
   // The page table.
   const Index batch = q.batch;
   const Index page_size = k.seq;
