@@ -307,48 +307,60 @@ void validate_key_block_sizes(const char* function, const KeyBlockNames& n,
   require(x.data != nullptr, function, n.name, ".data is null for a non-empty cache");
 }
 
-/// Checks the key block parameters [b, block, h, ·] for blocks [block0, block1): every scale and
-/// zero point finite, and the extreme values scale·(q_min − zero) and scale·(q_max − zero) finite
-/// in float (then every key is: |scale·(q − zero)| is largest at an end of the integer range,
-/// int8's [−128, 127] or int4's [−8, 7]).
-inline void validate_key_block_values(const char* function, const TensorView<const float>& scale,
-                                      const TensorView<const float>& zero, Index block0,
-                                      Index block1, float q_min = -128.0f, float q_max = 127.0f) {
+/// Checks the key block parameters [b, blk, h, ·] of the blocks for_each_block(f) names (calls
+/// f(b, blk) for each): every scale and zero point finite, and the extreme values
+/// scale·(q_min − zero) and scale·(q_max − zero) finite in float (then every key is:
+/// |scale·(q − zero)| is largest at an end of the integer range, int8's [−128, 127] or int4's
+/// [−8, 7]). scale_name, zero_name: the views' argument names in the message.
+template <class ForEachBlock>
+void validate_key_blocks(const char* function, const char* scale_name, const char* zero_name,
+                         const TensorView<const float>& scale, const TensorView<const float>& zero,
+                         const ForEachBlock& for_each_block, float q_min, float q_max) {
   // A branch-free scan first (NaN and ±inf fail the comparisons), since this reads 2·d floats
   // per 32 keys on every call; the loop below names the first bad pair only when there is one.
   constexpr float kMax = std::numeric_limits<float>::max();
   bool all_ok = true;
-  for (Index b = 0; b < scale.batch; ++b) {
-    for (Index blk = block0; blk < block1; ++blk) {
-      for (Index h = 0; h < scale.heads; ++h) {
-        const float* sc = scale.at(b, blk, h);
-        const float* zp = zero.at(b, blk, h);
-        for (Index c = 0; c < scale.dim; ++c) {
-          all_ok &= (std::abs(sc[c]) <= kMax) & (std::abs(zp[c]) <= kMax) &
-                    (std::abs(sc[c] * (q_min - zp[c])) <= kMax) &
-                    (std::abs(sc[c] * (q_max - zp[c])) <= kMax);
-        }
+  for_each_block([&](Index b, Index blk) {
+    for (Index h = 0; h < scale.heads; ++h) {
+      const float* sc = scale.at(b, blk, h);
+      const float* zp = zero.at(b, blk, h);
+      for (Index c = 0; c < scale.dim; ++c) {
+        all_ok &= (std::abs(sc[c]) <= kMax) & (std::abs(zp[c]) <= kMax) &
+                  (std::abs(sc[c] * (q_min - zp[c])) <= kMax) &
+                  (std::abs(sc[c] * (q_max - zp[c])) <= kMax);
       }
     }
-  }
+  });
   if (all_ok) return;
-  for (Index b = 0; b < scale.batch; ++b) {
-    for (Index blk = block0; blk < block1; ++blk) {
-      for (Index h = 0; h < scale.heads; ++h) {
-        const float* sc = scale.at(b, blk, h);
-        const float* zp = zero.at(b, blk, h);
-        for (Index c = 0; c < scale.dim; ++c) {
-          const bool ok = std::isfinite(sc[c]) && std::isfinite(zp[c]) &&
-                          std::isfinite(sc[c] * (q_min - zp[c])) &&
-                          std::isfinite(sc[c] * (q_max - zp[c]));
-          require(ok, function, "k_scale[", b, ", ", blk, ", ", h, ", ", c, "] is ", sc[c],
-                  " and k_zero[", b, ", ", blk, ", ", h, ", ", c, "] is ", zp[c],
-                  " (both must be finite, and k_scale·(q − k_zero) finite for every q in [", q_min,
-                  ", ", q_max, "])");
-        }
+  for_each_block([&](Index b, Index blk) {
+    for (Index h = 0; h < scale.heads; ++h) {
+      const float* sc = scale.at(b, blk, h);
+      const float* zp = zero.at(b, blk, h);
+      for (Index c = 0; c < scale.dim; ++c) {
+        const bool ok = std::isfinite(sc[c]) && std::isfinite(zp[c]) &&
+                        std::isfinite(sc[c] * (q_min - zp[c])) &&
+                        std::isfinite(sc[c] * (q_max - zp[c]));
+        require(ok, function, scale_name, "[", b, ", ", blk, ", ", h, ", ", c, "] is ", sc[c],
+                " and ", zero_name, "[", b, ", ", blk, ", ", h, ", ", c, "] is ", zp[c],
+                " (both must be finite, and k_scale·(q − k_zero) finite for every q in [", q_min,
+                ", ", q_max, "])");
       }
     }
-  }
+  });
+}
+
+/// validate_key_blocks for blocks [block0, block1) of every batch entry of k_scale and k_zero.
+inline void validate_key_block_values(const char* function, const TensorView<const float>& scale,
+                                      const TensorView<const float>& zero, Index block0,
+                                      Index block1, float q_min = -128.0f, float q_max = 127.0f) {
+  validate_key_blocks(
+      function, "k_scale", "k_zero", scale, zero,
+      [&](auto&& f) {
+        for (Index b = 0; b < scale.batch; ++b) {
+          for (Index blk = block0; blk < block1; ++blk) f(b, blk);
+        }
+      },
+      q_min, q_max);
 }
 
 /// Checks a cache's per-channel key parameters against its keys k (int8, or 4-bit values in
