@@ -13,6 +13,9 @@
 // the same bytes as appending to the contiguous cache. Bad input (page_size not a multiple of 32,
 // parameter pools of the wrong size, a non-finite scale or zero point of a block some sequence
 // reaches): std::invalid_argument naming the argument, out untouched.
+// EIGEN_RUNTIME_NO_MALLOC: the no-malloc check of the last test (detail::NoMallocScope).
+
+#define EIGEN_RUNTIME_NO_MALLOC
 
 #include <algorithm>
 #include <cmath>
@@ -498,5 +501,40 @@ TEST(PagedQuantizedTest, ChannelInt8AppendThroughPagesIsTheContiguousAppend) {
   check_append<false>(2105);
 }
 TEST(PagedQuantizedTest, Int4AppendThroughPagesIsTheContiguousAppend) { check_append<true>(2106); }
+
+// With a caller's Workspace, a second decode call and a second chunked prefill call allocate
+// nothing: validation (the scans of the block parameters and scales too) and the loops.
+template <bool kInt4>
+void check_no_malloc(std::uint64_t salt) {
+  auto rng = make_rng(salt);
+  Problem<kInt4> decode({{3000, 40}, 1, 4, 2, 64, 64, 64}, rng);
+  Problem<kInt4> prefill({{300, 120}, 100, 4, 2, 64, 64, 32, true}, rng);
+  blockattn::Workspace workspace;
+  AttentionOptions options;
+  options.threads = 1;
+  options.workspace = &workspace;
+  options.causal = true;
+  std::vector<float> out_d(decode.out_size()), out_p(prefill.out_size());
+  std::vector<float> lse_d(decode.lse_size());
+  const auto decode_kv = decode.cache(Format::FlashInfer);
+  const auto prefill_kv = prefill.cache(Format::OpenVINO);
+  blockattn::attention(decode.qv(), decode_kv, decode.outv(out_d), options, lse_d);
+  blockattn::attention(prefill.qv(), prefill_kv, prefill.outv(out_p), options);
+  const std::vector<float> first_d = out_d, first_p = out_p;
+  {
+    const blockattn::detail::NoMallocScope no_malloc;  // aborts on an allocation
+    blockattn::attention(decode.qv(), decode_kv, decode.outv(out_d), options, lse_d);
+    blockattn::attention(prefill.qv(), prefill_kv, prefill.outv(out_p), options);
+  }
+  EXPECT_TRUE(same_bits(out_d, first_d));
+  EXPECT_TRUE(same_bits(out_p, first_p));
+}
+
+TEST(PagedQuantizedTest, ChannelInt8SecondCallWithAWorkspaceAllocatesNothing) {
+  check_no_malloc<false>(2107);
+}
+TEST(PagedQuantizedTest, Int4SecondCallWithAWorkspaceAllocatesNothing) {
+  check_no_malloc<true>(2108);
+}
 
 }  // namespace
