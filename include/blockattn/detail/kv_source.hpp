@@ -65,6 +65,10 @@
 //   const Storage* value_row(Index j) const;  // with contiguous_keys: V row j, for the NaN slow
 //       path, which needs a chunk's rows across page boundaries.
 //
+// The per-channel key sources (ChannelQuantizedKVSource, Int4KVSource) are templated on their
+// rows: StridedRows for a contiguous cache, PagedRows for a paged pool (paged_kv.hpp), the same
+// code reading rows from other addresses.
+//
 // Rows past the end of the cache are never asked for: 0 <= k0 and k0 + keys <= n_k.
 
 #include <algorithm>
@@ -265,10 +269,11 @@ void pack_channel_keys(const KRows& k, const PRows& scale, const PRows& zero, In
 }
 
 /// detail::pack_v of the values of keys [k0, k0 + keys) held as rows of S with one float scale
-/// per row (int8) or none (RowScales{}); run_rows(k0 + j) gives the run's rows and scales. Rows
-/// are independent in pack_v's layout, so each run of rows on one stride (for_each_page_run of
-/// `runs`) is packed by pack_v's own code into the rows it owns of every column panel: the same
-/// panel as one call over contiguous rows. O(keys·d_v).
+/// per row (int8) or none (RowScales{}), on several strides (a paged cache): for_each_run(k0,
+/// keys, f) calls f(j, run) for each run of rows on one stride, and run_rows(k0 + j) gives that
+/// run's rows and scales. Rows are independent in pack_v's layout, so each run is packed by
+/// pack_v's own code into the rows it owns of every column panel: the same panel as one call over
+/// contiguous rows. O(keys·d_v).
 template <class E, class S, class ForEachRun, class RunRows>
 void pack_v_runs(Index k0, Index keys, Index d_v, E* panel, const ForEachRun& for_each_run,
                  const RunRows& run_rows) {
