@@ -152,6 +152,58 @@ void validate_attention(const char* function, const ConstMatrixView<T>& q,
   }
 }
 
+/// The argument names of a call's keys and values in validate_query_kv_out's messages (string
+/// literals): a cache's k and v, or a paged pool's k_pages and v_pages.
+struct KVNames {
+  const char* k;
+  const char* v;
+  const char* k_dim;
+  const char* k_heads;
+  const char* v_heads;
+  const char* v_dim;
+};
+inline constexpr KVNames kCacheKVNames{"k", "v", "k.dim", "k.heads", "v.heads", "v.dim"};
+inline constexpr KVNames kPoolKVNames{"k_pages",       "v_pages",       "k_pages.dim",
+                                      "k_pages.heads", "v_pages.heads", "v_pages.dim"};
+
+/// The checks of q, the heads and head dimensions of k and v, and out that a contiguous and a
+/// paged call share (validate_attention, validate_paged_attention): no negative size, q.dim > 0
+/// and k's equal, v's heads k's, q's heads a multiple of them, out [q.batch, q.seq, q.heads,
+/// v.dim] with every element its own address, q and out data when the problem is not empty.
+/// Returns whether it is empty (no query row).
+template <class T, class KT, class OT>
+bool validate_query_kv_out(const char* function, const KVNames& n, const TensorView<const T>& q,
+                           const TensorView<const KT>& k, const TensorView<const KT>& v,
+                           const TensorView<OT>& out) {
+  const auto require_sizes = [&](const char* name, Index batch, Index seq, Index heads, Index dim) {
+    require(batch >= 0 && seq >= 0 && heads >= 0 && dim >= 0, function, name,
+            " has a negative size [", batch, ", ", seq, ", ", heads, ", ", dim, "]");
+  };
+  require_sizes("q", q.batch, q.seq, q.heads, q.dim);
+  require_sizes(n.k, k.batch, k.seq, k.heads, k.dim);
+  require_sizes(n.v, v.batch, v.seq, v.heads, v.dim);
+  require(q.dim > 0, function, "q.dim is 0 (the head dimension must be positive)");
+  require_size(function, n.k_dim, k.dim, "q.dim", q.dim, "head dimensions must match");
+  require_size(function, n.v_heads, v.heads, n.k_heads, k.heads,
+               "keys and values have the same heads");
+  require(k.heads > 0, function, n.k_heads, " is 0 (at least one key/value head)");
+  require(q.heads % k.heads == 0, function, "q.heads is ", q.heads, " but ", n.k_heads, " is ",
+          k.heads, " (the number of query heads must be a multiple of the key/value heads)");
+  require_size(function, "out.batch", out.batch, "q.batch", q.batch, "one output per sequence");
+  require_size(function, "out.seq", out.seq, "q.seq", q.seq, "one output row per query");
+  require_size(function, "out.heads", out.heads, "q.heads", q.heads, "one output per query head");
+  require_size(function, "out.dim", out.dim, n.v_dim, v.dim,
+               "the output has the values' head dimension");
+  const bool empty = q.batch == 0 || q.seq == 0 || q.heads == 0;
+  require(empty || (q.data != nullptr && out.data != nullptr), function,
+          "q.data or out.data is null for a non-empty problem");
+  require(empty || elements_distinct(out), function, "out's strides [", out.batch_stride, ", ",
+          out.seq_stride, ", ", out.head_stride, "] make elements of out [", out.batch, ", ",
+          out.seq, ", ", out.heads, ", ", out.dim,
+          "] share memory (every output element needs its own address)");
+  return empty;
+}
+
 /// Checks every argument of the TensorView attention() before anything is written. k and v may
 /// have another element type than q and out (a 16-bit KV cache under float q) and hold
 /// kv_values_per_element values to an element (2: an int4 cache's bytes).
@@ -160,37 +212,12 @@ void validate_attention(const char* function, const TensorView<const T>& q,
                         const TensorView<const KT>& k, const TensorView<const KT>& v,
                         const TensorView<OT>& out, const AttentionOptions& options, Span<L> lse,
                         bool lse_required = false, Index kv_values_per_element = 1) {
-  const auto require_sizes = [&](const char* name, Index batch, Index seq, Index heads, Index dim) {
-    require(batch >= 0 && seq >= 0 && heads >= 0 && dim >= 0, function, name,
-            " has a negative size [", batch, ", ", seq, ", ", heads, ", ", dim, "]");
-  };
-  require_sizes("q", q.batch, q.seq, q.heads, q.dim);
-  require_sizes("k", k.batch, k.seq, k.heads, k.dim);
-  require_sizes("v", v.batch, v.seq, v.heads, v.dim);
-  require(q.dim > 0, function, "q.dim is 0 (the head dimension must be positive)");
-  require_size(function, "k.dim", k.dim, "q.dim", q.dim, "head dimensions must match");
+  const bool empty = validate_query_kv_out(function, kCacheKVNames, q, k, v, out);
   require_size(function, "k.batch", k.batch, "q.batch", q.batch, "one key set per sequence");
   require_size(function, "v.batch", v.batch, "q.batch", q.batch, "one value set per sequence");
   require_size(function, "v.seq", v.seq, "k.seq", k.seq, "every key needs one value");
-  require_size(function, "v.heads", v.heads, "k.heads", k.heads,
-               "keys and values have the same heads");
-  require(k.heads > 0, function, "k.heads is 0 (at least one key/value head)");
-  require(q.heads % k.heads == 0, function, "q.heads is ", q.heads, " but k.heads is ", k.heads,
-          " (the number of query heads must be a multiple of the key/value heads)");
-  require_size(function, "out.batch", out.batch, "q.batch", q.batch, "one output per sequence");
-  require_size(function, "out.seq", out.seq, "q.seq", q.seq, "one output row per query");
-  require_size(function, "out.heads", out.heads, "q.heads", q.heads, "one output per query head");
-  require_size(function, "out.dim", out.dim, "v.dim", v.dim,
-               "the output has the values' head dimension");
-  const bool empty = q.batch == 0 || q.seq == 0 || q.heads == 0;
-  require(empty || (q.data != nullptr && out.data != nullptr), function,
-          "q.data or out.data is null for a non-empty problem");
   require(empty || k.seq == 0 || (k.data != nullptr && v.data != nullptr), function,
           "k.data or v.data is null for a non-empty problem");
-  require(empty || elements_distinct(out), function, "out's strides [", out.batch_stride, ", ",
-          out.seq_stride, ", ", out.head_stride, "] make elements of out [", out.batch, ", ",
-          out.seq, ", ", out.heads, ", ", out.dim,
-          "] share memory (every output element needs its own address)");
   validate_attention_options(function, options, q.batch, q.heads, q.seq, k.seq);
   const AddressRange out_range = tensor_range(out);
   const AddressRange k_range = tensor_range(k, kv_values_per_element);

@@ -115,23 +115,6 @@ inline void validate_int4_value_scales(const char* function, const TensorView<co
   }
 }
 
-/// Every element of x [B, S, H, D] finite, else std::invalid_argument naming the first one.
-template <class X>
-void require_finite_input(const char* function, const TensorView<const X>& x) {
-  for (Index b = 0; b < x.batch; ++b) {
-    for (Index s = 0; s < x.seq; ++s) {
-      for (Index h = 0; h < x.heads; ++h) {
-        const X* row = x.at(b, s, h);
-        for (Index c = 0; c < x.dim; ++c) {
-          const float value = static_cast<float>(row[c]);
-          require(std::isfinite(value), function, "x[", b, ", ", s, ", ", h, ", ", c, "] is ",
-                  value, " (only finite values can be quantized)");
-        }
-      }
-    }
-  }
-}
-
 /// One int4 key channel's parameters for values in [lo, hi]: scale (hi − lo)/15 and zero point
 /// −8 − lo/scale (a float: all 16 levels are used, lo maps to −8 and hi to 7 up to float
 /// rounding, so |x − scale·(q − zero)| <= scale/2 plus roundings); a constant channel is
@@ -156,6 +139,28 @@ inline int quantize_int4_key(float x, float scale, float zero) {
                                   static_cast<double>(zero));
   return static_cast<int>(std::clamp(r, -8.0, 7.0));
 }
+
+/// Int4QuantizedKV's key codec for append_channel_keys (quantized_kv.hpp): 4-bit values two per
+/// byte, float zero points (int4_key_channel_params, quantize_int4_key).
+struct Int4KeyCodec {
+  using Byte = std::uint8_t;
+  static constexpr float kMin = -8.0f;
+  static constexpr float kMax = 7.0f;
+  static constexpr const char* kPerElement = "one 4-bit value per element";
+  /// Zeroes a new row before its values are set, so that an unused nibble reads 0.
+  static void clear_row(Byte* row, Index dim) {
+    std::memset(row, 0, static_cast<std::size_t>(int4_row_bytes(dim)));
+  }
+  static float get(const Byte* row, Index c, Index dim) {
+    return static_cast<float>(int4_get(row, c, dim));
+  }
+  static void set(Byte* row, Index c, Index dim, float x, float scale, float zero) {
+    int4_set(row, c, dim, quantize_int4_key(x, scale, zero));
+  }
+  static void params(float lo, float hi, float* scale, float* zero) {
+    int4_key_channel_params(lo, hi, scale, zero);
+  }
+};
 
 }  // namespace detail
 
@@ -182,25 +187,14 @@ void attention(TensorView<QT> q, const Int4QuantizedKV& kv, TensorView<OT> out,
   const TensorView<const float> cq(q);
   detail::validate_attention<float>("attention", cq, kv.k, kv.v, out, options, lse,
                                     /*lse_required=*/false, /*kv_values_per_element=*/2);
-  detail::validate_key_block_sizes("attention", detail::kKScaleBlockNames, kv.k_scale, kv.k);
-  detail::validate_key_block_sizes("attention", detail::kKZeroBlockNames, kv.k_zero, kv.k);
-  if (kv.k.dim > 0) {
-    detail::validate_key_block_values("attention", kv.k_scale, kv.k_zero, 0, kv.k_scale.seq, -8.0f,
-                                      7.0f);
-  }
+  detail::validate_channel_keys("attention", kv.k, kv.k_scale, kv.k_zero, -8.0f, 7.0f);
   detail::validate_int4_value_scales("attention", kv.v_scale, kv.v);
-  const detail::AddressRange out_range = detail::tensor_range(out);
-  const Index count = q.batch * q.heads * q.seq;
-  const detail::AddressRange lse_range =
-      lse.empty() ? detail::AddressRange{} : detail::address_range(lse.data(), 1, count, count);
-  const std::pair<const char*, detail::AddressRange> inputs[] = {
+  const std::pair<const char*, detail::AddressRange> scales[] = {
       {"k_scale", detail::tensor_range(kv.k_scale)},
       {"k_zero", detail::tensor_range(kv.k_zero)},
       {"v_scale", detail::tensor_range(kv.v_scale)}};
-  for (const auto& [name, range] : inputs) {
-    detail::require_disjoint("attention", "out", out_range, name, range);
-    detail::require_disjoint("attention", "lse", lse_range, name, range);
-  }
+  detail::require_outputs_disjoint("attention", detail::tensor_range(out), lse,
+                                   q.batch * q.heads * q.seq, scales);
   Workspace own;
   Workspace& workspace = options.workspace != nullptr ? *options.workspace : own;
   detail::attention_forward_sources(
@@ -282,100 +276,7 @@ void quantize_kv(TensorView<XT> x, TensorView<std::uint8_t> v, TensorView<float>
 template <class XT>
 void quantize_kv(TensorView<XT> x, Index position, TensorView<std::uint8_t> k,
                  TensorView<float> k_scale, TensorView<float> k_zero) {
-  using X = std::remove_const_t<XT>;
-  static_assert(std::is_same_v<X, float> || detail::kIs16BitFloat<X>,
-                "blockattn: quantize_kv reads float, Eigen::bfloat16 or Eigen::half");
-  const char* const f = "quantize_kv";
-  detail::require(x.batch >= 0 && x.seq >= 0 && x.heads >= 0 && x.dim >= 0, f,
-                  "x has a negative size");
-  detail::require(position >= 0, f, "position is ", position, " (must be >= 0)");
-  const Index end = position + x.seq;
-  const char* const why = "one 4-bit value per element";
-  detail::require_size(f, "k.batch", k.batch, "x.batch", x.batch, why);
-  detail::require_size(f, "k.heads", k.heads, "x.heads", x.heads, why);
-  detail::require_size(f, "k.dim", k.dim, "x.dim", x.dim, why);
-  detail::require(k.seq >= end, f, "k.seq is ", k.seq, " but position + x.seq is ", end,
-                  " (the cache must hold the appended tokens)");
-  const char* const names[][4] = {{"k_scale.batch", "k_scale.seq", "k_scale.heads", "k_scale.dim"},
-                                  {"k_zero.batch", "k_zero.seq", "k_zero.heads", "k_zero.dim"}};
-  const TensorView<float>* params[] = {&k_scale, &k_zero};
-  for (int i = 0; i < 2; ++i) {
-    const TensorView<float>& p = *params[i];
-    const char* const per = "one per key block of 32 tokens, head and channel";
-    detail::require_size(f, names[i][0], p.batch, "x.batch", x.batch, per);
-    detail::require_size(f, names[i][2], p.heads, "x.heads", x.heads, per);
-    detail::require_size(f, names[i][3], p.dim, "x.dim", x.dim, per);
-    detail::require(p.seq >= detail::key_blocks(end), f, names[i][1], " is ", p.seq,
-                    " but ceil((position + x.seq) / 32) is ", detail::key_blocks(end), " (", per,
-                    ")");
-  }
-  if (x.batch == 0 || x.seq == 0 || x.heads == 0 || x.dim == 0) return;
-  detail::require(
-      x.data != nullptr && k.data != nullptr && k_scale.data != nullptr && k_zero.data != nullptr,
-      f, "x.data, k.data, k_scale.data or k_zero.data is null for a non-empty x");
-  detail::require_finite_input(f, TensorView<const X>(x));
-  const Index open = position % kKeyBlockTokens;  // tokens already in the first block
-  if (open > 0) {
-    const Index blk = position / kKeyBlockTokens;
-    detail::validate_key_block_values(f, TensorView<const float>(k_scale),
-                                      TensorView<const float>(k_zero), blk, blk + 1, -8.0f, 7.0f);
-  }
-  const Index dim = x.dim;
-  for (Index b = 0; b < x.batch; ++b) {
-    for (Index h = 0; h < x.heads; ++h) {
-      for (Index t = position; t < end; ++t) {  // new rows: the unused nibble reads 0
-        std::memset(k.at(b, t, h), 0, static_cast<std::size_t>(detail::int4_row_bytes(dim)));
-      }
-      for (Index t0 = position - open; t0 < end; t0 += kKeyBlockTokens) {
-        const Index blk = t0 / kKeyBlockTokens;
-        const Index first_new = std::max(t0, position);  // earlier tokens of the block are old
-        const Index last = std::min(t0 + kKeyBlockTokens, end);
-        float* scale = k_scale.at(b, blk, h);
-        float* zero = k_zero.at(b, blk, h);
-        for (Index c = 0; c < dim; ++c) {
-          float lo = std::numeric_limits<float>::infinity();
-          float hi = -lo;
-          for (Index t = first_new; t < last; ++t) {
-            const float value = static_cast<float>(x.at(b, t - position, h)[c]);
-            lo = std::min(lo, value);
-            hi = std::max(hi, value);
-          }
-          const float old_scale = scale[c];
-          const float old_zero = zero[c];
-          const auto old_value = [&](Index t) {
-            return old_scale *
-                   (static_cast<float>(detail::int4_get(k.at(b, t, h), c, dim)) - old_zero);
-          };
-          bool requantize = false;
-          if (first_new > t0) {
-            const float a = old_scale * (-8.0f - old_zero);
-            const float z = old_scale * (7.0f - old_zero);
-            requantize = !(old_scale > 0.0f && lo >= std::min(a, z) && hi <= std::max(a, z));
-            if (requantize) {
-              for (Index t = t0; t < first_new; ++t) {
-                lo = std::min(lo, old_value(t));
-                hi = std::max(hi, old_value(t));
-              }
-            }
-          }
-          if (first_new == t0 || requantize) {
-            detail::int4_key_channel_params(lo, hi, scale + c, zero + c);
-          }
-          if (requantize) {
-            for (Index t = t0; t < first_new; ++t) {
-              const int q = detail::quantize_int4_key(old_value(t), scale[c], zero[c]);
-              detail::int4_set(k.at(b, t, h), c, dim, q);
-            }
-          }
-          for (Index t = first_new; t < last; ++t) {
-            const int q = detail::quantize_int4_key(static_cast<float>(x.at(b, t - position, h)[c]),
-                                                    scale[c], zero[c]);
-            detail::int4_set(k.at(b, t, h), c, dim, q);
-          }
-        }
-      }
-    }
-  }
+  detail::append_channel_keys<detail::Int4KeyCodec>(x, position, k, k_scale, k_zero);
 }
 
 /// out = the floats an int4 value cache holds: out[b, s, h, c] = v_scale[b, s, h, c/32]·float(q),

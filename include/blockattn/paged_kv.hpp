@@ -2,8 +2,12 @@
 // Paged K/V caches: PagedKV (a pool of fixed-size pages of keys and values over the caller's
 // memory, and per sequence a list of pages), the page tables of three serving engines taken as
 // they keep them (no copy), and the attention() overloads that read such a cache in place:
-// pages of float, double, bfloat16 or half (PagedKV<S>), or of int8 with one float scale per
-// token and kv head (PagedQuantizedKV: quantized_kv.hpp's format in pages).
+// pages of float, double, bfloat16 or half (PagedKV<S>), of int8 with one float scale per token
+// and kv head (PagedQuantizedKV: quantized_kv.hpp's format in pages), of int8 with per-channel
+// keys (PagedChannelQuantizedKV: ChannelQuantizedKV's format in pages) or of int4
+// (PagedInt4QuantizedKV: int4_kv.hpp's format in pages). The two formats with per-channel keys
+// keep each 32-token key block's scales and zero points in the page that holds its tokens, so
+// their page_size must be a multiple of 32 (a block never straddles two pages).
 //
 // The pool. k_pages and v_pages are TensorViews whose batch axis is the page: [num_pages,
 // page_size, H_kv, d] (vLLM's and FlashInfer's "NHD": make_tensor_view) or the head-major
@@ -30,7 +34,8 @@
 // cache k_b, v_b [1, length_b, H_kv, d] (in the pool's layout: BSHD for [num_pages, page_size,
 // H_kv, d] pages, BHSD for head-major ones), where q_b, out_b, lse_b are batch entry b, options_b
 // has key_lengths[b] alone when key_lengths is given, and mask_mod_b / score_mod_b see batch
-// index b. Bitwise: pages change no operation, only where rows are read (tests/paged_kv_test.cpp).
+// index b. Bitwise: pages change no operation, only where rows are read (tests/paged_kv_test.cpp,
+// tests/paged_quantized_test.cpp for the per-channel key formats).
 // Each sequence runs as one planned call (its tasks split over the threads: kv heads and key
 // segments); one plan over sequences of different lengths is issue 18's item 3.
 
@@ -45,6 +50,7 @@
 #include <blockattn/detail/check.hpp>
 #include <blockattn/detail/config.hpp>
 #include <blockattn/detail/kv_source.hpp>
+#include <blockattn/int4_kv.hpp>
 #include <blockattn/mask.hpp>
 #include <blockattn/quantized_kv.hpp>
 #include <blockattn/types.hpp>
@@ -134,6 +140,56 @@ struct PagedQuantizedKV {
   PageTable table;
 };
 
+/// A paged int8 K/V cache with per-channel keys (ChannelQuantizedKV's format in pages, over the
+/// caller's memory): k_pages int8 [num_pages, page_size, H_kv, d], k_scale_pages and k_zero_pages
+/// float [num_pages, page_size / 32, H_kv, d] (row r of page p holds the parameters of the key
+/// block of the page's tokens [32·r, 32·r + 32)), v_pages int8 [num_pages, page_size, H_kv, d_v],
+/// v_scale_pages float [num_pages, page_size, H_kv, 1], each view with strides of its own, and
+/// the page table; page_size a multiple of 32. Token t of a sequence is row t % page_size of page
+/// pages[t / page_size] and its key block's parameters row (t % page_size) / 32 of the same page,
+/// so the sequence's gathered cache is a ChannelQuantizedKV. quantize_kv() on a page (batch-1
+/// slices of k_pages, k_scale_pages and k_zero_pages, position t % page_size) appends keys in
+/// place, on a one-token slice of v_pages and v_scale_pages a value.
+struct PagedChannelQuantizedKV {
+  /// Key pages as int8, [num_pages, page_size, H_kv, d].
+  TensorView<const std::int8_t> k_pages;
+  /// One scale per key block of 32 tokens, kv head and channel, [num_pages, page_size / 32, H_kv,
+  /// d].
+  TensorView<const float> k_scale_pages;
+  /// One zero point per key block, kv head and channel (in int8 steps), as k_scale_pages.
+  TensorView<const float> k_zero_pages;
+  /// Value pages as int8, [num_pages, page_size, H_kv, d_v].
+  TensorView<const std::int8_t> v_pages;
+  /// One float scale per value row, [num_pages, page_size, H_kv, 1].
+  TensorView<const float> v_scale_pages;
+  /// Each sequence's pages and length.
+  PageTable table;
+};
+
+/// A paged int4 K/V cache (Int4QuantizedKV's format in pages, over the caller's memory): k_pages
+/// and v_pages of 4-bit values [num_pages, page_size, H_kv, d] (d_v for v; dim counts values,
+/// strides count bytes, rows of ceil(dim / 2) bytes), k_scale_pages and k_zero_pages float
+/// [num_pages, page_size / 32, H_kv, d] (the key blocks, as PagedChannelQuantizedKV's),
+/// v_scale_pages float [num_pages, page_size, H_kv, ceil(d_v / 32)], each view with strides of its
+/// own, and the page table; page_size a multiple of 32. quantize_kv() on pages appends in place
+/// as for PagedChannelQuantizedKV.
+struct PagedInt4QuantizedKV {
+  /// Key pages as 4-bit values, [num_pages, page_size, H_kv, d].
+  TensorView<const std::uint8_t> k_pages;
+  /// One scale per key block of 32 tokens, kv head and channel, [num_pages, page_size / 32, H_kv,
+  /// d].
+  TensorView<const float> k_scale_pages;
+  /// One zero point per key block, kv head and channel (in 4-bit steps), as k_scale_pages.
+  TensorView<const float> k_zero_pages;
+  /// Value pages as 4-bit values, [num_pages, page_size, H_kv, d_v].
+  TensorView<const std::uint8_t> v_pages;
+  /// One scale per value row and group of 32 channels, [num_pages, page_size, H_kv,
+  /// ceil(d_v / 32)].
+  TensorView<const float> v_scale_pages;
+  /// Each sequence's pages and length.
+  PageTable table;
+};
+
 namespace detail {
 
 /// Sequence b's page ids (`count` of them) in a validated PageTable.
@@ -196,42 +252,19 @@ inline AddressRange span_range(Span<const std::int32_t> s) {
 /// page table (spans long enough, offsets non-negative and non-decreasing within `pages`,
 /// lengths non-negative, within the pool, covered by the sequence's pages, FlashInfer's
 /// last_page_len in [1, page_size]); the ids of every page a length reaches in [0, num_pages);
-/// options.key_lengths[b] <= length b; no output overlapping an input. O(batch + pages used).
+/// options.key_lengths[b] <= length b; no output overlapping an input (k and v rows hold
+/// kv_values_per_element values to an element: 2 for int4 pools' bytes). O(batch + pages used).
 template <class QS, class S, class OS, class L>
 void validate_paged_attention(const char* f, const TensorView<const QS>& q,
                               const TensorView<const S>& k, const TensorView<const S>& v,
                               const PageTable& table, const TensorView<OS>& out,
-                              const AttentionOptions& options, Span<L> lse) {
-  const auto require_sizes = [&](const char* name, Index batch, Index seq, Index heads, Index dim) {
-    require(batch >= 0 && seq >= 0 && heads >= 0 && dim >= 0, f, name, " has a negative size [",
-            batch, ", ", seq, ", ", heads, ", ", dim, "]");
-  };
-  require_sizes("q", q.batch, q.seq, q.heads, q.dim);
-  require_sizes("k_pages", k.batch, k.seq, k.heads, k.dim);
-  require_sizes("v_pages", v.batch, v.seq, v.heads, v.dim);
-  require(q.dim > 0, f, "q.dim is 0 (the head dimension must be positive)");
-  require_size(f, "k_pages.dim", k.dim, "q.dim", q.dim, "head dimensions must match");
+                              const AttentionOptions& options, Span<L> lse,
+                              Index kv_values_per_element = 1) {
+  const bool empty = validate_query_kv_out(f, kPoolKVNames, q, k, v, out);
   require(k.seq > 0, f, "k_pages.seq (the page size) is 0 (a page holds at least one token)");
   require_size(f, "v_pages.batch", v.batch, "k_pages.batch", k.batch,
                "keys and values have the same pages");
   require_size(f, "v_pages.seq", v.seq, "k_pages.seq", k.seq, "keys and values share pages");
-  require_size(f, "v_pages.heads", v.heads, "k_pages.heads", k.heads,
-               "keys and values have the same heads");
-  require(k.heads > 0, f, "k_pages.heads is 0 (at least one key/value head)");
-  require(q.heads % k.heads == 0, f, "q.heads is ", q.heads, " but k_pages.heads is ", k.heads,
-          " (the number of query heads must be a multiple of the key/value heads)");
-  require_size(f, "out.batch", out.batch, "q.batch", q.batch, "one output per sequence");
-  require_size(f, "out.seq", out.seq, "q.seq", q.seq, "one output row per query");
-  require_size(f, "out.heads", out.heads, "q.heads", q.heads, "one output per query head");
-  require_size(f, "out.dim", out.dim, "v_pages.dim", v.dim,
-               "the output has the values' head dimension");
-  const bool empty = q.batch == 0 || q.seq == 0 || q.heads == 0;
-  require(empty || (q.data != nullptr && out.data != nullptr), f,
-          "q.data or out.data is null for a non-empty problem");
-  require(empty || elements_distinct(out), f, "out's strides [", out.batch_stride, ", ",
-          out.seq_stride, ", ", out.head_stride, "] make elements of out [", out.batch, ", ",
-          out.seq, ", ", out.heads, ", ", out.dim,
-          "] share memory (every output element needs its own address)");
   // The page table.
   const Index batch = q.batch;
   const Index page_size = k.seq;
@@ -291,9 +324,12 @@ void validate_paged_attention(const char* f, const TensorView<const QS>& q,
   }
   // Outputs must not alias inputs.
   const AddressRange out_range = tensor_range(out);
-  const AddressRange inputs[] = {tensor_range(q),           tensor_range(k),
-                                 tensor_range(v),           span_range(table.pages),
-                                 span_range(table.offsets), span_range(table.lengths)};
+  const AddressRange inputs[] = {tensor_range(q),
+                                 tensor_range(k, kv_values_per_element),
+                                 tensor_range(v, kv_values_per_element),
+                                 span_range(table.pages),
+                                 span_range(table.offsets),
+                                 span_range(table.lengths)};
   const char* const input_names[] = {"q", "k_pages", "v_pages", n.pages, n.offsets, n.lengths};
   for (std::size_t i = 0; i < std::size(inputs); ++i) {
     require_disjoint(f, "out", out_range, input_names[i], inputs[i]);
@@ -318,19 +354,21 @@ inline constexpr ScaleNames kVScalePagesNames{
     "v_scale_pages",     "v_scale_pages.batch", "v_scale_pages.seq", "v_scale_pages.heads",
     "v_scale_pages.dim", "v_pages.batch",       "v_pages.seq",       "v_pages.heads"};
 
-/// Checks an int8 paged cache's scale pool against its value pool `of` (validated, with the
-/// table, by validate_paged_attention): sizes [num_pages, page_size, H_kv, 1], data when some
-/// sequence holds a token, and the scale of every token a sequence holds finite with
-/// |scale| <= kMaxInt8Scale (pages no sequence reaches are not read).
-inline void validate_page_scales(const char* f, const ScaleNames& n,
-                                 const TensorView<const float>& scale,
-                                 const TensorView<const std::int8_t>& of, const PageTable& table,
-                                 Index batch, Index n_q) {
-  const char* const why = "one scale per token and kv head";
+/// Checks a paged cache's per-row scale pool against its pool `of` (validated, with the table,
+/// by validate_paged_attention): sizes [num_pages, page_size, H_kv, groups] (groups 1: int8's one
+/// scale per row; int4 values: one per 32 channels), data when some sequence holds a token, and
+/// the scales of every token a sequence holds finite with |scale| <= max_scale (pages no sequence
+/// reaches are not read). O(Σ_b length_b·H_kv·groups).
+template <class K>
+void validate_page_scales(const char* f, const ScaleNames& n, const TensorView<const float>& scale,
+                          const TensorView<const K>& of, const PageTable& table, Index batch,
+                          Index n_q, Index groups = 1, float max_scale = kMaxInt8Scale) {
+  const char* const why = groups == 1 ? "one scale per token and kv head"
+                                      : "one scale per token, kv head and group of 32 channels";
   require_size(f, n.batch, scale.batch, n.of_batch, of.batch, why);
   require_size(f, n.seq, scale.seq, n.of_seq, of.seq, why);
   require_size(f, n.heads, scale.heads, n.of_heads, of.heads, why);
-  require_size(f, n.dim, scale.dim, "1", 1, why);
+  require_size(f, n.dim, scale.dim, groups == 1 ? "1" : "ceil(v_pages.dim / 32)", groups, why);
   const Index page_size = of.seq;
   for (Index b = 0; b < batch; ++b) {
     const Index length = sequence_length(table, b, n_q, page_size);
@@ -341,14 +379,68 @@ inline void validate_page_scales(const char* f, const ScaleNames& n,
     for (Index t = 0; t < length; ++t) {
       const Index page = pages.ids[t / page_size];
       for (Index h = 0; h < scale.heads; ++h) {
-        const float x = *scale.at(page, t % page_size, h);
-        require(std::isfinite(x) && std::abs(x) <= kMaxInt8Scale, f, n.name, "[", page, ", ",
-                t % page_size, ", ", h, "] (token ", t, " of sequence ", b, ") is ", x,
-                " (a scale must be finite and at most ", kMaxInt8Scale,
-                " in magnitude, so that every value is finite)");
+        const float* x = scale.at(page, t % page_size, h);
+        for (Index g = 0; g < groups; ++g) {
+          if (std::isfinite(x[g]) && std::abs(x[g]) <= max_scale) continue;
+          const char* const why_bad = " (a scale must be finite and at most ";
+          const char* const so = " in magnitude, so that every value is finite)";
+          if (groups == 1) {
+            require(false, f, n.name, "[", page, ", ", t % page_size, ", ", h, "] (token ", t,
+                    " of sequence ", b, ") is ", x[g], why_bad, max_scale, so);
+          }
+          require(false, f, n.name, "[", page, ", ", t % page_size, ", ", h, ", ", g, "] (token ",
+                  t, " of sequence ", b, ") is ", x[g], why_bad, max_scale, so);
+        }
       }
     }
   }
+}
+
+/// Checks a paged cache's per-channel key parameter pools against its key pool k (validated,
+/// with the table, by validate_paged_attention): page_size a multiple of 32 (a key block's
+/// parameters live in the page of its tokens), sizes [num_pages, page_size / 32, H_kv, d], data
+/// when some sequence holds a token, and the parameters of every block some sequence's tokens
+/// reach valid for integers in [q_min, q_max] (validate_key_blocks; blocks no sequence reaches
+/// are not read). O(Σ_b ceil(length_b / 32)·H_kv·d).
+template <class K>
+void validate_page_channel_keys(const char* f, const TensorView<const K>& k,
+                                const TensorView<const float>& k_scale,
+                                const TensorView<const float>& k_zero, const PageTable& table,
+                                Index batch, Index n_q, float q_min, float q_max) {
+  const Index page_size = k.seq;
+  require(page_size % kKeyBlockTokens == 0, f, "page_size (k_pages.seq) is ", page_size,
+          " but must be a multiple of ", kKeyBlockTokens,
+          " (each 32-token key block keeps its scales and zero points in the page of its tokens)");
+  const char* const why = "one per key block of 32 tokens of a page, kv head and channel";
+  const char* const names[][5] = {{"k_scale_pages", "k_scale_pages.batch", "k_scale_pages.seq",
+                                   "k_scale_pages.heads", "k_scale_pages.dim"},
+                                  {"k_zero_pages", "k_zero_pages.batch", "k_zero_pages.seq",
+                                   "k_zero_pages.heads", "k_zero_pages.dim"}};
+  const TensorView<const float>* params[] = {&k_scale, &k_zero};
+  for (int i = 0; i < 2; ++i) {
+    const TensorView<const float>& x = *params[i];
+    require_size(f, names[i][1], x.batch, "k_pages.batch", k.batch, why);
+    require_size(f, names[i][2], x.seq, "page_size / 32", page_size / kKeyBlockTokens, why);
+    require_size(f, names[i][3], x.heads, "k_pages.heads", k.heads, why);
+    require_size(f, names[i][4], x.dim, "k_pages.dim", k.dim, why);
+    for (Index b = 0; b < batch; ++b) {
+      const Index length = sequence_length(table, b, n_q, page_size);
+      require(length == 0 || x.data != nullptr, f, names[i][0], ".data is null but sequence ", b,
+              " holds ", length, " tokens");
+    }
+  }
+  validate_key_blocks(
+      f, "k_scale_pages", "k_zero_pages", k_scale, k_zero,
+      [&](auto&& block) {
+        for (Index b = 0; b < batch; ++b) {
+          const PageList pages = page_list(table, b);
+          const Index length = sequence_length(table, b, n_q, page_size);
+          for (Index t = 0; t < length; t += kKeyBlockTokens) {
+            block(Index(pages.ids[t / page_size]), (t % page_size) / kKeyBlockTokens);
+          }
+        }
+      },
+      q_min, q_max);
 }
 
 /// A user mask_mod seen from one sequence's call (batch entry 0 there): called with the
@@ -506,23 +598,100 @@ void attention(TensorView<QT> q, const PagedQuantizedKV& kv, TensorView<OT> out,
                                q.batch, q.seq);
   detail::validate_page_scales(f, detail::kVScalePagesNames, kv.v_scale_pages, kv.v_pages, kv.table,
                                q.batch, q.seq);
-  const detail::AddressRange out_range = detail::tensor_range(out);
-  const detail::AddressRange k_scale_range = detail::tensor_range(kv.k_scale_pages);
-  const detail::AddressRange v_scale_range = detail::tensor_range(kv.v_scale_pages);
-  detail::require_disjoint(f, "out", out_range, "k_scale_pages", k_scale_range);
-  detail::require_disjoint(f, "out", out_range, "v_scale_pages", v_scale_range);
-  if (!lse.empty()) {
-    const Index count = q.batch * q.heads * q.seq;
-    const detail::AddressRange lse_range = detail::address_range(lse.data(), 1, count, count);
-    detail::require_disjoint(f, "lse", lse_range, "k_scale_pages", k_scale_range);
-    detail::require_disjoint(f, "lse", lse_range, "v_scale_pages", v_scale_range);
-  }
+  const std::pair<const char*, detail::AddressRange> scales[] = {
+      {"k_scale_pages", detail::tensor_range(kv.k_scale_pages)},
+      {"v_scale_pages", detail::tensor_range(kv.v_scale_pages)}};
+  detail::require_outputs_disjoint(f, detail::tensor_range(out), lse, q.batch * q.heads * q.seq,
+                                   scales);
   detail::paged_attention_forward(
       cq, kv.k_pages, kv.v_pages, kv.table, out, options, detail::data_or_null(lse), mask_mod,
       score_mod, [&](const std::int32_t* pages) {
         return detail::PagedKVHeads<float, std::int8_t>(kv.k_pages, kv.v_pages, pages,
                                                         kv.k_scale_pages, kv.v_scale_pages);
       });
+}
+
+namespace detail {
+
+/// attention() on a paged cache with per-channel keys (Paged: PagedChannelQuantizedKV or
+/// PagedInt4QuantizedKV) after its type checks: validation (the table and pools as the other
+/// paged forms, page_size a multiple of 32, the key parameters of every block a sequence reaches,
+/// the value scales of every token it holds, outputs disjoint from the parameter pools), then
+/// paged_attention_forward on the format's own source (SourceOf: ChannelQuantizedKVSource or
+/// Int4KVSource) over PagedRows: only where rows are read changes.
+template <class K, template <template <class> class> class SourceOf, class Paged, class MaskMod,
+          class ScoreMod>
+void paged_channel_key_attention(const TensorView<const float>& q, const Paged& kv,
+                                 const TensorView<float>& out, const AttentionOptions& options,
+                                 Span<float> lse, const MaskMod& mask_mod,
+                                 const ScoreMod& score_mod) {
+  constexpr bool kInt4 = std::is_same_v<K, std::uint8_t>;
+  const char* const f = "attention";
+  validate_paged_attention(f, q, kv.k_pages, kv.v_pages, kv.table, out, options, lse,
+                           /*kv_values_per_element=*/kInt4 ? 2 : 1);
+  validate_page_channel_keys(f, kv.k_pages, kv.k_scale_pages, kv.k_zero_pages, kv.table, q.batch,
+                             q.seq, kInt4 ? -8.0f : -128.0f, kInt4 ? 7.0f : 127.0f);
+  validate_page_scales(f, kVScalePagesNames, kv.v_scale_pages, kv.v_pages, kv.table, q.batch, q.seq,
+                       kInt4 ? int4_groups(kv.v_pages.dim) : 1,
+                       kInt4 ? kMaxInt4Scale : kMaxInt8Scale);
+  const std::pair<const char*, AddressRange> scales[] = {
+      {"k_scale_pages", tensor_range(kv.k_scale_pages)},
+      {"k_zero_pages", tensor_range(kv.k_zero_pages)},
+      {"v_scale_pages", tensor_range(kv.v_scale_pages)}};
+  require_outputs_disjoint(f, tensor_range(out), lse, q.batch * q.heads * q.seq, scales);
+  paged_attention_forward(q, kv.k_pages, kv.v_pages, kv.table, out, options, data_or_null(lse),
+                          mask_mod, score_mod, [&](const std::int32_t* pages) {
+                            return ChannelKeyKVHeads<K, SourceOf, PagedRows>(
+                                kv.k_pages, kv.k_scale_pages, kv.k_zero_pages, kKeyBlockTokens,
+                                kv.v_pages, kv.v_scale_pages, pages);
+                          });
+}
+
+}  // namespace detail
+
+/// Exact attention of float queries over a paged int8 cache with per-channel keys
+/// (PagedChannelQuantizedKV): the pages hold ChannelQuantizedKV's format, read in place as
+/// attention() on a ChannelQuantizedKV reads it (prefill dequantizes each K tile, decode scales
+/// the queries per key block). Sequence b's out and lse are bitwise those of attention() on the
+/// ChannelQuantizedKV of its gathered cache (keys, their block parameters and values gathered
+/// page by page), with everything else as the PagedKV form. q and out float. Throws
+/// std::invalid_argument as the PagedKV form, and also when page_size is not a multiple of 32,
+/// k_scale_pages or k_zero_pages is not [num_pages, page_size / 32, H_kv, d] or null, the
+/// parameters of a key block some sequence reaches are not finite or make a key non-finite, or
+/// v_scale_pages fails the PagedQuantizedKV checks; nothing is written then. Checking reads the
+/// parameters of every held block and the scale of every held token: O(Σ_b length_b·H_kv·
+/// (1 + d/32)).
+template <class QT, class OT, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
+void attention(TensorView<QT> q, const PagedChannelQuantizedKV& kv, TensorView<OT> out,
+               const AttentionOptions& options = {}, Span<float> lse = {},
+               const MaskMod& mask_mod = {}, const ScoreMod& score_mod = {}) {
+  static_assert(std::is_same_v<std::remove_const_t<QT>, float> && std::is_same_v<OT, float>,
+                "blockattn: an int8 paged cache (PagedChannelQuantizedKV) is read under float q "
+                "and a writable float out (TensorView<float>)");
+  detail::check_mods<float, MaskMod, ScoreMod>();
+  detail::paged_channel_key_attention<std::int8_t, detail::ChannelQuantizedKVSource>(
+      TensorView<const float>(q), kv, out, options, lse, mask_mod, score_mod);
+}
+
+/// Exact attention of float queries over a paged int4 cache (PagedInt4QuantizedKV): the pages
+/// hold Int4QuantizedKV's format, read in place as attention() on an Int4QuantizedKV reads it.
+/// Sequence b's out and lse are bitwise those of attention() on the Int4QuantizedKV of its
+/// gathered cache (hence of the float call on its dequantize_kv()), with everything else as the
+/// PagedKV form. q and out float. Throws std::invalid_argument as the PagedChannelQuantizedKV
+/// form (page_size a multiple of 32, the key block parameters for q in [−8, 7]), and also when
+/// v_scale_pages is not [num_pages, page_size, H_kv, ceil(d_v / 32)] or null, or a group scale of
+/// a held token is not finite or has |scale|·8 beyond float; nothing is written then. Checking:
+/// O(Σ_b length_b·H_kv·(d/32 + d_v/32)).
+template <class QT, class OT, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
+void attention(TensorView<QT> q, const PagedInt4QuantizedKV& kv, TensorView<OT> out,
+               const AttentionOptions& options = {}, Span<float> lse = {},
+               const MaskMod& mask_mod = {}, const ScoreMod& score_mod = {}) {
+  static_assert(std::is_same_v<std::remove_const_t<QT>, float> && std::is_same_v<OT, float>,
+                "blockattn: an int4 paged cache (PagedInt4QuantizedKV) is read under float q and "
+                "a writable float out (TensorView<float>)");
+  detail::check_mods<float, MaskMod, ScoreMod>();
+  detail::paged_channel_key_attention<std::uint8_t, detail::Int4KVSource>(
+      TensorView<const float>(q), kv, out, options, lse, mask_mod, score_mod);
 }
 
 }  // namespace BLOCKATTN_ISA_NAMESPACE

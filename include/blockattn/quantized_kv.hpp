@@ -98,6 +98,38 @@ inline void validate_scales(const char* function, const ScaleNames& n,
   }
 }
 
+/// Every element of x [B, S, H, D] finite, else std::invalid_argument naming the first one.
+template <class X>
+void require_finite_input(const char* function, const TensorView<const X>& x) {
+  for (Index b = 0; b < x.batch; ++b) {
+    for (Index s = 0; s < x.seq; ++s) {
+      for (Index h = 0; h < x.heads; ++h) {
+        const X* row = x.at(b, s, h);
+        for (Index c = 0; c < x.dim; ++c) {
+          const float value = static_cast<float>(row[c]);
+          require(std::isfinite(value), function, "x[", b, ", ", s, ", ", h, ", ", c, "] is ",
+                  value, " (only finite values can be quantized)");
+        }
+      }
+    }
+  }
+}
+
+/// Checks that out and lse (optional: [B, H, n_q], count = B·H·n_q floats) overlap none of a
+/// quantized cache's scale views `inputs` (name, address range), which validate_attention does
+/// not see.
+template <std::size_t N>
+void require_outputs_disjoint(const char* function, const AddressRange& out_range, Span<float> lse,
+                              Index count,
+                              const std::pair<const char*, AddressRange> (&inputs)[N]) {
+  const AddressRange lse_range =
+      lse.empty() ? AddressRange{} : address_range(lse.data(), 1, count, count);
+  for (const auto& [name, range] : inputs) {
+    require_disjoint(function, "out", out_range, name, range);
+    require_disjoint(function, "lse", lse_range, name, range);
+  }
+}
+
 }  // namespace detail
 
 /// Exact attention of float queries over an int8 K/V cache (QuantizedKV): as the TensorView
@@ -121,19 +153,10 @@ void attention(TensorView<QT> q, const QuantizedKV& kv, TensorView<OT> out,
   detail::validate_attention<float>("attention", cq, kv.k, kv.v, out, options, lse);
   detail::validate_scales("attention", detail::kKScaleNames, kv.k_scale, kv.k);
   detail::validate_scales("attention", detail::kVScaleNames, kv.v_scale, kv.v);
-  const detail::AddressRange out_range = detail::tensor_range(out);
-  detail::require_disjoint("attention", "out", out_range, "k_scale",
-                           detail::tensor_range(kv.k_scale));
-  detail::require_disjoint("attention", "out", out_range, "v_scale",
-                           detail::tensor_range(kv.v_scale));
-  if (!lse.empty()) {
-    const Index count = q.batch * q.heads * q.seq;
-    const detail::AddressRange lse_range = detail::address_range(lse.data(), 1, count, count);
-    detail::require_disjoint("attention", "lse", lse_range, "k_scale",
-                             detail::tensor_range(kv.k_scale));
-    detail::require_disjoint("attention", "lse", lse_range, "v_scale",
-                             detail::tensor_range(kv.v_scale));
-  }
+  const std::pair<const char*, detail::AddressRange> scales[] = {
+      {"k_scale", detail::tensor_range(kv.k_scale)}, {"v_scale", detail::tensor_range(kv.v_scale)}};
+  detail::require_outputs_disjoint("attention", detail::tensor_range(out), lse,
+                                   q.batch * q.heads * q.seq, scales);
   Workspace own;
   Workspace& workspace = options.workspace != nullptr ? *options.workspace : own;
   detail::attention_forward_sources(cq, detail::shapes_of(cq, kv.k, kv.v),
@@ -176,18 +199,7 @@ void quantize_kv(TensorView<XT> x, TensorView<std::int8_t> q, TensorView<float> 
   }
   detail::require(x.data != nullptr && q.data != nullptr, f,
                   "x.data or q.data is null for a non-empty x");
-  for (Index b = 0; b < x.batch; ++b) {
-    for (Index s = 0; s < x.seq; ++s) {
-      for (Index h = 0; h < x.heads; ++h) {
-        const X* row = x.at(b, s, h);
-        for (Index c = 0; c < x.dim; ++c) {
-          const float value = static_cast<float>(row[c]);
-          detail::require(std::isfinite(value), f, "x[", b, ", ", s, ", ", h, ", ", c, "] is ",
-                          value, " (only finite values can be quantized)");
-        }
-      }
-    }
-  }
+  detail::require_finite_input(f, TensorView<const X>(x));
   for (Index b = 0; b < x.batch; ++b) {
     for (Index s = 0; s < x.seq; ++s) {
       for (Index h = 0; h < x.heads; ++h) {
@@ -295,48 +307,72 @@ void validate_key_block_sizes(const char* function, const KeyBlockNames& n,
   require(x.data != nullptr, function, n.name, ".data is null for a non-empty cache");
 }
 
-/// Checks the key block parameters [b, block, h, ·] for blocks [block0, block1): every scale and
-/// zero point finite, and the extreme values scale·(q_min − zero) and scale·(q_max − zero) finite
-/// in float (then every key is: |scale·(q − zero)| is largest at an end of the integer range,
-/// int8's [−128, 127] or int4's [−8, 7]).
-inline void validate_key_block_values(const char* function, const TensorView<const float>& scale,
-                                      const TensorView<const float>& zero, Index block0,
-                                      Index block1, float q_min = -128.0f, float q_max = 127.0f) {
+/// Checks the key block parameters [b, blk, h, ·] of the blocks for_each_block(f) names (calls
+/// f(b, blk) for each): every scale and zero point finite, and the extreme values
+/// scale·(q_min − zero) and scale·(q_max − zero) finite in float (then every key is:
+/// |scale·(q − zero)| is largest at an end of the integer range, int8's [−128, 127] or int4's
+/// [−8, 7]). scale_name, zero_name: the views' argument names in the message.
+template <class ForEachBlock>
+void validate_key_blocks(const char* function, const char* scale_name, const char* zero_name,
+                         const TensorView<const float>& scale, const TensorView<const float>& zero,
+                         const ForEachBlock& for_each_block, float q_min, float q_max) {
   // A branch-free scan first (NaN and ±inf fail the comparisons), since this reads 2·d floats
   // per 32 keys on every call; the loop below names the first bad pair only when there is one.
   constexpr float kMax = std::numeric_limits<float>::max();
   bool all_ok = true;
-  for (Index b = 0; b < scale.batch; ++b) {
-    for (Index blk = block0; blk < block1; ++blk) {
-      for (Index h = 0; h < scale.heads; ++h) {
-        const float* sc = scale.at(b, blk, h);
-        const float* zp = zero.at(b, blk, h);
-        for (Index c = 0; c < scale.dim; ++c) {
-          all_ok &= (std::abs(sc[c]) <= kMax) & (std::abs(zp[c]) <= kMax) &
-                    (std::abs(sc[c] * (q_min - zp[c])) <= kMax) &
-                    (std::abs(sc[c] * (q_max - zp[c])) <= kMax);
-        }
+  for_each_block([&](Index b, Index blk) {
+    for (Index h = 0; h < scale.heads; ++h) {
+      const float* sc = scale.at(b, blk, h);
+      const float* zp = zero.at(b, blk, h);
+      for (Index c = 0; c < scale.dim; ++c) {
+        all_ok &= (std::abs(sc[c]) <= kMax) & (std::abs(zp[c]) <= kMax) &
+                  (std::abs(sc[c] * (q_min - zp[c])) <= kMax) &
+                  (std::abs(sc[c] * (q_max - zp[c])) <= kMax);
       }
     }
-  }
+  });
   if (all_ok) return;
-  for (Index b = 0; b < scale.batch; ++b) {
-    for (Index blk = block0; blk < block1; ++blk) {
-      for (Index h = 0; h < scale.heads; ++h) {
-        const float* sc = scale.at(b, blk, h);
-        const float* zp = zero.at(b, blk, h);
-        for (Index c = 0; c < scale.dim; ++c) {
-          const bool ok = std::isfinite(sc[c]) && std::isfinite(zp[c]) &&
-                          std::isfinite(sc[c] * (q_min - zp[c])) &&
-                          std::isfinite(sc[c] * (q_max - zp[c]));
-          require(ok, function, "k_scale[", b, ", ", blk, ", ", h, ", ", c, "] is ", sc[c],
-                  " and k_zero[", b, ", ", blk, ", ", h, ", ", c, "] is ", zp[c],
-                  " (both must be finite, and k_scale·(q − k_zero) finite for every q in [", q_min,
-                  ", ", q_max, "])");
-        }
+  for_each_block([&](Index b, Index blk) {
+    for (Index h = 0; h < scale.heads; ++h) {
+      const float* sc = scale.at(b, blk, h);
+      const float* zp = zero.at(b, blk, h);
+      for (Index c = 0; c < scale.dim; ++c) {
+        const bool ok = std::isfinite(sc[c]) && std::isfinite(zp[c]) &&
+                        std::isfinite(sc[c] * (q_min - zp[c])) &&
+                        std::isfinite(sc[c] * (q_max - zp[c]));
+        require(ok, function, scale_name, "[", b, ", ", blk, ", ", h, ", ", c, "] is ", sc[c],
+                " and ", zero_name, "[", b, ", ", blk, ", ", h, ", ", c, "] is ", zp[c],
+                " (both must be finite, and k_scale·(q − k_zero) finite for every q in [", q_min,
+                ", ", q_max, "])");
       }
     }
-  }
+  });
+}
+
+/// validate_key_blocks for blocks [block0, block1) of every batch entry of k_scale and k_zero.
+inline void validate_key_block_values(const char* function, const TensorView<const float>& scale,
+                                      const TensorView<const float>& zero, Index block0,
+                                      Index block1, float q_min = -128.0f, float q_max = 127.0f) {
+  validate_key_blocks(
+      function, "k_scale", "k_zero", scale, zero,
+      [&](auto&& f) {
+        for (Index b = 0; b < scale.batch; ++b) {
+          for (Index blk = block0; blk < block1; ++blk) f(b, blk);
+        }
+      },
+      q_min, q_max);
+}
+
+/// Checks a cache's per-channel key parameters against its keys k (int8, or 4-bit values in
+/// bytes): k_scale and k_zero sizes and data (validate_key_block_sizes) and every block's values
+/// for integers in [q_min, q_max] (validate_key_block_values).
+template <class K>
+void validate_channel_keys(const char* function, const TensorView<const K>& k,
+                           const TensorView<const float>& k_scale,
+                           const TensorView<const float>& k_zero, float q_min, float q_max) {
+  validate_key_block_sizes(function, kKScaleBlockNames, k_scale, k);
+  validate_key_block_sizes(function, kKZeroBlockNames, k_zero, k);
+  if (k.dim > 0) validate_key_block_values(function, k_scale, k_zero, 0, k_scale.seq, q_min, q_max);
 }
 
 /// One channel's parameters for values in [lo, hi]: scale (hi − lo)/254 and an integral zero
@@ -368,6 +404,123 @@ inline std::int8_t quantize_key(float x, float scale, float zero) {
 
 }  // namespace detail
 
+namespace detail {
+
+/// ChannelQuantizedKV's key codec for append_channel_keys: one int8 per element, integral zero
+/// points (key_channel_params, quantize_key).
+struct Int8KeyCodec {
+  using Byte = std::int8_t;
+  static constexpr float kMin = -128.0f;
+  static constexpr float kMax = 127.0f;
+  static constexpr const char* kPerElement = "one int8 per element";
+  /// Prepares a new row before its elements are set (nothing: every byte is set).
+  static void clear_row(Byte*, Index) {}
+  static float get(const Byte* row, Index c, Index) { return static_cast<float>(row[c]); }
+  static void set(Byte* row, Index c, Index, float x, float scale, float zero) {
+    row[c] = quantize_key(x, scale, zero);
+  }
+  static void params(float lo, float hi, float* scale, float* zero) {
+    key_channel_params(lo, hi, scale, zero);
+  }
+};
+
+/// quantize_kv() for per-channel keys, over a key codec (Int8KeyCodec; Int4KeyCodec of
+/// int4_kv.hpp): appends x as tokens [position, position + x.seq) of k, k_scale and k_zero (see
+/// the ChannelQuantizedKV overload of quantize_kv for the contract). Codec: Byte (k's element),
+/// kMin / kMax (the integer range), kPerElement (the size message), clear_row(row, dim), get(row,
+/// c, dim), set(row, c, dim, x, scale, zero) and params(lo, hi, &scale, &zero).
+template <class Codec, class XT>
+void append_channel_keys(TensorView<XT> x, Index position, TensorView<typename Codec::Byte> k,
+                         TensorView<float> k_scale, TensorView<float> k_zero) {
+  using X = std::remove_const_t<XT>;
+  static_assert(std::is_same_v<X, float> || kIs16BitFloat<X>,
+                "blockattn: quantize_kv reads float, Eigen::bfloat16 or Eigen::half");
+  const char* const f = "quantize_kv";
+  require(x.batch >= 0 && x.seq >= 0 && x.heads >= 0 && x.dim >= 0, f, "x has a negative size");
+  require(position >= 0, f, "position is ", position, " (must be >= 0)");
+  const Index end = position + x.seq;
+  const char* const why = Codec::kPerElement;
+  require_size(f, "k.batch", k.batch, "x.batch", x.batch, why);
+  require_size(f, "k.heads", k.heads, "x.heads", x.heads, why);
+  require_size(f, "k.dim", k.dim, "x.dim", x.dim, why);
+  require(k.seq >= end, f, "k.seq is ", k.seq, " but position + x.seq is ", end,
+          " (the cache must hold the appended tokens)");
+  const char* const names[][4] = {{"k_scale.batch", "k_scale.seq", "k_scale.heads", "k_scale.dim"},
+                                  {"k_zero.batch", "k_zero.seq", "k_zero.heads", "k_zero.dim"}};
+  const TensorView<float>* params[] = {&k_scale, &k_zero};
+  for (int i = 0; i < 2; ++i) {
+    const TensorView<float>& p = *params[i];
+    const char* const per = "one per key block of 32 tokens, head and channel";
+    require_size(f, names[i][0], p.batch, "x.batch", x.batch, per);
+    require_size(f, names[i][2], p.heads, "x.heads", x.heads, per);
+    require_size(f, names[i][3], p.dim, "x.dim", x.dim, per);
+    require(p.seq >= key_blocks(end), f, names[i][1], " is ", p.seq,
+            " but ceil((position + x.seq) / 32) is ", key_blocks(end), " (", per, ")");
+  }
+  if (x.batch == 0 || x.seq == 0 || x.heads == 0 || x.dim == 0) return;
+  require(
+      x.data != nullptr && k.data != nullptr && k_scale.data != nullptr && k_zero.data != nullptr,
+      f, "x.data, k.data, k_scale.data or k_zero.data is null for a non-empty x");
+  require_finite_input(f, TensorView<const X>(x));
+  const Index open = position % kKeyBlockTokens;  // tokens already in the first block
+  if (open > 0) {
+    const Index blk = position / kKeyBlockTokens;
+    validate_key_block_values(f, TensorView<const float>(k_scale), TensorView<const float>(k_zero),
+                              blk, blk + 1, Codec::kMin, Codec::kMax);
+  }
+  const Index dim = x.dim;
+  for (Index b = 0; b < x.batch; ++b) {
+    for (Index h = 0; h < x.heads; ++h) {
+      for (Index t = position; t < end; ++t) Codec::clear_row(k.at(b, t, h), dim);
+      for (Index t0 = position - open; t0 < end; t0 += kKeyBlockTokens) {
+        const Index blk = t0 / kKeyBlockTokens;
+        const Index first_new = std::max(t0, position);  // earlier tokens of the block are old
+        const Index last = std::min(t0 + kKeyBlockTokens, end);
+        float* scale = k_scale.at(b, blk, h);
+        float* zero = k_zero.at(b, blk, h);
+        for (Index c = 0; c < dim; ++c) {
+          float lo = std::numeric_limits<float>::infinity();
+          float hi = -lo;
+          for (Index t = first_new; t < last; ++t) {
+            const float value = static_cast<float>(x.at(b, t - position, h)[c]);
+            lo = std::min(lo, value);
+            hi = std::max(hi, value);
+          }
+          const float old_scale = scale[c];
+          const float old_zero = zero[c];
+          const auto old_value = [&](Index t) {
+            return old_scale * (Codec::get(k.at(b, t, h), c, dim) - old_zero);
+          };
+          bool requantize = false;
+          if (first_new > t0) {
+            const float a = old_scale * (Codec::kMin - old_zero);
+            const float z = old_scale * (Codec::kMax - old_zero);
+            requantize = !(old_scale > 0.0f && lo >= std::min(a, z) && hi <= std::max(a, z));
+            if (requantize) {
+              for (Index t = t0; t < first_new; ++t) {
+                lo = std::min(lo, old_value(t));
+                hi = std::max(hi, old_value(t));
+              }
+            }
+          }
+          if (first_new == t0 || requantize) Codec::params(lo, hi, scale + c, zero + c);
+          if (requantize) {
+            for (Index t = t0; t < first_new; ++t) {
+              Codec::set(k.at(b, t, h), c, dim, old_value(t), scale[c], zero[c]);
+            }
+          }
+          for (Index t = first_new; t < last; ++t) {
+            Codec::set(k.at(b, t, h), c, dim, static_cast<float>(x.at(b, t - position, h)[c]),
+                       scale[c], zero[c]);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
 /// Exact attention of float queries over an int8 cache with per-channel keys
 /// (ChannelQuantizedKV). Prefill (more than 8 query rows per kv head) dequantizes each K tile
 /// once into the packed panel and is bitwise the TensorView attention() on
@@ -390,24 +543,14 @@ void attention(TensorView<QT> q, const ChannelQuantizedKV& kv, TensorView<OT> ou
   detail::check_mods<float, MaskMod, ScoreMod>();
   const TensorView<const float> cq(q);
   detail::validate_attention<float>("attention", cq, kv.k, kv.v, out, options, lse);
-  detail::validate_key_block_sizes("attention", detail::kKScaleBlockNames, kv.k_scale, kv.k);
-  detail::validate_key_block_sizes("attention", detail::kKZeroBlockNames, kv.k_zero, kv.k);
-  if (kv.k.dim > 0) {
-    detail::validate_key_block_values("attention", kv.k_scale, kv.k_zero, 0, kv.k_scale.seq);
-  }
+  detail::validate_channel_keys("attention", kv.k, kv.k_scale, kv.k_zero, -128.0f, 127.0f);
   detail::validate_scales("attention", detail::kVScaleNames, kv.v_scale, kv.v);
-  const detail::AddressRange out_range = detail::tensor_range(out);
-  const Index count = q.batch * q.heads * q.seq;
-  const detail::AddressRange lse_range =
-      lse.empty() ? detail::AddressRange{} : detail::address_range(lse.data(), 1, count, count);
-  const std::pair<const char*, detail::AddressRange> inputs[] = {
+  const std::pair<const char*, detail::AddressRange> scales[] = {
       {"k_scale", detail::tensor_range(kv.k_scale)},
       {"k_zero", detail::tensor_range(kv.k_zero)},
       {"v_scale", detail::tensor_range(kv.v_scale)}};
-  for (const auto& [name, range] : inputs) {
-    detail::require_disjoint("attention", "out", out_range, name, range);
-    detail::require_disjoint("attention", "lse", lse_range, name, range);
-  }
+  detail::require_outputs_disjoint("attention", detail::tensor_range(out), lse,
+                                   q.batch * q.heads * q.seq, scales);
   Workspace own;
   Workspace& workspace = options.workspace != nullptr ? *options.workspace : own;
   detail::attention_forward_sources(
@@ -433,103 +576,7 @@ void attention(TensorView<QT> q, const ChannelQuantizedKV& kv, TensorView<OT> ou
 template <class XT>
 void quantize_kv(TensorView<XT> x, Index position, TensorView<std::int8_t> k,
                  TensorView<float> k_scale, TensorView<float> k_zero) {
-  using X = std::remove_const_t<XT>;
-  static_assert(std::is_same_v<X, float> || detail::kIs16BitFloat<X>,
-                "blockattn: quantize_kv reads float, Eigen::bfloat16 or Eigen::half");
-  const char* const f = "quantize_kv";
-  detail::require(x.batch >= 0 && x.seq >= 0 && x.heads >= 0 && x.dim >= 0, f,
-                  "x has a negative size");
-  detail::require(position >= 0, f, "position is ", position, " (must be >= 0)");
-  const Index end = position + x.seq;
-  const char* const why = "one int8 per element";
-  detail::require_size(f, "k.batch", k.batch, "x.batch", x.batch, why);
-  detail::require_size(f, "k.heads", k.heads, "x.heads", x.heads, why);
-  detail::require_size(f, "k.dim", k.dim, "x.dim", x.dim, why);
-  detail::require(k.seq >= end, f, "k.seq is ", k.seq, " but position + x.seq is ", end,
-                  " (the cache must hold the appended tokens)");
-  const char* const names[][4] = {{"k_scale.batch", "k_scale.seq", "k_scale.heads", "k_scale.dim"},
-                                  {"k_zero.batch", "k_zero.seq", "k_zero.heads", "k_zero.dim"}};
-  const TensorView<float>* params[] = {&k_scale, &k_zero};
-  for (int i = 0; i < 2; ++i) {
-    const TensorView<float>& p = *params[i];
-    const char* const per = "one per key block of 32 tokens, head and channel";
-    detail::require_size(f, names[i][0], p.batch, "x.batch", x.batch, per);
-    detail::require_size(f, names[i][2], p.heads, "x.heads", x.heads, per);
-    detail::require_size(f, names[i][3], p.dim, "x.dim", x.dim, per);
-    detail::require(p.seq >= detail::key_blocks(end), f, names[i][1], " is ", p.seq,
-                    " but ceil((position + x.seq) / 32) is ", detail::key_blocks(end), " (", per,
-                    ")");
-  }
-  if (x.batch == 0 || x.seq == 0 || x.heads == 0 || x.dim == 0) return;
-  detail::require(
-      x.data != nullptr && k.data != nullptr && k_scale.data != nullptr && k_zero.data != nullptr,
-      f, "x.data, k.data, k_scale.data or k_zero.data is null for a non-empty x");
-  for (Index b = 0; b < x.batch; ++b) {
-    for (Index s = 0; s < x.seq; ++s) {
-      for (Index h = 0; h < x.heads; ++h) {
-        const X* row = x.at(b, s, h);
-        for (Index c = 0; c < x.dim; ++c) {
-          const float value = static_cast<float>(row[c]);
-          detail::require(std::isfinite(value), f, "x[", b, ", ", s, ", ", h, ", ", c, "] is ",
-                          value, " (only finite values can be quantized)");
-        }
-      }
-    }
-  }
-  const Index open = position % kKeyBlockTokens;  // tokens already in the first block
-  if (open > 0) {
-    const Index blk = position / kKeyBlockTokens;
-    detail::validate_key_block_values(f, TensorView<const float>(k_scale),
-                                      TensorView<const float>(k_zero), blk, blk + 1);
-  }
-  for (Index b = 0; b < x.batch; ++b) {
-    for (Index h = 0; h < x.heads; ++h) {
-      for (Index t0 = position - open; t0 < end; t0 += kKeyBlockTokens) {
-        const Index blk = t0 / kKeyBlockTokens;
-        const Index first_new = std::max(t0, position);  // earlier tokens of the block are old
-        const Index last = std::min(t0 + kKeyBlockTokens, end);
-        float* scale = k_scale.at(b, blk, h);
-        float* zero = k_zero.at(b, blk, h);
-        for (Index c = 0; c < x.dim; ++c) {
-          float lo = std::numeric_limits<float>::infinity();
-          float hi = -lo;
-          for (Index t = first_new; t < last; ++t) {
-            const float value = static_cast<float>(x.at(b, t - position, h)[c]);
-            lo = std::min(lo, value);
-            hi = std::max(hi, value);
-          }
-          const float old_scale = scale[c];
-          const float old_zero = zero[c];
-          bool requantize = false;
-          if (first_new > t0) {
-            const float a = old_scale * (-128.0f - old_zero);
-            const float z = old_scale * (127.0f - old_zero);
-            requantize = !(old_scale > 0.0f && lo >= std::min(a, z) && hi <= std::max(a, z));
-            if (requantize) {
-              for (Index t = t0; t < first_new; ++t) {
-                const float value = old_scale * (static_cast<float>(k.at(b, t, h)[c]) - old_zero);
-                lo = std::min(lo, value);
-                hi = std::max(hi, value);
-              }
-            }
-          }
-          if (first_new == t0 || requantize)
-            detail::key_channel_params(lo, hi, scale + c, zero + c);
-          if (requantize) {
-            for (Index t = t0; t < first_new; ++t) {
-              std::int8_t& q = k.at(b, t, h)[c];
-              q = detail::quantize_key(old_scale * (static_cast<float>(q) - old_zero), scale[c],
-                                       zero[c]);
-            }
-          }
-          for (Index t = first_new; t < last; ++t) {
-            k.at(b, t, h)[c] = detail::quantize_key(static_cast<float>(x.at(b, t - position, h)[c]),
-                                                    scale[c], zero[c]);
-          }
-        }
-      }
-    }
-  }
+  detail::append_channel_keys<detail::Int8KeyCodec>(x, position, k, k_scale, k_zero);
 }
 
 /// out = the floats a per-channel int8 key cache holds: out[b, j, h, c] = k_scale[b, j/32, h, c]·

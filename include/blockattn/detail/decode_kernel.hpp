@@ -80,6 +80,15 @@ struct PendingValues {
   RowScales v_scales{};  ///< the rows' scales (int8 V), from v's first row
 };
 
+/// Decode: acc += the pending unit's P·V over its keys [j, j + count) (accumulate_pv_direct),
+/// prefetching v_ahead V rows ahead within the task's rest of the head.
+template <class T, class S>
+void pending_values_step(const PendingValues<T, S>& pending, Index j, Index count, Index v_ahead) {
+  accumulate_pv_direct(pending.p + j, pending.ld_p, pending.rows, count, pending.v.row(j),
+                       pending.v.ld, pending.d_v, pending.acc, pending.ld_acc,
+                       RowPrefetch{v_ahead, pending.keys_left - j}, pending.v_scales.from(j));
+}
+
 /// Decode: the scores of `next` (score_rows_direct) and the pending unit's acc += P·V
 /// (accumulate_pv_direct), taken kDecodeInterleaveKeys keys at a time from each, so that K and V
 /// stream from memory together; nothing is pending afterwards. next.keys = 0 only flushes the
@@ -99,11 +108,7 @@ void scores_with_pending_values(const ScoreUnit<T, S>& next, PendingValues<T, S>
                         std::min(step, keys - j), next.s + j, next.ld_s,
                         RowPrefetch{k_ahead, next.keys_left - j}, next.k_scales.from(j));
     }
-    if (j < pv_keys) {
-      accumulate_pv_direct(pending.p + j, pending.ld_p, pending.rows, std::min(step, pv_keys - j),
-                           pending.v.row(j), pending.v.ld, pending.d_v, pending.acc, pending.ld_acc,
-                           RowPrefetch{v_ahead, pending.keys_left - j}, pending.v_scales.from(j));
-    }
+    if (j < pv_keys) pending_values_step(pending, j, std::min(step, pv_keys - j), v_ahead);
   }
   pending.p = nullptr;
 }
@@ -145,18 +150,29 @@ struct KeyChunk {
   Index keys_left = 0;
 };
 
-/// Decode: decode_chunk() for a source whose rows lie on several strides (a paged cache,
-/// kSplitsRows): each kernel call covers one run of rows that share a stride (contiguous_keys),
-/// never more. Splitting a chunk's reads changes no bit: every score is one dot product whatever
-/// the key blocking (score_rows_direct), and accumulate_pv_direct adds the keys' products to acc
-/// in key order, stored and reloaded exactly between calls. The chunk grid, the masks and the
-/// softmax update are decode_chunk's, so a paged call is bitwise the call on the gathered cache.
-/// Not pipelined: the chunk's P·V runs at once (a pending unit is one stride of rows).
-template <class T, class MaskMod, class ScoreMod, class Source>
-void decode_chunk_split_rows(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
-                             const Source& kv, const TileRows& t, Index first,
-                             const KeyChunk& chunk,
-                             DecodeStream<T, typename Source::Storage>& stream) {
+/// One run of K or V rows that one kernel call of decode_chunk_in_runs reads: the rows (one
+/// stride), their scales (int8 rows; else empty) and how many rows ahead the kernel may prefetch
+/// (0: none).
+template <class S>
+struct RowRun {
+  StridedRows<S> rows;
+  RowScales scales{};
+  Index prefetch = 0;
+};
+
+/// Decode: decode_chunk() for a source whose rows are read in runs, not pipelined (a pending unit
+/// is flushed first and the chunk's P·V runs at once). key_runs(f) and value_runs(f) call
+/// f(j, run, RowRun) for runs of the chunk's keys [k0 + j, k0 + j + run) that cover it in key
+/// order: a paged cache's page runs (decode_chunk_split_rows), or an int4 cache's rows
+/// dequantized into an L1 buffer (decode_chunk_dequantized). Splitting a chunk's reads changes no
+/// bit: every score is one dot product whatever the key blocking (score_rows_direct), and
+/// accumulate_pv_direct adds the keys' products to acc in key order, stored and reloaded exactly
+/// between calls. The chunk grid, the masks and the softmax update are decode_chunk's.
+template <class T, class MaskMod, class ScoreMod, class Source, class KeyRuns, class ValueRuns>
+void decode_chunk_in_runs(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const Source& kv,
+                          const TileRows& t, Index first, const KeyChunk& chunk,
+                          DecodeStream<T, typename Source::Storage>& stream,
+                          const KeyRuns& key_runs, const ValueRuns& value_runs) {
   using S = typename Source::Storage;
   const Index rows = t.rows();
   const Index keys = chunk.keys;
@@ -168,17 +184,11 @@ void decode_chunk_split_rows(const AttentionProblem<T, MaskMod, ScoreMod>& probl
   T* const s = stream.free_scores();
   if (!problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/true)) return;
   const T* const q = stream.queries + first * d;
-  kv.for_each_page_run(chunk.k0, keys, [&](Index j, Index run) {
-    const StridedRows<S> k = kv.keys(chunk.k0 + j);
-    score_rows_direct(q, d, rows, d, k.data, k.ld, run, s + j, ld_s,
-                      RowPrefetch{decode_prefetch_rows<S>(d, k.ld), run},
-                      kv.key_scales(chunk.k0 + j));
+  key_runs([&](Index j, Index run, const RowRun<S>& k) {
+    score_rows_direct(q, d, rows, d, k.rows.data, k.rows.ld, run, s + j, ld_s,
+                      RowPrefetch{k.prefetch, run}, k.scales);
   });
   problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
-  const auto for_each_run = [&](auto&& f) {  // f(j, run, V rows of the run)
-    kv.for_each_page_run(chunk.k0, keys,
-                         [&](Index j, Index run) { f(j, run, kv.values(chunk.k0 + j)); });
-  };
   if constexpr (!Source::kValuesFinite) {
     if (tile_has_hidden_key(s, ld_s, rows, keys) &&
         !kv.values_finite(chunk.k0, keys)) {  // the NaN slow path
@@ -189,19 +199,45 @@ void decode_chunk_split_rows(const AttentionProblem<T, MaskMod, ScoreMod>& probl
       state.update_scores(s, ld_s, first, rows, keys);
       accumulate_pv_direct(s, ld_s, rows, keys, stream.finite_values, d_v, d_v, state.acc(first),
                            state.ld_acc());
-      for_each_run([&](Index j, Index run, const StridedRows<S>& v) {
-        add_non_finite_values(s + j, ld_s, rows, run, v.data, v.ld, d_v, state.acc(first),
+      value_runs([&](Index j, Index run, const RowRun<S>& v) {
+        add_non_finite_values(s + j, ld_s, rows, run, v.rows.data, v.rows.ld, d_v, state.acc(first),
                               state.ld_acc());
       });
       return;
     }
   }
   state.update_scores(s, ld_s, first, rows, keys);
-  for_each_run([&](Index j, Index run, const StridedRows<S>& v) {
-    accumulate_pv_direct(s + j, ld_s, rows, run, v.data, v.ld, d_v, state.acc(first),
-                         state.ld_acc(), RowPrefetch{decode_prefetch_rows<S>(d_v, v.ld), run},
-                         kv.value_scales(chunk.k0 + j));
+  value_runs([&](Index j, Index run, const RowRun<S>& v) {
+    accumulate_pv_direct(s + j, ld_s, rows, run, v.rows.data, v.rows.ld, d_v, state.acc(first),
+                         state.ld_acc(), RowPrefetch{v.prefetch, run}, v.scales);
   });
+}
+
+/// Decode: decode_chunk() for a source whose rows lie on several strides (a paged cache,
+/// kSplitsRows): decode_chunk_in_runs over its page runs (contiguous_keys), each kernel call one
+/// run of rows that share a stride. A paged call is thus bitwise the call on the gathered cache.
+template <class T, class MaskMod, class ScoreMod, class Source>
+void decode_chunk_split_rows(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
+                             const Source& kv, const TileRows& t, Index first,
+                             const KeyChunk& chunk,
+                             DecodeStream<T, typename Source::Storage>& stream) {
+  using S = typename Source::Storage;
+  const Index k0 = chunk.k0;
+  decode_chunk_in_runs(
+      problem, kv, t, first, chunk, stream,
+      [&](auto&& f) {
+        kv.for_each_page_run(k0, chunk.keys, [&](Index j, Index run) {
+          const StridedRows<S> k = kv.keys(k0 + j);
+          f(j, run, RowRun<S>{k, kv.key_scales(k0 + j), decode_prefetch_rows<S>(problem.d, k.ld)});
+        });
+      },
+      [&](auto&& f) {
+        kv.for_each_page_run(k0, chunk.keys, [&](Index j, Index run) {
+          const StridedRows<S> v = kv.values(k0 + j);
+          f(j, run,
+            RowRun<S>{v, kv.value_scales(k0 + j), decode_prefetch_rows<S>(problem.d_v, v.ld)});
+        });
+      });
 }
 
 /// The row scale of a raw int8 row: 1 for every row (ld 0), an exact multiply.
@@ -217,7 +253,9 @@ inline constexpr float kUnitScale = 1.0f;
 /// P·V (per-row value scales, as QuantizedKVSource) are decode_chunk's. Pipelined as
 /// decode_chunk: after each block run's scores, as many keys of the pending unit's P·V (so K and
 /// V stream together; split in key order, so the same bits as one call), and the chunk's own P·V
-/// is left pending when the stream is pipelined.
+/// is left pending when the stream is pipelined. A paged source (kSplitsRows: a block never
+/// straddles a page) reads each block run's keys from its page and runs the chunk's P·V at once,
+/// page run by page run (nothing pending), which are the same bits as above.
 template <class T, class MaskMod, class ScoreMod, class Source>
 void decode_chunk_channel_keys(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
                                const Source& kv, const TileRows& t, Index first,
@@ -235,93 +273,91 @@ void decode_chunk_channel_keys(const AttentionProblem<T, MaskMod, ScoreMod>& pro
   T* const qs = stream.block_queries;
   T* const bias = qs + rows * d;
   const Index block = kv.key_block();
-  const StridedRows<S> k = kv.keys(chunk.k0);
-  const Index k_ahead = decode_prefetch_rows<S>(d, k.ld);
+  const Index k_ahead = decode_prefetch_rows<S>(d, kv.keys(chunk.k0).ld);
   PendingValues<T, S>& pending = stream.pending;
   const Index pv_keys = pending.p != nullptr ? pending.keys : 0;
   const Index v_ahead = decode_prefetch_rows<S>(pending.d_v, pending.v.ld);
   Index pv_done = 0;
-  // acc += the pending unit's P·V over its next `count` keys (all of them before this chunk's
-  // softmax update, which may rescale the same rows).
-  const auto pending_values = [&](Index count) {
-    accumulate_pv_direct(pending.p + pv_done, pending.ld_p, pending.rows, count,
-                         pending.v.row(pv_done), pending.v.ld, pending.d_v, pending.acc,
-                         pending.ld_acc, RowPrefetch{v_ahead, pending.keys_left - pv_done},
-                         pending.v_scales.from(pv_done));
-    pv_done += count;
-  };
   for (Index j = 0; j < keys;) {
     const Index run = std::min(keys - j, block - (chunk.k0 + j) % block);
     kv.block_queries(chunk.k0 + j, stream.queries + first * d, rows, qs, bias);
-    score_rows_direct(qs, d, rows, d, k.row(j), k.ld, run, s + j, ld_s,
-                      RowPrefetch{k_ahead, chunk.keys_left - j}, RowScales{&kUnitScale, 0});
+    // A paged source's rows end with the page: prefetch none beyond the run.
+    const Index k_limit = kSplitsRows<Source> ? run : chunk.keys_left - j;
+    const StridedRows<S> k = kv.keys(chunk.k0 + j);
+    score_rows_direct(qs, d, rows, d, k.data, k.ld, run, s + j, ld_s, RowPrefetch{k_ahead, k_limit},
+                      RowScales{&kUnitScale, 0});
     for (Index r = 0; r < rows; ++r) {
       T* sr = s + r * ld_s + j;
       for (Index jj = 0; jj < run; ++jj) sr[jj] -= bias[r];
     }
-    if (pv_done < pv_keys) pending_values(std::min(run, pv_keys - pv_done));
+    // acc += the pending unit's P·V over as many of its keys (all of them before this chunk's
+    // softmax update, which may rescale the same rows).
+    if (pv_done < pv_keys) {
+      const Index count = std::min(run, pv_keys - pv_done);
+      pending_values_step(pending, pv_done, count, v_ahead);
+      pv_done += count;
+    }
     j += run;
   }
-  if (pv_done < pv_keys) pending_values(pv_keys - pv_done);
+  if (pv_done < pv_keys) pending_values_step(pending, pv_done, pv_keys - pv_done, v_ahead);
   pending.p = nullptr;
   problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
   state.update_scores(s, ld_s, first, rows, keys);
-  pending = PendingValues<T, S>{s,
-                                ld_s,
-                                rows,
-                                keys,
-                                kv.values(chunk.k0),
-                                chunk.keys_left,
-                                state.acc(first),
-                                state.ld_acc(),
-                                d_v,
-                                kv.value_scales(chunk.k0)};
-  if (!stream.pipelined) flush_pending_values(pending);  // its own phase
+  if constexpr (kSplitsRows<Source>) {
+    kv.for_each_page_run(chunk.k0, keys, [&](Index j, Index run) {
+      const StridedRows<S> v = kv.values(chunk.k0 + j);
+      accumulate_pv_direct(s + j, ld_s, rows, run, v.data, v.ld, d_v, state.acc(first),
+                           state.ld_acc(), RowPrefetch{decode_prefetch_rows<S>(d_v, v.ld), run},
+                           kv.value_scales(chunk.k0 + j));
+    });
+  } else {
+    pending = PendingValues<T, S>{s,
+                                  ld_s,
+                                  rows,
+                                  keys,
+                                  kv.values(chunk.k0),
+                                  chunk.keys_left,
+                                  state.acc(first),
+                                  state.ld_acc(),
+                                  d_v,
+                                  kv.value_scales(chunk.k0)};
+    if (!stream.pipelined) flush_pending_values(pending);  // its own phase
+  }
 }
 
 /// Decode: rows that decode_chunk_dequantized converts at a time: 32 rows of d = 128 floats are
 /// 16 KiB, so the converted rows are still in L1 when the float kernel reads them.
 inline constexpr Index kDecodeDequantizeKeys = 32;
 
-/// Decode: decode_chunk() for a source that dequantizes runs of rows (kDequantizesRows: int4).
-/// The chunk's keys are converted kDecodeDequantizeKeys rows at a time into the stream's
-/// block_queries buffer and scored there by score_rows_direct; after the masks and the softmax
-/// update its values likewise into finite_values (unused: int4 values are finite) and added by
-/// accumulate_pv_direct. Splitting a chunk's reads changes no bit (every score is one dot product
-/// whatever the key blocking, and P·V adds keys in order, acc stored and reloaded exactly between
-/// calls; see decode_chunk_split_rows), and the rows are the float cache's rows, so the call is
-/// bitwise the float call on the dequantized cache. Not pipelined: the chunk's P·V runs at once
-/// (a pending unit would need its converted values kept beside the next chunk's keys).
+/// Decode: decode_chunk() for a source that dequantizes runs of rows (kDequantizesRows: int4):
+/// decode_chunk_in_runs over runs of kDecodeDequantizeKeys keys, each converted just before its
+/// kernel call, keys into the stream's block_queries buffer and values (after the masks and the
+/// softmax update) into finite_values (unused otherwise: int4 values are finite). The rows are
+/// the float cache's rows, so the call is bitwise the float call on the dequantized cache. Not
+/// pipelined (a pending unit would need its converted values kept beside the next chunk's keys).
 template <class T, class MaskMod, class ScoreMod, class Source>
 void decode_chunk_dequantized(const AttentionProblem<T, MaskMod, ScoreMod>& problem,
                               const Source& kv, const TileRows& t, Index first,
                               const KeyChunk& chunk,
                               DecodeStream<T, typename Source::Storage>& stream) {
-  const Index rows = t.rows();
-  const Index keys = chunk.keys;
-  const Index d = problem.d;
-  const Index d_v = problem.d_v;
-  const Index ld_s = stream.ld_s;
-  RowBlockState<T>& state = stream.state;
-  flush_pending_values(stream.pending);
-  T* const s = stream.free_scores();
-  if (!problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/true)) return;
-  const T* const q = stream.queries + first * d;
-  T* const k_rows = stream.block_queries;
-  T* const v_rows = stream.finite_values;
-  for (Index j = 0; j < keys; j += kDecodeDequantizeKeys) {
-    const Index run = std::min(kDecodeDequantizeKeys, keys - j);
-    kv.dequantize_keys(chunk.k0 + j, run, k_rows);
-    score_rows_direct(q, d, rows, d, k_rows, d, run, s + j, ld_s);
-  }
-  problem.mask_rows(s, ld_s, 0, rows, keys, t, chunk.k0, /*dry_run=*/false);
-  state.update_scores(s, ld_s, first, rows, keys);
-  for (Index j = 0; j < keys; j += kDecodeDequantizeKeys) {
-    const Index run = std::min(kDecodeDequantizeKeys, keys - j);
-    kv.dequantize_values(chunk.k0 + j, run, v_rows);
-    accumulate_pv_direct(s + j, ld_s, rows, run, v_rows, d_v, d_v, state.acc(first),
-                         state.ld_acc());
-  }
+  // f(j, run, the run's rows) for each run, after dequantize(k0 + j, run, buffer).
+  const auto runs = [&](auto&& f, T* buffer, Index width, auto&& dequantize) {
+    for (Index j = 0; j < chunk.keys; j += kDecodeDequantizeKeys) {
+      const Index run = std::min(kDecodeDequantizeKeys, chunk.keys - j);
+      dequantize(chunk.k0 + j, run, buffer);
+      f(j, run, RowRun<T>{StridedRows<T>{buffer, width}});
+    }
+  };
+  decode_chunk_in_runs(
+      problem, kv, t, first, chunk, stream,
+      [&](auto&& f) {
+        runs(f, stream.block_queries, problem.d,
+             [&](Index k0, Index n, T* dst) { kv.dequantize_keys(k0, n, dst); });
+      },
+      [&](auto&& f) {
+        runs(f, stream.finite_values, problem.d_v,
+             [&](Index k0, Index n, T* dst) { kv.dequantize_values(k0, n, dst); });
+      });
 }
 
 /// Decode: folds one key chunk of one kv head (source `kv`) into rows [first, first + t.rows())
@@ -337,14 +373,14 @@ void decode_chunk(const AttentionProblem<T, MaskMod, ScoreMod>& problem, const S
   // strided sources those branches are discarded and the last is the same text as before paging,
   // so GCC -O2 makes the same inlining decisions in the hot loop (tests/optlevel compares -O2
   // with -O3).
-  if constexpr (kSplitsRows<Source>) {
-    decode_chunk_split_rows(problem, kv, t, first, chunk, stream);
-    return;
-  } else if constexpr (kChannelKeys<Source>) {
+  if constexpr (kChannelKeys<Source>) {  // paged or not
     decode_chunk_channel_keys(problem, kv, t, first, chunk, stream);
     return;
-  } else if constexpr (kDequantizesRows<Source>) {
+  } else if constexpr (kDequantizesRows<Source>) {  // paged or not
     decode_chunk_dequantized(problem, kv, t, first, chunk, stream);
+    return;
+  } else if constexpr (kSplitsRows<Source>) {
+    decode_chunk_split_rows(problem, kv, t, first, chunk, stream);
     return;
   } else {
     using S = typename Source::Storage;

@@ -65,6 +65,10 @@
 //   const Storage* value_row(Index j) const;  // with contiguous_keys: V row j, for the NaN slow
 //       path, which needs a chunk's rows across page boundaries.
 //
+// The per-channel key sources (ChannelQuantizedKVSource, Int4KVSource) are templated on their
+// rows: StridedRows for a contiguous cache, PagedRows for a paged pool (paged_kv.hpp), the same
+// code reading rows from other addresses.
+//
 // Rows past the end of the cache are never asked for: 0 <= k0 and k0 + keys <= n_k.
 
 #include <algorithm>
@@ -182,6 +186,110 @@ class QuantizedKVSource {
   Index d_v_;
 };
 
+/// Rows of one (sequence, kv head) of a paged pool: row j is row j % rows_per_page of page
+/// pages[j / rows_per_page], rows `ld` apart within a page and pages `page_stride` apart (a pool
+/// holding one row per 32-token key block has rows_per_page = page_size / 32). The same members
+/// as StridedRows (row, from), so a K/V source templated on its rows reads pages unchanged.
+template <class T>
+struct PagedRows {
+  const T* data = nullptr;  ///< row 0 of page 0
+  Index ld = 0;
+  Index page_stride = 0;
+  const std::int32_t* pages = nullptr;  ///< the sequence's page ids (validated)
+  Index rows_per_page = 1;
+
+  /// Row j.
+  const T* row(Index j) const {
+    return data + pages[j / rows_per_page] * page_stride + (j % rows_per_page) * ld;
+  }
+  /// The rows from row j on, valid to the end of j's page (contiguous(j) rows).
+  StridedRows<T> from(Index j) const { return {row(j), ld}; }
+  /// Rows from j to the end of its page.
+  Index contiguous(Index j) const { return rows_per_page - j % rows_per_page; }
+};
+
+/// Whether Rows is a PagedRows (a source templated on its rows then splits reads at pages).
+template <class Rows>
+inline constexpr bool kPagedRows = false;
+template <class T>
+inline constexpr bool kPagedRows<PagedRows<T>> = true;
+
+/// Calls f(j, run) for the runs of rows [k0, k0 + keys) that lie on one stride (one page of
+/// paged rows; all of them for StridedRows): rows [k0 + j, k0 + j + run), in order.
+template <class Rows, class F>
+void for_each_row_run(const Rows& rows, Index k0, Index keys, F&& f) {
+  if constexpr (kPagedRows<Rows>) {
+    for (Index j = 0; j < keys;) {
+      const Index run = std::min(keys - j, rows.contiguous(k0 + j));
+      f(j, run);
+      j += run;
+    }
+  } else {
+    static_cast<void>(rows);
+    static_cast<void>(k0);
+    f(Index(0), keys);
+  }
+}
+
+/// The integer that element c of a stored key row holds: int8, or a 4-bit value packed two per
+/// byte (detail/int4.hpp) in a row of d values.
+inline float stored_key(const std::int8_t* row, Index c, Index) {
+  return static_cast<float>(row[c]);
+}
+inline float stored_key(const std::uint8_t* row, Index c, Index d) {
+  return static_cast<float>(int4_get(row, c, d));
+}
+
+/// pack_k of keys stored per channel over blocks of `block` tokens (ChannelQuantizedKVSource,
+/// Int4KVSource): keys [k0, k0 + keys) into detail::pack_k's panel layout (panels of
+/// kKeyVectors·L keys, each of width round_up(panel keys, L), feature-major, zero-padded),
+/// element c of key j scale[c]·(stored_key − zero[c]) with its block's parameters, as
+/// dequantize_kv computes it. k, scale, zero: StridedRows or PagedRows (scale and zero one row
+/// per block). O(keys·d).
+template <class KRows, class PRows>
+void pack_channel_keys(const KRows& k, const PRows& scale, const PRows& zero, Index block, Index k0,
+                       Index keys, Index d, float* panel) {
+  constexpr Index kLanes = simd::Simd<float>::kLanes;
+  constexpr Index kPanel = RegisterBlock<float>::kKeyVectors * kLanes;
+  for (Index j0 = 0; j0 < keys; j0 += kPanel) {
+    const Index count = std::min(kPanel, keys - j0);
+    const Index width = round_up(count, kLanes);
+    float* dst = panel + j0 * d;
+    for (Index jj = 0; jj < count; ++jj) {
+      const Index j = k0 + j0 + jj;
+      const auto* src = k.row(j);
+      const float* sc = scale.row(j / block);
+      const float* zp = zero.row(j / block);
+      for (Index c = 0; c < d; ++c) dst[c * width + jj] = sc[c] * (stored_key(src, c, d) - zp[c]);
+    }
+    for (Index c = 0; c < d; ++c) {
+      for (Index jj = count; jj < width; ++jj) dst[c * width + jj] = 0.0f;
+    }
+  }
+}
+
+/// detail::pack_v of the values of keys [k0, k0 + keys) held as rows of S with one float scale
+/// per row (int8) or none (RowScales{}), on several strides (a paged cache): for_each_run(k0,
+/// keys, f) calls f(j, run) for each run of rows on one stride, and run_rows(k0 + j) gives that
+/// run's rows and scales. Rows are independent in pack_v's layout, so each run is packed by
+/// pack_v's own code into the rows it owns of every column panel: the same panel as one call over
+/// contiguous rows. O(keys·d_v).
+template <class E, class S, class ForEachRun, class RunRows>
+void pack_v_runs(Index k0, Index keys, Index d_v, E* panel, const ForEachRun& for_each_run,
+                 const RunRows& run_rows) {
+  constexpr Index kLanes = simd::Simd<E>::kLanes;
+  constexpr Index kPanel = RegisterBlock<E>::kValueVectors * kLanes;
+  for (Index c0 = 0; c0 < d_v; c0 += kPanel) {
+    const Index cols = std::min(kPanel, d_v - c0);
+    const Index width = round_up(cols, kLanes);
+    for_each_run(k0, keys, [&](Index j, Index run) {
+      const std::pair<StridedRows<S>, RowScales> rows = run_rows(k0 + j);
+      detail::pack_v<E>(rows.first.data + c0, rows.first.ld, run, cols,
+                        panel + c0 * keys + j * width, rows.second);
+    });
+  }
+}
+
 /// The K/V source of an int8 cache whose keys are quantized per channel over blocks of
 /// `block` tokens with a zero point, and whose values have one float scale per row (as
 /// QuantizedKVSource): element c of key j is scale[j / block, c]·(float(k8[j, c]) − zero[j /
@@ -191,23 +299,27 @@ class QuantizedKVSource {
 /// multiplied by the block's scales (block_queries) and the zero points fold into one bias per
 /// query row, so a score is qs·k8 − q·(scale∘zero): the same real number in another order of
 /// roundings, hence within a stated tolerance, not bitwise (tests/attention_int8_channel_test.cpp).
+/// Rows: StridedRows (a contiguous cache) or PagedRows (a paged one: a block never straddles a
+/// page, since page_size is a multiple of the block; the source then has contiguous_keys and
+/// decode splits its value reads at pages, bitwise the contiguous call on the gathered cache).
+template <template <class> class Rows = StridedRows>
 class ChannelQuantizedKVSource {
  public:
   using Element = float;
   using Storage = std::int8_t;
   static constexpr bool kValuesFinite = true;
 
-  /// k: int8 key rows; k_scale, k_zero: the first block's d floats, each next block's one row
-  /// stride (.ld) on; v, v_scales as QuantizedKVSource.
-  ChannelQuantizedKVSource(StridedRows<std::int8_t> k, StridedRows<float> k_scale,
-                           StridedRows<float> k_zero, Index block, StridedRows<std::int8_t> v,
-                           RowScales v_scales, Index d, Index d_v)
+  /// k: int8 key rows; k_scale, k_zero: one row of d floats per key block; v: int8 value rows,
+  /// v_scale: one float per value row.
+  ChannelQuantizedKVSource(Rows<std::int8_t> k, Rows<float> k_scale, Rows<float> k_zero,
+                           Index block, Rows<std::int8_t> v, Rows<float> v_scale, Index d,
+                           Index d_v)
       : k_(k),
         k_scale_(k_scale),
         k_zero_(k_zero),
         block_(block),
         v_(v),
-        v_scales_(v_scales),
+        v_scale_(v_scale),
         d_(d),
         d_v_(d_v) {}
 
@@ -215,32 +327,29 @@ class ChannelQuantizedKVSource {
   Index d_v() const { return d_v_; }
   Index key_block() const { return block_; }
 
+  /// Paged rows only: rows from key k0 to the end of its page.
+  template <class R = Rows<std::int8_t>, class = std::enable_if_t<kPagedRows<R>>>
+  Index contiguous_keys(Index k0) const {
+    return k_.contiguous(k0);
+  }
+  /// Calls f(j, run) for the runs of keys [k0, k0 + keys) on one stride, in key order.
+  template <class F>
+  void for_each_page_run(Index k0, Index keys, F&& f) const {
+    for_each_row_run(k_, k0, keys, f);
+  }
+
   void pack_k(Index k0, Index keys, float* panel) const {
-    // detail::pack_k's panel layout (keys in panels of kKeyVectors·L, each of width
-    // round_up(panel keys, L), feature-major, zero-padded), each element dequantized as
-    // dequantize_kv does.
-    constexpr Index kLanes = simd::Simd<float>::kLanes;
-    constexpr Index kPanel = RegisterBlock<float>::kKeyVectors * kLanes;
-    for (Index j0 = 0; j0 < keys; j0 += kPanel) {
-      const Index count = std::min(kPanel, keys - j0);
-      const Index width = round_up(count, kLanes);
-      float* dst = panel + j0 * d_;
-      for (Index jj = 0; jj < count; ++jj) {
-        const Index j = k0 + j0 + jj;
-        const std::int8_t* src = k_.row(j);
-        const float* scale = k_scale_.row(j / block_);
-        const float* zero = k_zero_.row(j / block_);
-        for (Index c = 0; c < d_; ++c) {
-          dst[c * width + jj] = scale[c] * (static_cast<float>(src[c]) - zero[c]);
-        }
-      }
-      for (Index c = 0; c < d_; ++c) {
-        for (Index jj = count; jj < width; ++jj) dst[c * width + jj] = 0.0f;
-      }
-    }
+    pack_channel_keys(k_, k_scale_, k_zero_, block_, k0, keys, d_, panel);
   }
   void pack_v(Index k0, Index keys, float* panel) const {
-    detail::pack_v<float>(v_.row(k0), v_.ld, keys, d_v_, panel, v_scales_.from(k0));
+    if constexpr (kPagedRows<Rows<std::int8_t>>) {
+      pack_v_runs<float, std::int8_t>(
+          k0, keys, d_v_, panel,
+          [&](Index first, Index count, auto&& f) { for_each_page_run(first, count, f); },
+          [&](Index j) { return std::make_pair(values(j), value_scales(j)); });
+    } else {
+      detail::pack_v<float>(v_.row(k0), v_.ld, keys, d_v_, panel, value_scales(k0));
+    }
   }
   bool values_finite(Index, Index) const { return true; }
 
@@ -257,19 +366,19 @@ class ChannelQuantizedKVSource {
     }
   }
 
-  /// Raw int8 key rows from k0 on (no row scales: see block_queries).
+  /// Raw int8 key rows from k0 on (no row scales: see block_queries); paged: to the page's end.
   StridedRows<std::int8_t> keys(Index k0) const { return k_.from(k0); }
   StridedRows<std::int8_t> values(Index k0) const { return v_.from(k0); }
   RowScales key_scales(Index) const { return {}; }
-  RowScales value_scales(Index k0) const { return v_scales_.from(k0); }
+  RowScales value_scales(Index k0) const { return {v_scale_.row(k0), v_scale_.ld}; }
 
  private:
-  StridedRows<std::int8_t> k_;
-  StridedRows<float> k_scale_;
-  StridedRows<float> k_zero_;
+  Rows<std::int8_t> k_;
+  Rows<float> k_scale_;
+  Rows<float> k_zero_;
   Index block_;
-  StridedRows<std::int8_t> v_;
-  RowScales v_scales_;
+  Rows<std::int8_t> v_;
+  Rows<float> v_scale_;
   Index d_;
   Index d_v_;
 };
@@ -282,19 +391,19 @@ class ChannelQuantizedKVSource {
 /// (dequantize_keys / dequantize_values) and runs the float kernels on them. Both produce
 /// exactly dequantize_kv()'s floats, and the kernels see them as they see a float cache, so an
 /// int4 call is bitwise the float call on the dequantized cache. Every value is finite: the entry
-/// point checked the scales and zero points.
+/// point checked the scales and zero points. Rows: StridedRows or PagedRows (every read is row by
+/// row, so a paged cache changes only where rows are read).
+template <template <class> class Rows = StridedRows>
 class Int4KVSource {
  public:
   using Element = float;
   using Storage = float;  // decode reads the dequantized rows (see dequantize_keys)
   static constexpr bool kValuesFinite = true;
 
-  /// k, v: rows of packed 4-bit values (int4_row_bytes(d) bytes each, .ld bytes apart);
-  /// k_scale, k_zero: the first key block's d floats, each next block's one .ld on; v_scale: the
-  /// first value row's int4_groups(d_v) scales, each next row's one .ld on.
-  Int4KVSource(StridedRows<std::uint8_t> k, StridedRows<float> k_scale, StridedRows<float> k_zero,
-               Index block, StridedRows<std::uint8_t> v, StridedRows<float> v_scale, Index d,
-               Index d_v)
+  /// k, v: rows of packed 4-bit values (int4_row_bytes(d) bytes each); k_scale, k_zero: one row
+  /// of d floats per key block; v_scale: one row of int4_groups(d_v) scales per value row.
+  Int4KVSource(Rows<std::uint8_t> k, Rows<float> k_scale, Rows<float> k_zero, Index block,
+               Rows<std::uint8_t> v, Rows<float> v_scale, Index d, Index d_v)
       : k_(k),
         k_scale_(k_scale),
         k_zero_(k_zero),
@@ -308,28 +417,7 @@ class Int4KVSource {
   Index d_v() const { return d_v_; }
 
   void pack_k(Index k0, Index keys, float* panel) const {
-    // detail::pack_k's panel layout (keys in panels of kKeyVectors·L, each of width
-    // round_up(panel keys, L), feature-major, zero-padded), each element dequantized as
-    // dequantize_kv does.
-    constexpr Index kLanes = simd::Simd<float>::kLanes;
-    constexpr Index kPanel = RegisterBlock<float>::kKeyVectors * kLanes;
-    for (Index j0 = 0; j0 < keys; j0 += kPanel) {
-      const Index count = std::min(kPanel, keys - j0);
-      const Index width = round_up(count, kLanes);
-      float* dst = panel + j0 * d_;
-      for (Index jj = 0; jj < count; ++jj) {
-        const Index j = k0 + j0 + jj;
-        const std::uint8_t* src = k_.row(j);
-        const float* scale = k_scale_.row(j / block_);
-        const float* zero = k_zero_.row(j / block_);
-        for (Index c = 0; c < d_; ++c) {
-          dst[c * width + jj] = scale[c] * (static_cast<float>(int4_get(src, c, d_)) - zero[c]);
-        }
-      }
-      for (Index c = 0; c < d_; ++c) {
-        for (Index jj = count; jj < width; ++jj) dst[c * width + jj] = 0.0f;
-      }
-    }
+    pack_channel_keys(k_, k_scale_, k_zero_, block_, k0, keys, d_, panel);
   }
   void pack_v(Index k0, Index keys, float* panel) const {
     // detail::pack_v's layout: column panels of kValueVectors·L, key rows of width
@@ -366,12 +454,12 @@ class Int4KVSource {
   }
 
  private:
-  StridedRows<std::uint8_t> k_;
-  StridedRows<float> k_scale_;
-  StridedRows<float> k_zero_;
+  Rows<std::uint8_t> k_;
+  Rows<float> k_scale_;
+  Rows<float> k_zero_;
   Index block_;
-  StridedRows<std::uint8_t> v_;
-  StridedRows<float> v_scale_;
+  Rows<std::uint8_t> v_;
+  Rows<float> v_scale_;
   Index d_;
   Index d_v_;
 };
@@ -475,18 +563,10 @@ class PagedKVSource {
     }
   }
   void pack_v(Index k0, Index keys, E* panel) const {
-    // detail::pack_v's layout: rows are independent, so each page run is packed by pack_v's own
-    // code into the rows it owns of every column panel.
-    constexpr Index kLanes = simd::Simd<E>::kLanes;
-    constexpr Index kPanel = RegisterBlock<E>::kValueVectors * kLanes;
-    for (Index c0 = 0; c0 < d_v_; c0 += kPanel) {
-      const Index cols = std::min(kPanel, d_v_ - c0);
-      const Index width = round_up(cols, kLanes);
-      for_each_page_run(k0, keys, [&](Index j, Index run) {
-        detail::pack_v<E>(row(v_, k0 + j) + c0, v_.ld, run, cols, panel + c0 * keys + j * width,
-                          scales(v_, k0 + j));
-      });
-    }
+    pack_v_runs<E, S>(
+        k0, keys, d_v_, panel,
+        [&](Index first, Index count, auto&& f) { for_each_page_run(first, count, f); },
+        [&](Index j) { return std::make_pair(values(j), value_scales(j)); });
   }
   bool values_finite(Index k0, Index keys) const {
     if constexpr (!kValuesFinite) {
@@ -643,72 +723,68 @@ class QuantizedKVHeads {
   TensorView<const float> v_scale_;
 };
 
-/// The ChannelQuantizedKVSource sources of a per-channel int8 key cache: k [B, n_k, H_kv, d] int8,
-/// k_scale and k_zero [B, ceil(n_k / block), H_kv, d] float, v [B, n_k, H_kv, d_v] int8 and
-/// v_scale [B, n_k, H_kv, 1] float, each view with strides of its own.
-class ChannelQuantizedKVHeads {
+/// The sources of a cache whose keys are stored per channel over blocks of `block` tokens
+/// (SourceOf<Rows>: ChannelQuantizedKVSource with K = std::int8_t, Int4KVSource with K =
+/// std::uint8_t): k [B, n_k, H_kv, d] and v [B, n_k, H_kv, d_v] of K, k_scale and k_zero
+/// [B, ceil(n_k / block), H_kv, d] float, v_scale [B, n_k, H_kv, 1 or ceil(d_v / 32)] float,
+/// each view with strides of its own; head(b, h) is kv head h of batch entry b. Paged (Rows =
+/// PagedRows, pages non-null): every view is a pool whose batch axis is the page and whose seq
+/// axis holds one page's rows (k_scale and k_zero page_size / block of them), and head(0, h) is
+/// kv head h of the sequence whose page ids are `pages`.
+template <class K, template <template <class> class> class SourceOf,
+          template <class> class Rows = StridedRows>
+class ChannelKeyKVHeads {
  public:
-  using Source = ChannelQuantizedKVSource;
+  using Source = SourceOf<Rows>;
 
-  ChannelQuantizedKVHeads(const TensorView<const std::int8_t>& k,
-                          const TensorView<const float>& k_scale,
-                          const TensorView<const float>& k_zero, Index block,
-                          const TensorView<const std::int8_t>& v,
-                          const TensorView<const float>& v_scale)
-      : k_(k), k_scale_(k_scale), k_zero_(k_zero), block_(block), v_(v), v_scale_(v_scale) {}
+  ChannelKeyKVHeads(const TensorView<const K>& k, const TensorView<const float>& k_scale,
+                    const TensorView<const float>& k_zero, Index block,
+                    const TensorView<const K>& v, const TensorView<const float>& v_scale,
+                    const std::int32_t* pages = nullptr)
+      : k_(k),
+        k_scale_(k_scale),
+        k_zero_(k_zero),
+        block_(block),
+        v_(v),
+        v_scale_(v_scale),
+        pages_(pages) {}
 
   Source head(Index b, Index h) const {
-    return {{k_.at(b, 0, h), k_.seq_stride},
-            {k_scale_.at(b, 0, h), k_scale_.seq_stride},
-            {k_zero_.at(b, 0, h), k_zero_.seq_stride},
+    return {rows(k_, b, h),
+            rows(k_scale_, b, h),
+            rows(k_zero_, b, h),
             block_,
-            {v_.at(b, 0, h), v_.seq_stride},
-            {v_scale_.at(b, 0, h), v_scale_.seq_stride},
+            rows(v_, b, h),
+            rows(v_scale_, b, h),
             k_.dim,
             v_.dim};
   }
 
  private:
-  TensorView<const std::int8_t> k_;
-  TensorView<const float> k_scale_;
-  TensorView<const float> k_zero_;
-  Index block_;
-  TensorView<const std::int8_t> v_;
-  TensorView<const float> v_scale_;
-};
-
-/// The Int4KVSource sources of an int4 cache: k [B, n_k, H_kv, d] and v [B, n_k, H_kv, d_v] of
-/// 4-bit values (dim counts values, strides count bytes), k_scale and k_zero [B, ceil(n_k /
-/// block), H_kv, d] float, v_scale [B, n_k, H_kv, ceil(d_v / 32)] float, each view with strides of
-/// its own.
-class Int4KVHeads {
- public:
-  using Source = Int4KVSource;
-
-  Int4KVHeads(const TensorView<const std::uint8_t>& k, const TensorView<const float>& k_scale,
-              const TensorView<const float>& k_zero, Index block,
-              const TensorView<const std::uint8_t>& v, const TensorView<const float>& v_scale)
-      : k_(k), k_scale_(k_scale), k_zero_(k_zero), block_(block), v_(v), v_scale_(v_scale) {}
-
-  Source head(Index b, Index h) const {
-    return {{k_.at(b, 0, h), k_.seq_stride},
-            {k_scale_.at(b, 0, h), k_scale_.seq_stride},
-            {k_zero_.at(b, 0, h), k_zero_.seq_stride},
-            block_,
-            {v_.at(b, 0, h), v_.seq_stride},
-            {v_scale_.at(b, 0, h), v_scale_.seq_stride},
-            k_.dim,
-            v_.dim};
+  template <class T>
+  Rows<T> rows(const TensorView<const T>& x, Index b, Index h) const {
+    if constexpr (kPagedRows<Rows<T>>) {
+      static_cast<void>(b);
+      return {x.at(0, 0, h), x.seq_stride, x.batch_stride, pages_, x.seq};
+    } else {
+      return {x.at(b, 0, h), x.seq_stride};
+    }
   }
 
- private:
-  TensorView<const std::uint8_t> k_;
+  TensorView<const K> k_;
   TensorView<const float> k_scale_;
   TensorView<const float> k_zero_;
   Index block_;
-  TensorView<const std::uint8_t> v_;
+  TensorView<const K> v_;
   TensorView<const float> v_scale_;
+  const std::int32_t* pages_;
 };
+
+/// The ChannelQuantizedKVSource sources of a per-channel int8 key cache (ChannelKeyKVHeads).
+using ChannelQuantizedKVHeads = ChannelKeyKVHeads<std::int8_t, ChannelQuantizedKVSource>;
+/// The Int4KVSource sources of an int4 cache: k and v of 4-bit values (dim counts values,
+/// strides count bytes), v_scale [B, n_k, H_kv, ceil(d_v / 32)] (ChannelKeyKVHeads).
+using Int4KVHeads = ChannelKeyKVHeads<std::uint8_t, Int4KVSource>;
 
 }  // namespace detail
 }  // namespace BLOCKATTN_ISA_NAMESPACE
