@@ -40,6 +40,7 @@
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
+namespace attention_16bit_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -434,3 +435,5 @@ TYPED_TEST(Attention16BitTest, ValidationNamesTheArgument) {
 }
 
 }  // namespace
+
+}  // namespace attention_16bit_test

@@ -3,8 +3,12 @@
 // central finite differences of the forward pass, fully masked rows, chunk-size invariance,
 // bitwise thread-count invariance, both call forms, and the errors.
 // Eigen's allocation guard is on in this file (STYLE §2.10): the tile loop must not allocate.
-#undef NDEBUG
-#define EIGEN_RUNTIME_NO_MALLOC
+#ifdef NDEBUG
+#error "built with assertions only: a CHECKED test group (tests/CMakeLists.txt)"
+#endif
+#ifndef EIGEN_RUNTIME_NO_MALLOC
+#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
+#endif
 
 #include <algorithm>
 #include <array>
@@ -30,6 +34,7 @@
 #include "support/shapes.hpp"
 #include "support/tolerance.hpp"
 
+namespace attention_backward_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -963,3 +968,5 @@ TYPED_TEST(AttentionBackwardTest, LargeLogitGradientsMatchReference) {
 }
 
 }  // namespace
+
+}  // namespace attention_backward_test

@@ -33,6 +33,7 @@
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
+namespace attention_bf16dot_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -280,3 +281,5 @@ TEST(AttentionBf16Dot, MeasuredErrorOfBothPaths) {
 }
 
 }  // namespace
+
+}  // namespace attention_bf16dot_test

@@ -12,7 +12,9 @@
 // Keys have per-channel means and a few outlier channels (what the per-channel key format is
 // for), so scales and zero points differ per channel and block.
 
-#define EIGEN_RUNTIME_NO_MALLOC
+#ifndef EIGEN_RUNTIME_NO_MALLOC
+#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -34,6 +36,7 @@
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
+namespace attention_int4_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -714,3 +717,5 @@ TEST(AttentionInt4Test, SecondCallWithAWorkspaceAllocatesNothing) {
 }
 
 }  // namespace
+
+}  // namespace attention_int4_test

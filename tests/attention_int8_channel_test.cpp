@@ -13,7 +13,9 @@
 // Keys have per-channel means and a few outlier channels (what this format is for), so scales
 // and zero points differ per channel and block.
 
-#define EIGEN_RUNTIME_NO_MALLOC
+#ifndef EIGEN_RUNTIME_NO_MALLOC
+#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -35,6 +37,7 @@
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
+namespace attention_int8_channel_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -510,3 +513,5 @@ TEST(AttentionInt8ChannelTest, SecondCallWithAWorkspaceAllocatesNothing) {
 }
 
 }  // namespace
+
+}  // namespace attention_int8_channel_test

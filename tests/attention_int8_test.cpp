@@ -11,7 +11,9 @@
 // x/scale and of scale·q (see QuantizeRoundTripError). EIGEN_RUNTIME_NO_MALLOC: the no-malloc
 // check of the last test (detail::NoMallocScope watches Eigen's allocator and Workspace's).
 
-#define EIGEN_RUNTIME_NO_MALLOC
+#ifndef EIGEN_RUNTIME_NO_MALLOC
+#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -31,6 +33,7 @@
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
+namespace attention_int8_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -402,3 +405,5 @@ TEST(AttentionInt8Test, SecondCallWithAWorkspaceAllocatesNothing) {
 }
 
 }  // namespace
+
+}  // namespace attention_int8_test

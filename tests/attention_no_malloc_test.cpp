@@ -2,8 +2,12 @@
 // the tile loop — every score product, modifier, mask, online update and the final
 // normalisation — runs without one heap allocation for the default chunk sizes. No hidden
 // temporaries, no Ref copies of the K/V blocks. A death test shows the check does fire.
-#undef NDEBUG
-#define EIGEN_RUNTIME_NO_MALLOC
+#ifdef NDEBUG
+#error "built with assertions only: a CHECKED test group (tests/CMakeLists.txt)"
+#endif
+#ifndef EIGEN_RUNTIME_NO_MALLOC
+#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
+#endif
 
 #include <vector>
 
@@ -16,6 +20,7 @@
 #include "support/random.hpp"
 #include "support/scalar_types.hpp"
 
+namespace attention_no_malloc_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -363,3 +368,5 @@ TYPED_TEST(AttentionNoMalloc16BitTest, SecondBackwardAndBlockCallsAllocateNothin
 }
 
 }  // namespace
+
+}  // namespace attention_no_malloc_test

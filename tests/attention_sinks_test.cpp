@@ -24,6 +24,7 @@
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
+namespace attention_sinks_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -293,3 +294,5 @@ TEST(AttentionSinksTest, BadSinksThrowNamingTheArgumentAndWriteNothing) {
 }
 
 }  // namespace
+
+}  // namespace attention_sinks_test

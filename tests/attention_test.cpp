@@ -25,6 +25,7 @@
 #include "support/shapes.hpp"
 #include "support/tolerance.hpp"
 
+namespace attention_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -1411,3 +1412,5 @@ TYPED_TEST(AttentionErrorTest, BadArgumentsThrowNamingSizesAndWriteNothing) {
 }
 
 }  // namespace
+
+}  // namespace attention_test

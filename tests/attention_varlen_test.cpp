@@ -36,6 +36,7 @@
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
+namespace attention_varlen_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -405,3 +406,5 @@ TEST(AttentionVarlenTest, BadInputThrowsBeforeWriting) {
 }
 
 }  // namespace
+
+}  // namespace attention_varlen_test

@@ -43,6 +43,7 @@
 #include "support/shapes.hpp"
 #include "support/tolerance.hpp"
 
+namespace backward_16bit_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -284,8 +285,6 @@ std::vector<Problem> awkward_problems() {
   return problems;
 }
 
-}  // namespace
-
 TYPED_TEST(Backward16BitTest, MatchesLongDoubleReferenceOnAwkwardShapes) {
   std::uint64_t salt = 1600;
   for (const Problem& p : awkward_problems()) expect_matches_reference<TypeParam>(p, ++salt);
@@ -381,8 +380,6 @@ TYPED_TEST(Backward16BitTest, SingleHeadFormAgreesWithTensorForm) {
 
 // --- transformer_block ---------------------------------------------------------------------------
 
-namespace {
-
 /// Random weights rounded to S, scaled about 1/sqrt(fan-in) (activations stay O(1)); LayerNorm
 /// gammas in [0.5, 1.5], betas in [-0.5, 0.5].
 template <class S>
@@ -406,8 +403,6 @@ blockattn::TransformerBlockWeights<S> random_weights16(std::mt19937_64& rng, Ind
   w.activation = activation;
   return w;
 }
-
-}  // namespace
 
 // Against reference::transformer_block in long double on the stored weights and x: the float
 // layer's bound (layer_error_bound<float>: the layer computed in float on those values, which is
@@ -467,3 +462,7 @@ TYPED_TEST(Backward16BitTest, TransformerBlockMatchesLongDoubleReference) {
     }
   }
 }
+
+}  // namespace
+
+}  // namespace backward_16bit_test

@@ -15,6 +15,7 @@
 #include "support/random.hpp"
 #include "support/scalar_types.hpp"
 
+namespace concurrency_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -123,3 +124,5 @@ TYPED_TEST(ConcurrencyTest, ThreadInvarianceOfOneCall) {
 }
 
 }  // namespace
+
+}  // namespace concurrency_test

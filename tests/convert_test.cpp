@@ -14,6 +14,7 @@
 
 #include <blockattn/detail/convert.hpp>
 
+namespace convert_test {
 namespace {
 
 using blockattn::Index;
@@ -111,3 +112,5 @@ TYPED_TEST(ConvertTest, NarrowMatchesEigenOnBoundariesAndRandomFloats) {
 }
 
 }  // namespace
+
+}  // namespace convert_test

@@ -24,6 +24,7 @@
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
+namespace dispatch_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -254,3 +255,5 @@ TEST(DispatchTest, BadArgumentsThrowBeforeWriting) {
 }
 
 }  // namespace
+
+}  // namespace dispatch_test

@@ -8,6 +8,7 @@
 
 #include <blockattn/detail/simd.hpp>
 
+namespace isa_test {
 namespace {
 
 using blockattn::detail::simd::Simd;
@@ -28,3 +29,5 @@ TEST(IsaTest, RunsTheExpectedSimdPath) {
 }
 
 }  // namespace
+
+}  // namespace isa_test

@@ -15,6 +15,7 @@
 
 #include "support/random.hpp"
 
+namespace mask_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -183,3 +184,5 @@ TEST(BlockSparseLayoutTest, BadArgumentsThrowNamingTheValues) {
 }
 
 }  // namespace
+
+}  // namespace mask_test

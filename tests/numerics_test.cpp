@@ -19,6 +19,7 @@
 #include "support/scalar_types.hpp"
 #include "support/tolerance.hpp"
 
+namespace numerics_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -429,3 +430,5 @@ TYPED_TEST(NumericsTest, FullyMaskedRowsAreZeroWithMinusInfinityLse) {
 }
 
 }  // namespace
+
+}  // namespace numerics_test

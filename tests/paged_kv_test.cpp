@@ -13,7 +13,9 @@
 // and the sizes, out untouched.
 // EIGEN_RUNTIME_NO_MALLOC: the no-malloc check of the last test (detail::NoMallocScope).
 
-#define EIGEN_RUNTIME_NO_MALLOC
+#ifndef EIGEN_RUNTIME_NO_MALLOC
+#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -34,6 +36,7 @@
 
 #include "support/random.hpp"
 
+namespace paged_kv_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -598,3 +601,5 @@ TEST(PagedKVTest, SecondCallWithAWorkspaceAllocatesNothing) {
 }
 
 }  // namespace
+
+}  // namespace paged_kv_test

@@ -15,7 +15,9 @@
 // reaches): std::invalid_argument naming the argument, out untouched.
 // EIGEN_RUNTIME_NO_MALLOC: the no-malloc check of the last test (detail::NoMallocScope).
 
-#define EIGEN_RUNTIME_NO_MALLOC
+#ifndef EIGEN_RUNTIME_NO_MALLOC
+#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -36,6 +38,7 @@
 
 #include "support/random.hpp"
 
+namespace paged_quantized_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -538,3 +541,5 @@ TEST(PagedQuantizedTest, Int4SecondCallWithAWorkspaceAllocatesNothing) {
 }
 
 }  // namespace
+
+}  // namespace paged_quantized_test

@@ -24,6 +24,7 @@
 #include "support/scalar_types.hpp"
 #include "support/tolerance.hpp"
 
+namespace simd_test {
 namespace {
 
 using blockattn::Index;
@@ -714,3 +715,5 @@ TYPED_TEST(MicroKernelTest, TileAttentionForwardMatchesNaiveAttention) {
 }
 
 }  // namespace
+
+}  // namespace simd_test

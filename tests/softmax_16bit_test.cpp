@@ -8,8 +8,12 @@
 //      tolerance plus one rounding of the output to the format.
 // Eigen's runtime malloc check is on: every call on preallocated buffers runs with
 // set_is_malloc_allowed(false) (the no-allocation contract for each format).
-#undef NDEBUG
-#define EIGEN_RUNTIME_NO_MALLOC
+#ifdef NDEBUG
+#error "built with assertions only: a CHECKED test group (tests/CMakeLists.txt)"
+#endif
+#ifndef EIGEN_RUNTIME_NO_MALLOC
+#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -31,6 +35,7 @@
 #include "support/softmax_tolerance.hpp"
 #include "support/tolerance.hpp"
 
+namespace softmax_16bit_test {
 namespace {
 
 using blockattn::Index;
@@ -756,3 +761,5 @@ TYPED_TEST(Softmax16Test, BadArgumentsThrowNamingTheArgumentAndWriteNothing) {
 }
 
 }  // namespace
+
+}  // namespace softmax_16bit_test

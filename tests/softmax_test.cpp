@@ -3,8 +3,12 @@
 //
 // This file also proves the "no allocation per call" contract: Eigen's runtime malloc check is
 // on, and the calls on row-major views run with set_is_malloc_allowed(false).
-#undef NDEBUG
-#define EIGEN_RUNTIME_NO_MALLOC
+#ifdef NDEBUG
+#error "built with assertions only: a CHECKED test group (tests/CMakeLists.txt)"
+#endif
+#ifndef EIGEN_RUNTIME_NO_MALLOC
+#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +31,7 @@
 #include "support/softmax_tolerance.hpp"
 #include "support/tolerance.hpp"
 
+namespace softmax_test {
 namespace {
 
 using blockattn::Index;
@@ -866,3 +871,5 @@ TEST(SoftmaxLongDoubleTest, OnlineStateTakesTheScalarPath) {
 }
 
 }  // namespace
+
+}  // namespace softmax_test

@@ -25,6 +25,7 @@
 #include "support/scalar_types.hpp"
 #include "support/tolerance.hpp"
 
+namespace transformer_block_test {
 namespace {
 
 using blockattn::Activation;
@@ -655,3 +656,5 @@ TYPED_TEST(TransformerBlockErrorTest, InputsOutputsAndAliasingAreChecked) {
 }
 
 }  // namespace
+
+}  // namespace transformer_block_test

@@ -8,6 +8,7 @@
 #include <blockattn/detail/check.hpp>
 #include <blockattn/types.hpp>
 
+namespace types_test {
 namespace {
 
 using blockattn::Index;
@@ -77,3 +78,5 @@ TEST(CheckTest, OverlapSeesSharedRowsAndIgnoresGapsBetweenStridedRows) {
 }
 
 }  // namespace
+
+}  // namespace types_test

@@ -25,6 +25,7 @@
 
 #include "support/scalar_types.hpp"
 
+namespace validation_test {
 namespace {
 
 using blockattn::AttentionOptions;
@@ -771,3 +772,5 @@ TYPED_TEST(ValidationTest, EveryBadInputThrowsBeforeWritingAnything) {
 }
 
 }  // namespace
+
+}  // namespace validation_test
