@@ -683,25 +683,33 @@ TYPED_TEST(AttentionTest, DecodeKeySplitMatchesReferenceAndIgnoresThreads) {
 }
 
 // Prefill with fewer than four query blocks splits its keys into segments merged like decode's,
-// so that two threads have work: one head, default chunks (768-row query blocks, 256-key chunks
-// at d = 16 in float and double), one and two query blocks, key counts that end inside a chunk,
-// every interval mask (causal rows that see nothing of the later segments) — against the long
-// double reference, and bitwise equal for any thread count (the split depends on the shape only).
+// so that two threads have work: one head, one query block at the default chunks (768-row query
+// blocks, 256-key chunks at d = 16 in float and double) and three at explicit small ones (the same
+// split, a fifth of the long double reference's cost, which qemu-aarch64 runs in software), key
+// counts that end inside a chunk, every interval mask (causal rows that see nothing of the later
+// segments) — against the long double reference, and bitwise equal for any thread count (the
+// split depends on the shape only).
 TYPED_TEST(AttentionTest, ShortPrefillKeySplitMatchesReferenceAndIgnoresThreads) {
   using T = TypeParam;
   auto rng = make_rng(12);
-  for (const auto& [n_q, n_k] : std::vector<std::pair<Index, Index>>{{300, 700}, {1000, 1029}}) {
+  struct Case {
+    Index n_q, n_k, query_chunk, key_chunk, window, length;
+  };
+  // Segments: 3 of 256 keys; 2 of 168 (7 chunks of 24). length ends inside the last segment but
+  // one, and inside a chunk.
+  for (const Case& c : {Case{300, 700, 0, 0, 300, 467}, Case{200, 301, 72, 24, 90, 151}}) {
     for (const int mask : {0, 1, 2, 3}) {
-      SCOPED_TRACE("n_q=" + std::to_string(n_q) + " n_k=" + std::to_string(n_k) +
+      SCOPED_TRACE("n_q=" + std::to_string(c.n_q) + " n_k=" + std::to_string(c.n_k) +
                    " mask=" + std::to_string(mask) + " " + seed_trace());
-      const Matrix<T> q = random_matrix<T>(rng, n_q, 16);
-      const Matrix<T> k = random_matrix<T>(rng, n_k, 16);
-      const Matrix<T> v = random_matrix<T>(rng, n_k, 16);
+      const Matrix<T> q = random_matrix<T>(rng, c.n_q, 16);
+      const Matrix<T> k = random_matrix<T>(rng, c.n_k, 16);
+      const Matrix<T> v = random_matrix<T>(rng, c.n_k, 16);
       AttentionOptions options;
+      options.query_chunk = c.query_chunk;
+      options.key_chunk = c.key_chunk;
       options.causal = mask == 1 || mask == 2;
-      if (mask == 2) options.window_left = 300;  // each row sees some segments only
-      const Index length = n_k - 301;            // ends inside the last segment but one
-      if (mask == 3) options.key_lengths = {&length, 1};
+      if (mask == 2) options.window_left = c.window;  // each row sees some segments only
+      if (mask == 3) options.key_lengths = {&c.length, 1};
       expect_matches_reference_for_any_threads(q, k, v, options, {2, 3});
     }
   }
