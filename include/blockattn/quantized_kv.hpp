@@ -325,9 +325,12 @@ void validate_key_blocks(const char* function, const char* scale_name, const cha
       const float* sc = scale.at(b, blk, h);
       const float* zp = zero.at(b, blk, h);
       for (Index c = 0; c < scale.dim; ++c) {
-        all_ok &= (std::abs(sc[c]) <= kMax) & (std::abs(zp[c]) <= kMax) &
-                  (std::abs(sc[c] * (q_min - zp[c])) <= kMax) &
-                  (std::abs(sc[c] * (q_max - zp[c])) <= kMax);
+        // Named first: clang's -Wbitwise-instead-of-logical flags `&` between calls.
+        const bool scale_ok = std::abs(sc[c]) <= kMax;
+        const bool zero_ok = std::abs(zp[c]) <= kMax;
+        const bool low_ok = std::abs(sc[c] * (q_min - zp[c])) <= kMax;
+        const bool high_ok = std::abs(sc[c] * (q_max - zp[c])) <= kMax;
+        all_ok &= scale_ok & zero_ok & low_ok & high_ok;
       }
     }
   });
