@@ -36,12 +36,14 @@
 #include <blockattn/attention.hpp>
 #include <blockattn/reference.hpp>
 
+#include "support/bits.hpp"
 #include "support/format16.hpp"
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
 namespace attention_16bit_test {
 namespace {
+using blockattn::test::same_bits;
 
 using blockattn::AttentionOptions;
 using blockattn::Index;
@@ -79,10 +81,6 @@ template <class T>
 bool same_bits(const Matrix<T>& a, const Matrix<T>& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&
          std::memcmp(a.data(), b.data(), sizeof(T) * static_cast<std::size_t>(a.size())) == 0;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
 }
 
 /// One call's shape: [batch, seq, heads, dim] tensors, BSHD (heads interleaved in a row) or BHSD

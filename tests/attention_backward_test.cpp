@@ -3,12 +3,6 @@
 // central finite differences of the forward pass, fully masked rows, chunk-size invariance,
 // bitwise thread-count invariance, both call forms, and the errors.
 // Eigen's allocation guard is on in this file (STYLE §2.10): the tile loop must not allocate.
-#ifdef NDEBUG
-#error "built with assertions only: a CHECKED test group (tests/CMakeLists.txt)"
-#endif
-#ifndef EIGEN_RUNTIME_NO_MALLOC
-#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
-#endif
 
 #include <algorithm>
 #include <array>
@@ -30,6 +24,8 @@
 #include "support/backward.hpp"
 #include "support/gradient_tolerance.hpp"
 #include "support/random.hpp"
+#include "support/requires_assertions.hpp"
+#include "support/requires_malloc_guard.hpp"
 #include "support/scalar_types.hpp"
 #include "support/shapes.hpp"
 #include "support/tolerance.hpp"

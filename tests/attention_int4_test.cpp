@@ -12,10 +12,6 @@
 // Keys have per-channel means and a few outlier channels (what the per-channel key format is
 // for), so scales and zero points differ per channel and block.
 
-#ifndef EIGEN_RUNTIME_NO_MALLOC
-#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,11 +29,15 @@
 #include <blockattn/int4_kv.hpp>
 #include <blockattn/reference.hpp>
 
+#include "support/bits.hpp"
 #include "support/random.hpp"
+#include "support/requires_malloc_guard.hpp"
 #include "support/tolerance.hpp"
 
 namespace attention_int4_test {
 namespace {
+using blockattn::test::count;
+using blockattn::test::same_bits;
 
 using blockattn::AttentionOptions;
 using blockattn::Index;
@@ -45,12 +45,6 @@ using blockattn::Int4QuantizedKV;
 using blockattn::TensorView;
 using blockattn::test::make_rng;
 using blockattn::test::seed_trace;
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
-}
-
-std::size_t count(Index n) { return static_cast<std::size_t>(n); }
 
 constexpr Index blocks_of(Index n) { return (n + 31) / 32; }
 constexpr Index groups_of(Index d) { return (d + 31) / 32; }

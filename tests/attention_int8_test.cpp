@@ -11,10 +11,6 @@
 // x/scale and of scale·q (see QuantizeRoundTripError). EIGEN_RUNTIME_NO_MALLOC: the no-malloc
 // check of the last test (detail::NoMallocScope watches Eigen's allocator and Workspace's).
 
-#ifndef EIGEN_RUNTIME_NO_MALLOC
-#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
-#endif
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,11 +26,15 @@
 #include <blockattn/quantized_kv.hpp>
 #include <blockattn/reference.hpp>
 
+#include "support/bits.hpp"
 #include "support/random.hpp"
+#include "support/requires_malloc_guard.hpp"
 #include "support/tolerance.hpp"
 
 namespace attention_int8_test {
 namespace {
+using blockattn::test::count;
+using blockattn::test::same_bits;
 
 using blockattn::AttentionOptions;
 using blockattn::Index;
@@ -42,10 +42,6 @@ using blockattn::QuantizedKV;
 using blockattn::TensorView;
 using blockattn::test::make_rng;
 using blockattn::test::seed_trace;
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
-}
 
 struct Shape {
   Index batch = 1;
@@ -63,8 +59,6 @@ TensorView<T> view_of(T* data, Index batch, Index seq, Index heads, Index dim, b
   if (!bhsd) return blockattn::make_tensor_view(data, batch, seq, heads, dim);
   return TensorView<T>(data, batch, seq, heads, dim, seq * heads * dim, dim, seq * dim);
 }
-
-std::size_t count(Index n) { return static_cast<std::size_t>(n); }
 
 /// One shape's float q, its int8 cache (quantized from random floats by quantize_kv) and the
 /// cache's dequantized floats.

@@ -2,12 +2,6 @@
 // the tile loop — every score product, modifier, mask, online update and the final
 // normalisation — runs without one heap allocation for the default chunk sizes. No hidden
 // temporaries, no Ref copies of the K/V blocks. A death test shows the check does fire.
-#ifdef NDEBUG
-#error "built with assertions only: a CHECKED test group (tests/CMakeLists.txt)"
-#endif
-#ifndef EIGEN_RUNTIME_NO_MALLOC
-#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
-#endif
 
 #include <vector>
 
@@ -18,6 +12,8 @@
 #include <blockattn/transformer_block.hpp>
 
 #include "support/random.hpp"
+#include "support/requires_assertions.hpp"
+#include "support/requires_malloc_guard.hpp"
 #include "support/scalar_types.hpp"
 
 namespace attention_no_malloc_test {

@@ -21,11 +21,14 @@
 #include <blockattn/attention.hpp>
 #include <blockattn/reference.hpp>
 
+#include "support/bits.hpp"
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
 namespace attention_sinks_test {
 namespace {
+using blockattn::test::count;
+using blockattn::test::same_bits;
 
 using blockattn::AttentionOptions;
 using blockattn::Index;
@@ -34,13 +37,6 @@ using blockattn::test::make_rng;
 using blockattn::test::seed_trace;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-std::size_t count(Index n) { return static_cast<std::size_t>(n); }
-
-template <class T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0;
-}
 
 struct Shape {
   Index batch = 1;

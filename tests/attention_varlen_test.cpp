@@ -33,11 +33,14 @@
 #include <blockattn/attention_varlen.hpp>
 #include <blockattn/reference.hpp>
 
+#include "support/bits.hpp"
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
 namespace attention_varlen_test {
 namespace {
+using blockattn::test::count;
+using blockattn::test::same_bits;
 
 using blockattn::AttentionOptions;
 using blockattn::Index;
@@ -46,12 +49,6 @@ using blockattn::test::make_rng;
 using blockattn::test::seed_trace;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-std::size_t count(Index n) { return static_cast<std::size_t>(n); }
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
-}
 
 /// A packed batch in float: sequence s has lengths[s] = {n_q, n_k}; q [1, total_q, H, d], k
 /// [1, total_k, H_kv, d], v [1, total_k, H_kv, d_v], contiguous.

@@ -13,10 +13,6 @@
 // and the sizes, out untouched.
 // EIGEN_RUNTIME_NO_MALLOC: the no-malloc check of the last test (detail::NoMallocScope).
 
-#ifndef EIGEN_RUNTIME_NO_MALLOC
-#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -34,29 +30,25 @@
 
 #include <blockattn/paged_kv.hpp>
 
+#include "support/bits.hpp"
+#include "support/page_tables.hpp"
 #include "support/random.hpp"
+#include "support/requires_malloc_guard.hpp"
 
 namespace paged_kv_test {
 namespace {
+using blockattn::test::count;
+using blockattn::test::same_bits;
 
 using blockattn::AttentionOptions;
 using blockattn::Index;
 using blockattn::PagedKV;
-using blockattn::PageTable;
 using blockattn::TensorView;
 using blockattn::test::make_rng;
 using blockattn::test::seed_trace;
 
-std::size_t count(Index n) { return static_cast<std::size_t>(n); }
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
-}
-
-enum class Format { VLLM, FlashInfer, OpenVINO };
-const char* name_of(Format f) {
-  return f == Format::VLLM ? "vLLM" : f == Format::FlashInfer ? "FlashInfer" : "OpenVINO";
-}
+using Format = blockattn::test::PageTableFormat;
+using blockattn::test::name_of;
 
 struct Shape {
   std::vector<Index> lengths;  // per sequence, the n_q new tokens included (>= n_q)
@@ -72,29 +64,17 @@ struct Shape {
 /// A pool of pages (pages in shuffled order, a few unused) holding every sequence's keys and
 /// values, its page lists in the three formats, and q.
 template <class S>
-struct Problem {
+struct Problem : blockattn::test::PageTables {
   Shape s;
   Index batch = 0;
-  Index num_pages = 0;
   std::vector<float> q;
   static constexpr bool kInt8 = std::is_same_v<S, std::int8_t>;
   std::vector<S> k_pool, v_pool;
   std::vector<float> k_scale_pool, v_scale_pool;  // int8 only: [pages, page_size, H_kv, 1]
-  std::vector<std::vector<std::int32_t>> lists;   // each sequence's page ids
-  // The tables.
-  std::vector<std::int32_t> block_tables, seq_lens;  // vLLM
-  Index max_pages = 0;
-  std::vector<std::int32_t> indptr, indices, last_page_len;  // FlashInfer
-  std::vector<std::int32_t> begins, past_lens;               // OpenVINO (indices reused)
 
-  Problem(const Shape& shape, std::mt19937_64& rng) : s(shape) {
+  Problem(const Shape& shape, std::mt19937_64& rng)
+      : PageTables(shape.lengths, shape.n_q, shape.page_size, rng), s(shape) {
     batch = static_cast<Index>(s.lengths.size());
-    Index used = 0;
-    for (const Index n : s.lengths) used += (n + s.page_size - 1) / s.page_size;
-    num_pages = used + 3;
-    std::vector<std::int32_t> ids(count(num_pages));
-    std::iota(ids.begin(), ids.end(), 0);
-    std::shuffle(ids.begin(), ids.end(), rng);
     std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
     const auto fill = [&](auto& x, Index n) {
       x.resize(count(n));
@@ -116,29 +96,6 @@ struct Problem {
       fill(k_pool, num_pages * s.page_size * s.kv_heads * s.d);
       fill(v_pool, num_pages * s.page_size * s.kv_heads * s.d_v);
     }
-    std::size_t next = 0;
-    for (Index b = 0; b < batch; ++b) {
-      const Index pages = (s.lengths[count(b)] + s.page_size - 1) / s.page_size;
-      lists.emplace_back(ids.begin() + static_cast<std::ptrdiff_t>(next),
-                         ids.begin() + static_cast<std::ptrdiff_t>(next + count(pages)));
-      next += count(pages);
-      max_pages = std::max(max_pages, pages + 1);  // a spare column: rows longer than needed
-    }
-    indptr.push_back(0);
-    for (Index b = 0; b < batch; ++b) {
-      const auto& list = lists[count(b)];
-      const Index n = s.lengths[count(b)];
-      for (Index p = 0; p < max_pages; ++p) {
-        block_tables.push_back(p < static_cast<Index>(list.size()) ? list[count(p)] : -1);
-      }
-      seq_lens.push_back(static_cast<std::int32_t>(n));
-      indices.insert(indices.end(), list.begin(), list.end());
-      indptr.push_back(static_cast<std::int32_t>(indices.size()));
-      last_page_len.push_back(
-          static_cast<std::int32_t>(list.empty() ? 0 : n - (Index(list.size()) - 1) * s.page_size));
-      past_lens.push_back(static_cast<std::int32_t>(n - s.n_q));
-    }
-    begins = indptr;
   }
 
   template <class X>
@@ -147,17 +104,6 @@ struct Problem {
       return blockattn::make_tensor_view_bhsd(x.data(), num_pages, s.page_size, s.kv_heads, dim);
     }
     return blockattn::make_tensor_view(x.data(), num_pages, s.page_size, s.kv_heads, dim);
-  }
-  PageTable table(Format f) const {
-    switch (f) {
-      case Format::VLLM:
-        return blockattn::vllm_page_table(block_tables, max_pages, seq_lens);
-      case Format::FlashInfer:
-        return blockattn::flashinfer_page_table(indptr, indices, last_page_len);
-      case Format::OpenVINO:
-        return blockattn::openvino_page_table(indices, begins, past_lens);
-    }
-    return {};
   }
   auto cache(Format f) const {
     if constexpr (kInt8) {

@@ -15,10 +15,6 @@
 // reaches): std::invalid_argument naming the argument, out untouched.
 // EIGEN_RUNTIME_NO_MALLOC: the no-malloc check of the last test (detail::NoMallocScope).
 
-#ifndef EIGEN_RUNTIME_NO_MALLOC
-#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -36,28 +32,24 @@
 
 #include <blockattn/paged_kv.hpp>
 
+#include "support/bits.hpp"
+#include "support/page_tables.hpp"
 #include "support/random.hpp"
+#include "support/requires_malloc_guard.hpp"
 
 namespace paged_quantized_test {
 namespace {
+using blockattn::test::count;
+using blockattn::test::same_bits;
 
 using blockattn::AttentionOptions;
 using blockattn::Index;
-using blockattn::PageTable;
 using blockattn::TensorView;
 using blockattn::test::make_rng;
 using blockattn::test::seed_trace;
 
-std::size_t count(Index n) { return static_cast<std::size_t>(n); }
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
-}
-
-enum class Format { VLLM, FlashInfer, OpenVINO };
-const char* name_of(Format f) {
-  return f == Format::VLLM ? "vLLM" : f == Format::FlashInfer ? "FlashInfer" : "OpenVINO";
-}
+using Format = blockattn::test::PageTableFormat;
+using blockattn::test::name_of;
 
 struct Shape {
   std::vector<Index> lengths;  // per sequence, the n_q new tokens included (>= n_q)
@@ -98,7 +90,7 @@ struct Storage {
 /// One sequence's contiguous cache [1, n, H_kv, ·] in the problem's layout, and the paged pools
 /// of all sequences (the same bytes, scattered over shuffled pages, a few unused).
 template <bool kInt4>
-struct Problem {
+struct Problem : blockattn::test::PageTables {
   using K = typename Storage<kInt4>::K;
   struct Cache {
     Index n = 0;
@@ -107,27 +99,17 @@ struct Problem {
   };
   Shape s;
   Index batch = 0;
-  Index num_pages = 0;
   std::vector<float> q;
   std::vector<Cache> caches;
   std::vector<K> k_pool, v_pool;
   std::vector<float> k_scale_pool, k_zero_pool, v_scale_pool;
-  std::vector<std::vector<std::int32_t>> lists;
-  std::vector<std::int32_t> block_tables, seq_lens;
-  Index max_pages = 0;
-  std::vector<std::int32_t> indptr, indices, last_page_len, begins, past_lens;
 
   Index blocks_per_page() const { return std::max<Index>(1, s.page_size / 32); }
   Index groups() const { return Storage<kInt4>::value_scales(s.d_v); }
 
-  Problem(const Shape& shape, std::mt19937_64& rng) : s(shape) {
+  Problem(const Shape& shape, std::mt19937_64& rng)
+      : PageTables(shape.lengths, shape.n_q, shape.page_size, rng), s(shape) {
     batch = static_cast<Index>(s.lengths.size());
-    Index used = 0;
-    for (const Index n : s.lengths) used += (n + s.page_size - 1) / s.page_size;
-    num_pages = used + 3;
-    std::vector<std::int32_t> ids(count(num_pages));
-    std::iota(ids.begin(), ids.end(), 0);
-    std::shuffle(ids.begin(), ids.end(), rng);
     std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
     q.resize(count(batch * s.n_q * s.heads * s.d));
     for (float& e : q) e = dist(rng);
@@ -139,14 +121,8 @@ struct Problem {
     k_scale_pool.assign(count(num_pages * bpp * s.kv_heads * s.d), 0.0f);
     k_zero_pool = k_scale_pool;
     v_scale_pool.assign(count(num_pages * s.page_size * s.kv_heads * groups()), 0.0f);
-    std::size_t next = 0;
     for (Index b = 0; b < batch; ++b) {
       const Index n = s.lengths[count(b)];
-      const Index pages = (n + s.page_size - 1) / s.page_size;
-      lists.emplace_back(ids.begin() + static_cast<std::ptrdiff_t>(next),
-                         ids.begin() + static_cast<std::ptrdiff_t>(next + count(pages)));
-      next += count(pages);
-      max_pages = std::max(max_pages, pages + 1);
       // The contiguous cache, written by quantize_kv: keys in two appends (the second with a
       // wider range, so that the open block is re-quantized).
       Cache c;
@@ -176,7 +152,7 @@ struct Problem {
           blockattn::make_tensor_view<const float>(vf.data(), 1, n, s.kv_heads, s.d_v), vview(c),
           vscales(c.v_scale, n));
       // Scatter it over the sequence's pages.
-      const auto& list = lists.back();
+      const auto& list = lists[count(b)];
       for (Index t = 0; t < n; ++t) {
         const Index page = list[count(t / s.page_size)];
         const Index row = t % s.page_size;
@@ -196,21 +172,6 @@ struct Problem {
       }
       caches.push_back(std::move(c));
     }
-    indptr.push_back(0);
-    for (Index b = 0; b < batch; ++b) {
-      const auto& list = lists[count(b)];
-      const Index n = s.lengths[count(b)];
-      for (Index p = 0; p < max_pages; ++p) {
-        block_tables.push_back(p < static_cast<Index>(list.size()) ? list[count(p)] : -1);
-      }
-      seq_lens.push_back(static_cast<std::int32_t>(n));
-      indices.insert(indices.end(), list.begin(), list.end());
-      indptr.push_back(static_cast<std::int32_t>(indices.size()));
-      last_page_len.push_back(
-          static_cast<std::int32_t>(list.empty() ? 0 : n - (Index(list.size()) - 1) * s.page_size));
-      past_lens.push_back(static_cast<std::int32_t>(n - s.n_q));
-    }
-    begins = indptr;
   }
 
   // Views of a contiguous cache and of the pools, in the problem's layout.
@@ -235,17 +196,6 @@ struct Problem {
                 Storage<kInt4>::row(s.d_v), s.head_major);
   }
 
-  PageTable table(Format f) const {
-    switch (f) {
-      case Format::VLLM:
-        return blockattn::vllm_page_table(block_tables, max_pages, seq_lens);
-      case Format::FlashInfer:
-        return blockattn::flashinfer_page_table(indptr, indices, last_page_len);
-      case Format::OpenVINO:
-        return blockattn::openvino_page_table(indices, begins, past_lens);
-    }
-    return {};
-  }
   auto cache(Format f) {
     using Paged = std::conditional_t<kInt4, blockattn::PagedInt4QuantizedKV,
                                      blockattn::PagedChannelQuantizedKV>;

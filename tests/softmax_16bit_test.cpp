@@ -8,12 +8,6 @@
 //      tolerance plus one rounding of the output to the format.
 // Eigen's runtime malloc check is on: every call on preallocated buffers runs with
 // set_is_malloc_allowed(false) (the no-allocation contract for each format).
-#ifdef NDEBUG
-#error "built with assertions only: a CHECKED test group (tests/CMakeLists.txt)"
-#endif
-#ifndef EIGEN_RUNTIME_NO_MALLOC
-#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
-#endif
 
 #include <cmath>
 #include <cstdint>
@@ -32,6 +26,8 @@
 #include <blockattn/softmax.hpp>
 
 #include "support/random.hpp"
+#include "support/requires_assertions.hpp"
+#include "support/requires_malloc_guard.hpp"
 #include "support/softmax_tolerance.hpp"
 #include "support/tolerance.hpp"
 

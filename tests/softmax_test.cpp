@@ -3,12 +3,6 @@
 //
 // This file also proves the "no allocation per call" contract: Eigen's runtime malloc check is
 // on, and the calls on row-major views run with set_is_malloc_allowed(false).
-#ifdef NDEBUG
-#error "built with assertions only: a CHECKED test group (tests/CMakeLists.txt)"
-#endif
-#ifndef EIGEN_RUNTIME_NO_MALLOC
-#error "needs Eigen's allocation guard: every test group defines it (tests/CMakeLists.txt)"
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +21,8 @@
 
 #include "../bench/support/softmax_topk_unfused.hpp"
 #include "support/random.hpp"
+#include "support/requires_assertions.hpp"
+#include "support/requires_malloc_guard.hpp"
 #include "support/scalar_types.hpp"
 #include "support/softmax_tolerance.hpp"
 #include "support/tolerance.hpp"
