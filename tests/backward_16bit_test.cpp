@@ -18,6 +18,9 @@
 //      chunks) and at n = 512 (32 key chunks); a 16-bit accumulator would add one rounding per
 //      chunk and grow with n. Tried: rounding dQ to the format after every key chunk fails
 //      oracles 1 (every dq) and 3 (dq at n = 512: 1.71·u_S, against 0.42·u_S without it).
+// Float gradients over 16-bit inputs (TensorGradients<float>, AttentionGradients<float>): oracle 1
+// without its last rounding (rounded to S: the 16-bit gradients bit for bit; aligned shapes: the
+// float backward's bits), oracle 2 without its u_S term, and the argument checks on float buffers.
 // transformer_block: reference::transformer_block in long double on the stored weights and x,
 // within the float layer's bound (support/layer_error_bound.hpp) plus one rounding of y; bitwise
 // the same for 1 and 2 threads.
@@ -25,7 +28,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -197,12 +202,12 @@ void add_gradient_tolerance(const Matrix<Real>& q, const Matrix<Real>& k, const 
   }
 }
 
-/// |got − want| <= tol_r + u_S·(|want| + tol_r) for every element of row r: the float bound, then
-/// one rounding of a value within tol_r of want.
-template <class S>
+/// |got − want| <= tol_r + u_out·(|want| + tol_r) for every element of row r: the float bound, then
+/// one rounding of a value within tol_r of want (u_out = u_S for 16-bit gradients, 0 for float
+/// gradients, which are the accumulators unrounded).
 void expect_rows_within(const Matrix<Real>& got, const Matrix<Real>& want,
-                        const std::vector<double>& tol, const char* name) {
-  const double u_s = format_u<S>();
+                        const std::vector<double>& tol, const char* name, double u_out) {
+  const double u_s = u_out;
   for (Index r = 0; r < got.rows(); ++r) {
     for (Index c = 0; c < got.cols(); ++c) {
       const auto g = static_cast<double>(got(r, c));
@@ -216,12 +221,48 @@ void expect_rows_within(const Matrix<Real>& got, const Matrix<Real>& want,
   }
 }
 
-/// The 16-bit backward against reference::attention_backward in long double on the widened
-/// inputs, per (batch, head), within add_gradient_tolerance + one rounding.
+/// Gradients of one type G.
+template <class G>
+struct Gradients {
+  Matrix<G> dq, dk, dv;
+};
+
+/// attention_backward() of x's 16-bit inputs, out and lse into float gradients
+/// (TensorGradients<float>: fp32 master gradients).
 template <class S>
-void expect_matches_reference(const Problem& p, std::uint64_t salt) {
-  SCOPED_TRACE(describe(p));
+Gradients<float> float_gradients(const Problem& p, const Tensors<S>& x,
+                                 const AttentionOptions& options) {
+  Gradients<float> g{Matrix<float>(x.q.rows(), x.q.cols()), Matrix<float>(x.k.rows(), x.k.cols()),
+                     Matrix<float>(x.v.rows(), x.v.cols())};
+  blockattn::TensorBackwardInputs<S> in;
+  in.q = view(x.q, p.batch, p.n_q, p.heads);
+  in.k = view(x.k, p.batch, p.n_k, p.kv_heads);
+  in.v = view(x.v, p.batch, p.n_k, p.kv_heads);
+  in.out = view(x.out, p.batch, p.n_q, p.heads);
+  in.dout = view(x.dout, p.batch, p.n_q, p.heads);
+  in.lse = Span<const float>(x.lse);
+  blockattn::TensorGradients<float> grads;
+  grads.dq = view(g.dq, p.batch, p.n_q, p.heads);
+  grads.dk = view(g.dk, p.batch, p.n_k, p.kv_heads);
+  grads.dv = view(g.dv, p.batch, p.n_k, p.kv_heads);
+  blockattn::attention_backward(in, grads, options);
+  return g;
+}
+
+/// The 16-bit backward against reference::attention_backward in long double on the widened
+/// inputs, per (batch, head), within add_gradient_tolerance + one rounding; with float_grads, the
+/// float-gradient form on the same inputs within add_gradient_tolerance alone (no rounding).
+template <class S>
+void expect_matches_reference(const Problem& p, std::uint64_t salt, bool float_grads = false) {
+  SCOPED_TRACE(describe(p) + (float_grads ? " float gradients" : " 16-bit gradients"));
   const Tensors<S> x = run16<S>(p, salt);
+  Gradients<Real> got{widen_to<Real>(x.dq), widen_to<Real>(x.dk), widen_to<Real>(x.dv)};
+  double u_out = format_u<S>();
+  if (float_grads) {
+    const Gradients<float> g = float_gradients(p, x, p.options);
+    got = {widen_to<Real>(g.dq), widen_to<Real>(g.dk), widen_to<Real>(g.dv)};
+    u_out = 0;
+  }
   Tensors<Real> r;
   r.q = widen_to<Real>(x.q);
   r.k = widen_to<Real>(x.k);
@@ -243,13 +284,13 @@ void expect_matches_reference(const Problem& p, std::uint64_t salt) {
         const Matrix<Real> q = head_rows(r.q, b, p.n_q, p.heads, h);
         add_gradient_tolerance(q, k, v, head_rows(r.dout, b, p.n_q, p.heads, h), p.options, group,
                                format_u<S>(), tol);
-        expect_rows_within<S>(head_rows(x.dq, b, p.n_q, p.heads, h),
-                              head_rows(r.dq, b, p.n_q, p.heads, h), tol.dq, "dq");
+        expect_rows_within(head_rows(got.dq, b, p.n_q, p.heads, h),
+                           head_rows(r.dq, b, p.n_q, p.heads, h), tol.dq, "dq", u_out);
       }
-      expect_rows_within<S>(head_rows(x.dk, b, p.n_k, p.kv_heads, kvh),
-                            head_rows(r.dk, b, p.n_k, p.kv_heads, kvh), tol.dk, "dk");
-      expect_rows_within<S>(head_rows(x.dv, b, p.n_k, p.kv_heads, kvh),
-                            head_rows(r.dv, b, p.n_k, p.kv_heads, kvh), tol.dv, "dv");
+      expect_rows_within(head_rows(got.dk, b, p.n_k, p.kv_heads, kvh),
+                         head_rows(r.dk, b, p.n_k, p.kv_heads, kvh), tol.dk, "dk", u_out);
+      expect_rows_within(head_rows(got.dv, b, p.n_k, p.kv_heads, kvh),
+                         head_rows(r.dv, b, p.n_k, p.kv_heads, kvh), tol.dv, "dv", u_out);
     }
   }
 }
@@ -378,6 +419,152 @@ TYPED_TEST(Backward16BitTest, SingleHeadFormAgreesWithTensorForm) {
   EXPECT_TRUE(widen_to<float>(dq) == widen_to<float>(x.dq));
   EXPECT_TRUE(widen_to<float>(dk) == widen_to<float>(x.dk));
   EXPECT_TRUE(widen_to<float>(dv) == widen_to<float>(x.dv));
+}
+
+// --- float gradients over 16-bit inputs (fp32 master gradients) ---------------------------------
+
+/// Every element of m rounded to S and widened back.
+template <class S>
+Matrix<float> rounded_to(const Matrix<float>& m) {
+  return widen_to<float>(Matrix<S>(m.template cast<S>()));
+}
+
+// TensorGradients<float> over 16-bit inputs: the float accumulators of the 16-bit form, unrounded.
+// Three checks, each able to fail: (a) rounded to S they are the 16-bit gradients bit for bit
+// (anything but the final step differing breaks it); (b) they are not already S values (the final
+// rounding really is skipped); (c) on shapes with 64-byte aligned rows they are the float
+// backward's on the widened inputs bit for bit (oracle 1's float call), so no rounding to S
+// happens inside the sum either — (a) alone would miss one shared by both forms. The awkward
+// shape (odd d, d_v; chunks dividing nothing) checks (a) and (b) on unaligned rows. The float call
+// runs on 1 thread and the 16-bit ones on 2.
+TYPED_TEST(Backward16BitTest, FloatGradientsAreTheUnroundedAccumulators) {
+  using S = TypeParam;
+  std::vector<Problem> problems = {
+      {"many key chunks", 1, 150, 300, 1, 1, 64, 32, {}},
+      {"gqa causal", 2, 70, 90, 4, 2, 16, 48, {}},
+      {"odd shape", 1, 37, 53, 1, 1, 5, 3, {}},
+  };
+  problems[0].options.key_chunk = 16;
+  problems[0].options.query_chunk = 48;
+  problems[1].options.causal = true;
+  problems[1].options.key_chunk = 32;
+  problems[2].options.query_chunk = 7;
+  problems[2].options.key_chunk = 16;
+  std::uint64_t salt = 2000;
+  for (Problem& p : problems) {
+    SCOPED_TRACE(describe(p));
+    p.options.threads = 2;
+    const Tensors<S> x = run16<S>(p, ++salt);
+    const Gradients<float> g = float_gradients(p, x, p.options);
+    EXPECT_TRUE(rounded_to<S>(g.dq) == widen_to<float>(x.dq));
+    EXPECT_TRUE(rounded_to<S>(g.dk) == widen_to<float>(x.dk));
+    EXPECT_TRUE(rounded_to<S>(g.dv) == widen_to<float>(x.dv));
+    EXPECT_FALSE(rounded_to<S>(g.dq) == g.dq);
+    EXPECT_FALSE(rounded_to<S>(g.dk) == g.dk);
+    EXPECT_FALSE(rounded_to<S>(g.dv) == g.dv);
+    if (p.d % 16 != 0 || p.d_v % 16 != 0) continue;
+    Tensors<float> f;
+    f.q = widen_to<float>(x.q);
+    f.k = widen_to<float>(x.k);
+    f.v = widen_to<float>(x.v);
+    f.dout = widen_to<float>(x.dout);
+    f.out = widen_to<float>(x.out);
+    f.lse = x.lse;
+    AttentionOptions one_thread = p.options;
+    one_thread.threads = 1;
+    backward(p, f, one_thread);
+    EXPECT_TRUE(g.dq == f.dq);
+    EXPECT_TRUE(g.dk == f.dk);
+    EXPECT_TRUE(g.dv == f.dv);
+  }
+}
+
+// Against the long double reference, float gradients are within add_gradient_tolerance alone: the
+// float computation's bound (u = 2^-24) plus the stored out's rounding to S in D (an input, as in
+// the 16-bit form), without the u_S·(|exact| + tol) of a final rounding to the format, which they
+// skip. That term is the larger one wherever the gradient is not tiny, so a rounded float gradient
+// fails this (tried: rounding the float gradients to half in store_rows fails this test and
+// FloatGradientsAreTheUnroundedAccumulators, for both formats).
+TYPED_TEST(Backward16BitTest, FloatGradientsMatchLongDoubleReferenceWithoutRounding) {
+  std::uint64_t salt = 1600;
+  for (const Problem& p : awkward_problems()) {
+    expect_matches_reference<TypeParam>(p, ++salt, /*float_grads=*/true);
+  }
+}
+
+// The single-head form takes AttentionGradients<float> too, with the tensor form's bits; bad
+// float gradient shapes and aliases throw std::invalid_argument naming the argument and sizes,
+// before anything is written. Aliasing compares bytes, across the element types.
+TYPED_TEST(Backward16BitTest, FloatGradientsSingleHeadFormAndBadArguments) {
+  using S = TypeParam;
+  const Problem p{"single head", 1, 40, 23, 1, 1, 16, 16, {}};
+  const Tensors<S> x = run16<S>(p, 1900);
+  const Gradients<float> want = float_gradients(p, x, p.options);
+  blockattn::AttentionBackwardInputs<S> in;
+  in.q = x.q;
+  in.k = x.k;
+  in.v = x.v;
+  in.out = x.out;
+  in.lse = Span<const float>(x.lse);
+  in.dout = x.dout;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  Matrix<float> dq = Matrix<float>::Constant(x.q.rows(), x.q.cols(), nan);
+  Matrix<float> dk = Matrix<float>::Constant(x.k.rows(), x.k.cols(), nan);
+  Matrix<float> dv = Matrix<float>::Constant(x.v.rows(), x.v.cols(), nan);
+  using Ref = blockattn::MatrixRef<float>;
+  const auto call = [&](const Ref& dq_arg, const Ref& dk_arg, const Ref& dv_arg) {
+    blockattn::AttentionGradients<float> grads;
+    grads.dq = dq_arg;
+    grads.dk = dk_arg;
+    grads.dv = dv_arg;
+    blockattn::attention_backward(in, grads);
+  };
+  const auto untouched = [&] {
+    return dq.array().isNaN().all() && dk.array().isNaN().all() && dv.array().isNaN().all();
+  };
+  const auto throws = [&](auto&& bad_call, std::vector<std::string> parts) {
+    std::string message;
+    try {
+      bad_call();
+    } catch (const std::invalid_argument& e) {
+      message = e.what();
+    }
+    EXPECT_NE(message.find("attention_backward"), std::string::npos) << message;
+    for (const auto& part : parts) EXPECT_NE(message.find(part), std::string::npos) << message;
+    EXPECT_TRUE(untouched());
+  };
+  Matrix<float> dq_bad = Matrix<float>::Constant(40, 17, nan);
+  throws([&] { call(dq_bad, dk, dv); }, {"dq.cols()", "17", "16"});
+  Matrix<float> dk_bad = Matrix<float>::Constant(22, 16, nan);
+  throws([&] { call(dq, dk_bad, dv); }, {"dk.rows()", "22", "23"});
+  Matrix<float> dv_bad = Matrix<float>::Constant(23, 15, nan);
+  throws([&] { call(dq, dk, dv_bad); }, {"dv.cols()", "15", "16"});
+  Matrix<float> shared = Matrix<float>::Constant(23, 16, nan);
+  throws([&] { call(dq, shared, shared); }, {"dk overlaps the memory of dv"});
+  // The 16-bit q stored in the bytes of a float dq.
+  in.q = blockattn::MatrixRef<const S>(
+      Eigen::Map<const Matrix<S>>(reinterpret_cast<const S*>(dq_bad.data()), 40, 16));
+  throws([&] { call(dq_bad.leftCols(16), dk, dv); }, {"dq overlaps the memory of q"});
+  in.q = x.q;
+  // TensorView form: a float dk with the wrong head count.
+  {
+    blockattn::TensorBackwardInputs<S> tin;
+    tin.q = view(x.q, 1, 40, 1);
+    tin.k = view(x.k, 1, 23, 1);
+    tin.v = view(x.v, 1, 23, 1);
+    tin.out = view(x.out, 1, 40, 1);
+    tin.dout = view(x.dout, 1, 40, 1);
+    tin.lse = Span<const float>(x.lse);
+    blockattn::TensorGradients<float> grads;
+    grads.dq = view(dq, 1, 40, 1);
+    grads.dk = blockattn::make_tensor_view(dk.data(), 1, 1, 23, 16);
+    grads.dv = view(dv, 1, 23, 1);
+    throws([&] { blockattn::attention_backward(tin, grads); }, {"dk.seq", "1", "23"});
+  }
+  call(dq, dk, dv);
+  EXPECT_TRUE(dq == want.dq);
+  EXPECT_TRUE(dk == want.dk);
+  EXPECT_TRUE(dv == want.dv);
 }
 
 // --- transformer_block ---------------------------------------------------------------------------

@@ -8,17 +8,20 @@
 // has no score_mod parameter, and passing one is a compile-time error. Masks (mask_mod) need no
 // derivative and are supported.
 //
-// Element types: float, double, Eigen::bfloat16, Eigen::half; q, k, v, out, dout and dq, dk, dv
-// all of one type T (the T of the argument structs). 16-bit storage is computed in float: the
-// tiles are widened exactly as they are loaded, dQ, dK and dV accumulate in float over the whole
-// pass and are each rounded once at the end, and lse is float (the forward's). Anything else
-// (long double: blockattn::reference) is a compile-time error.
+// Element types: float, double, Eigen::bfloat16, Eigen::half; q, k, v, out and dout of one type T
+// (the T of the inputs struct), and dq, dk, dv of T or, over 16-bit T, of float (the G of the
+// gradients struct: fp32 master gradients). 16-bit storage is computed in float: the tiles are
+// widened exactly as they are loaded, dQ, dK and dV accumulate in float over the whole pass and
+// are each rounded once at the end (copied instead when G is float, so rounding a float gradient
+// to T gives the T gradient bit for bit), and lse is float (the forward's). Anything else (long
+// double: blockattn::reference; double gradients over float inputs) is a compile-time error.
 
 #include <array>
 #include <cstddef>
 #include <initializer_list>
 #include <iterator>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include <Eigen/Core>
@@ -51,12 +54,13 @@ inline void require_disjoint_outputs(
 /// Checks every argument of the single-head attention_backward() before anything is written:
 /// the forward's checks on q, k, v, out, lse and the options, then dout, dq, dk, dv, a required
 /// lse, and no output overlapping an input or another output.
-template <class T, class L>
+/// G: the gradients' element type (T, or float over 16-bit T); ranges compare as bytes.
+template <class T, class L, class G>
 void validate_attention_backward(const char* function, const ConstMatrixView<T>& q,
                                  const ConstMatrixView<T>& k, const ConstMatrixView<T>& v,
                                  const ConstMatrixView<T>& out, Span<L> lse,
-                                 const ConstMatrixView<T>& dout, const MatrixView<T>& dq,
-                                 const MatrixView<T>& dk, const MatrixView<T>& dv,
+                                 const ConstMatrixView<T>& dout, const MatrixView<G>& dq,
+                                 const MatrixView<G>& dk, const MatrixView<G>& dv,
                                  const AttentionOptions& options) {
   // The forward's validation only reads `out`; it takes a writable view, so give it one.
   Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> out_view(
@@ -85,12 +89,12 @@ void validate_attention_backward(const char* function, const ConstMatrixView<T>&
 }
 
 /// Checks every argument of the TensorView attention_backward() before anything is written.
-template <class T, class L>
+template <class T, class L, class G>
 void validate_attention_backward(const char* function, const TensorView<const T>& q,
                                  const TensorView<const T>& k, const TensorView<const T>& v,
                                  const TensorView<const T>& out, Span<L> lse,
-                                 const TensorView<const T>& dout, const TensorView<T>& dq,
-                                 const TensorView<T>& dk, const TensorView<T>& dv,
+                                 const TensorView<const T>& dout, const TensorView<G>& dq,
+                                 const TensorView<G>& dk, const TensorView<G>& dv,
                                  const AttentionOptions& options) {
   const TensorView<T> out_view(const_cast<T*>(out.data), out.batch, out.seq, out.heads, out.dim,
                                out.batch_stride, out.seq_stride, out.head_stride);
@@ -128,6 +132,12 @@ void validate_attention_backward(const char* function, const TensorView<const T>
        {"lse", address_range(lse.data(), 1, count, count)}});
 }
 
+/// The gradients dq, dk, dv are of the inputs' type T, or float over 16-bit T.
+template <class T, class G>
+inline constexpr bool kGradientScalar = std::is_same_v<G, T> ||
+                                        (!std::is_same_v<T, accumulator_t<T>> &&
+                                         std::is_same_v<G, accumulator_t<T>>);
+
 template <class ScoreMod>
 constexpr void check_backward_score_mod() {
   static_assert(!kHasScoreMod<ScoreMod>,
@@ -158,12 +168,13 @@ struct AttentionBackwardInputs {
 };
 
 /// The outputs of the single-head attention_backward(), set by name (grads.dq = dq; ...): dq, dk
-/// and dv have the shapes of q, k and v and are overwritten entirely.
-template <class T>
+/// and dv have the shapes of q, k and v and are overwritten entirely. G: the inputs' type T, or
+/// float over bfloat16/half inputs (AttentionGradients<float> with AttentionBackwardInputs<S>).
+template <class G>
 struct AttentionGradients {
-  MatrixRef<T> dq;  ///< [n_q, d]: the gradient ∂L/∂q
-  MatrixRef<T> dk;  ///< [n_k, d]: the gradient ∂L/∂k
-  MatrixRef<T> dv;  ///< [n_k, d_v]: the gradient ∂L/∂v
+  MatrixRef<G> dq;  ///< [n_q, d]: the gradient ∂L/∂q
+  MatrixRef<G> dk;  ///< [n_k, d]: the gradient ∂L/∂k
+  MatrixRef<G> dv;  ///< [n_k, d_v]: the gradient ∂L/∂v
 
   AttentionGradients() {}  // NOLINT(modernize-use-equals-default): no aggregate init
 };
@@ -181,12 +192,12 @@ struct TensorBackwardInputs {
   TensorBackwardInputs() {}  // NOLINT(modernize-use-equals-default): no aggregate init
 };
 
-/// The outputs of the multi-head attention_backward(), set by name.
-template <class T>
+/// The outputs of the multi-head attention_backward(), set by name. G as AttentionGradients'.
+template <class G>
 struct TensorGradients {
-  TensorView<T> dq;  ///< [B, n_q, H, d]
-  TensorView<T> dk;  ///< [B, n_k, H_kv, d]: summed over the query heads of each kv head
-  TensorView<T> dv;  ///< [B, n_k, H_kv, d_v]: summed likewise
+  TensorView<G> dq;  ///< [B, n_q, H, d]
+  TensorView<G> dk;  ///< [B, n_k, H_kv, d]: summed over the query heads of each kv head
+  TensorView<G> dv;  ///< [B, n_k, H_kv, d_v]: summed likewise
 
   TensorGradients() {}  // NOLINT(modernize-use-equals-default): no aggregate init
 };
@@ -204,9 +215,9 @@ Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> eigen_view(const MatrixRef<T>& x)
 }
 
 /// The checks of the single-head form, on the structs.
-template <class T>
+template <class T, class G>
 void validate_attention_backward(const char* function, const AttentionBackwardInputs<T>& in,
-                                 const AttentionGradients<T>& grads,
+                                 const AttentionGradients<G>& grads,
                                  const AttentionOptions& options) {
   auto dq = eigen_view(grads.dq);
   auto dk = eigen_view(grads.dk);
@@ -214,8 +225,8 @@ void validate_attention_backward(const char* function, const AttentionBackwardIn
   validate_attention_backward<T>(
       function, ConstMatrixView<T>(eigen_view(in.q)), ConstMatrixView<T>(eigen_view(in.k)),
       ConstMatrixView<T>(eigen_view(in.v)), ConstMatrixView<T>(eigen_view(in.out)), in.lse,
-      ConstMatrixView<T>(eigen_view(in.dout)), MatrixView<T>(dq), MatrixView<T>(dk),
-      MatrixView<T>(dv), options);
+      ConstMatrixView<T>(eigen_view(in.dout)), MatrixView<G>(dq), MatrixView<G>(dk),
+      MatrixView<G>(dv), options);
 }
 
 }  // namespace detail
@@ -230,8 +241,10 @@ void validate_attention_backward(const char* function, const AttentionBackwardIn
 /// b = h = 0; a user score_mod is forward-only and rejected at compile time. A query with no
 /// visible key (lse = −inf) gets dq = 0 and contributes nothing to dk, dv: never NaN.
 /// Arguments by name: AttentionBackwardInputs<T> (q, k, v, out, lse, dout) and
-/// AttentionGradients<T> (dq, dk, dv). Element types (T of the structs): float, double,
-/// Eigen::bfloat16 or Eigen::half; 16-bit storage computes in float and rounds each gradient once.
+/// AttentionGradients<G> (dq, dk, dv). Element types T: float, double, Eigen::bfloat16 or
+/// Eigen::half; 16-bit storage computes in float and rounds each gradient once. G: T, or float
+/// over 16-bit T: the float accumulators unrounded (same cost and workspace as G = T), whose
+/// rounding to T is the G = T result bit for bit.
 /// Shapes: q [n_q, d], k [n_k, d], v [n_k, d_v], out and dout [n_q, d_v], lse [n_q]; dq, dk, dv
 /// have the shapes of q, k, v and are overwritten entirely.
 /// Time O(n_q·n_k·(d + d_v)) for the visible tiles (5 tile products against the forward's 2);
@@ -244,11 +257,12 @@ void validate_attention_backward(const char* function, const AttentionBackwardIn
 /// too-short lse, an output overlapping an input or another output), before writing anything.
 /// Deterministic: bitwise identical for any thread count (dk, dv: one owner per key chunk; dq:
 /// summed in key-chunk order); chunk sizes change rounding only.
-template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
-void attention_backward(const AttentionBackwardInputs<T>& in, const AttentionGradients<T>& grads,
+template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod, class G = T>
+void attention_backward(const AttentionBackwardInputs<T>& in, const AttentionGradients<G>& grads,
                         const AttentionOptions& options = {}, const MaskMod& mask_mod = {},
                         const ScoreMod& /*score_mod*/ = {}) {
   static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
+  static_assert(detail::kGradientScalar<T, G>, BLOCKATTN_GRADIENT_SCALAR_MESSAGE);
   detail::check_mods<T, MaskMod, NoScoreMod>();
   detail::check_backward_score_mod<ScoreMod>();
   detail::validate_attention_backward<T>("attention_backward", in, grads, options);
@@ -256,8 +270,8 @@ void attention_backward(const AttentionBackwardInputs<T>& in, const AttentionGra
       detail::as_tensor<const T>(in.q), detail::as_tensor<const T>(in.k),
       detail::as_tensor<const T>(in.v), detail::as_tensor<const T>(in.out),
       detail::data_or_null(in.lse), detail::as_tensor<const T>(in.dout),
-      detail::as_tensor<T>(grads.dq), detail::as_tensor<T>(grads.dk),
-      detail::as_tensor<T>(grads.dv), options, mask_mod);
+      detail::as_tensor<G>(grads.dq), detail::as_tensor<G>(grads.dk),
+      detail::as_tensor<G>(grads.dv), options, mask_mod);
 }
 
 // --- multi-head, batched -----------------------------------------------------------------------
@@ -266,15 +280,17 @@ void attention_backward(const AttentionBackwardInputs<T>& in, const AttentionGra
 /// GQA/MQA: query head h read kv head h / (q.heads / k.heads), so dk and dv of a kv head are the
 /// sums over the query heads that share it — accumulated in place, without copies, in a fixed
 /// order. options.key_lengths, alibi_slopes, block_sparse and mask_mod(b, h, i, j) as in the
-/// forward. Arguments by name: TensorBackwardInputs<T> and TensorGradients<T>.
+/// forward. Arguments by name: TensorBackwardInputs<T> and TensorGradients<G> (G: T, or float
+/// over 16-bit T, as in the single-head form).
 /// Shapes: q, dq [B, n_q, H, d]; k, dk [B, n_k, H_kv, d]; v, dv [B, n_k, H_kv, d_v];
 /// out, dout [B, n_q, H, d_v]; lse [B, H, n_q] contiguous (the forward's). Otherwise as the
 /// single-head attention_backward(): same cost per head, extra memory, errors and guarantees.
-template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod>
-void attention_backward(const TensorBackwardInputs<T>& in, const TensorGradients<T>& grads,
+template <class T, class MaskMod = NoMaskMod, class ScoreMod = NoScoreMod, class G = T>
+void attention_backward(const TensorBackwardInputs<T>& in, const TensorGradients<G>& grads,
                         const AttentionOptions& options = {}, const MaskMod& mask_mod = {},
                         const ScoreMod& /*score_mod*/ = {}) {
   static_assert(detail::kStorageScalar<T>, BLOCKATTN_STORAGE_SCALAR_MESSAGE);
+  static_assert(detail::kGradientScalar<T, G>, BLOCKATTN_GRADIENT_SCALAR_MESSAGE);
   detail::check_mods<T, MaskMod, NoScoreMod>();
   detail::check_backward_score_mod<ScoreMod>();
   detail::validate_attention_backward<T>("attention_backward", in.q, in.k, in.v, in.out, in.lse,

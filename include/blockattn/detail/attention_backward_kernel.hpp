@@ -32,7 +32,10 @@
 // dq_accum) and each block is rounded once, by the task of the last key chunk. So no gradient is
 // rounded inside its sum: its error is the float call's on the widened inputs plus one rounding
 // to the format. That float dQ buffer is the one part of the workspace that grows with n (2·n·d
-// bytes per head more than the 16-bit dq itself); float and double calls do not have it.
+// bytes per head more than the 16-bit dq itself); float and double calls do not have it. Float
+// gradients over 16-bit inputs (G = float, issue 17: fp32 master gradients) take the same path
+// with the same buffers, and the rounding at the end becomes a copy: they are the accumulators
+// bit for bit, and rounding them gives the 16-bit gradients bit for bit.
 
 #include <algorithm>
 #include <atomic>
@@ -333,43 +336,55 @@ Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>> compute_rows(const TensorVi
   }
 }
 
-/// Where rows [first, first + count) of a gradient accumulate: the gradient's own rows when its
-/// storage S is the compute type T, else `buffer` (rows of t.dim values, contiguous), which
-/// store_rows() rounds into the gradient afterwards.
-template <class S, class T>
-Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> accumulator_rows(const TensorView<S>& t, Index b,
+/// Where rows [first, first + count) of a gradient accumulate: the gradient's own rows when the
+/// inputs are stored in the compute type T (kBuffered false; the gradient is then a T too), else
+/// `buffer` (rows of t.dim values, contiguous), which store_rows() writes into the gradient
+/// afterwards. A float gradient over 16-bit inputs accumulates in the buffer as a 16-bit one does,
+/// so that the two differ only in store_rows().
+template <bool kBuffered, class G, class T>
+Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> accumulator_rows(const TensorView<G>& t, Index b,
                                                                 Index h, Index first, Index count,
                                                                 [[maybe_unused]] T* buffer) {
-  if constexpr (std::is_same_v<S, T>) {
+  if constexpr (!kBuffered) {
+    static_assert(std::is_same_v<G, T>, "an unbuffered gradient is accumulated in place");
     return mutable_row_block(t, b, h, first, count);
   } else {
     return {buffer, count, t.dim, Eigen::OuterStride<>(t.dim)};
   }
 }
 
-/// Rounds accumulated rows (accumulator_rows' buffer) once into the gradient's storage; nothing
-/// when the gradient is stored in T (it was accumulated in place).
-template <class S, class T>
+/// Writes accumulated rows (accumulator_rows' buffer) once into the gradient G: rounded when G is
+/// a 16-bit format, copied when G is T; nothing when unbuffered (accumulated in place).
+template <bool kBuffered, class G, class T>
 void store_rows([[maybe_unused]] const Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>& acc,
-                [[maybe_unused]] const TensorView<S>& t, [[maybe_unused]] Index b,
+                [[maybe_unused]] const TensorView<G>& t, [[maybe_unused]] Index b,
                 [[maybe_unused]] Index h, [[maybe_unused]] Index first) {
-  if constexpr (!std::is_same_v<S, T>) {
-    for (Index r = 0; r < acc.rows(); ++r) narrow(acc.row(r).data(), t.dim, t.at(b, first + r, h));
+  if constexpr (kBuffered) {
+    for (Index r = 0; r < acc.rows(); ++r) {
+      if constexpr (std::is_same_v<G, T>) {
+        std::copy_n(acc.row(r).data(), t.dim, t.at(b, first + r, h));
+      } else {
+        narrow(acc.row(r).data(), t.dim, t.at(b, first + r, h));
+      }
+    }
   }
 }
 
 /// Gradients of attention() on valid arguments (attention_backward.hpp checked them). lse is
 /// [batch, q.heads, n_q]. dq, dk, dv are overwritten entirely. score_mod: only s + bias(b, h, i, j)
 /// (∂ = 1, as ALiBi; the chain rule assumes it), e.g. the ring's ALiBi on global positions.
-/// Storage S: float, double, or a 16-bit format computed in float (the note at the top).
-template <class S, class MaskMod, class ScoreMod = NoScoreMod>
+/// Storage S: float, double, or a 16-bit format computed in float (the note at the top). Gradient
+/// type G: S, or float over 16-bit S (the same accumulators, copied instead of rounded).
+template <class S, class MaskMod, class ScoreMod = NoScoreMod, class G = S>
 void attention_backward_kernel(const TensorView<const S>& q, const TensorView<const S>& k,
                                const TensorView<const S>& v, const TensorView<const S>& out,
                                const accumulator_t<S>* lse, const TensorView<const S>& dout,
-                               const TensorView<S>& dq, const TensorView<S>& dk,
-                               const TensorView<S>& dv, const AttentionOptions& options,
+                               const TensorView<G>& dq, const TensorView<G>& dk,
+                               const TensorView<G>& dv, const AttentionOptions& options,
                                const MaskMod& mask_mod, const ScoreMod& score_mod = {}) {
   using T = accumulator_t<S>;
+  static_assert(std::is_same_v<G, S> || std::is_same_v<G, T>,
+                "the gradients are of the storage type S or of its compute type");
   constexpr bool kWiden = !std::is_same_v<S, T>;
   const Index n_q = q.seq;
   const Index n_k = k.seq;
@@ -412,8 +427,8 @@ void attention_backward_kernel(const TensorView<const S>& q, const TensorView<co
     const auto v_blk = compute_rows(v, b, kvh, k0, cols, ws.wide_v);
     // This task owns these rows of dK and dV: it accumulates into them directly (in float in the
     // slice for 16-bit storage, rounded once after the loop).
-    auto dk_blk = accumulator_rows(dk, b, kvh, k0, cols, ws.acc_dk);
-    auto dv_blk = accumulator_rows(dv, b, kvh, k0, cols, ws.acc_dv);
+    auto dk_blk = accumulator_rows<kWiden>(dk, b, kvh, k0, cols, ws.acc_dk);
+    auto dv_blk = accumulator_rows<kWiden>(dv, b, kvh, k0, cols, ws.acc_dv);
     dk_blk.setZero();
     dv_blk.setZero();
     const bool keys_finite = block_is_finite(k_blk.data(), k_blk.outerStride(), cols, d);
@@ -489,7 +504,7 @@ void attention_backward_kernel(const TensorView<const S>& q, const TensorView<co
         // dQ in key-chunk order: wait for key chunk kc − 1 to have added its part.
         std::atomic<Index>& token = workspace.token((b * heads + h) * query_chunks + qc);
         while (token.load(std::memory_order_acquire) != kc) std::this_thread::yield();
-        auto dq_blk = accumulator_rows(
+        auto dq_blk = accumulator_rows<kWiden>(
             dq, b, h, q0, rows,
             kWiden ? workspace.dq_accumulator() + ((b * heads + h) * n_q + q0) * d : nullptr);
         if (kc == 0) dq_blk.setZero();
@@ -500,12 +515,13 @@ void attention_backward_kernel(const TensorView<const S>& q, const TensorView<co
         } else if (visible) {
           dq_blk.noalias() += (ds * scale) * k_blk;
         }
-        if (kc == key_chunks - 1) store_rows(dq_blk, dq, b, h, q0);  // dQ complete: round once
+        if (kc == key_chunks - 1)
+          store_rows<kWiden>(dq_blk, dq, b, h, q0);  // dQ complete: store once
         token.store(kc + 1, std::memory_order_release);
       }
     }
-    store_rows(dk_blk, dk, b, kvh, k0);
-    store_rows(dv_blk, dv, b, kvh, k0);
+    store_rows<kWiden>(dk_blk, dk, b, kvh, k0);
+    store_rows<kWiden>(dv_blk, dv, b, kvh, k0);
   });
 }
 

@@ -79,6 +79,9 @@
 #define BLOCKATTN_ATTENTION_TYPES_MESSAGE                                                       \
   "blockattn::attention: q and out must have one element type, k and v one element type: q's, " \
   "or Eigen::bfloat16 / Eigen::half under a float q and out (a 16-bit KV cache)"
+#define BLOCKATTN_GRADIENT_SCALAR_MESSAGE                                                    \
+  "blockattn::attention_backward: dq, dk and dv must have the element type of q, k, v, out " \
+  "and dout, or float over Eigen::bfloat16 / Eigen::half inputs (fp32 master gradients)"
 #define BLOCKATTN_REFERENCE_SCALAR_MESSAGE \
   "blockattn::reference: the element type must be float, double or long double"
 
