@@ -169,7 +169,7 @@ struct AttentionBackwardInputs {
 
 /// The outputs of the single-head attention_backward(), set by name (grads.dq = dq; ...): dq, dk
 /// and dv have the shapes of q, k and v and are overwritten entirely. G: the inputs' type T, or
-/// float over bfloat16/half inputs (AttentionGradients<float> with AttentionBackwardInputs<S>).
+/// float over bfloat16/half inputs (AttentionGradients<float> with 16-bit AttentionBackwardInputs).
 template <class G>
 struct AttentionGradients {
   MatrixRef<G> dq;  ///< [n_q, d]: the gradient ∂L/∂q
