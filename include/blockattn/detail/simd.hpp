@@ -29,7 +29,8 @@
 //   round_to_int(v)                       nearest integer, ties to even, valid for |v| < 2^22
 //                                         (float) / 2^51 (double); used by exp
 //   pow2i(n)                              2^n for integral n with a normal result: n in
-//                                         [-126, 127] (float), [-1022, 1023] (double)
+//                                         [-126, 127] (float), [-1022, 1023] (double); n NaN
+//                                         gives an unspecified value (exp's p is NaN then)
 //   ldexp(p, n)                           p·2^n for integral n with |n| <= 2·(max_exponent − 1),
 //                                         rounded once (so overflow gives ±inf and results below
 //                                         the normal range are correctly rounded denormals):
@@ -138,6 +139,10 @@ struct ScalarIsa {
   static T reduce_add(V v) { return v; }
   static T reduce_max(V v) { return v; }
   static V pow2i(V n) {
+    // exp(NaN) reaches here with n = NaN, and converting NaN to an integer is undefined in C++
+    // (the SIMD paths' conversion instructions define it); any value will do, since the factor it
+    // multiplies is NaN already.
+    if (n != n) return n;
     using Bits = std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t>;
     constexpr int kMantissa = std::numeric_limits<T>::digits - 1;
     constexpr Bits kBias = std::numeric_limits<T>::max_exponent - 1;
