@@ -90,7 +90,13 @@ constexpr Index bf16_pairs(Index d) { return (d + 1) / 2; }
 inline std::uint32_t bf16_pair(const Eigen::bfloat16* row, Index c, Index d) {
   std::uint32_t word = 0;
   // Eigen::bfloat16 is one uint16_t: its bytes are the format's (little endian: low half first).
-  std::memcpy(&word, row + 2 * c, 2 * c + 1 < d ? 4 : 2);
+  // Two constant-size copies, not one of size `2c + 1 < d ? 4 : 2`: GCC -O2 expands a
+  // variable-size memcpy into a byte loop (docs/tuning.md#optimisation-levels).
+  if (2 * c + 1 < d) {
+    std::memcpy(&word, row + 2 * c, 4);
+  } else {
+    std::memcpy(&word, row + 2 * c, 2);
+  }
   return word;
 }
 
