@@ -193,6 +193,60 @@ void check_reference(const Bf16Run& r, double scale) {
   }
 }
 
+#if defined(BLOCKATTN_BF16_DOT)
+// The K pair panel against its definition (the layout at the top of detail/bf16_dot.hpp): in the
+// panel that starts at key j0, word (pair c, key j0 + jj) is at [j0·pairs + c·width + jj], its
+// low half feature 2c of the key and its high half feature 2c + 1 (+0 past d); keys past n_keys
+// up to the panel's width are +0; nothing past the panel is written. Any 16-bit patterns: packing
+// copies bits. Shapes straddle the 16-key and 16-pair blocks of the register transpose.
+TEST(AttentionBf16Dot, PackedKeysFollowTheLayout) {
+  SCOPED_TRACE(seed_trace());
+  auto rng = make_rng();
+  std::uniform_int_distribution<int> any_bits(0, 0xFFFF);
+  constexpr Index kPanel = 16 * blockattn::detail::RegisterBlock<float>::kKeyVectors;
+  constexpr std::uint32_t kGuard = 0xDEADBEEF;
+  for (const Index d : {1, 2, 3, 31, 32, 33, 64, 65, 128, 130}) {
+    for (const Index n_keys : {1, 15, 16, 17, 31, 32, 33, 70}) {
+      const Index ld = d + 3;
+      std::vector<std::uint16_t> bits(static_cast<std::size_t>(n_keys * ld));
+      for (auto& b : bits) b = static_cast<std::uint16_t>(any_bits(rng));
+      std::vector<bf16> k(bits.size());
+      for (std::size_t i = 0; i < bits.size(); ++i) k[i] = Eigen::numext::bit_cast<bf16>(bits[i]);
+      const Index pairs = (d + 1) / 2;
+      const Index words = (n_keys + 15) / 16 * 16 * pairs;
+      std::vector<std::uint32_t> panel(static_cast<std::size_t>(words + 16), kGuard);
+      blockattn::detail::pack_k_bf16_pairs(k.data(), ld, n_keys, d, panel.data());
+      Index wrong = 0;
+      for (Index j0 = 0; j0 < n_keys; j0 += kPanel) {
+        const Index keys = std::min(kPanel, n_keys - j0);
+        const Index width = (keys + 15) / 16 * 16;
+        for (Index c = 0; c < pairs; ++c) {
+          for (Index jj = 0; jj < width; ++jj) {
+            std::uint32_t expected = 0;
+            if (jj < keys) {
+              const std::size_t row = static_cast<std::size_t>((j0 + jj) * ld);
+              expected = bits[row + static_cast<std::size_t>(2 * c)];
+              if (2 * c + 1 < d) {
+                expected |= std::uint32_t{bits[row + static_cast<std::size_t>(2 * c + 1)]} << 16;
+              }
+            }
+            const std::uint32_t got = panel[static_cast<std::size_t>(j0 * pairs + c * width + jj)];
+            if (got != expected && wrong++ < 5) {
+              ADD_FAILURE() << "d=" << d << " n_keys=" << n_keys << " key " << j0 + jj << " pair "
+                            << c << ": " << std::hex << got << " != " << expected;
+            }
+          }
+        }
+      }
+      for (Index w = words; w < words + 16; ++w) {
+        EXPECT_EQ(panel[static_cast<std::size_t>(w)], kGuard) << "d=" << d << " n_keys=" << n_keys;
+      }
+      EXPECT_EQ(wrong, 0) << "d=" << d << " n_keys=" << n_keys;
+    }
+  }
+}
+#endif
+
 // Awkward shapes on the prefill (more than 8 query rows per kv head): odd d (1, 3, 33, 127: the
 // last pair padded with zero), n not a multiple of the chunks, n_q ≠ n_k, GQA and MQA, causal,
 // a sliding window, a functor mask, lse; the same bits for 1 and 2 threads.

@@ -86,22 +86,51 @@ inline constexpr bool kBf16DotScores =
 /// bf16 pairs (words) of d features.
 constexpr Index bf16_pairs(Index d) { return (d + 1) / 2; }
 
-/// The word of pair c of a bf16 row (features 2c, 2c + 1; +0 past d).
-inline std::uint32_t bf16_pair(const Eigen::bfloat16* row, Index c, Index d) {
-  std::uint32_t word = 0;
-  // Eigen::bfloat16 is one uint16_t: its bytes are the format's (little endian: low half first).
-  // Two constant-size copies, not one of size `2c + 1 < d ? 4 : 2`: GCC -O2 expands a
-  // variable-size memcpy into a byte loop (docs/tuning.md#optimisation-levels).
-  if (2 * c + 1 < d) {
-    std::memcpy(&word, row + 2 * c, 4);
-  } else {
-    std::memcpy(&word, row + 2 * c, 2);
+/// r[i] lane j <-> r[j] lane i: a 16 x 16 transpose of 32-bit words in registers, in four rounds
+/// of 16 shuffles (pairs of words, pairs of pairs, then 128-bit lanes twice).
+BLOCKATTN_ALWAYS_INLINE void transpose_words_16x16(__m512i* r) {
+  // The masked forms with all lanes set: GCC 12's unmasked ones read an uninitialised
+  // _mm512_undefined_*() and trip -Wmaybe-uninitialized (see detail/simd.hpp).
+  constexpr __mmask16 kAll16 = 0xFFFF;
+  constexpr __mmask8 kAll8 = 0xFF;
+  __m512i t[16];
+  BLOCKATTN_UNROLL(8)
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane L: t[2i] = r2i[4L], r2i+1[4L], r2i[4L+1], ...
+    t[2 * i] = _mm512_mask_unpacklo_epi32(r[2 * i], kAll16, r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_mask_unpackhi_epi32(r[2 * i], kAll16, r[2 * i], r[2 * i + 1]);
   }
-  return word;
+  BLOCKATTN_UNROLL(4)
+  for (int i = 0; i < 4; ++i) {  // r[4i + k], lane L: rows 4i .. 4i + 3 of column 4L + k
+    r[4 * i] = _mm512_mask_unpacklo_epi64(t[4 * i], kAll8, t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_mask_unpackhi_epi64(t[4 * i], kAll8, t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_mask_unpacklo_epi64(t[4 * i + 1], kAll8, t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_mask_unpackhi_epi64(t[4 * i + 1], kAll8, t[4 * i + 1], t[4 * i + 3]);
+  }
+  // Column 4L + k gathers lane L of r[k], r[4 + k], r[8 + k], r[12 + k]. 0x88 picks lanes 0 and 2
+  // of each source, 0xDD lanes 1 and 3.
+  BLOCKATTN_UNROLL(4)
+  for (int k = 0; k < 4; ++k) {
+    const __m512i even_low = _mm512_mask_shuffle_i32x4(r[k], kAll16, r[k], r[4 + k], 0x88);
+    const __m512i odd_low = _mm512_mask_shuffle_i32x4(r[k], kAll16, r[k], r[4 + k], 0xDD);
+    const __m512i even_high =
+        _mm512_mask_shuffle_i32x4(r[8 + k], kAll16, r[8 + k], r[12 + k], 0x88);
+    const __m512i odd_high = _mm512_mask_shuffle_i32x4(r[8 + k], kAll16, r[8 + k], r[12 + k], 0xDD);
+    t[k] = _mm512_mask_shuffle_i32x4(even_low, kAll16, even_low, even_high, 0x88);  // column k
+    t[8 + k] =
+        _mm512_mask_shuffle_i32x4(even_low, kAll16, even_low, even_high, 0xDD);      // column 8 + k
+    t[4 + k] = _mm512_mask_shuffle_i32x4(odd_low, kAll16, odd_low, odd_high, 0x88);  // column 4 + k
+    t[12 + k] =
+        _mm512_mask_shuffle_i32x4(odd_low, kAll16, odd_low, odd_high, 0xDD);  // column 12 + k
+  }
+  BLOCKATTN_UNROLL(16)
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
 /// Packs rows [0, n_keys) of k (row stride ld_k, d features) into `panel` (the K pair layout at
 /// the top of this header; any 4-byte-aligned buffer of at least round_up(n_keys, 16)·pairs words).
+/// 16 keys × 16 pairs at a time: 16 row loads, one register transpose, 16 stores of one pair's
+/// words for 16 keys (copied word by word, every word is a store to another cache line). Features
+/// past d and keys past n_keys pack as +0.
 template <int KeyVectors = RegisterBlock<float>::kKeyVectors>
 inline void pack_k_bf16_pairs(const Eigen::bfloat16* k, Index ld_k, Index n_keys, Index d,
                               void* panel) {
@@ -113,15 +142,24 @@ inline void pack_k_bf16_pairs(const Eigen::bfloat16* k, Index ld_k, Index n_keys
     const Index keys = std::min(kPanel, n_keys - j0);
     const Index width = round_up(keys, kLanes);
     unsigned char* dst = bytes + 4 * j0 * pairs;
-    for (Index jj = 0; jj < keys; ++jj) {
-      const Eigen::bfloat16* src = k + (j0 + jj) * ld_k;
-      for (Index c = 0; c < pairs; ++c) {
-        const std::uint32_t word = bf16_pair(src, c, d);
-        std::memcpy(dst + 4 * (c * width + jj), &word, 4);
+    for (Index g = 0; g < width; g += kLanes) {
+      const Index rows = std::min(kLanes, keys - g);
+      for (Index c0 = 0; c0 < pairs; c0 += kLanes) {
+        const Index features = std::min(2 * kLanes, d - 2 * c0);  // bf16 values of each row
+        const auto mask =
+            features == 2 * kLanes ? ~__mmask32{0} : static_cast<__mmask32>((1u << features) - 1u);
+        __m512i r[kLanes];
+        BLOCKATTN_UNROLL(16)
+        for (Index i = 0; i < kLanes; ++i) {
+          r[i] = i < rows ? _mm512_maskz_loadu_epi16(mask, k + (j0 + g + i) * ld_k + 2 * c0)
+                          : _mm512_setzero_si512();
+        }
+        transpose_words_16x16(r);
+        const Index columns = std::min(kLanes, pairs - c0);
+        for (Index c = 0; c < columns; ++c) {
+          _mm512_storeu_si512(dst + 4 * ((c0 + c) * width + g), r[c]);
+        }
       }
-    }
-    for (Index c = 0; c < pairs; ++c) {
-      std::memset(dst + 4 * (c * width + keys), 0, static_cast<std::size_t>(4 * (width - keys)));
     }
   }
 }
