@@ -675,6 +675,68 @@ void BM_Attention_BlockSparse(benchmark::State& state) {
 // causal. varlen 1: one attention_varlen() call (one balanced plan); varlen 0: one
 // attention() per sequence over the same buffers, each call with the threads to itself.
 // GFLOP/s: 4·d·H per visible (query, key) pair (formula) over the measured time. Memory: ~0.3 GB.
+// Issue 18's varlen prefill: 16 prompts of 64 to 4,096 tokens (64·64^(s/15), geometric), causal,
+// 8 query heads on 2 kv heads, d = 128, float, packed [total, H, d]. equal 0: one
+// attention_varlen() call over the 16 prompts; equal 1: one attention() call over a [16, n, H, d]
+// batch of equal prompts whose n gives the same number of causal pairs (the same work, rounded to
+// a whole n), the shape a padded batch would have if the prompts were equal. The issue's target:
+// the varlen call's GFLOP/s ≥ 0.95× the equal batch's. GFLOP/s: 4·d·H per visible pair (formula)
+// over the measured time.
+void BM_Attention_VarlenPrefill(benchmark::State& state) {
+  constexpr Index kPrompts = 16;
+  constexpr Index heads = 8;
+  constexpr Index kv_heads = 2;
+  constexpr Index d = 128;
+  const bool equal = state.range(0) != 0;
+  std::vector<std::int32_t> cu{0};
+  double varlen_pairs = 0;
+  for (Index s = 0; s < kPrompts; ++s) {
+    const auto n = static_cast<Index>(
+        std::lround(64.0 * std::pow(64.0, static_cast<double>(s) / (kPrompts - 1))));
+    cu.push_back(static_cast<std::int32_t>(cu.back() + n));
+    varlen_pairs += 0.5 * static_cast<double>(n) * static_cast<double>(n + 1);
+  }
+  // n(n + 1)/2 per prompt times 16 = varlen_pairs, to the nearest whole n.
+  const auto n_equal =
+      static_cast<Index>(std::lround(0.5 * (std::sqrt(1.0 + 8.0 * varlen_pairs / kPrompts) - 1.0)));
+  const double pairs =
+      equal ? kPrompts * 0.5 * static_cast<double>(n_equal * (n_equal + 1)) : varlen_pairs;
+  const Index total = equal ? kPrompts * n_equal : cu.back();
+  const Matrix<float> q = random_input<float>(total * heads, d, 1);
+  const Matrix<float> k = random_input<float>(total * kv_heads, d, 2);
+  const Matrix<float> v = random_input<float>(total * kv_heads, d, 3);
+  Matrix<float> out(total * heads, d);
+  AttentionOptions options;
+  options.causal = true;
+  options.threads = static_cast<int>(state.range(1));
+  if (options.threads == 1) Eigen::setNbThreads(1);
+  label_threads(state, options);
+  blockattn::Workspace workspace;
+  options.workspace = &workspace;
+  const Index batch = equal ? kPrompts : 1;
+  const Index seq = equal ? n_equal : total;
+  const auto view = [&](const float* data, Index h) {
+    return blockattn::make_tensor_view(data, batch, seq, h, d);
+  };
+  for (auto _ : state) {
+    if (equal) {
+      blockattn::attention(view(q.data(), heads), view(k.data(), kv_heads),
+                           view(v.data(), kv_heads),
+                           blockattn::make_tensor_view(out.data(), batch, seq, heads, d), options);
+    } else {
+      blockattn::attention_varlen(
+          view(q.data(), heads), view(k.data(), kv_heads), view(v.data(), kv_heads),
+          blockattn::make_tensor_view(out.data(), batch, seq, heads, d), cu, cu, options);
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(4.0 * d * heads * pairs * 1e-9,
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["n_equal"] = static_cast<double>(n_equal);
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * total);
+}
+
 void BM_Attention_Varlen(benchmark::State& state) {
   constexpr Index kBatch = 64;
   constexpr Index kLong = 100000;
@@ -878,6 +940,13 @@ BENCHMARK(BM_Attention_Varlen)
     ->Name("Large/Varlen/BM_Attention_Varlen<float>")
     ->ArgNames({"new_tokens", "varlen", "threads"})
     ->ArgsProduct({{1, 64}, {0, 1}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+BENCHMARK(BM_Attention_VarlenPrefill)
+    ->Name("Large/Varlen/BM_Attention_VarlenPrefill<float>")
+    ->ArgNames({"equal", "threads"})
+    ->ArgsProduct({{0, 1}, {1, 2}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 
