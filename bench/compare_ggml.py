@@ -5,11 +5,17 @@ repetitions interleaved at random so that load drifts hit both alike) and prints
 Usage (from the repository, after `cmake --preset bench && cmake --build --preset bench` and
 `bash bench/fetch_ggml.sh`):
   python3 bench/compare_ggml.py [--bench build/bench/bench/compare_ggml_bench] [--json out.json]
-Prefill rows give GFLOP/s (4·n_q·n_k·d per head, the visible half for causal), decode rows GB/s
-of K and V read. "ratio" is blockattn over ggml with float K/V (the same inputs, the same
-result: max_abs_diff is ggml's largest difference from blockattn's output); ggml with half K/V is
-shown for reference (half the bytes, a rounded K and V). Exits 0 with a message when the ggml
-libraries are missing (BLOCKATTN_GGML_DIR unset and build/ggml absent).
+      [--filter REGEX]
+One row per shape, thread count and K/V format (kv: f32, f16, q8_0, q4_0 for ggml against
+blockattn's float, half, int8 and int4 caches), the two sides of a row on the same inputs.
+Prefill rows give GFLOP/s (4·n_q·n_k·d per head, the visible half for causal), decode rows the
+GB/s of K/V each side reads in its own format (values, scales and zero points). "ratio" is
+ggml's time over blockattn's (> 1: blockattn is faster). The max_abs_diff columns are each
+side's largest difference from a double-precision reference on the unquantized inputs, and
+"ref max" the reference's largest |out| (compare_ggml_bench.cpp says what to expect per format).
+The streaming-read ceiling of the same run (BM_StreamReadTwoStreams) is printed below the table
+when the filter selects it. Exits 0 with a message when the ggml libraries are missing
+(BLOCKATTN_GGML_DIR unset and build/ggml absent).
 """
 import argparse
 import os
@@ -21,6 +27,7 @@ import tempfile
 from gbench_json import medians, run_fields
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+FORMATS = {0: "f32 / float", 1: "f16 / half", 2: "q8_0 / int8", 3: "q4_0 / int4"}
 
 
 def main():
@@ -46,29 +53,38 @@ def main():
                     f"--benchmark_out={out}", "--benchmark_out_format=json"],
                    check=True, env=env, stdout=subprocess.DEVNULL)
 
-    table = {}  # (n_q, n_k, heads, causal, threads) -> {side: row}
+    table = {}  # (kv, n_q, n_k, heads, d, causal, threads) -> {side: row}
+    ceilings = {}  # threads -> GB/s of BM_StreamReadTwoStreams
     for row in medians(out):
-        f = run_fields(row["run_name"])
-        side = "blockattn" if row["run_name"].startswith("BM_Blockattn") else (
-            "ggml_f16" if f["kv_f16"] else "ggml_f32")
-        table.setdefault((f["n_q"], f["n_k"], f["heads"], f["causal"], f["threads"]), {})[side] = row
-    label = next((r["label"] for s in table.values() for k, r in s.items() if k != "blockattn"), "")
+        name = row["run_name"]
+        f = run_fields(name)
+        if name.startswith("BM_StreamReadTwoStreams"):
+            ceilings[f["threads"]] = row["bytes_per_second"] * 1e-9
+            continue
+        side = "blockattn" if name.startswith("BM_Blockattn") else "ggml"
+        key = (f["kv"], f["n_q"], f["n_k"], f["heads"], f["d"], f["causal"], f["threads"])
+        table.setdefault(key, {})[side] = row
+    label = next((r["label"] for s in table.values() for k, r in s.items() if k == "ggml"), "")
     print(f"ggml: {label.split(' threads=')[0]}; medians of {args.repetitions}")
-    print("| n_q | n_k | heads | causal | threads | unit | blockattn | ggml, f32 K/V | ratio "
-          "| ggml, f16 K/V | max_abs_diff |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (n_q, n_k, heads, causal, threads), sides in sorted(table.items(),
-                                                            key=lambda kv: (kv[0][0] == 1, kv[0])):
+    print("| K/V (ggml / blockattn) | n_q | n_k | heads | d | causal | threads | unit | blockattn "
+          "| ggml | ratio | max_abs_diff blockattn | max_abs_diff ggml | ref max |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for key, sides in sorted(table.items(), key=lambda kv: (kv[0][1] == 1, kv[0])):
+        kv, n_q, n_k, heads, d, causal, threads = key
         decode = n_q == 1
-        unit, key = ("GB/s", "bytes_per_second") if decode else ("GFLOP/s", "FLOP/s")
-        value = {s: r[key] * 1e-9 for s, r in sides.items() if key in r}
-        ratio = (f'{value["blockattn"] / value["ggml_f32"]:.2f}x'
-                 if "blockattn" in value and "ggml_f32" in value else "")
-        diff = sides.get("ggml_f32", {}).get("max_abs_diff")
+        unit, counter = ("K/V GB/s", "kv_bytes_per_second") if decode else ("GFLOP/s", "FLOP/s")
+        value = {s: r[counter] * 1e-9 for s, r in sides.items() if counter in r}
+        ratio = (f'{sides["ggml"]["real_time"] / sides["blockattn"]["real_time"]:.2f}x'
+                 if "blockattn" in sides and "ggml" in sides else "")
         cell = lambda s: f"{value[s]:.1f}" if s in value else "-"
-        print(f"| {n_q} | {n_k} | {heads} | {causal} | {threads} | {unit} | {cell('blockattn')} "
-              f"| {cell('ggml_f32')} | {ratio} | {cell('ggml_f16')} "
-              f"| {'' if diff is None else f'{diff:.1e}'} |")
+        diff = lambda s: (f'{sides[s]["max_abs_diff"]:.1e}'
+                          if "max_abs_diff" in sides.get(s, {}) else "-")
+        ref = next((r["ref_max_abs"] for r in sides.values() if "ref_max_abs" in r), None)
+        print(f"| {FORMATS.get(kv, kv)} | {n_q} | {n_k} | {heads} | {d} | {causal} | {threads} "
+              f"| {unit} | {cell('blockattn')} | {cell('ggml')} | {ratio} | {diff('blockattn')} "
+              f"| {diff('ggml')} | {'-' if ref is None else f'{ref:.1e}'} |")
+    for threads, gbs in sorted(ceilings.items()):
+        print(f"Streaming-read ceiling (two streams), {threads} thread(s): {gbs:.1f} GB/s")
     return 0
 
 
