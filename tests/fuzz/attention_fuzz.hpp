@@ -5,6 +5,10 @@
 // compared with reference::attention<long double> on the same rounded inputs; or, when the bytes
 // ask for it, one invalid argument, which must throw std::invalid_argument and leave out as it was.
 // Any other outcome prints the problem and aborts (a crash is what a fuzzer reports).
+// The same valid problem may also run (bytes after the values pick it) as one attention_varlen()
+// call over the batch packed into one sequence axis, and as attention() over a paged copy of K/V
+// in a vLLM, FlashInfer or OpenVINO page table with the pages in a shuffled order; each result
+// is checked against the same reference.
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +22,8 @@
 #include <vector>
 
 #include <blockattn/attention.hpp>
+#include <blockattn/attention_varlen.hpp>
+#include <blockattn/paged_kv.hpp>
 #include <blockattn/reference.hpp>
 
 #include "support/tolerance.hpp"
@@ -282,6 +288,119 @@ void check_one(ByteReader& in) {
     fail(std::string("a valid problem threw: ") + e.what(), shape);
   }
 
+  // Each result to check against the reference: out [B, n_q, H, d_v] and lse [B, H, n_q].
+  struct Result {
+    const char* form;
+    TensorView<T> out;
+    const std::vector<T>* lse;
+  };
+  std::vector<Result> results{{"attention", out, &lse}};
+  // The other forms, read after everything above so that older inputs keep their meaning (an
+  // exhausted reader gives 0: no extra form).
+  const std::uint8_t forms = in.byte();
+  std::vector<T> varlen_out_buf, varlen_lse, paged_out_buf, paged_lse;
+  if (forms & 1) {
+    // The batch packed into one sequence axis: the buffers are already [B·n, H, dim + pad].
+    const auto packed = [&](T* data, Index seq, Index h, Index dim) {
+      return TensorView<T>(data, 1, batch * seq, h, dim, batch * seq * h * (dim + pad),
+                           h * (dim + pad), dim + pad);
+    };
+    std::vector<std::int32_t> cu_q(static_cast<std::size_t>(batch + 1));
+    std::vector<std::int32_t> cu_k(static_cast<std::size_t>(batch + 1));
+    for (Index b = 0; b <= batch; ++b) {
+      cu_q[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(b * n_q);
+      cu_k[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(b * n_k);
+    }
+    varlen_out_buf.assign(out_buf.size(), sentinel);
+    std::vector<T> packed_lse(static_cast<std::size_t>(lse_count), sentinel);  // [H, B·n_q]
+    try {
+      attention_varlen(packed(q_buf.data(), n_q, heads, d), packed(k_buf.data(), n_k, kv_heads, d),
+                       packed(v_buf.data(), n_k, kv_heads, d_v),
+                       packed(varlen_out_buf.data(), n_q, heads, d_v), cu_q, cu_k, o,
+                       want_lse ? blockattn::Span<T>(packed_lse) : blockattn::Span<T>());
+    } catch (const std::exception& e) {
+      fail(std::string("a valid problem threw in attention_varlen: ") + e.what(), shape);
+    }
+    varlen_lse.assign(lse.size(), sentinel);
+    for (Index b = 0; b < batch; ++b) {
+      for (Index h = 0; h < heads; ++h) {
+        for (Index i = 0; i < n_q; ++i) {
+          varlen_lse[static_cast<std::size_t>((b * heads + h) * n_q + i)] =
+              packed_lse[static_cast<std::size_t>(h * batch * n_q + b * n_q + i)];
+        }
+      }
+    }
+    TensorView<T> varlen_out = out;
+    varlen_out.data = varlen_out_buf.data();
+    results.push_back({"attention_varlen", varlen_out, &varlen_lse});
+  }
+  if ((forms & 2) && o.key_lengths.empty() && n_k > 0) {
+    // K/V copied into pages of page_size tokens, the pages shuffled (plus unused ones), and read
+    // back through one engine's page table. Slots past a sequence's length hold 0.
+    const Index page_size = in.range(1, 4);
+    const Index per_sequence = (n_k + page_size - 1) / page_size;
+    const Index num_pages = batch * per_sequence + in.range(0, 2);
+    std::vector<std::int32_t> order(static_cast<std::size_t>(num_pages));
+    for (Index p = 0; p < num_pages; ++p)
+      order[static_cast<std::size_t>(p)] = static_cast<std::int32_t>(p);
+    for (Index p = num_pages - 1; p > 0; --p) {  // Fisher-Yates from the bytes
+      std::swap(order[static_cast<std::size_t>(p)],
+                order[static_cast<std::size_t>(in.range(0, p))]);
+    }
+    const auto page_of = [&](Index b, Index t) {
+      return order[static_cast<std::size_t>(b * per_sequence + t / page_size)];
+    };
+    std::vector<T> k_pool(static_cast<std::size_t>(num_pages * page_size * kv_heads * d), T(0));
+    std::vector<T> v_pool(static_cast<std::size_t>(num_pages * page_size * kv_heads * d_v), T(0));
+    for (Index b = 0; b < batch; ++b) {
+      for (Index t = 0; t < n_k; ++t) {
+        const Index slot = page_of(b, t) * page_size + t % page_size;
+        for (Index g = 0; g < kv_heads; ++g) {
+          for (Index c = 0; c < d; ++c) {
+            k_pool[static_cast<std::size_t>((slot * kv_heads + g) * d + c)] =
+                k_buf[static_cast<std::size_t>(b * k.batch_stride + t * k.seq_stride +
+                                               g * k.head_stride + c)];
+          }
+          for (Index c = 0; c < d_v; ++c) {
+            v_pool[static_cast<std::size_t>((slot * kv_heads + g) * d_v + c)] =
+                v_buf[static_cast<std::size_t>(b * v.batch_stride + t * v.seq_stride +
+                                               g * v.head_stride + c)];
+          }
+        }
+      }
+    }
+    // 0: vLLM, 1: FlashInfer, 2: OpenVINO (which needs n_k >= n_q: the chunk is in the pages).
+    Index format = in.range(0, 2);
+    if (format == 2 && n_k < n_q) format = 0;
+    std::vector<std::int32_t> pages, offsets{0}, lengths;
+    for (Index b = 0; b < batch; ++b) {
+      for (Index t = 0; t < per_sequence; ++t) pages.push_back(page_of(b, t * page_size));
+      offsets.push_back(static_cast<std::int32_t>(pages.size()));
+      lengths.push_back(static_cast<std::int32_t>(format == 0 ? n_k
+                                                  : format == 1
+                                                      ? n_k - (per_sequence - 1) * page_size
+                                                      : n_k - n_q));
+    }
+    const PageTable table = format == 0   ? vllm_page_table(pages, per_sequence, lengths)
+                            : format == 1 ? flashinfer_page_table(offsets, pages, lengths)
+                                          : openvino_page_table(pages, offsets, lengths);
+    const PagedKV<T> kv{
+        make_tensor_view(static_cast<const T*>(k_pool.data()), num_pages, page_size, kv_heads, d),
+        make_tensor_view(static_cast<const T*>(v_pool.data()), num_pages, page_size, kv_heads, d_v),
+        table};
+    paged_out_buf.assign(out_buf.size(), sentinel);
+    paged_lse.assign(lse.size(), sentinel);
+    TensorView<T> paged_out = out;
+    paged_out.data = paged_out_buf.data();
+    try {
+      attention(q, kv, paged_out, o,
+                want_lse ? blockattn::Span<T>(paged_lse) : blockattn::Span<T>());
+    } catch (const std::exception& e) {
+      fail(std::string("a valid problem threw in the paged attention(): ") + e.what(), shape);
+    }
+    results.push_back({"paged attention", paged_out, &paged_lse});
+  }
+
   // The reference on the same values, cast up to long double, head by head.
   using LD = long double;
   const double scale = o.scale != 0 ? o.scale : 1.0 / std::sqrt(static_cast<double>(d));
@@ -298,7 +417,6 @@ void check_one(ByteReader& in) {
       const auto qs = detail::head_slice(TensorView<const T>(q), b, h);
       const auto ks = detail::head_slice(TensorView<const T>(k), b, h / group);
       const auto vs = detail::head_slice(TensorView<const T>(v), b, h / group);
-      const auto os = detail::head_slice(TensorView<const T>(out), b, h);
       const Matrix<LD> q_ld = qs.template cast<LD>();
       const Matrix<LD> k_ld = ks.template cast<LD>();
       const Matrix<LD> v_ld = vs.template cast<LD>();
@@ -335,30 +453,35 @@ void check_one(ByteReader& in) {
       // head can reach (q row i, or any key or value of the head): the numerical policy for those
       // rows is tested case by case in numerics_test.cpp. Denormals and -0 are finite and checked.
       const bool kv_finite = ks.allFinite() && vs.allFinite();
-      for (Index i = 0; i < n_q; ++i) {
-        if (specials && !(kv_finite && qs.row(i).allFinite())) continue;
-        const double t = std::isfinite(tol[static_cast<std::size_t>(i)])
-                             ? tol[static_cast<std::size_t>(i)]
-                             : std::numeric_limits<double>::infinity();
-        for (Index c = 0; c < d_v; ++c) {
-          if (!close(static_cast<LD>(os(i, c)), want(i, c), t)) {
-            char where[200];
-            std::snprintf(where, sizeof where,
-                          "out[b=%td, i=%td, h=%td, c=%td] = %.9Lg, reference %.9Lg, tol %.3g", b,
-                          i, h, c, static_cast<LD>(os(i, c)), want(i, c), t);
-            fail(where, shape);
+      for (const Result& result : results) {
+        const auto os = detail::head_slice(TensorView<const T>(result.out), b, h);
+        for (Index i = 0; i < n_q; ++i) {
+          if (specials && !(kv_finite && qs.row(i).allFinite())) continue;
+          const double t = std::isfinite(tol[static_cast<std::size_t>(i)])
+                               ? tol[static_cast<std::size_t>(i)]
+                               : std::numeric_limits<double>::infinity();
+          for (Index c = 0; c < d_v; ++c) {
+            if (!close(static_cast<LD>(os(i, c)), want(i, c), t)) {
+              char where[200];
+              std::snprintf(
+                  where, sizeof where,
+                  "%s: out[b=%td, i=%td, h=%td, c=%td] = %.9Lg, reference %.9Lg, tol %.3g",
+                  result.form, b, i, h, c, static_cast<LD>(os(i, c)), want(i, c), t);
+              fail(where, shape);
+            }
           }
-        }
-        if (want_lse) {
-          const auto got =
-              static_cast<LD>(lse[static_cast<std::size_t>((b * heads + h) * n_q + i)]);
-          const double lt = lse_tol[static_cast<std::size_t>(i)];
-          if (!close(got, ref_lse[static_cast<std::size_t>(i)],
-                     std::isfinite(lt) ? lt : std::numeric_limits<double>::infinity())) {
-            char where[200];
-            std::snprintf(where, sizeof where, "lse[b=%td, h=%td, i=%td] = %.9Lg, reference %.9Lg",
-                          b, h, i, got, ref_lse[static_cast<std::size_t>(i)]);
-            fail(where, shape);
+          if (want_lse) {
+            const auto got =
+                static_cast<LD>((*result.lse)[static_cast<std::size_t>((b * heads + h) * n_q + i)]);
+            const double lt = lse_tol[static_cast<std::size_t>(i)];
+            if (!close(got, ref_lse[static_cast<std::size_t>(i)],
+                       std::isfinite(lt) ? lt : std::numeric_limits<double>::infinity())) {
+              char where[200];
+              std::snprintf(where, sizeof where,
+                            "%s: lse[b=%td, h=%td, i=%td] = %.9Lg, reference %.9Lg", result.form, b,
+                            h, i, got, ref_lse[static_cast<std::size_t>(i)]);
+              fail(where, shape);
+            }
           }
         }
       }
