@@ -517,41 +517,16 @@ void BM_Attention_BatchedDecode(benchmark::State& state) {
       benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::OneK::kIs1000);
 }
 
-/// Reads a 1 GiB buffer (touched once before timing, so page faults are not in the figure) with
-/// state.range(0) threads, each its contiguous part, as kStreams interleaved streams
-/// (bench::sum_streams). bytes_per_second = bytes per wall-clock second.
-template <Index kStreams>
-void stream_read(benchmark::State& state) {
-  constexpr Index kBytes = Index(1) << 30;
-  constexpr Index kCount = kBytes / Index(sizeof(float));
-  const int threads = static_cast<int>(state.range(0));
-  static std::vector<float> buffer;
-  if (buffer.empty()) buffer.assign(static_cast<std::size_t>(kCount), 1.0f);
-  const float* data = buffer.data();
-  std::vector<float> totals(static_cast<std::size_t>(threads) * 16);  // a cache line per thread
-  for (auto _ : state) {
-    blockattn::detail::parallel_for(threads, threads, [&](Index part, int) {
-      const Index per_stream = kCount / threads / kStreams;
-      totals[static_cast<std::size_t>(part) * 16] =
-          blockattn::bench::sum_streams<kStreams>(data + part * per_stream * kStreams, per_stream);
-    });
-    benchmark::DoNotOptimize(totals.data());
-    benchmark::ClobberMemory();
-  }
-  state.SetLabel("threads=" + std::to_string(threads));
-  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * kBytes);
-}
-
 // The machine's streaming read bandwidth with 1 or 2 threads, measured in this binary so that a
 // decode figure and its ceiling come from the same run (machine_bench's BM_StreamRead loop, one
 // stream per thread).
-void BM_StreamRead(benchmark::State& state) { stream_read<1>(state); }
+void BM_StreamRead(benchmark::State& state) { blockattn::bench::stream_read<1>(state); }
 
 // The same bytes read as decode reads K and V: each thread's half split into two streams, 256
 // bytes of one then 256 of the other. This machine streams more in that pattern than from one
 // stream (the hardware prefetchers run two streams at once), so this is the ceiling decode is
 // read against.
-void BM_StreamReadTwoStreams(benchmark::State& state) { stream_read<2>(state); }
+void BM_StreamReadTwoStreams(benchmark::State& state) { blockattn::bench::stream_read<2>(state); }
 
 // Prefill on [1, n, heads, d] tensors (MHA) from the given inputs, options.threads = `threads`;
 // rates per wall-clock second.

@@ -722,28 +722,9 @@ void shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_Ggml_FlashAttnExt)->Apply(shapes);
 BENCHMARK(BM_Blockattn)->Apply(shapes);
 
-/// Reads a 1 GiB buffer (touched once before timing) with state.range(0) threads, each its
-/// contiguous part, as two interleaved streams of 256-byte turns (bench::sum_streams): the way
-/// decode reads K and V, and the ceiling kv_bytes_per_second is read against in the same run.
-/// bytes_per_second = bytes per wall-clock second.
-void BM_StreamReadTwoStreams(benchmark::State& state) {
-  constexpr Index kBytes = Index(1) << 30;
-  constexpr Index kCount = kBytes / Index(sizeof(float));
-  const int threads = static_cast<int>(state.range(0));
-  const std::vector<float> buffer(to_size(kCount), 1.0f);
-  std::vector<float> totals(to_size(threads) * 16);  // a cache line per thread
-  for (auto _ : state) {
-    blockattn::detail::parallel_for(threads, threads, [&](Index part, int) {
-      const Index per_stream = kCount / threads / 2;
-      totals[to_size(part) * 16] =
-          blockattn::bench::sum_streams<2>(buffer.data() + part * per_stream * 2, per_stream);
-    });
-    benchmark::DoNotOptimize(totals.data());
-    benchmark::ClobberMemory();
-  }
-  state.SetLabel("threads=" + std::to_string(threads));
-  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * kBytes);
-}
+/// The two-stream read ceiling (bench/support/stream_read.hpp, decode's pattern of K and V rows)
+/// in the same run, so that kv_bytes_per_second reads against it.
+void BM_StreamReadTwoStreams(benchmark::State& state) { blockattn::bench::stream_read<2>(state); }
 BENCHMARK(BM_StreamReadTwoStreams)
     ->ArgName("threads")
     ->Arg(1)
