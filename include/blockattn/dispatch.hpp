@@ -6,10 +6,11 @@
 // compile-time selection (blockattn::attention) stays the default and is untouched by it: a
 // program built with -march=native gets the same kernels without the indirection.
 //
-// How it holds together: the library compiles the kernels once per ISA; the ISA-tagged inline
-// namespace (detail/config.hpp) keeps the copies apart at link time, and the calls below cross
-// into them through plain structs (detail/dispatch_abi.hpp), never through blockattn or Eigen
-// types, which differ per ISA. The choice is made once per process (see selected_isa()); the
+// How it holds together: the library compiles the kernels once per ISA, each copy under names of
+// its own (the ISA-tagged inline namespace of detail/config.hpp, and the variant's own names for
+// namespaces blockattn and Eigen: src/dispatch/CMakeLists.txt), and the calls below cross into
+// them through plain structs (detail/dispatch_abi.hpp), never through blockattn or Eigen types,
+// which differ per ISA. The choice is made once per process (see selected_isa()); the
 // environment variable BLOCKATTN_MAX_ISA=sse2|avx2|avx512|avx512_bf16 caps it, so one binary can
 // test every variant.
 

@@ -2,7 +2,9 @@
 // file's ISA flags (src/dispatch/CMakeLists.txt builds it once per ISA, naming the variant in
 // BLOCKATTN_DISPATCH_VARIANT). Its blockattn types live in the ISA-tagged namespace of those
 // flags, so the copies never collide; it takes and gives only the plain structs of
-// detail/dispatch_abi.hpp.
+// detail/dispatch_abi.hpp. CMake also renames namespaces blockattn and Eigen in this file
+// (-Dblockattn=blockattn_variant_<name>, -DEigen=blockattn_eigen_<name>), so nothing here shares a
+// symbol with another variant or with the caller's own header-only code.
 #include <cstdint>
 #include <stdexcept>
 #include <string>
