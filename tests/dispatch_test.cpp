@@ -1,23 +1,29 @@
 // blockattn::dispatch (dispatch.hpp): the variant it picks under each BLOCKATTN_MAX_ISA cap, its
 // results against the header-only attention() of this translation unit, and its errors.
-// tests/CMakeLists.txt builds this file once per x86-64 ISA (sse2, avx2, avx512: the library's
-// variant flags) and runs each executable under every cap. Where the dispatched variant is this
-// executable's own ISA, dispatch and header call run the same code on the same data and must be
-// bitwise equal: that checks that every argument and option crosses the plain-struct boundary
-// intact. Under the other caps the two differ only in rounding (vector width), by at most twice
-// attention()'s error bound.
+// tests/CMakeLists.txt builds this file once per x86-64 ISA (sse2, avx2, avx512, avx512_bf16: the
+// library's variant flags) and runs each executable under every cap. Where the dispatched variant
+// is this executable's own ISA, dispatch and header call compile the same code with the same
+// flags and run it on the same data, so they must be bitwise equal: that checks that every
+// argument, option and element type crosses the plain-struct boundary intact. Under the other
+// caps the two differ only in rounding (vector width; bf16 dot products against widened float),
+// within the tolerances at expect_dispatch_matches_header. Every element-type pair attention()
+// takes is checked: float, double, bfloat16, half, and float q/out over bfloat16 or half K/V.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include <blockattn/attention.hpp>
+#include <blockattn/detail/bf16_dot.hpp>
 #include <blockattn/detail/simd.hpp>
 #include <blockattn/dispatch.hpp>
 
@@ -43,7 +49,8 @@ std::string cap() {
 }
 
 bool known_cap(const std::string& value) {
-  return value.empty() || value == "sse2" || value == "avx2" || value == "avx512";
+  return value.empty() || value == "sse2" || value == "avx2" || value == "avx512" ||
+         value == "avx512_bf16";
 }
 
 /// The variant the dispatcher must pick: the CPU's best (from the compiler's CPU-feature
@@ -56,17 +63,26 @@ std::string expected_variant() {
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
     best = 2;
   }
+  if (best == 2 && __builtin_cpu_supports("avx512bf16")) best = 3;
   const std::string limit = cap();
-  const int capped = limit == "sse2" ? 0 : limit == "avx2" ? 1 : 2;
-  const char* names[] = {"sse2", "avx2+fma", "avx512"};
+  const int capped = limit == "sse2" ? 0 : limit == "avx2" ? 1 : limit == "avx512" ? 2 : 3;
+  const char* names[] = {"sse2", "avx2+fma", "avx512", "avx512_bf16"};
   return names[std::min(best, capped)];
+}
+
+/// This executable's own variant, named as dispatch::isa() names them.
+const char* own_variant() {
+#if defined(BLOCKATTN_BF16_DOT)
+  return "avx512_bf16";
+#else
+  return blockattn::detail::simd::Simd<float>::kName;
+#endif
 }
 
 TEST(DispatchTest, PicksTheBestVariantUnderTheCap) {
   if (!known_cap(cap())) GTEST_SKIP() << "BLOCKATTN_MAX_ISA=" << cap() << ": see UnknownCap";
-  std::printf("dispatch runs %s (cap \"%s\"); this executable's own path is %s\n",
-              blockattn::dispatch::isa(), cap().c_str(),
-              blockattn::detail::simd::Simd<float>::kName);
+  std::printf("dispatch runs %s (cap \"%s\"); this executable's own variant is %s\n",
+              blockattn::dispatch::isa(), cap().c_str(), own_variant());
   EXPECT_STREQ(blockattn::dispatch::isa(), expected_variant().c_str());
 }
 
@@ -82,11 +98,13 @@ TEST(DispatchTest, UnknownCapIsRejectedWithItsName) {
   }
 }
 
-/// One random batched problem in BSHD layout with random options (every mask kind at random).
-template <class T>
+/// One random batched problem in BSHD layout with random options (every mask kind at random); q
+/// and out of element type T, k and v of KT.
+template <class T, class KT = T>
 struct Problem {
   Index batch, n_q, n_k, heads, kv_heads, d, d_v;
-  std::vector<T> q, k, v;
+  std::vector<T> q;
+  std::vector<KT> k, v;
   std::vector<Index> key_lengths;
   std::vector<double> slopes;
   std::vector<double> sinks;
@@ -95,8 +113,8 @@ struct Problem {
   std::string description;
 
   TensorView<const T> q_view() const { return view(q.data(), n_q, heads, d); }
-  TensorView<const T> k_view() const { return view(k.data(), n_k, kv_heads, d); }
-  TensorView<const T> v_view() const { return view(v.data(), n_k, kv_heads, d_v); }
+  TensorView<const KT> k_view() const { return view(k.data(), n_k, kv_heads, d); }
+  TensorView<const KT> v_view() const { return view(v.data(), n_k, kv_heads, d_v); }
   template <class P>
   TensorView<P> view(P* data, Index seq, Index h, Index dim) const {
     return blockattn::make_tensor_view(data, batch, seq, h, dim);
@@ -105,14 +123,14 @@ struct Problem {
   std::size_t lse_size() const { return static_cast<std::size_t>(batch * heads * n_q); }
 };
 
-template <class T>
-Problem<T> random_problem(std::mt19937_64& rng) {
+template <class T, class KT>
+Problem<T, KT> random_problem(std::mt19937_64& rng) {
   const auto pick = [&](std::initializer_list<Index> values) {
     std::uniform_int_distribution<std::size_t> at(0, values.size() - 1);
     return *(values.begin() + at(rng));
   };
   const auto coin = [&] { return std::bernoulli_distribution(0.5)(rng); };
-  Problem<T> p;
+  Problem<T, KT> p;
   p.batch = pick({1, 2});
   p.n_q = pick({1, 7, 33});
   p.n_k = pick({1, 19, 70});
@@ -120,9 +138,11 @@ Problem<T> random_problem(std::mt19937_64& rng) {
   p.d_v = pick({1, 5, 16});
   p.kv_heads = pick({1, 2});
   p.heads = p.kv_heads * pick({1, 2});
-  const auto fill = [&](std::vector<T>& data, Index seq, Index h, Index dim) {
+  // Multiples of 1/64 in [-1, 1]: exact in every element type, bfloat16 included.
+  const auto fill = [&](auto& data, Index seq, Index h, Index dim) {
+    using E = typename std::decay_t<decltype(data)>::value_type;
     data.resize(static_cast<std::size_t>(p.batch * seq * h * dim));
-    for (T& x : data) x = random_value<T>(rng);
+    for (E& x : data) x = random_value<E>(rng);
   };
   fill(p.q, p.n_q, p.heads, p.d);
   fill(p.k, p.n_k, p.kv_heads, p.d);
@@ -170,35 +190,43 @@ Problem<T> random_problem(std::mt19937_64& rng) {
   return p;
 }
 
-/// Dispatched and header-only results of the same problems: bitwise equal when the dispatched
-/// variant is this executable's ISA; otherwise within twice attention()'s bound
-/// (tests/support/tolerance.hpp: 4·u·(d·A + E + n_k + 8)·max|v|, here with A <= scale·d since
-/// |q|, |k| <= 1, E the ALiBi and soft-cap magnitude, max|v| <= 1), each result being within one
-/// bound of the exact one. lse alike; a −inf lse (no visible key) must match exactly.
-template <class T>
+/// Dispatched and header-only results of the same problems (q and out of T, k and v of KT):
+/// bitwise equal when the dispatched variant is this executable's; otherwise within
+///   tol = 2·4·u·(d·A + E + n_k + 8)·max|v|   (u of the compute type: float for 16-bit storage)
+/// i.e. twice attention()'s bound (tests/support/tolerance.hpp), each result being within one
+/// bound of the exact one, with A <= scale·d since |q|, |k| <= 1, E the ALiBi, soft-cap and sink
+/// magnitude, max|v| <= 1. The bf16 dot-product scores of the avx512_bf16 variant (all-bfloat16
+/// calls) are sums of exact bf16 products rounded once per addition and scaled once at the end,
+/// against the widened path's FMA chain over scale·q: both within d·u·Σ|q||k| (+ u·|s|) of the
+/// exact score, which the bound's d·A term covers (the factor 2 takes the scale's rounding).
+/// 16-bit out adds, in the tolerance of out only: each result's one rounding to T, u_T·|out| <=
+/// u_T per side (|out| <= max|v| <= 1), so 2·u_T; and for bfloat16, the dot path's P rounded to
+/// bf16 before P·V, which moves out by at most u_bf16·Σ p·|v| / l <= u_bf16 = 2^-8. lse (float
+/// or double, never rounded to 16 bits) keeps tol; a −inf lse (no visible key) must match exactly.
+template <class T, class KT = T>
 void expect_dispatch_matches_header(std::uint64_t salt) {
-  const bool same_code =
-      std::strcmp(blockattn::dispatch::isa(), blockattn::detail::simd::Simd<T>::kName) == 0;
+  using A = blockattn::accumulator_t<T>;
+  const bool same_code = std::strcmp(blockattn::dispatch::isa(), own_variant()) == 0;
   auto rng = make_rng(salt);
   for (int trial = 0; trial < 40; ++trial) {
-    const Problem<T> p = random_problem<T>(rng);
+    const Problem<T, KT> p = random_problem<T, KT>(rng);
     SCOPED_TRACE(p.description);
     std::vector<T> out(p.out_size(), std::numeric_limits<T>::quiet_NaN());
-    std::vector<T> lse(p.lse_size(), std::numeric_limits<T>::quiet_NaN());
+    std::vector<A> lse(p.lse_size(), std::numeric_limits<A>::quiet_NaN());
     std::vector<T> expected = out;
-    std::vector<T> expected_lse = lse;
+    std::vector<A> expected_lse = lse;
     blockattn::dispatch::attention(p.q_view(), p.k_view(), p.v_view(),
                                    p.view(out.data(), p.n_q, p.heads, p.d_v), p.options,
-                                   Span<T>(lse.data(), static_cast<Index>(lse.size())));
+                                   Span<A>(lse.data(), static_cast<Index>(lse.size())));
     blockattn::attention(p.q_view(), p.k_view(), p.v_view(),
                          p.view(expected.data(), p.n_q, p.heads, p.d_v), p.options,
-                         Span<T>(expected_lse.data(), static_cast<Index>(expected_lse.size())));
+                         Span<A>(expected_lse.data(), static_cast<Index>(expected_lse.size())));
     if (same_code) {
       ASSERT_EQ(0, std::memcmp(out.data(), expected.data(), out.size() * sizeof(T)));
-      ASSERT_EQ(0, std::memcmp(lse.data(), expected_lse.data(), lse.size() * sizeof(T)));
+      ASSERT_EQ(0, std::memcmp(lse.data(), expected_lse.data(), lse.size() * sizeof(A)));
       continue;
     }
-    const double u = static_cast<double>(blockattn::test::unit_roundoff<T>());
+    const double u = static_cast<double>(blockattn::test::unit_roundoff<A>());
     const double scale = 1 / std::sqrt(static_cast<double>(p.d));
     const double extra = p.options.softcap +
                          (p.slopes.empty() ? 0.0 : 0.5 * double(p.n_q + p.n_k)) +
@@ -206,8 +234,13 @@ void expect_dispatch_matches_header(std::uint64_t salt) {
     const double tol = 2 * 4 * u *
                        (static_cast<double>(p.d) * scale * static_cast<double>(p.d) + extra +
                         static_cast<double>(p.n_k) + 8);
+    double out_tol = tol;
+    if constexpr (!std::is_same_v<T, A>) {
+      out_tol += 2 * std::ldexp(1.0, -std::numeric_limits<T>::digits);  // 2·u_T
+      if constexpr (std::is_same_v<T, Eigen::bfloat16>) out_tol += std::ldexp(1.0, -8);
+    }
     for (std::size_t i = 0; i < out.size(); ++i) {
-      ASSERT_NEAR(static_cast<double>(out[i]), static_cast<double>(expected[i]), tol)
+      ASSERT_NEAR(static_cast<double>(out[i]), static_cast<double>(expected[i]), out_tol)
           << "out " << i;
     }
     for (std::size_t i = 0; i < lse.size(); ++i) {
@@ -229,6 +262,52 @@ TEST(DispatchTest, FloatMatchesTheHeaderCall) {
 TEST(DispatchTest, DoubleMatchesTheHeaderCall) {
   if (!known_cap(cap())) GTEST_SKIP();
   expect_dispatch_matches_header<double>(2);
+}
+
+TEST(DispatchTest, Bfloat16MatchesTheHeaderCall) {
+  if (!known_cap(cap())) GTEST_SKIP();
+  expect_dispatch_matches_header<Eigen::bfloat16>(3);
+}
+
+TEST(DispatchTest, HalfMatchesTheHeaderCall) {
+  if (!known_cap(cap())) GTEST_SKIP();
+  expect_dispatch_matches_header<Eigen::half>(4);
+}
+
+TEST(DispatchTest, FloatOverBfloat16CacheMatchesTheHeaderCall) {
+  if (!known_cap(cap())) GTEST_SKIP();
+  expect_dispatch_matches_header<float, Eigen::bfloat16>(5);
+}
+
+TEST(DispatchTest, FloatOverHalfCacheMatchesTheHeaderCall) {
+  if (!known_cap(cap())) GTEST_SKIP();
+  expect_dispatch_matches_header<float, Eigen::half>(6);
+}
+
+// The plain-data entry point rejects a pair of element types attention() does not take (the
+// typed entry point cannot form one: it is a compile-time error there), naming both, before
+// writing anything.
+TEST(DispatchTest, UnknownElementPairIsRejected) {
+  if (!known_cap(cap())) GTEST_SKIP();
+  std::vector<float> q(8, 0.5F);
+  std::vector<double> kv(8, 0.5);
+  std::vector<float> out(8, -1.0F);
+  blockattn_dispatch::AttentionCall call;
+  call.q = {q.data(), 1, 1, 1, 8, 8, 8, 8};
+  call.k = {kv.data(), 1, 1, 1, 8, 8, 8, 8};
+  call.v = call.k;
+  call.out = {out.data(), 1, 1, 1, 8, 8, 8, 8};
+  call.q_type = blockattn_dispatch::Element::kFloat;
+  call.kv_type = blockattn_dispatch::Element::kDouble;
+  try {
+    blockattn_dispatch::attention(call);
+    FAIL() << "float q over double k/v was accepted";
+  } catch (const std::invalid_argument& error) {
+    const std::string message = error.what();
+    EXPECT_NE(message.find("float"), std::string::npos) << message;
+    EXPECT_NE(message.find("double"), std::string::npos) << message;
+  }
+  for (const float x : out) EXPECT_EQ(x, -1.0F);
 }
 
 // A validation error inside the variant reaches the caller as attention()'s own

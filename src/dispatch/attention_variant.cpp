@@ -2,8 +2,13 @@
 // file's ISA flags (src/dispatch/CMakeLists.txt builds it once per ISA, naming the variant in
 // BLOCKATTN_DISPATCH_VARIANT). Its blockattn types live in the ISA-tagged namespace of those
 // flags, so the copies never collide; it takes and gives only the plain structs of
-// detail/dispatch_abi.hpp.
+// detail/dispatch_abi.hpp. CMake also renames namespaces blockattn and Eigen in this file
+// (-Dblockattn=blockattn_variant_<name>, -DEigen=blockattn_eigen_<name>), so nothing here shares a
+// symbol with another variant or with the caller's own header-only code.
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include <blockattn/attention.hpp>
@@ -33,7 +38,12 @@ blockattn::TensorView<T> view(const Tensor& t) {
           t.head_stride};
 }
 
-template <class T>
+// The 16-bit formats cross the boundary as their bytes (dispatch_abi.hpp's Element).
+static_assert(sizeof(Eigen::bfloat16) == 2 && std::is_trivially_copyable_v<Eigen::bfloat16>);
+static_assert(sizeof(Eigen::half) == 2 && std::is_trivially_copyable_v<Eigen::half>);
+
+/// attention() with q and out of element type T, k and v of KT.
+template <class T, class KT>
 void attention(const AttentionCall& call) {
   const Options& plain = call.options;
   blockattn::AttentionOptions options;
@@ -62,20 +72,60 @@ void attention(const AttentionCall& call) {
     }
     options.block_sparse = &sparse;
   }
-  // One workspace per calling thread and element type: repeated calls allocate nothing.
+  // One workspace per calling thread and element-type pair: repeated calls allocate nothing.
   thread_local blockattn::Workspace workspace;
   options.workspace = &workspace;
-  blockattn::attention(view<const T>(call.q), view<const T>(call.k), view<const T>(call.v),
+  using L = blockattn::accumulator_t<T>;
+  blockattn::attention(view<const T>(call.q), view<const KT>(call.k), view<const KT>(call.v),
                        view<T>(call.out), options,
-                       blockattn::Span<T>(static_cast<T*>(call.lse), call.lse_size));
+                       blockattn::Span<L>(static_cast<L*>(call.lse), call.lse_size));
+}
+
+/// An Element's name, for the error message.
+const char* element_name(Element e) {
+  switch (e) {
+    case Element::kFloat:
+      return "float";
+    case Element::kDouble:
+      return "double";
+    case Element::kBfloat16:
+      return "bfloat16";
+    case Element::kHalf:
+      return "half";
+  }
+  return "unknown";
 }
 
 }  // namespace
 
-/// The SIMD layer's name of this variant ("avx512", "avx2+fma", "sse2").
-const char* simd_name() { return blockattn::detail::simd::Simd<float>::kName; }
-void attention_float(const AttentionCall& call) { attention<float>(call); }
-void attention_double(const AttentionCall& call) { attention<double>(call); }
+/// This variant's name: "avx512_bf16" where the bf16 dot-product kernels are compiled
+/// (detail/bf16_dot.hpp), else the SIMD layer's ("avx512", "avx2+fma", "sse2").
+const char* simd_name() {
+#if defined(BLOCKATTN_BF16_DOT)
+  return "avx512_bf16";
+#else
+  return blockattn::detail::simd::Simd<float>::kName;
+#endif
+}
+
+/// attention() on the call's element types (the pairs attention() takes).
+void attention(const AttentionCall& call) {
+  using Bf16 = Eigen::bfloat16;
+  using Half = Eigen::half;
+  const Element q = call.q_type;
+  const Element kv = call.kv_type;
+  if (q == Element::kFloat && kv == Element::kFloat) return attention<float, float>(call);
+  if (q == Element::kDouble && kv == Element::kDouble) return attention<double, double>(call);
+  if (q == Element::kBfloat16 && kv == Element::kBfloat16) return attention<Bf16, Bf16>(call);
+  if (q == Element::kHalf && kv == Element::kHalf) return attention<Half, Half>(call);
+  if (q == Element::kFloat && kv == Element::kBfloat16) return attention<float, Bf16>(call);
+  if (q == Element::kFloat && kv == Element::kHalf) return attention<float, Half>(call);
+  throw std::invalid_argument(
+      std::string("blockattn::dispatch::attention: q and out of element type ") + element_name(q) +
+      " (code " + std::to_string(static_cast<int>(q)) + ") over k and v of " + element_name(kv) +
+      " (code " + std::to_string(static_cast<int>(kv)) +
+      "): not a pair attention() takes (one type for all, or float over bfloat16 or half)");
+}
 
 }  // namespace BLOCKATTN_DISPATCH_VARIANT
 }  // namespace blockattn_dispatch

@@ -14,26 +14,26 @@
 namespace blockattn_dispatch {
 
 // The variants (attention_variant.cpp, once per ISA).
-#define BLOCKATTN_DECLARE_VARIANT(name)             \
-  namespace name {                                  \
-  const char* simd_name();                          \
-  void attention_float(const AttentionCall& call);  \
-  void attention_double(const AttentionCall& call); \
+#define BLOCKATTN_DECLARE_VARIANT(name)      \
+  namespace name {                           \
+  const char* simd_name();                   \
+  void attention(const AttentionCall& call); \
   }
 BLOCKATTN_DECLARE_VARIANT(sse2)
 BLOCKATTN_DECLARE_VARIANT(avx2)
 BLOCKATTN_DECLARE_VARIANT(avx512)
+BLOCKATTN_DECLARE_VARIANT(avx512_bf16)
 #undef BLOCKATTN_DECLARE_VARIANT
 
 namespace {
 
 struct Variant {
   const char* (*name)();
-  void (*attention_float)(const AttentionCall&);
-  void (*attention_double)(const AttentionCall&);
+  void (*attention)(const AttentionCall&);
 };
 
-enum Level { kSse2 = 0, kAvx2 = 1, kAvx512 = 2 };
+/// The variants from the least to the most capable; each needs everything the one below needs.
+enum Level { kSse2 = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 /// XCR0: which register states the operating system saves on a context switch. A CPU feature
 /// is usable only when its registers are saved (a kernel without AVX-512 support clears them).
@@ -44,7 +44,7 @@ std::uint64_t saved_register_state() {
   return (static_cast<std::uint64_t>(high) << 32) | low;
 }
 
-/// The best level this CPU runs, from CPUID leaves 1 and 7 and XCR0.
+/// The best level this CPU runs, from CPUID leaves 1 and 7 (subleaves 0 and 1) and XCR0.
 Level cpu_level() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0) return kSse2;
@@ -62,34 +62,43 @@ Level cpu_level() {
   const bool avx512dq = (ebx & (1U << 17)) != 0;
   const bool avx512bw = (ebx & (1U << 30)) != 0;
   const bool avx512vl = (ebx & (1U << 31)) != 0;
+  const unsigned max_subleaf = eax;
   if (!(ymm_saved && avx2 && fma && f16c)) return kSse2;
-  if (zmm_saved && avx512f && avx512dq && avx512bw && avx512vl) return kAvx512;
-  return kAvx2;
+  if (!(zmm_saved && avx512f && avx512dq && avx512bw && avx512vl)) return kAvx2;
+  // AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16): leaf 7 subleaf 1, EAX bit 5; its registers are the
+  // AVX-512 ones, already saved.
+  if (max_subleaf < 1 || __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) == 0) return kAvx512;
+  const bool avx512_bf16 = (eax & (1U << 5)) != 0;
+  return avx512_bf16 ? kAvx512Bf16 : kAvx512;
 }
 
-/// BLOCKATTN_MAX_ISA as a level; kAvx512 when unset or empty.
+/// BLOCKATTN_MAX_ISA as a level; kAvx512Bf16 (no cap) when unset or empty. "avx512" caps below
+/// avx512_bf16.
 Level cap_from_environment() {
   const char* cap = std::getenv("BLOCKATTN_MAX_ISA");  // NOLINT(concurrency-mt-unsafe): read once
-  if (cap == nullptr || *cap == '\0') return kAvx512;
+  if (cap == nullptr || *cap == '\0') return kAvx512Bf16;
   if (std::strcmp(cap, "sse2") == 0) return kSse2;
   if (std::strcmp(cap, "avx2") == 0) return kAvx2;
   if (std::strcmp(cap, "avx512") == 0) return kAvx512;
+  if (std::strcmp(cap, "avx512_bf16") == 0) return kAvx512Bf16;
   throw std::invalid_argument(std::string("blockattn::dispatch: BLOCKATTN_MAX_ISA is \"") + cap +
-                              "\"; expected sse2, avx2 or avx512 (or unset)");
+                              "\"; expected sse2, avx2, avx512 or avx512_bf16 (or unset)");
 }
 
 Variant choose() {
   const Level cpu = cpu_level();
   const Level cap = cap_from_environment();
   switch (cpu < cap ? cpu : cap) {
+    case kAvx512Bf16:
+      return {avx512_bf16::simd_name, avx512_bf16::attention};
     case kAvx512:
-      return {avx512::simd_name, avx512::attention_float, avx512::attention_double};
+      return {avx512::simd_name, avx512::attention};
     case kAvx2:
-      return {avx2::simd_name, avx2::attention_float, avx2::attention_double};
+      return {avx2::simd_name, avx2::attention};
     case kSse2:
       break;
   }
-  return {sse2::simd_name, sse2::attention_float, sse2::attention_double};
+  return {sse2::simd_name, sse2::attention};
 }
 
 /// The variant, chosen at the first call (thread-safe: a function-local static; a throwing
@@ -102,7 +111,6 @@ const Variant& variant() {
 }  // namespace
 
 const char* selected_isa() { return variant().name(); }
-void attention_float(const AttentionCall& call) { variant().attention_float(call); }
-void attention_double(const AttentionCall& call) { variant().attention_double(call); }
+void attention(const AttentionCall& call) { variant().attention(call); }
 
 }  // namespace blockattn_dispatch

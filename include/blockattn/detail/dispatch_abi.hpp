@@ -53,8 +53,14 @@ struct Options {
   Index sinks_size = 0;
 };
 
-/// One attention() call: q, k, v, out as tensors of the element type the entry point names,
-/// lse (may be null with size 0) of the same type.
+/// The element type of a tensor that crosses the boundary. The 16-bit formats are the bits of
+/// Eigen::bfloat16 and Eigen::half (2-byte PODs): each variant compiles Eigen under a name of its
+/// own, so their C++ types differ per variant and only the bytes cross. 0 is no type (rejected).
+enum class Element : std::uint8_t { kFloat = 1, kDouble = 2, kBfloat16 = 3, kHalf = 4 };
+
+/// One attention() call: q and out of element type q_type, k and v of kv_type (attention()'s
+/// pairs: one type for all four, or kFloat over kBfloat16 / kHalf), lse (may be null with size
+/// 0) of q_type's accumulator type: double for kDouble, float otherwise.
 struct AttentionCall {
   Tensor q;
   Tensor k;
@@ -62,17 +68,19 @@ struct AttentionCall {
   Tensor out;  ///< written: data is the caller's writable buffer
   void* lse = nullptr;
   Index lse_size = 0;
+  Element q_type{};
+  Element kv_type{};
   Options options;
 };
 
-/// The kernel variant chosen for this process ("avx512", "avx2+fma" or "sse2": the SIMD layer's
-/// kName). Chosen at the first call of any function here, from the CPU's features (CPUID and
-/// the operating system's saved register state) capped by the environment variable
-/// BLOCKATTN_MAX_ISA (sse2, avx2 or avx512); throws std::invalid_argument on another value.
+/// The kernel variant chosen for this process: "avx512_bf16" (the AVX-512 kernels plus
+/// AVX512_BF16's vdpbf16ps), or the SIMD layer's kName "avx512", "avx2+fma", "sse2". Chosen at
+/// the first call of any function here, from the CPU's features (CPUID and the operating
+/// system's saved register state) capped by the environment variable BLOCKATTN_MAX_ISA (sse2,
+/// avx2, avx512 or avx512_bf16); throws std::invalid_argument on another value.
 const char* selected_isa();
-/// attention() on float tensors in the chosen variant; throws what attention() throws.
-void attention_float(const AttentionCall& call);
-/// attention() on double tensors in the chosen variant; throws what attention() throws.
-void attention_double(const AttentionCall& call);
+/// attention() in the chosen variant on the call's element types; throws what attention()
+/// throws, and std::invalid_argument for a pair of element types attention() does not take.
+void attention(const AttentionCall& call);
 
 }  // namespace blockattn_dispatch
