@@ -353,7 +353,8 @@ Reference compute_reference(const AttentionShape& s, const Inputs& in) {
       double m = -std::numeric_limits<double>::infinity();
       for (Index j = 0; j < visible; ++j) {
         double dot = 0;
-        for (Index c = 0; c < s.d; ++c) dot += double{q[c]} * double{k[j * s.d + c]};
+        for (Index c = 0; c < s.d; ++c)
+          dot += static_cast<double>(q[c]) * static_cast<double>(k[j * s.d + c]);
         p[to_size(j)] = scale * dot;
         m = std::max(m, p[to_size(j)]);
       }
@@ -362,7 +363,7 @@ Reference compute_reference(const AttentionShape& s, const Inputs& in) {
       for (Index j = 0; j < visible; ++j) {
         const double w = std::exp(p[to_size(j)] - m);
         l += w;
-        for (Index c = 0; c < s.d_v; ++c) o[c] += w * double{v[j * s.d_v + c]};
+        for (Index c = 0; c < s.d_v; ++c) o[c] += w * static_cast<double>(v[j * s.d_v + c]);
       }
       for (Index c = 0; c < s.d_v; ++c) {
         o[c] = l > 0 ? o[c] / l : 0.0;
@@ -391,7 +392,7 @@ void set_accuracy_counters(benchmark::State& state, const AttentionShape& s, con
     const float* row = out + r.rows[t] * s.heads * s.d_v;
     const double* expected = r.out.data() + t * to_size(s.heads * s.d_v);
     for (Index c = 0; c < s.heads * s.d_v; ++c) {
-      worst = std::max(worst, std::abs(double{row[c]} - expected[c]));
+      worst = std::max(worst, std::abs(static_cast<double>(row[c]) - expected[c]));
     }
   }
   state.counters["max_abs_diff"] = worst;
